@@ -1,0 +1,1 @@
+"""Library code behind train_network.py: arguments, configs, data, model families, training helpers."""
