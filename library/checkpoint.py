@@ -1,0 +1,136 @@
+"""Output names, save cadence, rotation and training state folders (CONTRACTS.md §4).
+
+Model files are written atomically by the network's save_weights; state folders are
+written under a temporary name and renamed once complete, and carry a completion marker so
+``--resume latest`` never picks a half-written one. Rotation deletes old files only after
+the new one exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from library.errors import UserError
+
+STATE_MARKER = "train_state.json"
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """When and under which names to save."""
+
+    output_dir: Path
+    output_name: str
+    extension: str = ".safetensors"
+    every_n_epochs: int | None = None
+    every_n_steps: int | None = None
+    last_n_epochs: int | None = None
+    last_n_steps: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+
+    def epoch_name(self, epoch: int) -> str:
+        return f"{self.output_name}-{epoch:06d}"
+
+    def step_name(self, step: int) -> str:
+        return f"{self.output_name}-step{step:08d}"
+
+    def model_path(self, stem: str) -> Path:
+        return self.output_dir / f"{stem}{self.extension}"
+
+    def state_path(self, stem: str) -> Path:
+        return self.output_dir / f"{stem}-state"
+
+    def due_at_step(self, step: int) -> bool:
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0
+
+    def due_at_epoch(self, epoch: int, last_epoch: int) -> bool:
+        return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0 and epoch < last_epoch
+
+    def stale_epoch(self, epoch: int) -> int | None:
+        """The epoch whose files rotation removes after saving ``epoch``, if any."""
+        if not self.last_n_epochs or not self.every_n_epochs:
+            return None
+        old = epoch - self.every_n_epochs * self.last_n_epochs
+        return old if old > 0 else None
+
+    def stale_step(self, step: int) -> int | None:
+        if not self.last_n_steps or not self.every_n_steps:
+            return None
+        old = step - self.every_n_steps * (self.last_n_steps // self.every_n_steps or 1)
+        return old if old > 0 else None
+
+
+def ensure_output_dir(path: str | Path) -> Path:
+    """Create the output folder, with a message a user can act on when that is impossible."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--output_dir {out}: cannot create it, a file is in the way "
+                        f"({next(p for p in [out, *out.parents] if p.is_file())}).") from None
+    except OSError as e:
+        raise UserError(f"--output_dir {out}: cannot create it ({e.strerror}).") from None
+    return out
+
+
+def remove_quietly(path: Path) -> None:
+    """Delete an old checkpoint file or state folder; rotation must never fail a run."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def write_state(accelerator: Any, folder: Path, train_state: dict[str, Any]) -> None:
+    """accelerate's save_state into a temporary folder, plus our marker, then an atomic rename."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    remove_quietly(tmp)
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        with open(tmp / STATE_MARKER, "w", encoding="utf-8") as f:
+            json.dump(train_state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        remove_quietly(old)
+    accelerator.wait_for_everyone()
+
+
+def find_resume_state(resume: str, output_dir: Path) -> Path:
+    """The state folder to resume: a path, or ``latest`` = the newest complete one in output_dir."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_MARKER).is_file():
+            raise UserError(f"--resume {path}: not a complete training state folder ({STATE_MARKER} missing).")
+        return path
+    candidates = [p for p in output_dir.glob("*-state") if (p / STATE_MARKER).is_file()]
+    if not candidates:
+        raise UserError(f"--resume latest: no complete state folder in {output_dir}; "
+                        "train with --save_state first, or drop --resume.")
+    return max(candidates, key=lambda p: read_state(p)["global_step"])
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / STATE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume {folder}: unreadable {STATE_MARKER} ({e}).") from None
+
+
+_NAME_OK = re.compile(r"^[^/\\\0]+$")
+
+
+def check_output_name(name: str) -> str:
+    if not _NAME_OK.match(name) or name in (".", ".."):
+        raise UserError(f"--output_name {name!r} must be a plain file name without folders.")
+    return name

@@ -1,0 +1,190 @@
+"""``--config_file`` / ``--output_config`` and where every argument value came from.
+
+Precedence (CONTRACTS.md §2): command line > TOML > argparse default. The TOML's tables
+only group keys; they are flattened. Unlike sd-scripts, an unknown key or a value of the
+wrong type is an error naming the key, its line and the closest valid name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from library.errors import UserError, did_you_mean
+
+# Never written by --output_config nor logged: secrets and the config switches themselves.
+SECRET_KEYS = frozenset({"wandb_api_key"})
+_NOT_WRITTEN = frozenset({"config_file", "output_config"}) | SECRET_KEYS
+
+SOURCE_CLI = "command line"
+SOURCE_DEFAULT = "default"
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def _key_line(text: str, key: str) -> int | None:
+    """The 1-based line where ``key`` is assigned in the TOML text, for error messages."""
+    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """Parse a TOML file, turning syntax errors into a UserError with file and line."""
+    if not path.is_file():
+        raise UserError(f"Config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return toml.loads(text), text
+    except toml.TomlDecodeError as e:
+        raise UserError(f"{path}: TOML syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def _flatten(data: dict[str, Any], path: Path) -> dict[str, tuple[Any, str]]:
+    """Flatten one level of tables; returns key → (value, table name) and rejects duplicates."""
+    flat: dict[str, tuple[Any, str]] = {}
+    for key, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        table = key if isinstance(value, dict) else ""
+        for sub_key, sub_value in items:
+            if isinstance(sub_value, dict):
+                raise UserError(f"{path}: table [{table}.{sub_key}] is nested too deeply; "
+                                "use [section] tables holding argument = value lines.")
+            if sub_key in flat:
+                raise UserError(f"{path}: argument '{sub_key}' is set twice (in [{flat[sub_key][1]}] and "
+                                f"[{table}]); keep one.")
+            flat[sub_key] = (sub_value, table)
+    return flat
+
+
+def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """Check and convert one TOML value the way argparse would treat the CLI string."""
+    def bad(expected: str) -> UserError:
+        return UserError(f"{where}: '{key}' = {value!r} has the wrong type; expected {expected}.")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if action.nargs in ("*", "+"):
+        values = value if isinstance(value, list) else [value]
+        return [_convert_scalar(action, key, v, where, bad) for v in values]
+    if isinstance(value, list):
+        raise bad("a single value, not a list")
+    return _convert_scalar(action, key, value, where, bad)
+
+
+def _convert_scalar(action: argparse.Action, key: str, value: Any, where: str, bad) -> Any:
+    kind = action.type
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        raise bad(getattr(kind, "__name__", "a string"))
+    if kind is int:
+        if not isinstance(value, int):
+            raise bad("an integer")
+    elif kind is float:
+        if not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif kind is str or kind is None:
+        # kohya's TOMLs write numbers for string options such as resolution = 512.
+        if isinstance(value, (int, float)):
+            value = str(value)
+        if not isinstance(value, str):
+            raise bad("a string")
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(str(c) for c in action.choices if c is not None)
+        raise UserError(f"{where}: '{key}' = {value!r} is not one of: {choices}.")
+    return value
+
+
+def load_config_file(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """Read a --config_file TOML and return validated values keyed by argument name."""
+    data, text = read_toml(path)
+    actions = _actions(parser)
+    values: dict[str, Any] = {}
+    for key, (value, table) in _flatten(data, path).items():
+        line = _key_line(text, key)
+        where = f"{path}" + (f", line {line}" if line else "") + (f", table [{table}]" if table else "")
+        if key not in actions or key in ("config_file", "output_config"):
+            raise UserError(f"{where}: unknown argument '{key}'{did_you_mean(key, actions)}.")
+        values[key] = _convert(actions[key], key, value, where)
+    return values
+
+
+def _explicit_cli_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Names of the arguments given on the command line (by re-parsing with no defaults)."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for action in parser._actions:
+        if action.dest == "help" or not action.option_strings:
+            continue
+        kwargs: dict[str, Any] = {"dest": action.dest, "default": argparse.SUPPRESS}
+        if isinstance(action, argparse._StoreTrueAction):
+            kwargs["action"] = "store_true"
+        elif isinstance(action, argparse._StoreFalseAction):
+            kwargs["action"] = "store_false"
+        else:
+            kwargs["nargs"] = action.nargs
+        probe.add_argument(*action.option_strings, **kwargs)
+    known, _ = probe.parse_known_args(argv)
+    return set(vars(known))
+
+
+def parse_args_with_sources(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Parse the CLI over the --config_file TOML; returns the args and each value's source."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = parser.parse_args(argv)
+    sources = {dest: SOURCE_DEFAULT for dest in _actions(parser)}
+    toml_values: dict[str, Any] = {}
+    if first.config_file and not first.output_config:
+        path = Path(first.config_file)
+        toml_values = load_config_file(parser, path)
+        parser.set_defaults(**toml_values)
+        sources.update({k: f"config file {path.name}" for k in toml_values})
+    args = parser.parse_args(argv)
+    for dest in _explicit_cli_dests(parser, argv):
+        sources[dest] = SOURCE_CLI
+    return args, sources
+
+
+def write_output_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """Write the non-default arguments to --config_file as TOML, never overwriting a file."""
+    if not args.config_file:
+        raise UserError("--output_config needs --config_file: the path of the TOML to write.")
+    path = Path(args.config_file)
+    if path.exists():
+        raise UserError(f"--output_config refuses to overwrite {path}; choose a new --config_file path.")
+    values = {}
+    for dest, action in _actions(parser).items():
+        value = getattr(args, dest)
+        if dest in _NOT_WRITTEN or value is None or value == action.default:
+            continue
+        values[dest] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(toml.dumps(values), encoding="utf-8")
+    return path
+
+
+def loggable_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Arguments safe to send to trackers: no secrets, no absolute paths, plain scalar types."""
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key in SECRET_KEYS or value is None:
+            continue
+        if isinstance(value, str) and Path(value).is_absolute():
+            value = Path(value).name
+        if isinstance(value, list):
+            value = " ".join(str(v) for v in value)
+        out[key] = value
+    return out

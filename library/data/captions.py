@@ -1,0 +1,134 @@
+"""Caption reading and per-sample caption augmentation, as pure functions.
+
+Randomness comes only from the ``random.Random`` passed in (the dataset seeds it from
+(seed, epoch, sample index)), so a caption is the same on every process and on resume.
+
+Order of operations, as in sd-scripts: prefix/suffix → whole-caption dropout → split into
+tags (fixed part by ``keep_tokens`` or ``keep_tokens_separator``) → shuffle the flexible tags
+→ tag dropout → join. Differences from sd-scripts, on purpose:
+- empty tags ("a,,b") are dropped instead of kept as empty strings;
+- the tags are joined with the separator plus a space (", " for the default ","), where
+  sd-scripts always joins with ", " whatever the separator;
+- a ``keep_tokens_separator`` is removed from the caption even when nothing is shuffled
+  (sd-scripts leaves "|||" in the text then).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """A subset's caption settings (kohya's names without the ``caption_`` prefix)."""
+
+    prefix: str | None = None
+    suffix: str | None = None
+    shuffle: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    separator: str = ","
+    dropout_rate: float = 0.0
+    tag_dropout_rate: float = 0.0
+    dropout_every_n_epochs: int = 0
+
+
+def caption_path(image_path: Path, extension: str) -> Path:
+    """The side file of an image: same folder and stem, ``extension`` (with its dot)."""
+    return image_path.with_name(image_path.stem + extension)
+
+
+def read_caption_file(path: Path) -> str | None:
+    """The first non-empty line of a caption file, stripped; None when the file does not exist.
+
+    An existing but empty file gives "" (an explicit empty caption), not None.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows add a BOM
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def image_caption(image_path: Path, extension: str, class_tokens: str | None) -> str | None:
+    """The caption from the side file, else ``class_tokens``, else None (the dataset reports it)."""
+    caption = read_caption_file(caption_path(image_path, extension))
+    return caption if caption is not None else class_tokens
+
+
+def add_prefix_suffix(caption: str, prefix: str | None, suffix: str | None) -> str:
+    """sd-scripts joins prefix and suffix with a space, so a prefix merges into the first tag."""
+    if prefix:
+        caption = f"{prefix} {caption}"
+    if suffix:
+        caption = f"{caption} {suffix}"
+    return caption
+
+
+def split_tags(text: str, separator: str) -> list[str]:
+    """Tags of a caption, stripped, empty ones dropped."""
+    return [tag.strip() for tag in text.split(separator) if tag.strip()]
+
+
+def join_tags(tags: Iterable[str], separator: str) -> str:
+    joiner = separator if separator.isspace() or separator.endswith(" ") else separator + " "
+    return joiner.join(tags)
+
+
+def is_dropped_out(rng: random.Random, rate: float, epoch_number: int, every_n_epochs: int) -> bool:
+    """Whole-caption dropout; ``epoch_number`` counts from 1, so every_n_epochs=2 drops epochs 2, 4, ...
+
+    The random draw happens only when ``rate`` > 0, so turning dropout off does not shift the
+    draws that follow.
+    """
+    dropped = rate > 0 and rng.random() < rate
+    return dropped or (every_n_epochs > 0 and epoch_number % every_n_epochs == 0)
+
+
+def _fixed_and_flexible(caption: str, options: CaptionOptions) -> tuple[list[str], list[str], list[str]]:
+    """(fixed head, shuffleable middle, fixed tail) tags."""
+    sep = options.separator
+    marker = options.keep_tokens_separator
+    if marker and marker in caption:
+        # "head ||| flexible ||| tail": the optional second marker pins tags at the end.
+        head, rest = caption.split(marker, 1)
+        middle, _, tail = rest.partition(marker)
+        return split_tags(head, sep), split_tags(middle, sep), split_tags(tail.replace(marker, sep), sep)
+    tags = split_tags(caption, sep)
+    return tags[: options.keep_tokens], tags[options.keep_tokens :], []
+
+
+def shuffle_and_drop_tags(caption: str, options: CaptionOptions, rng: random.Random) -> str:
+    """Shuffle the flexible tags and drop each with ``tag_dropout_rate``; fixed tags stay in place."""
+    marker_used = bool(options.keep_tokens_separator) and options.keep_tokens_separator in caption
+    if not (options.shuffle or options.tag_dropout_rate > 0 or marker_used):
+        return caption  # left exactly as written
+    head, middle, tail = _fixed_and_flexible(caption, options)
+    if options.shuffle:
+        rng.shuffle(middle)
+    if options.tag_dropout_rate > 0:
+        middle = [tag for tag in middle if rng.random() >= options.tag_dropout_rate]
+    return join_tags(head + middle + tail, options.separator)
+
+
+def process_caption(caption: str, options: CaptionOptions, rng: random.Random, epoch_number: int) -> str:
+    """The caption one sample trains with this epoch (``epoch_number`` counts from 1)."""
+    caption = add_prefix_suffix(caption, options.prefix, options.suffix)
+    if is_dropped_out(rng, options.dropout_rate, epoch_number, options.dropout_every_n_epochs):
+        return ""
+    return shuffle_and_drop_tags(caption, options, rng)
+
+
+def count_tags(captions: Iterable[str], separator: str = ",") -> dict[str, int]:
+    """How often each tag occurs over the captions (``ss_tag_frequency``, counted like sd-scripts)."""
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        counts.update(split_tags(caption, separator))
+    return dict(sorted(counts.items()))

@@ -1,0 +1,164 @@
+"""The image data of a run: every dataset of the TOML, one epoch order, one DataLoader.
+
+Datasets are concatenated; a sample's bucket key includes its dataset, so a batch never
+mixes datasets or buckets. Sample indices are global across datasets, and they key every
+per-sample random draw (CONTRACTS.md §3). Optional in-memory latent caching encodes every
+image once (on its owning process's share, no process waits on another).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from library.data.images import ImageCaptionDataset, collate_fn
+from library.data.sampler import EpochBatchSampler
+from library.dataset_config import DatasetGroupConfig
+from library.errors import UserError
+
+
+class _Concat(torch.utils.data.Dataset):
+    """Datasets side by side; keys are (epoch, global sample index)."""
+
+    def __init__(self, parts: list[ImageCaptionDataset]) -> None:
+        self.parts = parts
+        self.offsets = []
+        total = 0
+        for part in parts:
+            self.offsets.append(total)
+            total += len(part)
+        self.total = total
+        self.latents: dict[tuple[int, int], torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.total
+
+    def locate(self, index: int) -> tuple[int, int]:
+        for i in range(len(self.parts) - 1, -1, -1):
+            if index >= self.offsets[i]:
+                return i, index - self.offsets[i]
+        raise IndexError(index)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        part_index, local = self.locate(index)
+        part = self.parts[part_index]
+        if self.latents is not None:
+            item = part.caption_item((epoch, local))
+            item["latents"] = self.latents[(part_index, part.record_of(local))]
+        else:
+            item = part[(epoch, local)]
+        item["index"] = index
+        item["bucket"] = (part_index, *item["bucket"])
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    latents = [item.pop("latents", None) for item in items]
+    if latents[0] is not None:
+        for item in items:
+            item["image"] = torch.empty(0)
+    batch = collate_fn(items)
+    batch["indices"] = torch.tensor(batch["indices"], dtype=torch.long)
+    if latents[0] is not None:
+        batch.pop("images")
+        batch["latents"] = torch.stack(latents)
+    return batch
+
+
+@dataclass
+class ImageData:
+    """What the loop needs: a loader whose batches follow ``sampler``'s epoch order."""
+
+    datasets: list[ImageCaptionDataset]
+    concat: _Concat
+    sampler: EpochBatchSampler
+    loader: torch.utils.data.DataLoader
+    batch_size: int
+    resolution: tuple[int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_train_images(self) -> int:
+        return sum(1 for d in self.datasets for r in d.records if not d.config.subsets[r.subset_index].is_reg)
+
+    @property
+    def num_reg_images(self) -> int:
+        return sum(1 for d in self.datasets for r in d.records if d.config.subsets[r.subset_index].is_reg)
+
+    def summary(self) -> str:
+        return "\n".join(line for d in self.datasets for line in d.summary())
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for d in self.datasets:
+            out.update(d.tag_frequency())
+        return out
+
+    def metadata(self) -> list[dict[str, Any]]:
+        """ss_datasets: per dataset its resolution, batch size and subsets (no absolute paths)."""
+        return [{
+            "resolution": list(d.config.resolution), "batch_size_per_device": d.config.batch_size,
+            "enable_bucket": d.config.enable_bucket, "num_train_images": len(d.records),
+            "subsets": [{"image_dir": s.image_dir.name, "num_repeats": s.num_repeats, "is_reg": s.is_reg,
+                         "class_tokens": s.class_tokens} for s in d.config.subsets],
+        } for d in self.datasets]
+
+    @torch.no_grad()
+    def cache_latents(self, encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
+                      device: torch.device) -> None:
+        """Encode every image once into memory; augmentations that change pixels per epoch are refused."""
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        for part_index, part in enumerate(self.datasets):
+            for subset in part.config.subsets:
+                if subset.flip_aug or subset.random_crop or subset.color_aug:
+                    raise UserError(f"{subset.name}: --cache_latents cannot be combined with flip_aug, random_crop "
+                                    "or color_aug (they change the pixels every epoch); drop one of them.")
+            by_bucket: dict[tuple[int, int], list[int]] = {}
+            for record_index, record in enumerate(part.records):
+                by_bucket.setdefault(record.bucket, []).append(record_index)
+            for records in by_bucket.values():
+                for start in range(0, len(records), max(batch_size, 1)):
+                    chunk = records[start:start + max(batch_size, 1)]
+                    images = torch.stack([part.record_image(r) for r in chunk]).to(device)
+                    # keyed on (dataset, image), so a cached latent is the same whatever the epoch
+                    keys = torch.tensor(chunk) + 1_000_000 * part_index
+                    latents = encode(images, keys).cpu()
+                    for r, latent in zip(chunk, latents):
+                        cache[(part_index, r)] = latent
+        self.concat.latents = cache
+        self.loader = _make_loader(self.concat, self.sampler, 0, False)
+
+
+def _make_loader(dataset: torch.utils.data.Dataset, sampler: EpochBatchSampler, num_workers: int,
+                 persistent: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
+                                       persistent_workers=persistent and num_workers > 0)
+
+
+def build_image_data(config: DatasetGroupConfig, *, seed: int, on_bad_image: str, num_processes: int, rank: int,
+                     num_workers: int, persistent_workers: bool) -> ImageData:
+    """Scan every dataset, build the epoch-order sampler for this process and the DataLoader."""
+    datasets = [ImageCaptionDataset(d, seed=seed, on_bad_image=on_bad_image) for d in config.datasets]
+    batch_sizes = {d.config.batch_size for d in datasets}
+    if len(batch_sizes) > 1:
+        raise UserError(f"{config.source}: datasets with different batch_size ({sorted(batch_sizes)}) are not "
+                        "supported yet; use one batch_size for all datasets.")
+    resolutions = {d.config.resolution for d in datasets}
+    concat = _Concat(datasets)
+    buckets = [(i, *b) for i, d in enumerate(datasets) for b in d.buckets]
+    batch_size = batch_sizes.pop()
+    sampler = EpochBatchSampler(buckets, batch_size, num_processes, rank, seed)
+    workers = min(num_workers, max((os.cpu_count() or 1) - 1, 0))
+    loader = _make_loader(concat, sampler, workers, persistent_workers)
+    resolution = max(resolutions, key=lambda r: r[0] * r[1])
+    return ImageData(datasets, concat, sampler, loader, batch_size, resolution)
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors to the device (non-blocking from pinned memory where possible)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

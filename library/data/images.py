@@ -1,0 +1,396 @@
+"""The image + caption dataset of one ``DatasetConfig``.
+
+Everything a user can get wrong is checked when the dataset is built, before any model is
+loaded: a missing folder, a subset without images, captions that do not exist (with the
+extensions that *do* exist next to the images), unreadable or truncated image files.
+
+Sample ``i`` of an epoch is an image repeated ``num_repeats`` times: subsets in order, images
+sorted by name, each image's repeats next to each other. Every random draw for a sample
+(caption shuffle/dropout, crop, flip, colour) comes from generators seeded from
+(seed, epoch, i), so a sample is the same in every process and after a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from library.data.buckets import BucketSettings, Size, assign_buckets
+from library.data.captions import caption_path, count_tags, process_caption, read_caption_file
+from library.data.sampler import derive_seed
+from library.dataset_config import DatasetConfig, SubsetConfig
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_HUE_SHIFT = 11  # color_aug: up to ±11/256 of the hue circle (about ±16°, like sd-scripts)
+_LIST_LIMIT = 10  # how many file names an error message lists
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    caption: str  # as read: side file, class_tokens or metadata; augmented per sample later
+    size: Size  # (width, height) after EXIF orientation
+    subset_index: int
+    bucket: Size = (0, 0)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (extension case-insensitive), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _names(paths: Sequence[Path]) -> str:
+    shown = ", ".join(p.name for p in paths[:_LIST_LIMIT])
+    return shown + (f", ... ({len(paths) - _LIST_LIMIT} more)" if len(paths) > _LIST_LIMIT else "")
+
+
+def _subset_images(subset: SubsetConfig) -> list[Path]:
+    folder = subset.image_dir
+    if not folder.is_dir():
+        raise UserError(
+            f"{subset.name}: image_dir {folder} does not exist (resolved to {folder.absolute()}; "
+            "relative paths start from the current directory)"
+        )
+    images = list_images(folder)
+    if not images:
+        others = sorted({p.suffix.lower() or p.name for p in folder.iterdir() if p.is_file()})
+        found = f"; files found: {', '.join(others[:_LIST_LIMIT])}" if others else "; the folder is empty"
+        raise UserError(
+            f"{subset.name}: no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}){found}"
+        )
+    return images
+
+
+def _side_captions(subset: SubsetConfig, images: list[Path]) -> list[str]:
+    """Captions from side files, else class_tokens; missing both is an error with a hint."""
+    captions: list[str] = []
+    missing: list[Path] = []
+    for image in images:
+        caption = read_caption_file(caption_path(image, subset.caption_extension))
+        if caption is None:
+            missing.append(image)
+            caption = subset.class_tokens
+        captions.append(caption if caption is not None else "")
+    if missing and subset.class_tokens is None:
+        raise UserError(_missing_captions_message(subset, images, missing))
+    return captions
+
+
+def _missing_captions_message(subset: SubsetConfig, images: list[Path], missing: list[Path]) -> str:
+    ext = subset.caption_extension
+    stems = {p.stem for p in missing}
+    found = Counter(
+        p.suffix
+        for p in subset.image_dir.iterdir()
+        if p.stem in stems and p.suffix and p.suffix.lower() not in IMAGE_EXTENSIONS and p.suffix != ext
+    )
+    message = (
+        f"{subset.name}: {len(missing)} of {len(images)} images in {subset.image_dir} have no caption file "
+        f'"{ext}" (e.g. {caption_path(missing[0], ext).name}) and the subset has no class_tokens.'
+    )
+    if found:
+        best, _ = found.most_common(1)[0]
+        listing = ", ".join(f"{suffix} found for {n} images" for suffix, n in found.most_common())
+        message += f' {listing}; set caption_extension = "{best}".'
+    return message + " Or set class_tokens to caption every image without a caption file with it."
+
+
+def _metadata_images(subset: SubsetConfig) -> tuple[list[Path], list[str]]:
+    """Images and captions of a fine-tuning subset (sd-scripts' metadata JSON: key → caption/tags)."""
+    path = subset.metadata_file
+    assert path is not None
+    if not path.is_file():
+        raise UserError(f"{subset.name}: metadata_file {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{path}: expected a JSON object mapping image names to {{\"caption\": ..., \"tags\": ...}}")
+    images, captions, missing_image, missing_caption = [], [], [], []
+    for key, entry in sorted(data.items()):
+        image = _locate_image(key, subset.image_dir)
+        entry = entry if isinstance(entry, dict) else {}
+        caption, tags = entry.get("caption"), entry.get("tags")
+        if caption and tags:
+            caption = f"{caption}, {tags}"  # sd-scripts appends the tags to the caption
+        caption = caption or tags
+        if image is None:
+            missing_image.append(key)
+        elif not isinstance(caption, str):
+            missing_caption.append(key)
+        else:
+            images.append(image)
+            captions.append(caption)
+    if missing_image:
+        raise UserError(f"{path}: {len(missing_image)} entries name no image in {subset.image_dir}: "
+                        f"{', '.join(missing_image[:_LIST_LIMIT])}")
+    if missing_caption:
+        raise UserError(f"{path}: {len(missing_caption)} entries have neither \"caption\" nor \"tags\": "
+                        f"{', '.join(missing_caption[:_LIST_LIMIT])}")
+    return images, captions
+
+
+def _locate_image(key: str, image_dir: Path) -> Path | None:
+    candidates = [Path(key), image_dir / key]
+    candidates += [image_dir / (key + ext) for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)]
+    return next((c for c in candidates if c.suffix.lower() in IMAGE_EXTENSIONS and c.is_file()), None)
+
+
+def probe_image(path: Path) -> Size:
+    """Decode the whole file (so truncation shows now, not mid-training); (w, h) as displayed."""
+    with Image.open(path) as image:
+        image.load()
+        width, height = image.size
+        # EXIF orientations 5-8 rotate by 90°: the displayed image is height × width.
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return (width, height)
+
+
+def _probe_all(paths: list[Path]) -> list[Size | str]:
+    def probe(path: Path) -> Size | str:
+        try:
+            return probe_image(path)
+        except Exception as exc:  # noqa: BLE001 - any failure to decode means a bad file
+            return f"{type(exc).__name__}: {exc}"
+
+    # Decoding releases the GIL, so threads help on large datasets.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(probe, paths))
+
+
+def _validation_part(count: int, split: float, seed: int, subset_index: int) -> set[int]:
+    """Indices of a subset's images held out for validation (at least one, never all)."""
+    if split <= 0 or count < 2:
+        return set()
+    order = list(range(count))
+    random.Random(derive_seed(seed, "validation", subset_index)).shuffle(order)
+    return set(order[: min(count - 1, max(1, round(count * split)))])
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """All samples of one dataset; see the module docstring.
+
+    ``split="validation"`` gives the images held out by ``validation_split`` (each once, no
+    repeats); ``"train"`` gives the rest. ``on_bad_image="skip"`` leaves unreadable files out
+    and lists them in ``skipped`` and ``summary()``; ``"error"`` stops with the list.
+    """
+
+    def __init__(self, dataset: DatasetConfig, seed: int, on_bad_image: str = "error", split: str = "train") -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise UserError(f"--on_bad_image {on_bad_image!r}: expected 'error' or 'skip'")
+        if split not in ("train", "validation"):
+            raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+        self.config = dataset
+        self.seed = seed
+        self.split = split
+        self.epoch = 0
+        self.skipped: list[tuple[Path, str]] = []
+        self.records = self._scan(on_bad_image)
+        self._repeats = [1 if split == "validation" else dataset.subsets[r.subset_index].num_repeats
+                         for r in self.records]
+        self._sample_record = [i for i, n in enumerate(self._repeats) for _ in range(n)]
+
+    def _scan(self, on_bad_image: str) -> list[ImageRecord]:
+        records: list[ImageRecord] = []
+        val_seed = self.config.validation_seed if self.config.validation_seed is not None else self.seed
+        for index, subset in enumerate(self.config.subsets):
+            if subset.metadata_file is not None:
+                images, captions = _metadata_images(subset)
+            else:
+                images = _subset_images(subset)
+                captions = _side_captions(subset, images)
+            held_out = _validation_part(len(images), self.config.validation_split, val_seed, index)
+            keep = [i for i in range(len(images)) if (i in held_out) == (self.split == "validation")]
+            sizes = _probe_all([images[i] for i in keep])
+            bad = [(images[i], s) for i, s in zip(keep, sizes) if isinstance(s, str)]
+            if bad and on_bad_image == "error":
+                listing = "; ".join(f"{p} ({why})" for p, why in bad[:_LIST_LIMIT])
+                raise UserError(
+                    f"{subset.name}: {len(bad)} unreadable image(s): {listing}. Fix or remove them, "
+                    "or pass --on_bad_image skip to train without them."
+                )
+            for path, why in bad:
+                logger.warning("skipping unreadable image %s (%s)", path, why)
+            self.skipped += bad
+            good = [ImageRecord(images[i], captions[i], s, index) for i, s in zip(keep, sizes) if not isinstance(s, str)]
+            if not good and keep:
+                raise UserError(f"{subset.name}: every image in {subset.image_dir} is unreadable")
+            records += good
+        settings = BucketSettings(
+            self.config.resolution, self.config.enable_bucket, self.config.min_bucket_reso,
+            self.config.max_bucket_reso, self.config.bucket_reso_steps, self.config.bucket_no_upscale,
+        )  # fmt: skip
+        buckets = assign_buckets([r.size for r in records], settings)
+        return [ImageRecord(r.path, r.caption, r.size, r.subset_index, b) for r, b in zip(records, buckets)]
+
+    # --- indexing -------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch used by plain integer keys (keys ``(epoch, index)`` carry their own)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._sample_record)
+
+    @property
+    def buckets(self) -> list[Size]:
+        """The bucket of every sample index (for ``EpochBatchSampler``)."""
+        return [self.records[r].bucket for r in self._sample_record]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range 0..{len(self) - 1}")
+        record = self.records[self._sample_record[index]]
+        subset = self.config.subsets[record.subset_index]
+        caption_rng = random.Random(derive_seed(self.seed, epoch, index, "caption"))
+        caption = process_caption(record.caption, subset.caption_options, caption_rng, epoch + 1)
+        # Four uniforms drawn up front, whatever is enabled, so switching one augmentation on
+        # does not change the others' draws.
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index, "image"))
+        u_flip, u_x, u_y, u_hue = torch.rand(4, generator=generator).tolist()
+        image, top_left = load_image(record.path, record.bucket, subset.random_crop, (u_x, u_y))
+        if subset.color_aug:
+            image = shift_hue(image, round((2 * u_hue - 1) * _HUE_SHIFT))
+        tensor = to_tensor(image)
+        if subset.flip_aug and u_flip < 0.5:
+            tensor = tensor.flip(-1)
+        return {
+            "image": tensor,
+            "caption": caption,
+            "is_reg": subset.is_reg,
+            "index": index,
+            "image_path": str(record.path),
+            "bucket": record.bucket,
+            "original_size": record.size,
+            "crop_top_left": top_left,
+        }
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def summary(self) -> list[str]:
+        """Lines for the start-up summary: images, repeats, samples, buckets, skipped files."""
+        c = self.config
+        bucketing = "off" if not c.enable_bucket else (
+            f"on ({c.min_bucket_reso}..{c.max_bucket_reso} step {c.bucket_reso_steps}"
+            + (", no upscale)" if c.bucket_no_upscale else ")")
+        )  # fmt: skip
+        lines = [f"{c.name} ({self.split}): resolution {c.resolution[0]}x{c.resolution[1]}, "
+                 f"batch size {c.batch_size} per process, buckets {bucketing}"]
+        per_subset = Counter(r.subset_index for r in self.records)
+        for i, subset in enumerate(c.subsets):
+            n, repeats = per_subset[i], 1 if self.split == "validation" else subset.num_repeats
+            kind = "regularisation" if subset.is_reg else "training"
+            tokens = f", class_tokens {subset.class_tokens!r}" if subset.class_tokens else ""
+            lines.append(f"  {subset.name}: {n} {kind} images x {repeats} repeats = {n * repeats} samples "
+                         f"({subset.image_dir}{tokens})")
+        lines.append(f"  total: {len(self.records)} images, {len(self)} samples per epoch")
+        samples = Counter(self.buckets)
+        for (w, h), n in sorted(samples.items()):
+            lines.append(f"  bucket {w}x{h}: {n} samples")
+        for path, why in self.skipped:
+            lines.append(f"  skipped unreadable image: {path} ({why})")
+        return lines
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """Folder name → {tag: count} over the captions as read (sd-scripts' ``ss_tag_frequency``)."""
+        captions: dict[str, list[str]] = {}
+        separators: dict[str, str] = {}
+        for record in self.records:
+            subset = self.config.subsets[record.subset_index]
+            captions.setdefault(subset.image_dir.name, []).append(record.caption)
+            separators.setdefault(subset.image_dir.name, subset.caption_separator)
+        return {name: count_tags(caps, separators[name]) for name, caps in captions.items()}
+
+
+# --- image operations -------------------------------------------------------------------
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """The image as displayed (EXIF orientation applied), RGB; transparency composited on white."""
+    try:
+        with Image.open(path) as raw:
+            image = ImageOps.exif_transpose(raw)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return image.convert("RGB")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read image ({exc}); it was readable when the dataset was built") from None
+
+
+def resize_and_crop(
+    image: Image.Image, target: Size, random_crop: bool, uniforms: tuple[float, float]
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Scale so the image covers ``target`` (aspect kept), then crop to it; returns (image, (top, left)).
+
+    The crop is centred, or placed by ``uniforms`` (two numbers in [0, 1)) with ``random_crop``.
+    """
+    width, height = image.size
+    target_w, target_h = target
+    scale = max(target_w / width, target_h / height)
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    if random_crop:
+        left = min(new_w - target_w, int(uniforms[0] * (new_w - target_w + 1)))
+        top = min(new_h - target_h, int(uniforms[1] * (new_h - target_h + 1)))
+    else:
+        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+    return image.crop((left, top, left + target_w, top + target_h)), (top, left)
+
+
+def load_image(
+    path: Path, target: Size, random_crop: bool, uniforms: tuple[float, float]
+) -> tuple[Image.Image, tuple[int, int]]:
+    return resize_and_crop(open_rgb(path), target, random_crop, uniforms)
+
+
+def shift_hue(image: Image.Image, offset: int) -> Image.Image:
+    if offset == 0:
+        return image
+    hue, saturation, value = image.convert("HSV").split()
+    hue = hue.point(lambda h: (h + offset) % 256)
+    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → float tensor [3, H, W] in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack one bucket's samples into a batch (the sampler never mixes buckets)."""
+    buckets = {item["bucket"] for item in items}
+    if len(buckets) != 1:
+        raise ValueError(f"a batch mixes buckets {sorted(buckets)}; use EpochBatchSampler")
+    return {
+        "images": torch.stack([item["image"] for item in items]),
+        "captions": [item["caption"] for item in items],
+        "is_reg": torch.tensor([item["is_reg"] for item in items], dtype=torch.bool),
+        "indices": [item["index"] for item in items],
+        "image_paths": [item["image_path"] for item in items],
+        "bucket": items[0]["bucket"],
+        "original_sizes": [item["original_size"] for item in items],
+        "crop_top_lefts": [item["crop_top_left"] for item in items],
+    }

@@ -1,0 +1,83 @@
+"""Model families behind one small interface, chosen by ``--model_type`` (CONTRACTS.md §1).
+
+A family loads its models, says which modules the network wraps, and turns a batch into a
+loss. The training loop knows nothing else about the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from library.errors import UserError
+
+MODEL_TYPES = ("sd", "sdxl", "llm")
+
+
+class ModelFamily(Protocol):
+    """What train_network.py needs from a model family."""
+
+    name: str
+    base_model_version: str  # ss_base_model_version, e.g. "sd_v1"
+    modelspec_architecture: str  # e.g. "stable-diffusion-v1/lora"
+    prediction_type: str  # "epsilon" | "v"
+
+    def network_inputs(self) -> tuple[Any, Any, torch.nn.Module]:
+        """(vae, text_encoder or list or None, unet) for create_network."""
+        ...
+
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype, train_text_encoder: bool,
+                gradient_checkpointing: bool) -> None:
+        """Move and cast frozen weights, set train/eval modes and checkpointing."""
+        ...
+
+    def loss(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
+        """The scalar training loss of one micro-batch."""
+        ...
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"Cannot read {path}: {e}") from None
+
+
+def detect_model_type(model_path: str | Path) -> str:
+    """sd, sdxl or llm from the model's own files; a UserError when it is not a model."""
+    path = Path(model_path)
+    if not path.exists():
+        raise UserError(f"--pretrained_model_name_or_path: {path} does not exist (models are never downloaded; "
+                        "give a local diffusers or transformers folder).")
+    if path.is_file():
+        if path.suffix in (".ckpt", ".pt", ".safetensors"):
+            raise UserError(f"{path}: single-file checkpoints are not supported in this version; "
+                            "give a diffusers model folder.")
+        raise UserError(f"{path} is not a model: expected a diffusers folder (model_index.json).")
+    if (path / "text_encoder_2").is_dir():
+        return "sdxl"
+    unet_config = path / "unet" / "config.json"
+    if unet_config.is_file():
+        return "sdxl" if _read_json(unet_config).get("addition_embed_type") == "text_time" else "sd"
+    if (path / "model_index.json").is_file():
+        return "sd"
+    config = path / "config.json"
+    if config.is_file():
+        architectures = _read_json(config).get("architectures") or []
+        if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            return "llm"
+    raise UserError(f"{path} is not a model folder: expected model_index.json and unet/ (diffusers) "
+                    "or config.json naming a causal LM (transformers).")
+
+
+def load_family(model_type: str, model_path: str, **options: Any) -> ModelFamily:
+    """Build the family object for ``model_type`` (already resolved from auto)."""
+    if model_type == "sd":
+        from library.families.sd import SDFamily
+
+        return SDFamily.load(model_path, **options)
+    raise UserError(f"--model_type {model_type} is not supported in this version (SD 1.x/2.x works today; "
+                    "SDXL and LLM families are planned).")

@@ -1,0 +1,111 @@
+"""The ``ss_*`` training metadata stored in every LoRA file (KOHYA_COMPAT.md §4).
+
+Values are all strings, as safetensors metadata requires and as kohya tools read them.
+The sshs_* hashes and modelspec.* keys are added by library/metadata.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunInfo:
+    """Facts about the run that the metadata records; filled once at start-up."""
+
+    network_module: str
+    network_dim: int
+    network_alpha: float
+    network_args: dict[str, str]
+    base_model_version: str
+    output_name: str
+    learning_rate: float
+    unet_lr: float | None
+    text_encoder_lr: float | None
+    num_train_images: int
+    num_reg_images: int
+    num_batches_per_epoch: int
+    num_epochs: int
+    max_train_steps: int
+    lr_scheduler: str
+    lr_warmup_steps: int
+    optimizer: str
+    mixed_precision: str
+    seed: int
+    gradient_accumulation_steps: int
+    total_batch_size: int
+    noise_offset: float | None
+    min_snr_gamma: float | None
+    clip_skip: int | None
+    prior_loss_weight: float
+    v2: bool
+    v_parameterization: bool
+    resolution: tuple[int, int]
+    model_name: str
+    training_comment: str | None
+    datasets: list[dict[str, Any]] = field(default_factory=list)
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    training_started_at: float = field(default_factory=time.time)
+
+
+def _s(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+def training_metadata(info: RunInfo, epoch: int, step: int) -> dict[str, str]:
+    """All ss_* keys for a file saved at ``epoch`` / ``step``."""
+    return {
+        "ss_session_id": info.session_id,
+        "ss_training_started_at": _s(info.training_started_at),
+        "ss_training_finished_at": _s(time.time()),
+        "ss_output_name": info.output_name,
+        "ss_network_module": info.network_module,
+        "ss_network_dim": _s(info.network_dim),
+        "ss_network_alpha": _s(info.network_alpha),
+        "ss_network_args": json.dumps(info.network_args),
+        "ss_base_model_version": info.base_model_version,
+        "ss_sd_model_name": info.model_name,
+        "ss_v2": _s(info.v2),
+        "ss_v_parameterization": _s(info.v_parameterization),
+        "ss_learning_rate": _s(info.learning_rate),
+        "ss_unet_lr": _s(info.unet_lr),
+        "ss_text_encoder_lr": _s(info.text_encoder_lr),
+        "ss_num_train_images": _s(info.num_train_images),
+        "ss_num_reg_images": _s(info.num_reg_images),
+        "ss_num_batches_per_epoch": _s(info.num_batches_per_epoch),
+        "ss_num_epochs": _s(info.num_epochs),
+        "ss_epoch": _s(epoch),
+        "ss_steps": _s(step),
+        "ss_max_train_steps": _s(info.max_train_steps),
+        "ss_lr_scheduler": info.lr_scheduler,
+        "ss_lr_warmup_steps": _s(info.lr_warmup_steps),
+        "ss_optimizer": info.optimizer,
+        "ss_mixed_precision": info.mixed_precision,
+        "ss_seed": _s(info.seed),
+        "ss_gradient_accumulation_steps": _s(info.gradient_accumulation_steps),
+        "ss_total_batch_size": _s(info.total_batch_size),
+        "ss_noise_offset": _s(info.noise_offset),
+        "ss_min_snr_gamma": _s(info.min_snr_gamma),
+        "ss_clip_skip": _s(info.clip_skip),
+        "ss_prior_loss_weight": _s(info.prior_loss_weight),
+        "ss_resolution": f"({info.resolution[0]}, {info.resolution[1]})",
+        "ss_datasets": json.dumps(info.datasets),
+        "ss_tag_frequency": json.dumps(info.tag_frequency),
+        "ss_training_comment": _s(info.training_comment),
+    }
+
+
+def minimal_training_metadata(info: RunInfo) -> dict[str, str]:
+    """--no_metadata: only what a loader needs to interpret the file."""
+    return {
+        "ss_network_module": info.network_module,
+        "ss_network_dim": _s(info.network_dim),
+        "ss_network_alpha": _s(info.network_alpha),
+        "ss_network_args": json.dumps(info.network_args),
+        "ss_base_model_version": info.base_model_version,
+    }

@@ -1,0 +1,542 @@
+"""LoRA for SD1.x/2.x UNets and CLIP text encoders, behind kohya's network-module contract.
+
+``--network_module networks.lora`` loads this file: :func:`create_network` and
+:func:`create_network_from_weights` build a :class:`LoRANetwork`, whose ``state_dict`` is exactly
+the kohya file format (``<lora_name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``).
+Each adapted layer computes ``y = W x + multiplier · (alpha / r) · up(down(x))``; the weight
+math lives in :mod:`networks.functional`, the naming rules in :mod:`networks.targets`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.errors import UserError, did_you_mean
+from networks.functional import merged_weight
+from networks.targets import CLIP_TEXT, SD_UNET, Target, TargetSpec, find_targets, text_encoder_specs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DIM = 4
+DEFAULT_ALPHA = 1.0
+
+
+class LoRAModule(nn.Module):
+    """A low-rank adapter hooked onto one ``nn.Linear`` or ``nn.Conv2d``.
+
+    ``y = org(x) + multiplier · (alpha / dim) · up(down(x))``; ``down`` is Kaiming-uniform and
+    ``up`` zero at creation, so a new adapter changes nothing. ``apply_to`` replaces the original
+    module's ``forward`` rather than the module itself, so the base model's own ``state_dict``
+    keys stay the same; the original module is deliberately not a registered submodule, so it
+    never appears in this module's ``state_dict`` or ``parameters()``.
+
+    In training mode only: ``dropout`` drops elements of ``down(x)``, ``rank_dropout`` drops whole
+    ranks per sample (the rest rescaled by 1/(1-p)), ``module_dropout`` skips the adapter.
+    """
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        multiplier: float = 1.0,
+        lora_dim: int = DEFAULT_DIM,
+        alpha: float | None = DEFAULT_ALPHA,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        if lora_dim < 1:
+            raise ValueError(f"{lora_name}: LoRA dim must be at least 1, got {lora_dim}")
+        self.lora_name = lora_name
+        self.lora_dim = lora_dim
+        if isinstance(org_module, nn.Conv2d):
+            self.is_conv = True
+            self.lora_down = nn.Conv2d(
+                org_module.in_channels, lora_dim, org_module.kernel_size, org_module.stride,
+                org_module.padding, org_module.dilation, bias=False,
+            )  # fmt: skip
+            self.lora_up = nn.Conv2d(lora_dim, org_module.out_channels, 1, bias=False)
+        elif isinstance(org_module, nn.Linear):
+            self.is_conv = False
+            self.lora_down = nn.Linear(org_module.in_features, lora_dim, bias=False)
+            self.lora_up = nn.Linear(lora_dim, org_module.out_features, bias=False)
+        else:
+            raise TypeError(f"{lora_name}: LoRA supports Linear and Conv2d, not {type(org_module).__name__}")
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+        # kohya: alpha None or 0 means "no scaling" (alpha = dim).
+        alpha = float(lora_dim) if alpha is None or float(alpha) == 0 else float(alpha)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.scale = alpha / lora_dim
+        # A loaded state dict may carry another alpha; keep the cached float scale in sync.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_scale())
+
+        self.multiplier = multiplier
+        self.dropout = dropout or 0.0
+        self.rank_dropout = rank_dropout or 0.0
+        self.module_dropout = module_dropout or 0.0
+        self._org = (org_module,)  # a tuple is not registered as a submodule
+        self.org_forward: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    def refresh_scale(self) -> None:
+        self.scale = float(self.alpha) / self.lora_dim
+
+    def apply_to(self) -> None:
+        if self.org_forward is not None:
+            raise RuntimeError(f"{self.lora_name} is already applied")
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.org_forward(x, *args, **kwargs)
+        if self.multiplier == 0:
+            return out
+        if self.training and self.module_dropout > 0 and torch.rand(()).item() < self.module_dropout:
+            return out
+        return out + self.lora_delta(x)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``multiplier · scale · up(down(x))`` with the training-time dropouts: the one place of the math."""
+        h = self.lora_down(x)
+        scale = self.multiplier * self.scale
+        if self.training:
+            if self.dropout > 0:
+                h = F.dropout(h, p=self.dropout)
+            if self.rank_dropout > 0:
+                h = h * self._rank_mask(h)
+                scale = scale / (1.0 - self.rank_dropout)
+        # One scalar multiply on the (usually small) up output; scale folded with multiplier.
+        return self.lora_up(h) * scale
+
+    def _rank_mask(self, h: torch.Tensor) -> torch.Tensor:
+        # One keep/drop decision per (sample, rank); ranks are dim 1 for conv, the last dim for Linear.
+        shape = [1] * h.dim()
+        rank_dim = 1 if self.is_conv else h.dim() - 1
+        shape[rank_dim] = self.lora_dim
+        if h.dim() > 1:
+            shape[0] = h.shape[0]
+        return (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype)
+
+    @torch.no_grad()
+    def merge_weights(
+        self,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        alpha: float,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Add ``multiplier · alpha/dim · up ⊗ down`` into the original module's weight, in place."""
+        weight = self.org_module.weight
+        compute_device = device if device is not None else weight.device
+        down = down.to(compute_device, dtype or torch.float32)
+        up = up.to(compute_device, dtype or torch.float32)
+        merged = merged_weight(weight.to(compute_device), down, up, alpha / down.shape[0], self.multiplier)
+        weight.copy_(merged.to(weight.device, weight.dtype))
+
+
+def _check_probability(name: str, value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value < 1.0:
+        raise UserError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one UNet (or LLM) and its text encoders.
+
+    Modules are registered under their kohya names, so ``state_dict()`` is the file format.
+    ``modules_dim`` / ``modules_alpha`` (lora_name → value) select and size the modules exactly,
+    as when loading a file with mixed ranks; otherwise every target of the specs gets
+    ``lora_dim`` / ``alpha`` (kxk convs ``conv_lora_dim`` / ``conv_alpha`` when given).
+    """
+
+    def __init__(
+        self,
+        text_encoders: Sequence[nn.Module],
+        unet: nn.Module | None,
+        multiplier: float = 1.0,
+        lora_dim: int = DEFAULT_DIM,
+        alpha: float = DEFAULT_ALPHA,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        conv_lora_dim: int | None = None,
+        conv_alpha: float | None = None,
+        modules_dim: Mapping[str, int] | None = None,
+        modules_alpha: Mapping[str, float] | None = None,
+        unet_spec: TargetSpec = SD_UNET,
+        text_encoder_spec: TargetSpec = CLIP_TEXT,
+    ) -> None:
+        super().__init__()
+        self.multiplier = multiplier
+        self.lora_dim, self.alpha = lora_dim, alpha
+        self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
+        self.dropout = _check_probability("dropout", dropout)
+        self.rank_dropout = _check_probability("rank_dropout", rank_dropout)
+        self.module_dropout = _check_probability("module_dropout", module_dropout)
+        self._modules_dim = dict(modules_dim) if modules_dim is not None else None
+        self._modules_alpha = dict(modules_alpha or {})
+        self._frozen: set[str] = set()  # lora names frozen by a learning rate of 0
+        self._applied = False
+
+        te_specs = text_encoder_specs(len(text_encoders), text_encoder_spec)
+        self._te_prefixes = [spec.prefix + "_" for spec in te_specs]
+        self.text_encoder_loras = [
+            lora for te, spec in zip(text_encoders, te_specs) for lora in self._create_modules(te, spec)
+        ]
+        self.unet_loras = self._create_modules(unet, unet_spec) if unet is not None else []
+        for lora in self.text_encoder_loras + self.unet_loras:
+            if lora.lora_name in self._modules:
+                raise ValueError(f"duplicate LoRA name {lora.lora_name}")
+            self.add_module(lora.lora_name, lora)
+        logger.info("LoRA: %d text encoder modules, %d UNet modules", len(self.text_encoder_loras), len(self.unet_loras))
+
+        if self._modules_dim is not None:
+            self._check_all_found(te_specs if text_encoders else [], unet_spec if unet is not None else None)
+
+    def _rank_for(self, target: Target) -> tuple[int, float | None] | None:
+        """(dim, alpha) of a target, or None to leave it out. Block-wise ranks plug in here."""
+        if self._modules_dim is not None:
+            if target.lora_name not in self._modules_dim:
+                return None
+            dim = self._modules_dim[target.lora_name]
+            return dim, self._modules_alpha.get(target.lora_name, dim)
+        if target.is_kxk_conv:
+            return (self.conv_lora_dim, self.conv_alpha) if self.conv_lora_dim else None
+        return self.lora_dim, self.alpha
+
+    def _create_modules(self, root: nn.Module, spec: TargetSpec) -> list[LoRAModule]:
+        # Loaded files decide for themselves whether they contain conv LoRAs.
+        include_conv = self._modules_dim is not None or bool(self.conv_lora_dim)
+        loras = []
+        for target in find_targets(root, spec, include_conv):
+            rank = self._rank_for(target)
+            if rank is None:
+                continue
+            dim, alpha = rank
+            dropouts = (self.dropout, self.rank_dropout, self.module_dropout)
+            loras.append(LoRAModule(target.lora_name, target.module, self.multiplier, dim, alpha, *dropouts))
+        return loras
+
+    def _check_all_found(self, te_specs: Sequence[TargetSpec], unet_spec: TargetSpec | None) -> None:
+        # A file for another architecture would otherwise load as a silent no-op.
+        prefixes = [s.prefix + "_" for s in te_specs] + ([unet_spec.prefix + "_"] if unet_spec else [])
+        missing = [n for n in self._modules_dim if n not in self._modules and n.startswith(tuple(prefixes))]
+        if missing:
+            raise UserError(
+                f"{len(missing)} LoRA modules in the weights have no matching layer in the model, e.g. "
+                f"{', '.join(missing[:5])}; were these weights trained for another model architecture?"
+            )
+
+    def all_loras(self) -> list[LoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    # --- kohya's network-module contract -------------------------------------------------------
+
+    def apply_to(
+        self, text_encoder: object, unet: object, apply_text_encoder: bool = True, apply_unet: bool = True
+    ) -> None:
+        """Hook the LoRAs into the models given at construction; a False flag drops those modules."""
+        if self._applied:
+            raise RuntimeError("LoRA network is already applied")
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for lora in self.all_loras():
+            lora.apply_to()
+        self._applied = True
+
+    def _drop(self, loras: list[LoRAModule]) -> None:
+        for lora in loras:
+            delattr(self, lora.lora_name)
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.all_loras():
+            lora.multiplier = multiplier
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: checkpointing the base model covers the adapters too."""
+
+    def prepare_optimizer_params(
+        self,
+        text_encoder_lr: float | Sequence[float] | None,
+        unet_lr: float | None,
+        default_lr: float | None = None,
+    ) -> tuple[list[dict], list[str]]:
+        """Parameter groups ``{"params", "lr"}`` and their descriptions ("textencoder", "unet").
+
+        A None rate falls back to ``default_lr``; a rate of 0 freezes that part and leaves its
+        group out. ``text_encoder_lr`` may be a sequence (one rate per encoder, SDXL).
+        """
+        groups: list[dict] = []
+        descriptions: list[str] = []
+        self._frozen.clear()
+
+        def add(loras: list[LoRAModule], lr: float | None, description: str) -> None:
+            lr = default_lr if lr is None else lr
+            if not loras:
+                return
+            if lr == 0:
+                self._frozen.update(lora.lora_name for lora in loras)
+                for lora in loras:
+                    lora.requires_grad_(False)
+                return
+            for lora in loras:
+                lora.requires_grad_(True)
+            groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
+            descriptions.append(description)
+
+        if isinstance(text_encoder_lr, Sequence) and len(text_encoder_lr) > 1:
+            for i, (lr, prefix) in enumerate(zip(text_encoder_lr, self._te_prefixes)):
+                add([lo for lo in self.text_encoder_loras if lo.lora_name.startswith(prefix)], lr, f"textencoder {i + 1}")
+        else:
+            if isinstance(text_encoder_lr, Sequence):
+                text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+            add(self.text_encoder_loras, text_encoder_lr, "textencoder")
+        add(self.unet_loras, unet_lr, "unet")
+        return groups, descriptions
+
+    def get_trainable_params(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def prepare_grad_etc(self, text_encoder: object, unet: object) -> None:
+        for lora in self.all_loras():
+            lora.requires_grad_(lora.lora_name not in self._frozen)
+
+    def on_epoch_start(self, text_encoder: object, unet: object) -> None:
+        self.train()
+
+    def load_weights(self, file: str | os.PathLike) -> object:
+        """Load a kohya LoRA file; mismatched keys or shapes raise a UserError naming the file."""
+        weights_sd = load_safetensors(file)
+        expected = set(self.state_dict())
+        unexpected = sorted(set(weights_sd) - expected)
+        missing = sorted(expected - set(weights_sd))
+        if unexpected or missing:
+            raise UserError(
+                f"{file} does not match this network: "
+                f"{len(unexpected)} unexpected keys {_some(unexpected)}, {len(missing)} missing keys {_some(missing)}. "
+                "Was it trained with another dim/conv_dim, model or --network_train_*_only setting?"
+                " (--dim_from_weights takes the ranks from the file)"
+            )
+        try:
+            return self.load_state_dict(weights_sd, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{file} does not match this network: {e}") from None
+
+    def save_weights(
+        self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None
+    ) -> None:
+        """Write the kohya file atomically; with metadata, the sshs hashes are added to it."""
+        from library.fileio import atomic_save_safetensors, atomic_torch_save
+        from library.metadata import add_hashes
+
+        state_dict = {}
+        for key, value in self.state_dict().items():
+            value = value.detach().to("cpu")
+            state_dict[key] = (value if dtype is None else value.to(dtype)).contiguous()
+        if os.fspath(file).endswith(".safetensors"):
+            meta = add_hashes(state_dict, dict(metadata)) if metadata is not None else None
+            atomic_save_safetensors(state_dict, file, meta)
+        else:
+            atomic_torch_save(state_dict, file)
+
+    @torch.no_grad()
+    def merge_to(
+        self,
+        text_encoder: object,
+        unet: object,
+        weights_sd: Mapping[str, torch.Tensor],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Add every module's delta from ``weights_sd`` into the original weights, in place.
+
+        ``dtype``/``device``: where the delta is computed (default float32 on the weight's device);
+        the result keeps the weight's own dtype. Modules absent from ``weights_sd`` are skipped.
+        """
+        merged = 0
+        for lora in self.all_loras():
+            down = weights_sd.get(f"{lora.lora_name}.lora_down.weight")
+            if down is None:
+                continue
+            up = weights_sd[f"{lora.lora_name}.lora_up.weight"]
+            alpha = weights_sd.get(f"{lora.lora_name}.alpha")
+            alpha = float(alpha) if alpha is not None else float(down.shape[0])
+            lora.merge_weights(down, up, alpha if alpha != 0 else float(down.shape[0]), dtype, device)
+            merged += 1
+        logger.info("merged %d LoRA modules into the model weights", merged)
+
+
+def _some(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+def load_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; other formats are refused (pickle runs code)."""
+    from safetensors.torch import load_file
+
+    if not os.fspath(file).endswith(".safetensors"):
+        raise UserError(f"{file}: LoRA weights must be a .safetensors file")
+    if not os.path.isfile(file):
+        raise UserError(f"LoRA weights file not found: {file}")
+    return load_file(file)
+
+
+# --- network_args ("key=value" strings from the command line) ------------------------------------
+
+
+def _parse_int(value: str) -> int:
+    return int(value)
+
+
+def _parse_probability(value: str) -> float:
+    p = float(value)
+    if not 0.0 <= p < 1.0:
+        raise ValueError("must be in [0, 1)")
+    return p
+
+
+# key → parser. A later option (block_dims, loraplus_lr_ratio, ...) is one more row here.
+NETWORK_ARGS: dict[str, Callable[[str], object]] = {
+    "conv_dim": _parse_int,
+    "conv_alpha": float,
+    "rank_dropout": _parse_probability,
+    "module_dropout": _parse_probability,
+}
+
+
+def parse_network_args(network_args: Mapping[str, object]) -> dict[str, object]:
+    """Typed values of ``--network_args``; unknown keys and unparsable values raise UserError."""
+    parsed: dict[str, object] = {}
+    for key, value in network_args.items():
+        parser = NETWORK_ARGS.get(key)
+        if parser is None:
+            raise UserError(
+                f"unknown --network_args key '{key}'{did_you_mean(key, NETWORK_ARGS)}; "
+                f"networks.lora accepts: {', '.join(NETWORK_ARGS)}"
+            )
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            parsed[key] = None
+            continue
+        try:
+            parsed[key] = parser(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--network_args {key}={value!r} is not valid ({e}); expected {parser.__name__.strip('_')}") from None
+    return parsed
+
+
+def _as_list(text_encoder: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, nn.Module):
+        return [text_encoder]
+    return [te for te in text_encoder if te is not None]
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    vae: nn.Module | None,
+    text_encoder: nn.Module | Sequence[nn.Module] | None,
+    unet: nn.Module | None,
+    neuron_dropout: float | None = None,
+    **network_args: object,
+) -> LoRANetwork:
+    """A new LoRA network (identity until trained). ``network_args``: conv_dim, conv_alpha, rank_dropout, module_dropout."""
+    args = parse_network_args(network_args)
+    conv_dim = args.get("conv_dim")
+    conv_alpha = args.get("conv_alpha")
+    if conv_dim is not None and conv_alpha is None:
+        conv_alpha = DEFAULT_ALPHA
+    return LoRANetwork(
+        _as_list(text_encoder),
+        unet,
+        multiplier=multiplier,
+        lora_dim=network_dim if network_dim is not None else DEFAULT_DIM,
+        alpha=network_alpha if network_alpha is not None else DEFAULT_ALPHA,
+        dropout=neuron_dropout,
+        rank_dropout=args.get("rank_dropout"),
+        module_dropout=args.get("module_dropout"),
+        conv_lora_dim=conv_dim,
+        conv_alpha=conv_alpha,
+    )
+
+
+def ranks_from_weights(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
+    """(lora_name → dim, lora_name → alpha) read from a kohya state dict; other key kinds are refused."""
+    dims: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    unknown = []
+    for key, value in weights_sd.items():
+        name, _, kind = key.partition(".")
+        if kind == "lora_down.weight":
+            dims[name] = value.shape[0]
+        elif kind == "alpha":
+            alphas[name] = float(value)
+        elif kind != "lora_up.weight":
+            unknown.append(key)
+    if unknown:
+        raise UserError(
+            f"not a kohya LoRA file: unexpected keys {_some(sorted(unknown))} "
+            "(LyCORIS/LoHa/DoRA files need their own --network_module)"
+        )
+    return dims, alphas
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | os.PathLike | None,
+    vae: nn.Module | None,
+    text_encoder: nn.Module | Sequence[nn.Module] | None,
+    unet: nn.Module | None,
+    weights_sd: Mapping[str, torch.Tensor] | None = None,
+    for_inference: bool = False,
+    **kwargs: object,
+) -> tuple[LoRANetwork, Mapping[str, torch.Tensor]]:
+    """A network shaped like a saved file: every module's dim and alpha (conv ones too) from the weights.
+
+    The weights are returned, not loaded: call ``load_weights``/``load_state_dict`` or ``merge_to``.
+    ``for_inference`` is accepted for kohya compatibility; the same module serves both uses.
+    ``kwargs`` may carry ``neuron_dropout`` and the network_args (dims there are ignored).
+    """
+    if weights_sd is None:
+        if file is None:
+            raise UserError("create_network_from_weights needs a file or weights_sd")
+        weights_sd = load_safetensors(file)
+    neuron_dropout = kwargs.pop("neuron_dropout", None)
+    args = parse_network_args(kwargs)
+    modules_dim, modules_alpha = ranks_from_weights(weights_sd)
+    network = LoRANetwork(
+        _as_list(text_encoder),
+        unet,
+        multiplier=multiplier,
+        dropout=neuron_dropout,
+        rank_dropout=args.get("rank_dropout"),
+        module_dropout=args.get("module_dropout"),
+        modules_dim=modules_dim,
+        modules_alpha=modules_alpha,
+    )
+    return network, weights_sd
