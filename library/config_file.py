@@ -85,7 +85,7 @@ def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
 def _convert_scalar(action: argparse.Action, key: str, value: Any, where: str, bad) -> Any:
     kind = action.type
     if isinstance(value, bool) or isinstance(value, (dict, list)):
-        raise bad(getattr(kind, "__name__", "a string"))
+        raise bad({int: "an integer", float: "a number"}.get(kind, "a string"))
     if kind is int:
         if not isinstance(value, int):
             raise bad("an integer")

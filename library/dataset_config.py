@@ -334,7 +334,7 @@ def _dataset(table: Any, i: int, general: dict, cli: dict, report: _Reporter) ->
     values = _checked_table(table, where, "dataset", report)
     subsets = values.pop("subsets", None)
     if not isinstance(subsets, list) or not subsets:
-        raise report.error(where, "no [[datasets.subsets]]; add one with image_dir = \"...\"")
+        raise report.error(where, 'no [[datasets.subsets]]; add one with image_dir = "..."')
     inherited = {**cli, **general, **values}  # later levels win
     built = tuple(_subset(sub, f"{where}.subsets[{j}]", inherited, report) for j, sub in enumerate(subsets))
     kinds = {s.metadata_file is not None for s in built}
@@ -354,7 +354,7 @@ def _dataset(table: Any, i: int, general: dict, cli: dict, report: _Reporter) ->
 def _subset(table: Any, where: str, inherited: dict, report: _Reporter) -> SubsetConfig:
     values = _checked_table(table, where, "subset", report)
     if "image_dir" not in values:
-        raise report.error(where, "missing image_dir; every subset needs image_dir = \"path/to/images\"")
+        raise report.error(where, 'missing image_dir; every subset needs image_dir = "path/to/images"')
     if values.get("metadata_file") is not None and values.get("is_reg"):
         raise report.error(f"{where}.is_reg", "is_reg applies to DreamBooth subsets, not to metadata_file subsets")
     merged = {k: inherited[k] for k in ANY_LEVEL_KEYS} | values

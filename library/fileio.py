@@ -87,6 +87,19 @@ def atomic_save_safetensors(
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def load_safetensors(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file. Other formats are refused: unpickling runs code."""
+    from safetensors.torch import load_file
+
+    from library.errors import UserError
+
+    if not os.fspath(path).endswith(".safetensors"):
+        raise UserError(f"{path}: {what} must be a .safetensors file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file not found: {path}")
+    return load_file(path)
+
+
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path``, atomically."""
     with atomic_write(path, "wb") as f:

@@ -40,9 +40,7 @@ def _serialise_for_hash(tensors: Mapping[str, torch.Tensor], metadata: Mapping[s
     return save(dict(tensors), metadata=ss_only)
 
 
-def compute_sshs_hashes(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> tuple[str, str]:
+def compute_sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[str, str]:
     """(``sshs_model_hash``, ``sshs_legacy_hash``) of ``tensors`` saved with the ``ss_*`` metadata.
 
     model hash: SHA-256 hex of everything after the 8-byte little-endian header length and the
@@ -80,9 +78,10 @@ def modelspec_architecture(base_model_version: str, adapter: str | None = "lora"
     try:
         arch = MODELSPEC_ARCHITECTURES[base_model_version]
     except KeyError:
+        hint = did_you_mean(base_model_version, MODELSPEC_ARCHITECTURES)
         raise UserError(
-            f"unknown base model version '{base_model_version}'{did_you_mean(base_model_version, MODELSPEC_ARCHITECTURES)};"
-            f" expected one of {', '.join(MODELSPEC_ARCHITECTURES)}"
+            f"unknown base model version '{base_model_version}'{hint}; "
+            f"expected one of {', '.join(MODELSPEC_ARCHITECTURES)}"
         ) from None
     return f"{arch}/{adapter}" if adapter else arch
 

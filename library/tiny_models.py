@@ -24,7 +24,7 @@ def tiny_clip_tokenizer():
     for ch in _TOKEN_CHARS:
         vocab[ch] = len(vocab)
         vocab[ch + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[])
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def tiny_clip_text_encoder(vocab_size: int, seed: int = 0):

@@ -26,7 +26,9 @@ def delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Te
     Conv2d: ``down (r, in, kh, kw)`` (1x1 or kxk), ``up (out, r, 1, 1)`` → ``(out, in, kh, kw)``.
     """
     if down.dim() not in (2, 4) or up.dim() != down.dim():
-        raise ValueError(f"expected 2D or 4D LoRA weights of the same rank, got {tuple(down.shape)} and {tuple(up.shape)}")
+        raise ValueError(
+            f"expected 2D or 4D LoRA weights of the same rank, got {tuple(down.shape)} and {tuple(up.shape)}"
+        )
     if up.shape[1] != down.shape[0]:
         raise ValueError(f"rank mismatch: lora_up {tuple(up.shape)} vs lora_down {tuple(down.shape)}")
     if up.dim() == 4 and up.shape[2:] != (1, 1):

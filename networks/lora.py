@@ -19,8 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError, did_you_mean
+from library.fileio import atomic_save_safetensors, atomic_torch_save, load_safetensors
+from library.metadata import add_hashes
 from networks.functional import merged_weight
-from networks.targets import CLIP_TEXT, SD_UNET, Target, TargetSpec, find_targets, text_encoder_specs
+from networks.targets import (
+    CLIP_TEXT,
+    SD_UNET,
+    Target,
+    TargetSpec,
+    find_targets,
+    format_keys,
+    ranks_from_weights,
+    text_encoder_specs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +89,7 @@ class LoRAModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(alpha))
         self.scale = alpha / lora_dim
         # A loaded state dict may carry another alpha; keep the cached float scale in sync.
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_scale())
+        self.register_load_state_dict_post_hook(_refresh_scale_after_load)
 
         self.multiplier = multiplier
         self.dropout = dropout or 0.0
@@ -131,21 +142,19 @@ class LoRAModule(nn.Module):
         return (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype)
 
     @torch.no_grad()
-    def merge_weights(
-        self,
-        down: torch.Tensor,
-        up: torch.Tensor,
-        alpha: float,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def merge_weights(self, down: torch.Tensor, up: torch.Tensor, alpha: float, device: object = None) -> None:
         """Add ``multiplier · alpha/dim · up ⊗ down`` into the original module's weight, in place."""
         weight = self.org_module.weight
-        compute_device = device if device is not None else weight.device
-        down = down.to(compute_device, dtype or torch.float32)
-        up = up.to(compute_device, dtype or torch.float32)
-        merged = merged_weight(weight.to(compute_device), down, up, alpha / down.shape[0], self.multiplier)
-        weight.copy_(merged.to(weight.device, weight.dtype))
+        device = device if device is not None else weight.device
+        # merged_weight works in float32, so fp16/bf16 base weights lose nothing to the delta.
+        merged = merged_weight(
+            weight.to(device), down.to(device), up.to(device), alpha / down.shape[0], self.multiplier
+        )
+        weight.copy_(merged)
+
+
+def _refresh_scale_after_load(module: LoRAModule, _incompatible_keys: object) -> None:
+    module.refresh_scale()
 
 
 def _check_probability(name: str, value: float | None) -> float | None:
@@ -190,19 +199,22 @@ class LoRANetwork(nn.Module):
         self._modules_dim = dict(modules_dim) if modules_dim is not None else None
         self._modules_alpha = dict(modules_alpha or {})
         self._frozen: set[str] = set()  # lora names frozen by a learning rate of 0
+        self._dropped: set[str] = set()  # lora names left out by apply_to(apply_*=False)
         self._applied = False
 
         te_specs = text_encoder_specs(len(text_encoders), text_encoder_spec)
         self._te_prefixes = [spec.prefix + "_" for spec in te_specs]
         self.text_encoder_loras = [
-            lora for te, spec in zip(text_encoders, te_specs) for lora in self._create_modules(te, spec)
+            lora for te, spec in zip(text_encoders, te_specs, strict=True) for lora in self._create_modules(te, spec)
         ]
         self.unet_loras = self._create_modules(unet, unet_spec) if unet is not None else []
         for lora in self.text_encoder_loras + self.unet_loras:
             if lora.lora_name in self._modules:
                 raise ValueError(f"duplicate LoRA name {lora.lora_name}")
             self.add_module(lora.lora_name, lora)
-        logger.info("LoRA: %d text encoder modules, %d UNet modules", len(self.text_encoder_loras), len(self.unet_loras))
+        logger.info(
+            "LoRA: %d text encoder modules, %d UNet modules", len(self.text_encoder_loras), len(self.unet_loras)
+        )
 
         if self._modules_dim is not None:
             self._check_all_found(te_specs if text_encoders else [], unet_spec if unet is not None else None)
@@ -265,6 +277,7 @@ class LoRANetwork(nn.Module):
     def _drop(self, loras: list[LoRAModule]) -> None:
         for lora in loras:
             delattr(self, lora.lora_name)
+            self._dropped.add(lora.lora_name)
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier
@@ -307,8 +320,13 @@ class LoRANetwork(nn.Module):
             descriptions.append(description)
 
         if isinstance(text_encoder_lr, Sequence) and len(text_encoder_lr) > 1:
-            for i, (lr, prefix) in enumerate(zip(text_encoder_lr, self._te_prefixes)):
-                add([lo for lo in self.text_encoder_loras if lo.lora_name.startswith(prefix)], lr, f"textencoder {i + 1}")
+            if len(text_encoder_lr) != len(self._te_prefixes):
+                raise UserError(
+                    f"{len(text_encoder_lr)} text encoder learning rates for {len(self._te_prefixes)} text encoders"
+                )
+            for i, (lr, prefix) in enumerate(zip(text_encoder_lr, self._te_prefixes, strict=True)):
+                te_loras = [lo for lo in self.text_encoder_loras if lo.lora_name.startswith(prefix)]
+                add(te_loras, lr, f"textencoder {i + 1}")
         else:
             if isinstance(text_encoder_lr, Sequence):
                 text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
@@ -328,14 +346,19 @@ class LoRANetwork(nn.Module):
 
     def load_weights(self, file: str | os.PathLike) -> object:
         """Load a kohya LoRA file; mismatched keys or shapes raise a UserError naming the file."""
-        weights_sd = load_safetensors(file)
+        weights_sd = load_safetensors(file, "LoRA weights")
+        # Parts the user chose not to train (--network_train_*_only) are skipped, as in sd-scripts.
+        ignored = [k for k in weights_sd if k.partition(".")[0] in self._dropped]
+        if ignored:
+            logger.info("%s: ignoring %d tensors of modules not being trained", file, len(ignored))
+            weights_sd = {k: v for k, v in weights_sd.items() if k.partition(".")[0] not in self._dropped}
         expected = set(self.state_dict())
         unexpected = sorted(set(weights_sd) - expected)
         missing = sorted(expected - set(weights_sd))
         if unexpected or missing:
             raise UserError(
-                f"{file} does not match this network: "
-                f"{len(unexpected)} unexpected keys {_some(unexpected)}, {len(missing)} missing keys {_some(missing)}. "
+                f"{file} does not match this network: {len(unexpected)} unexpected keys {format_keys(unexpected)}, "
+                f"{len(missing)} missing keys {format_keys(missing)}. "
                 "Was it trained with another dim/conv_dim, model or --network_train_*_only setting?"
                 " (--dim_from_weights takes the ranks from the file)"
             )
@@ -348,9 +371,6 @@ class LoRANetwork(nn.Module):
         self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None
     ) -> None:
         """Write the kohya file atomically; with metadata, the sshs hashes are added to it."""
-        from library.fileio import atomic_save_safetensors, atomic_torch_save
-        from library.metadata import add_hashes
-
         state_dict = {}
         for key, value in self.state_dict().items():
             value = value.detach().to("cpu")
@@ -372,8 +392,8 @@ class LoRANetwork(nn.Module):
     ) -> None:
         """Add every module's delta from ``weights_sd`` into the original weights, in place.
 
-        ``dtype``/``device``: where the delta is computed (default float32 on the weight's device);
-        the result keeps the weight's own dtype. Modules absent from ``weights_sd`` are skipped.
+        The delta is computed in float32 on ``device`` (default: the weight's) and stored in the weight's
+        own dtype; ``dtype`` is accepted for kohya compatibility. Modules absent from ``weights_sd`` are skipped.
         """
         merged = 0
         for lora in self.all_loras():
@@ -381,49 +401,34 @@ class LoRANetwork(nn.Module):
             if down is None:
                 continue
             up = weights_sd[f"{lora.lora_name}.lora_up.weight"]
-            alpha = weights_sd.get(f"{lora.lora_name}.alpha")
-            alpha = float(alpha) if alpha is not None else float(down.shape[0])
-            lora.merge_weights(down, up, alpha if alpha != 0 else float(down.shape[0]), dtype, device)
+            # A missing or zero alpha means alpha = dim (scale 1), as at creation.
+            alpha = float(weights_sd.get(f"{lora.lora_name}.alpha", 0.0)) or float(down.shape[0])
+            lora.merge_weights(down, up, alpha, device)
             merged += 1
         logger.info("merged %d LoRA modules into the model weights", merged)
-
-
-def _some(keys: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}]"
-
-
-def load_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file; other formats are refused (pickle runs code)."""
-    from safetensors.torch import load_file
-
-    if not os.fspath(file).endswith(".safetensors"):
-        raise UserError(f"{file}: LoRA weights must be a .safetensors file")
-    if not os.path.isfile(file):
-        raise UserError(f"LoRA weights file not found: {file}")
-    return load_file(file)
 
 
 # --- network_args ("key=value" strings from the command line) ------------------------------------
 
 
-def _parse_int(value: str) -> int:
+def _positive_int(value: str) -> int:
+    if int(value) < 1:
+        raise ValueError("must be at least 1")
     return int(value)
 
 
-def _parse_probability(value: str) -> float:
-    p = float(value)
-    if not 0.0 <= p < 1.0:
+def _probability(value: str) -> float:
+    if not 0.0 <= float(value) < 1.0:
         raise ValueError("must be in [0, 1)")
-    return p
+    return float(value)
 
 
-# key → parser. A later option (block_dims, loraplus_lr_ratio, ...) is one more row here.
-NETWORK_ARGS: dict[str, Callable[[str], object]] = {
-    "conv_dim": _parse_int,
-    "conv_alpha": float,
-    "rank_dropout": _parse_probability,
-    "module_dropout": _parse_probability,
+# key → (parser, what it expects). A later option (block_dims, loraplus_lr_ratio, ...) is one more row.
+NETWORK_ARGS: dict[str, tuple[Callable[[str], object], str]] = {
+    "conv_dim": (_positive_int, "an integer >= 1"),
+    "conv_alpha": (float, "a number"),
+    "rank_dropout": (_probability, "a probability in [0, 1)"),
+    "module_dropout": (_probability, "a probability in [0, 1)"),
 }
 
 
@@ -431,19 +436,19 @@ def parse_network_args(network_args: Mapping[str, object]) -> dict[str, object]:
     """Typed values of ``--network_args``; unknown keys and unparsable values raise UserError."""
     parsed: dict[str, object] = {}
     for key, value in network_args.items():
-        parser = NETWORK_ARGS.get(key)
-        if parser is None:
+        if key not in NETWORK_ARGS:
             raise UserError(
                 f"unknown --network_args key '{key}'{did_you_mean(key, NETWORK_ARGS)}; "
                 f"networks.lora accepts: {', '.join(NETWORK_ARGS)}"
             )
+        parser, expected = NETWORK_ARGS[key]
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             parsed[key] = None
             continue
         try:
             parsed[key] = parser(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"--network_args {key}={value!r} is not valid ({e}); expected {parser.__name__.strip('_')}") from None
+        except (TypeError, ValueError):
+            raise UserError(f"--network_args {key}={value!r}: expected {expected}") from None
     return parsed
 
 
@@ -465,7 +470,10 @@ def create_network(
     neuron_dropout: float | None = None,
     **network_args: object,
 ) -> LoRANetwork:
-    """A new LoRA network (identity until trained). ``network_args``: conv_dim, conv_alpha, rank_dropout, module_dropout."""
+    """A new LoRA network, the identity until trained.
+
+    ``network_args`` (strings from ``--network_args key=value``): conv_dim, conv_alpha, rank_dropout, module_dropout.
+    """
     args = parse_network_args(network_args)
     conv_dim = args.get("conv_dim")
     conv_alpha = args.get("conv_alpha")
@@ -483,27 +491,6 @@ def create_network(
         conv_lora_dim=conv_dim,
         conv_alpha=conv_alpha,
     )
-
-
-def ranks_from_weights(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
-    """(lora_name → dim, lora_name → alpha) read from a kohya state dict; other key kinds are refused."""
-    dims: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    unknown = []
-    for key, value in weights_sd.items():
-        name, _, kind = key.partition(".")
-        if kind == "lora_down.weight":
-            dims[name] = value.shape[0]
-        elif kind == "alpha":
-            alphas[name] = float(value)
-        elif kind != "lora_up.weight":
-            unknown.append(key)
-    if unknown:
-        raise UserError(
-            f"not a kohya LoRA file: unexpected keys {_some(sorted(unknown))} "
-            "(LyCORIS/LoHa/DoRA files need their own --network_module)"
-        )
-    return dims, alphas
 
 
 def create_network_from_weights(
@@ -525,7 +512,7 @@ def create_network_from_weights(
     if weights_sd is None:
         if file is None:
             raise UserError("create_network_from_weights needs a file or weights_sd")
-        weights_sd = load_safetensors(file)
+        weights_sd = load_safetensors(file, "LoRA weights")
     neuron_dropout = kwargs.pop("neuron_dropout", None)
     args = parse_network_args(kwargs)
     modules_dim, modules_alpha = ranks_from_weights(weights_sd)

@@ -10,10 +10,13 @@ in the model after the optional ``rename`` hook.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from library.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -101,3 +104,33 @@ def find_targets(root: nn.Module, spec: TargetSpec, include_conv: bool) -> list[
             raise ValueError(f"two modules share the LoRA name {name}: '{seen.path}' and '{path}'")
         by_name[name] = Target(name, path, module, is_kxk)
     return list(by_name.values())
+
+
+# --- the kohya file format: <lora_name>.lora_down.weight / .lora_up.weight / .alpha ------------
+
+
+def format_keys(keys: Sequence[str], limit: int = 5) -> str:
+    """A short bracketed list of keys for error messages."""
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+def ranks_from_weights(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
+    """(lora_name → dim, lora_name → alpha) read from a kohya state dict; other key kinds are refused."""
+    dims: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    unknown = []
+    for key, value in weights_sd.items():
+        name, _, kind = key.partition(".")
+        if kind == "lora_down.weight":
+            dims[name] = value.shape[0]
+        elif kind == "alpha":
+            alphas[name] = float(value)
+        elif kind != "lora_up.weight":
+            unknown.append(key)
+    if unknown:
+        raise UserError(
+            f"not a kohya LoRA file: unexpected keys {format_keys(sorted(unknown))} "
+            "(LyCORIS/LoHa/DoRA files need their own --network_module)"
+        )
+    return dims, alphas

@@ -7,7 +7,7 @@ extensions that *do* exist next to the images), unreadable or truncated image fi
 Sample ``i`` of an epoch is an image repeated ``num_repeats`` times: subsets in order, images
 sorted by name, each image's repeats next to each other. Every random draw for a sample
 (caption shuffle/dropout, crop, flip, colour) comes from generators seeded from
-(seed, epoch, i), so a sample is the same in every process and after a resume.
+(seed, dataset name, epoch, i), so a sample is the same in every process and after a resume.
 """
 
 from __future__ import annotations
@@ -70,9 +70,7 @@ def _subset_images(subset: SubsetConfig) -> list[Path]:
     if not images:
         others = sorted({p.suffix.lower() or p.name for p in folder.iterdir() if p.is_file()})
         found = f"; files found: {', '.join(others[:_LIST_LIMIT])}" if others else "; the folder is empty"
-        raise UserError(
-            f"{subset.name}: no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}){found}"
-        )
+        raise UserError(f"{subset.name}: no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}){found}")
     return images
 
 
@@ -121,7 +119,7 @@ def _metadata_images(subset: SubsetConfig) -> tuple[list[Path], list[str]]:
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, dict) or not data:
-        raise UserError(f"{path}: expected a JSON object mapping image names to {{\"caption\": ..., \"tags\": ...}}")
+        raise UserError(f'{path}: expected a JSON object mapping image names to {{"caption": ..., "tags": ...}}')
     images, captions, missing_image, missing_caption = [], [], [], []
     for key, entry in sorted(data.items()):
         image = _locate_image(key, subset.image_dir)
@@ -138,11 +136,15 @@ def _metadata_images(subset: SubsetConfig) -> tuple[list[Path], list[str]]:
             images.append(image)
             captions.append(caption)
     if missing_image:
-        raise UserError(f"{path}: {len(missing_image)} entries name no image in {subset.image_dir}: "
-                        f"{', '.join(missing_image[:_LIST_LIMIT])}")
+        raise UserError(
+            f"{path}: {len(missing_image)} entries name no image in {subset.image_dir}: "
+            f"{', '.join(missing_image[:_LIST_LIMIT])}"
+        )
     if missing_caption:
-        raise UserError(f"{path}: {len(missing_caption)} entries have neither \"caption\" nor \"tags\": "
-                        f"{', '.join(missing_caption[:_LIST_LIMIT])}")
+        raise UserError(
+            f'{path}: {len(missing_caption)} entries have neither "caption" nor "tags": '
+            f"{', '.join(missing_caption[:_LIST_LIMIT])}"
+        )
     return images, captions
 
 
@@ -203,8 +205,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.skipped: list[tuple[Path, str]] = []
         self.records = self._scan(on_bad_image)
-        self._repeats = [1 if split == "validation" else dataset.subsets[r.subset_index].num_repeats
-                         for r in self.records]
+        self._repeats = [
+            1 if split == "validation" else dataset.subsets[r.subset_index].num_repeats for r in self.records
+        ]
         self._sample_record = [i for i, n in enumerate(self._repeats) for _ in range(n)]
 
     def _scan(self, on_bad_image: str) -> list[ImageRecord]:
@@ -219,7 +222,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             held_out = _validation_part(len(images), self.config.validation_split, val_seed, index)
             keep = [i for i in range(len(images)) if (i in held_out) == (self.split == "validation")]
             sizes = _probe_all([images[i] for i in keep])
-            bad = [(images[i], s) for i, s in zip(keep, sizes) if isinstance(s, str)]
+            bad = [(images[i], s) for i, s in zip(keep, sizes, strict=True) if isinstance(s, str)]
             if bad and on_bad_image == "error":
                 listing = "; ".join(f"{p} ({why})" for p, why in bad[:_LIST_LIMIT])
                 raise UserError(
@@ -229,7 +232,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             for path, why in bad:
                 logger.warning("skipping unreadable image %s (%s)", path, why)
             self.skipped += bad
-            good = [ImageRecord(images[i], captions[i], s, index) for i, s in zip(keep, sizes) if not isinstance(s, str)]
+            good = [
+                ImageRecord(images[i], captions[i], s, index)
+                for i, s in zip(keep, sizes, strict=True)
+                if not isinstance(s, str)
+            ]
             if not good and keep:
                 raise UserError(f"{subset.name}: every image in {subset.image_dir} is unreadable")
             records += good
@@ -238,7 +245,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self.config.max_bucket_reso, self.config.bucket_reso_steps, self.config.bucket_no_upscale,
         )  # fmt: skip
         buckets = assign_buckets([r.size for r in records], settings)
-        return [ImageRecord(r.path, r.caption, r.size, r.subset_index, b) for r, b in zip(records, buckets)]
+        return [
+            ImageRecord(r.path, r.caption, r.size, r.subset_index, bucket)
+            for r, bucket in zip(records, buckets, strict=True)
+        ]
 
     # --- indexing -------------------------------------------------------------------------
 
@@ -254,35 +264,60 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """The bucket of every sample index (for ``EpochBatchSampler``)."""
         return [self.records[r].bucket for r in self._sample_record]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def record_of(self, index: int) -> int:
+        """The index in ``records`` (the image) of sample ``index``."""
+        return self._sample_record[index]
+
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range 0..{len(self) - 1}")
+        return int(epoch), index
+
+    def _uniforms(self, epoch: int, index: int) -> list[float]:
+        # Four uniforms drawn up front, whatever is enabled, so switching one augmentation on
+        # does not change the others' draws. The dataset's name is part of the seed so that
+        # sample 0 of two datasets in one run does not get the same draws.
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.config.name, epoch, index, "image"))
+        return torch.rand(4, generator=generator).tolist()
+
+    def caption_item(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Everything of a sample except the pixels (for training from cached latents)."""
+        epoch, index = self._key(key)
         record = self.records[self._sample_record[index]]
         subset = self.config.subsets[record.subset_index]
-        caption_rng = random.Random(derive_seed(self.seed, epoch, index, "caption"))
-        caption = process_caption(record.caption, subset.caption_options, caption_rng, epoch + 1)
-        # Four uniforms drawn up front, whatever is enabled, so switching one augmentation on
-        # does not change the others' draws.
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index, "image"))
-        u_flip, u_x, u_y, u_hue = torch.rand(4, generator=generator).tolist()
-        image, top_left = load_image(record.path, record.bucket, subset.random_crop, (u_x, u_y))
-        if subset.color_aug:
-            image = shift_hue(image, round((2 * u_hue - 1) * _HUE_SHIFT))
-        tensor = to_tensor(image)
-        if subset.flip_aug and u_flip < 0.5:
-            tensor = tensor.flip(-1)
+        rng = random.Random(derive_seed(self.seed, self.config.name, epoch, index, "caption"))
+        _, u_x, u_y, _ = self._uniforms(epoch, index)
         return {
-            "image": tensor,
-            "caption": caption,
+            "caption": process_caption(record.caption, subset.caption_options, rng, epoch + 1),
             "is_reg": subset.is_reg,
             "index": index,
             "image_path": str(record.path),
             "bucket": record.bucket,
             "original_size": record.size,
-            "crop_top_left": top_left,
+            "crop_top_left": crop_position(record.size, record.bucket, subset.random_crop, (u_x, u_y)),
         }
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        item = self.caption_item(key)
+        epoch, index = self._key(key)
+        record = self.records[self._sample_record[index]]
+        subset = self.config.subsets[record.subset_index]
+        u_flip, u_x, u_y, u_hue = self._uniforms(epoch, index)
+        image, _ = load_image(record.path, record.bucket, subset.random_crop, (u_x, u_y))
+        if subset.color_aug:
+            image = shift_hue(image, round((2 * u_hue - 1) * _HUE_SHIFT))
+        tensor = to_tensor(image)
+        if subset.flip_aug and u_flip < 0.5:
+            tensor = tensor.flip(-1)
+        return {"image": tensor, **item}
+
+    def record_image(self, record_index: int) -> torch.Tensor:
+        """An image without augmentation (centre crop, no flip): what a latent cache encodes."""
+        record = self.records[record_index]
+        image, _ = load_image(record.path, record.bucket, False, (0.0, 0.0))
+        return to_tensor(image)
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -293,15 +328,19 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             f"on ({c.min_bucket_reso}..{c.max_bucket_reso} step {c.bucket_reso_steps}"
             + (", no upscale)" if c.bucket_no_upscale else ")")
         )  # fmt: skip
-        lines = [f"{c.name} ({self.split}): resolution {c.resolution[0]}x{c.resolution[1]}, "
-                 f"batch size {c.batch_size} per process, buckets {bucketing}"]
+        lines = [
+            f"{c.name} ({self.split}): resolution {c.resolution[0]}x{c.resolution[1]}, "
+            f"batch size {c.batch_size} per process, buckets {bucketing}"
+        ]
         per_subset = Counter(r.subset_index for r in self.records)
         for i, subset in enumerate(c.subsets):
             n, repeats = per_subset[i], 1 if self.split == "validation" else subset.num_repeats
             kind = "regularisation" if subset.is_reg else "training"
             tokens = f", class_tokens {subset.class_tokens!r}" if subset.class_tokens else ""
-            lines.append(f"  {subset.name}: {n} {kind} images x {repeats} repeats = {n * repeats} samples "
-                         f"({subset.image_dir}{tokens})")
+            lines.append(
+                f"  {subset.name}: {n} {kind} images x {repeats} repeats = {n * repeats} samples "
+                f"({subset.image_dir}{tokens})"
+            )
         lines.append(f"  total: {len(self.records)} images, {len(self)} samples per epoch")
         samples = Counter(self.buckets)
         for (w, h), n in sorted(samples.items()):
@@ -338,25 +377,34 @@ def open_rgb(path: Path) -> Image.Image:
         raise UserError(f"{path}: cannot read image ({exc}); it was readable when the dataset was built") from None
 
 
+def _cover_size(size: Size, target: Size) -> Size:
+    """The smallest size with the image's aspect ratio that covers ``target``."""
+    scale = max(target[0] / size[0], target[1] / size[1])
+    return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
+
+
+def crop_position(size: Size, target: Size, random_crop: bool, uniforms: tuple[float, float]) -> tuple[int, int]:
+    """(top, left) of the ``target`` crop in the image of ``size`` scaled to cover it.
+
+    Centred, or placed by ``uniforms`` (two numbers in [0, 1)) with ``random_crop``.
+    """
+    width, height = _cover_size(size, target)
+    if not random_crop:
+        return (height - target[1]) // 2, (width - target[0]) // 2
+    left = min(width - target[0], int(uniforms[0] * (width - target[0] + 1)))
+    top = min(height - target[1], int(uniforms[1] * (height - target[1] + 1)))
+    return top, left
+
+
 def resize_and_crop(
     image: Image.Image, target: Size, random_crop: bool, uniforms: tuple[float, float]
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale so the image covers ``target`` (aspect kept), then crop to it; returns (image, (top, left)).
-
-    The crop is centred, or placed by ``uniforms`` (two numbers in [0, 1)) with ``random_crop``.
-    """
-    width, height = image.size
-    target_w, target_h = target
-    scale = max(target_w / width, target_h / height)
-    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    if random_crop:
-        left = min(new_w - target_w, int(uniforms[0] * (new_w - target_w + 1)))
-        top = min(new_h - target_h, int(uniforms[1] * (new_h - target_h + 1)))
-    else:
-        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
-    return image.crop((left, top, left + target_w, top + target_h)), (top, left)
+    """Scale so the image covers ``target`` (aspect kept), then crop to it; returns (image, (top, left))."""
+    cover = _cover_size(image.size, target)
+    if cover != image.size:
+        image = image.resize(cover, Image.Resampling.LANCZOS)
+    top, left = crop_position(image.size, target, random_crop, uniforms)
+    return image.crop((left, top, left + target[0], top + target[1])), (top, left)
 
 
 def load_image(

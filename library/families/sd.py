@@ -104,9 +104,11 @@ class SDFamily:
     def prepare(self, device: torch.device, weight_dtype: torch.dtype, train_text_encoder: bool,
                 gradient_checkpointing: bool, vae_dtype: torch.dtype | None = None) -> None:
         self.train_text_encoder = train_text_encoder
-        self.unet.to(device, dtype=weight_dtype)
-        self.text_encoder.to(device, dtype=weight_dtype)
-        self.vae.to(device, dtype=vae_dtype or weight_dtype)
+        for module, dtype in ((self.unet, weight_dtype), (self.text_encoder, weight_dtype),
+                              (self.vae, vae_dtype or weight_dtype)):
+            module.to(device)
+            if module.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
+                module.to(dtype=dtype)
         self.vae.eval()
         # Frozen modules stay in eval mode: their dropout would only add noise to the LoRA's gradient.
         self.unet.eval()
@@ -130,15 +132,19 @@ class SDFamily:
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """CLIP hidden states (clip_skip honoured); with gradients only when the encoder trains."""
-        ids = self.tokenizer(captions, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        # Saved tokenizers sometimes carry a huge model_max_length; the encoder's positions are the limit.
+        max_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        ids = self.tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
+                             return_tensors="pt").input_ids
         ids = ids.to(self.text_encoder.device)
         with torch.set_grad_enabled(self.train_text_encoder):
             if not self.clip_skip or self.clip_skip <= 1:
                 return self.text_encoder(ids)[0]
             out = self.text_encoder(ids, output_hidden_states=True)
             hidden = out.hidden_states[-self.clip_skip]
-            return self.text_encoder.text_model.final_layer_norm(hidden)
+            # transformers 5 flattened CLIPTextModel; older versions nest it under text_model
+            inner = getattr(self.text_encoder, "text_model", self.text_encoder)
+            return inner.final_layer_norm(hidden)
 
     def loss(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
         indices = batch["indices"]

@@ -1,0 +1,112 @@
+"""--config_file precedence, validation and --output_config (CONTRACTS.md §2)."""
+
+from __future__ import annotations
+
+import pytest
+import toml
+
+from library.args import build_parser, check_combinations
+from library.config_file import loggable_config, parse_args_with_sources, write_output_config
+from library.errors import UserError
+
+
+def _parse(argv):
+    return parse_args_with_sources(build_parser(), argv)
+
+
+def test_cli_beats_toml_beats_default(tmp_path):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text('[optimisation]\nlearning_rate = 5e-4\nmax_train_steps = 30\n[network]\nnetwork_dim = 8\n')
+    args, sources = _parse(["--config_file", str(cfg), "--max_train_steps", "99"])
+    assert args.max_train_steps == 99 and sources["max_train_steps"] == "command line"
+    assert args.learning_rate == 5e-4 and sources["learning_rate"] == "config file train.toml"
+    assert args.network_dim == 8
+    assert args.network_alpha == 1.0 and sources["network_alpha"] == "default"
+
+
+def test_store_true_on_cli_beats_false_in_toml(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("cache_latents = false\n")
+    args, sources = _parse(["--config_file", str(cfg), "--cache_latents"])
+    assert args.cache_latents is True and sources["cache_latents"] == "command line"
+
+
+def test_unknown_key_names_line_and_suggestion(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("[optimisation]\nlearning_rate = 1e-4\nlearning_rat = 2e-4\n")
+    with pytest.raises(UserError) as e:
+        _parse(["--config_file", str(cfg)])
+    message = str(e.value)
+    assert "learning_rat" in message and "line 3" in message and "did you mean 'learning_rate'" in message
+    assert str(cfg) in message
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('max_train_steps = "10"', "an integer"),
+    ("learning_rate = true", "a number"),
+    ('cache_latents = "yes"', "true or false"),
+    ('mixed_precision = "fp32"', "not one of"),
+    ("network_dim = [4, 8]", "a single value"),
+])
+def test_wrong_type_is_an_error(tmp_path, line, expected):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(UserError, match=expected):
+        _parse(["--config_file", str(cfg)])
+
+
+def test_toml_syntax_error_names_line(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("learning_rate = 1e-4\nnetwork_dim = = 3\n")
+    with pytest.raises(UserError, match="line 2"):
+        _parse(["--config_file", str(cfg)])
+
+
+def test_same_key_in_two_tables_is_an_error(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("[a]\nseed = 1\n[b]\nseed = 2\n")
+    with pytest.raises(UserError, match="set twice"):
+        _parse(["--config_file", str(cfg)])
+
+
+def test_numbers_accepted_for_string_options_and_lists(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('resolution = 512\nnetwork_args = ["conv_dim=4", "conv_alpha=1"]\n')
+    args, _ = _parse(["--config_file", str(cfg)])
+    assert args.resolution == "512"
+    assert args.network_args == ["conv_dim=4", "conv_alpha=1"]
+
+
+def test_output_config_writes_non_defaults_only_and_never_overwrites(tmp_path):
+    out = tmp_path / "written.toml"
+    parser = build_parser()
+    args, _ = parse_args_with_sources(parser, ["--config_file", str(out), "--output_config", "--network_dim", "16",
+                                               "--wandb_api_key", "SECRET", "--network_args", "conv_dim=4"])
+    write_output_config(parser, args)
+    written = toml.loads(out.read_text())
+    assert written == {"network_dim": 16, "network_args": ["conv_dim=4"]}
+    with pytest.raises(UserError, match="refuses to overwrite"):
+        write_output_config(parser, args)
+    # and the written file reads back to the same values
+    again, sources = _parse(["--config_file", str(out)])
+    assert again.network_dim == 16 and sources["network_dim"].startswith("config file")
+
+
+def test_loggable_config_drops_secrets_and_absolute_paths():
+    args, _ = _parse(["--wandb_api_key", "SECRET", "--output_dir", "/home/me/out", "--network_dim", "4"])
+    logged = loggable_config(args)
+    assert "wandb_api_key" not in logged and "SECRET" not in str(logged)
+    assert logged["output_dir"] == "out" and logged["network_dim"] == 4
+
+
+def test_not_implemented_arguments_are_refused():
+    args, _ = _parse(["--xformers", "--output_dir", "o", "--pretrained_model_name_or_path", "m"])
+    with pytest.raises(UserError, match="xformers"):
+        check_combinations(args, build_parser().parse_args([]))
+
+
+def test_conflicting_flags_are_refused():
+    args, _ = _parse(["--network_train_unet_only", "--network_train_text_encoder_only", "--output_dir", "o",
+                      "--pretrained_model_name_or_path", "m"])
+    with pytest.raises(UserError, match="exclude each other"):
+        check_combinations(args, build_parser().parse_args([]))
