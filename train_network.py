@@ -32,7 +32,7 @@ from library.data.image_data import build_image_data, move_batch
 from library.errors import UserError
 from library.families import detect_model_type, load_family
 from library.loss_curve import write_loss_curve
-from library.metadata import add_hashes, modelspec_metadata
+from library.metadata import modelspec_metadata
 from library.optim import create_optimizer, create_scheduler, warmup_steps
 from library.train_metadata import RunInfo, minimal_training_metadata, training_metadata
 
@@ -68,7 +68,8 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     data_cfg = setup.load_datasets_config(args.dataset_config, setup.dataset_defaults(args))
     data = build_image_data(data_cfg, seed=seed, on_bad_image=args.on_bad_image,
                             num_processes=accelerator.num_processes, rank=accelerator.process_index,
-                            num_workers=args.max_data_loader_n_workers,
+                            # On a CPU device, loader processes would only take cores from the step.
+                            num_workers=args.max_data_loader_n_workers if accelerator.device.type != "cpu" else 0,
                             persistent_workers=args.persistent_data_loader_workers)
     if args.cache_latents:
         with accelerator.main_process_first():
@@ -80,13 +81,17 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     network_module = setup.import_network_module(args.network_module)
     net_kwargs = setup.network_args_dict(args.network_args)
     vae, text_encoder, unet = family.network_inputs()
-    if args.network_weights:
+    if args.network_weights and args.dim_from_weights:
         network, _ = network_module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder,
-                                                                unet, **net_kwargs)
+                                                                unet, neuron_dropout=args.network_dropout,
+                                                                **net_kwargs)
     else:
         network = network_module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder,
                                                 unet, neuron_dropout=args.network_dropout, **net_kwargs)
     network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
+    if args.network_weights:  # continue training from a LoRA file (its shapes must match)
+        network.load_weights(args.network_weights)
+        log(f"loaded LoRA weights from {args.network_weights}")
     if args.full_bf16 or args.full_fp16:
         network.to(torch.bfloat16 if args.full_bf16 else torch.float16)
     network.prepare_grad_etc(text_encoder, unet)

@@ -20,6 +20,7 @@ ACCELERATE_SETTINGS = ("mixed_precision", "gradient_accumulation_steps", "dynamo
 NOT_IMPLEMENTED_YET: dict[str, str] = {
     "in_json": "fine-tuning metadata datasets are planned; use a DreamBooth-style dataset TOML",
     "fp8_base": "fp8 base weights are planned",
+    "max_token_length": "prompts longer than 75 tokens are planned",
     "xformers": "SDPA attention is always used and is as fast; remove --xformers",
     "sample_prompts": "sample images during training are planned",
     "multires_noise_iterations": "multires noise is planned",
@@ -27,7 +28,6 @@ NOT_IMPLEMENTED_YET: dict[str, str] = {
     "scale_v_pred_loss_like_noise_pred": "this loss scaling is planned",
     "zero_terminal_snr": "zero terminal SNR is planned",
     "cache_latents_to_disk": "disk latent caches are planned; --cache_latents (in memory) works",
-    "dim_from_weights": "planned; pass --network_dim matching --network_weights",
 }
 
 

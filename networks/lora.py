@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.errors import UserError, did_you_mean
+from library.errors import UserError
 from library.fileio import atomic_save_safetensors, atomic_torch_save, load_safetensors
 from library.metadata import add_hashes
 from networks.functional import merged_weight
+from networks.lora_args import NETWORK_ARGS, parse_network_args  # noqa: F401  (re-exported)
 from networks.targets import (
     CLIP_TEXT,
     SD_UNET,
@@ -406,50 +407,6 @@ class LoRANetwork(nn.Module):
             lora.merge_weights(down, up, alpha, device)
             merged += 1
         logger.info("merged %d LoRA modules into the model weights", merged)
-
-
-# --- network_args ("key=value" strings from the command line) ------------------------------------
-
-
-def _positive_int(value: str) -> int:
-    if int(value) < 1:
-        raise ValueError("must be at least 1")
-    return int(value)
-
-
-def _probability(value: str) -> float:
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError("must be in [0, 1)")
-    return float(value)
-
-
-# key → (parser, what it expects). A later option (block_dims, loraplus_lr_ratio, ...) is one more row.
-NETWORK_ARGS: dict[str, tuple[Callable[[str], object], str]] = {
-    "conv_dim": (_positive_int, "an integer >= 1"),
-    "conv_alpha": (float, "a number"),
-    "rank_dropout": (_probability, "a probability in [0, 1)"),
-    "module_dropout": (_probability, "a probability in [0, 1)"),
-}
-
-
-def parse_network_args(network_args: Mapping[str, object]) -> dict[str, object]:
-    """Typed values of ``--network_args``; unknown keys and unparsable values raise UserError."""
-    parsed: dict[str, object] = {}
-    for key, value in network_args.items():
-        if key not in NETWORK_ARGS:
-            raise UserError(
-                f"unknown --network_args key '{key}'{did_you_mean(key, NETWORK_ARGS)}; "
-                f"networks.lora accepts: {', '.join(NETWORK_ARGS)}"
-            )
-        parser, expected = NETWORK_ARGS[key]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-            parsed[key] = None
-            continue
-        try:
-            parsed[key] = parser(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            raise UserError(f"--network_args {key}={value!r}: expected {expected}") from None
-    return parsed
 
 
 def _as_list(text_encoder: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:

@@ -128,7 +128,7 @@ class ImageData:
                     # keyed on (dataset, image), so a cached latent is the same whatever the epoch
                     keys = torch.tensor(chunk) + 1_000_000 * part_index
                     latents = encode(images, keys).cpu()
-                    for r, latent in zip(chunk, latents):
+                    for r, latent in zip(chunk, latents, strict=True):
                         cache[(part_index, r)] = latent
         self.concat.latents = cache
         self.loader = _make_loader(self.concat, self.sampler, 0, False)

@@ -24,7 +24,7 @@ def _load(kind: str, loader, *args: Any, **kwargs: Any):
     """Call a from_pretrained loader, turning its failure into a message about the folder."""
     try:
         return loader(*args, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         where = args[0] if args else kwargs
         raise UserError(f"Cannot load the {kind} from {where}: {e}") from None
 
