@@ -28,9 +28,9 @@ from library.checkpoint import (
     write_state,
 )
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
-from library.data.image_data import build_image_data, move_batch
+from library.data.image_data import move_batch
 from library.errors import UserError
-from library.families import detect_model_type, load_family
+from library.families import DataRequest, detect_model_type, load_family
 from library.loss_curve import write_loss_curve
 from library.metadata import modelspec_metadata
 from library.optim import create_optimizer, create_scheduler, warmup_steps
@@ -65,15 +65,13 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     family.prepare(accelerator.device, weight_dtype, train_text_encoder, args.gradient_checkpointing, vae_dtype)
 
     # --- data ---------------------------------------------------------------------------------
-    data_cfg = setup.load_datasets_config(args.dataset_config, setup.dataset_defaults(args))
-    data = build_image_data(data_cfg, seed=seed, on_bad_image=args.on_bad_image,
-                            num_processes=accelerator.num_processes, rank=accelerator.process_index,
-                            # On a CPU device, loader processes would only take cores from the step.
-                            num_workers=args.max_data_loader_n_workers if accelerator.device.type != "cpu" else 0,
-                            persistent_workers=args.persistent_data_loader_workers)
-    if args.cache_latents:
-        with accelerator.main_process_first():
-            data.cache_latents(family.encode_images, args.vae_batch_size, accelerator.device)
+    data = family.build_data(DataRequest(
+        dataset_config=args.dataset_config, defaults=setup.dataset_defaults(args), seed=seed,
+        on_bad_image=args.on_bad_image, num_processes=accelerator.num_processes, rank=accelerator.process_index,
+        # On a CPU device, loader processes would only take cores from the step.
+        num_workers=args.max_data_loader_n_workers if accelerator.device.type != "cpu" else 0,
+        persistent_workers=args.persistent_data_loader_workers, cache_latents=args.cache_latents,
+        vae_batch_size=args.vae_batch_size, device=accelerator.device))
     plan = setup.plan_steps(len(data.sampler), acc_settings.gradient_accumulation_steps,
                             args.max_train_steps, args.max_train_epochs)
 
@@ -133,7 +131,7 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
             if not args.no_metadata:
                 meta.update(modelspec_metadata(family.modelspec_architecture, output_name, data.resolution,
                                                family.prediction_type))
-            accelerator.unwrap_model(network).save_weights(str(path), save_dtype, meta)
+            path = family.save_network(accelerator.unwrap_model(network), path, save_dtype, meta)
             log(f"saved {path}")
         return path
 

@@ -17,13 +17,7 @@ from typing import Any
 import torch
 
 from library.accelerator import AcceleratorSettings, LaunchContext, Setting, resolve_accelerate_settings
-from library.dataset_config import (
-    DatasetDefaults,
-    DatasetGroupConfig,
-    config_from_train_data_dir,
-    load_dataset_config,
-    parse_resolution,
-)
+from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
 from library.families.diffusion import NoiseSettings
 
@@ -95,14 +89,6 @@ def dataset_defaults(args: argparse.Namespace) -> DatasetDefaults:
         train_data_dir=Path(args.train_data_dir) if args.train_data_dir else None,
         reg_data_dir=Path(args.reg_data_dir) if args.reg_data_dir else None,
     )
-
-
-def load_datasets_config(dataset_config: str | None, defaults: DatasetDefaults) -> DatasetGroupConfig:
-    if dataset_config:
-        return load_dataset_config(Path(dataset_config), defaults)
-    if defaults.train_data_dir is not None:
-        return config_from_train_data_dir(defaults)
-    raise UserError("No training data: give --dataset_config (a TOML) or --train_data_dir.")
 
 
 def import_network_module(name: str):

@@ -7,6 +7,7 @@ loss. The training loop knows nothing else about the model.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +16,38 @@ import torch
 from library.errors import UserError
 
 MODEL_TYPES = ("sd", "sdxl", "llm")
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What a family needs to build the run's data (the dataset TOML is family-specific)."""
+
+    dataset_config: str | None
+    defaults: Any  # library.dataset_config.DatasetDefaults: the command line's dataset values
+    seed: int
+    on_bad_image: str
+    num_processes: int
+    rank: int
+    num_workers: int
+    persistent_workers: bool
+    cache_latents: bool = False
+    vae_batch_size: int = 1
+    device: Any = None
+
+
+class TrainData(Protocol):
+    """The data object a family returns: what the loop, the summary and the metadata read."""
+
+    sampler: Any  # EpochBatchSampler: set_epoch(epoch, skip_batches), len()
+    loader: Any  # iterable of batch dicts
+    batch_size: int  # per process
+    resolution: tuple[int, int]
+    num_train_images: int
+    num_reg_images: int
+
+    def summary(self) -> str: ...
+    def metadata(self) -> list[dict[str, Any]]: ...
+    def tag_frequency(self) -> dict[str, dict[str, int]]: ...
 
 
 class ModelFamily(Protocol):
@@ -34,8 +67,16 @@ class ModelFamily(Protocol):
         """Move and cast frozen weights, set train/eval modes and checkpointing."""
         ...
 
+    def build_data(self, request: DataRequest) -> TrainData:
+        """Read the dataset config and build the sampler and loader for this process."""
+        ...
+
     def loss(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
         """The scalar training loss of one micro-batch."""
+        ...
+
+    def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
+        """Write the trained network (kohya file, and/or an adapter folder); returns the main path."""
         ...
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
+from library.families import DataRequest
 from library.families.diffusion import (
     DRAW_LATENT,
     NoiseSettings,
@@ -97,6 +98,28 @@ class SDFamily:
 
     def network_inputs(self) -> tuple[Any, Any, torch.nn.Module]:
         return self.vae, self.text_encoder, self.unet
+
+    def build_data(self, request: DataRequest):
+        """Image datasets from the kohya TOML (or --train_data_dir), latents cached on request."""
+        from library.data.image_data import build_image_data
+        from library.dataset_config import config_from_train_data_dir, load_dataset_config
+
+        if request.dataset_config:
+            config = load_dataset_config(Path(request.dataset_config), request.defaults)
+        elif request.defaults.train_data_dir is not None:
+            config = config_from_train_data_dir(request.defaults)
+        else:
+            raise UserError("No training data: give --dataset_config (a TOML) or --train_data_dir.")
+        data = build_image_data(config, seed=request.seed, on_bad_image=request.on_bad_image,
+                                num_processes=request.num_processes, rank=request.rank,
+                                num_workers=request.num_workers, persistent_workers=request.persistent_workers)
+        if request.cache_latents:
+            data.cache_latents(self.encode_images, request.vae_batch_size, request.device)
+        return data
+
+    def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
+        network.save_weights(str(path), dtype, metadata)
+        return path
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
