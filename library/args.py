@@ -21,6 +21,7 @@ NOT_IMPLEMENTED_YET: dict[str, str] = {
     "in_json": "fine-tuning metadata datasets are planned; use a DreamBooth-style dataset TOML",
     "fp8_base": "fp8 base weights are planned",
     "max_token_length": "prompts longer than 75 tokens are planned",
+    "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
     "xformers": "SDPA attention is always used and is as fast; remove --xformers",
     "sample_prompts": "sample images during training are planned",
     "multires_noise_iterations": "multires noise is planned",
@@ -33,13 +34,25 @@ NOT_IMPLEMENTED_YET: dict[str, str] = {
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="diffusers model folder (or transformers folder for LLMs)")
-    g.add_argument("--model_type", type=str, default="auto", choices=["auto", "sd", "sdxl", "llm"],
-                   help="model family; auto detects it from the model's files")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="diffusers model folder (or transformers folder for LLMs)",
+    )
+    g.add_argument(
+        "--model_type",
+        type=str,
+        default="auto",
+        choices=["auto", "sd", "sdxl", "llm"],
+        help="model family; auto detects it from the model's files",
+    )
     g.add_argument("--v2", action="store_true", help="SD 2.x model (detected from the model when not given)")
-    g.add_argument("--v_parameterization", action="store_true",
-                   help="v-prediction target (defaults from the scheduler config's prediction_type)")
+    g.add_argument(
+        "--v_parameterization",
+        action="store_true",
+        help="v-prediction target (defaults from the scheduler config's prediction_type)",
+    )
     g.add_argument("--vae", type=str, default=None, help="a separate diffusers VAE folder")
     g.add_argument("--clip_skip", type=int, default=None, help="use the output of the n-th last text encoder layer")
     g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="local folder holding the tokenizer")
@@ -52,13 +65,17 @@ def _add_network(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (networks.lora: 4)")
     g.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha; scale = alpha / dim")
     g.add_argument("--network_dropout", type=float, default=None, help="neuron dropout on the LoRA down output")
-    g.add_argument("--network_args", type=str, default=None, nargs="*",
-                   help="key=value options for the network module (conv_dim, conv_alpha, rank_dropout, ...)")
+    g.add_argument(
+        "--network_args",
+        type=str,
+        default=None,
+        nargs="*",
+        help="key=value options for the network module (conv_dim, conv_alpha, rank_dropout, ...)",
+    )
     g.add_argument("--network_weights", type=str, default=None, help="start from these LoRA weights")
     g.add_argument("--dim_from_weights", action="store_true", help="take dims from --network_weights")
     g.add_argument("--network_train_unet_only", action="store_true", help="train only the UNet LoRA")
-    g.add_argument("--network_train_text_encoder_only", action="store_true",
-                   help="train only the text encoder LoRA")
+    g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text encoder LoRA")
     g.add_argument("--training_comment", type=str, default=None, help="stored as ss_training_comment")
     g.add_argument("--no_metadata", action="store_true", help="store only the minimum metadata")
 
@@ -72,109 +89,159 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=str, default=None, help='"512" or "768,512" (width,height)')
     g.add_argument("--train_batch_size", type=int, default=1, help="batch size per process")
     g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
-    g.add_argument("--min_bucket_reso", type=int, default=256)
-    g.add_argument("--max_bucket_reso", type=int, default=1024)
-    g.add_argument("--bucket_reso_steps", type=int, default=64)
-    g.add_argument("--bucket_no_upscale", action="store_true")
-    g.add_argument("--caption_extension", type=str, default=".caption")
-    g.add_argument("--shuffle_caption", action="store_true")
-    g.add_argument("--keep_tokens", type=int, default=0)
-    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
-    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
-    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
-    g.add_argument("--flip_aug", action="store_true")
-    g.add_argument("--color_aug", action="store_true")
-    g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side (px)")
+    g.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side (px)")
+    g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this")
+    g.add_argument("--bucket_no_upscale", action="store_true", help="never upscale an image to fit a bucket")
+    g.add_argument("--caption_extension", type=str, default=".caption", help="caption side-file extension")
+    g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated tags each epoch")
+    g.add_argument("--keep_tokens", type=int, default=0, help="keep the first N tags in place when shuffling")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="probability of an empty caption")
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0, help="probability of dropping each tag")
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0, help="drop all captions every N epochs")
+    g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
+    g.add_argument("--color_aug", action="store_true", help="random hue shifts")
+    g.add_argument("--random_crop", action="store_true", help="random instead of centre crops")
     g.add_argument("--cache_latents", action="store_true", help="encode every image once, keep latents in memory")
-    g.add_argument("--cache_latents_to_disk", action="store_true")
-    g.add_argument("--vae_batch_size", type=int, default=1)
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8)
-    g.add_argument("--persistent_data_loader_workers", action="store_true")
-    g.add_argument("--on_bad_image", type=str, default="error", choices=["error", "skip"])
-    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225])
+    g.add_argument("--cache_latents_to_disk", action="store_true", help="per-image latent files next to the images")
+    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="DataLoader processes (0 on a CPU device)")
+    g.add_argument(
+        "--persistent_data_loader_workers", action="store_true", help="keep DataLoader processes between epochs"
+    )
+    g.add_argument(
+        "--on_bad_image",
+        type=str,
+        default="error",
+        choices=["error", "skip"],
+        help="unreadable images stop the run (error) or are listed and left out (skip)",
+    )
+    g.add_argument(
+        "--max_token_length", type=int, default=None, choices=[None, 75, 150, 225], help="prompt length in tokens"
+    )
 
 
 def _add_optimisation(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--learning_rate", type=float, default=1e-4,
-                   help="default learning rate (1e-4 suits LoRA; sd-scripts' 2e-6 is for full fine-tuning)")
-    g.add_argument("--unet_lr", type=float, default=None)
-    g.add_argument("--text_encoder_lr", type=float, default=None)
+    g.add_argument(
+        "--learning_rate",
+        type=float,
+        default=1e-4,
+        help="default learning rate (1e-4 suits LoRA; sd-scripts' 2e-6 is for full fine-tuning)",
+    )
+    g.add_argument(
+        "--unet_lr", type=float, default=None, help="learning rate of the UNet LoRA (default: --learning_rate)"
+    )
+    g.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        default=None,
+        help="learning rate of the text-encoder LoRA (default: --learning_rate; 0 freezes it)",
+    )
     g.add_argument("--optimizer_type", type=str, default="", help='"" = AdamW, AdamW8bit, SGD, or a dotted path')
     g.add_argument("--optimizer_args", type=str, default=None, nargs="*", help="key=value optimizer options")
-    g.add_argument("--lr_scheduler", type=str, default="constant")
+    g.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    )
     g.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a ratio of total steps when < 1")
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
-    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power for polynomial")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=None,
-                   help="default 1 unless accelerate sets it")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=None, help="default 1 unless accelerate sets it")
     g.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps in total")
     g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="seed of every random draw (random when unset)")
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("precision and speed")
-    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                   help="unset by default: accelerate's setting applies, else no")
+    g.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="unset by default: accelerate's setting applies, else no",
+    )
     g.add_argument("--full_bf16", action="store_true", help="keep the LoRA weights in bf16")
     g.add_argument("--full_fp16", action="store_true", help="keep the LoRA weights in fp16")
-    g.add_argument("--fp8_base", action="store_true")
+    g.add_argument("--fp8_base", action="store_true", help="store the frozen base weights in float8")
     g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument(
+        "--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory"
+    )
     g.add_argument("--sdpa", action="store_true", help="accepted for compatibility; SDPA is always used")
-    g.add_argument("--xformers", action="store_true")
+    g.add_argument("--xformers", action="store_true", help="xformers attention")
     g.add_argument("--torch_compile", action="store_true", help="same as --dynamo_backend inductor")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
 
 
 def _add_loss(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusion loss")
-    g.add_argument("--noise_offset", type=float, default=None)
-    g.add_argument("--multires_noise_iterations", type=int, default=None)
-    g.add_argument("--multires_noise_discount", type=float, default=0.3)
-    g.add_argument("--min_snr_gamma", type=float, default=None)
-    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true")
-    g.add_argument("--debiased_estimation_loss", action="store_true")
-    g.add_argument("--zero_terminal_snr", action="store_true")
-    g.add_argument("--min_timestep", type=int, default=None)
-    g.add_argument("--max_timestep", type=int, default=None)
-    g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"])
-    g.add_argument("--huber_c", type=float, default=0.1)
-    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--noise_offset", type=float, default=None, help="offset noise strength (e.g. 0.05)")
+    g.add_argument("--multires_noise_iterations", type=int, default=None, help="multires noise iterations")
+    g.add_argument("--multires_noise_discount", type=float, default=0.3, help="multires noise discount")
+    g.add_argument("--min_snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (e.g. 5)")
+    g.add_argument(
+        "--scale_v_pred_loss_like_noise_pred", action="store_true", help="scale v-prediction loss like noise prediction"
+    )
+    g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation loss")
+    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
+    g.add_argument("--min_timestep", type=int, default=None, help="lowest training timestep (default 0)")
+    g.add_argument("--max_timestep", type=int, default=None, help="highest training timestep, exclusive (default 1000)")
+    g.add_argument(
+        "--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"], help="element loss"
+    )
+    g.add_argument("--huber_c", type=float, default=0.1, help="huber / smooth_l1 parameter")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
 
 
 def _add_saving(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("saving")
-    g.add_argument("--output_dir", type=str, default=None)
+    g.add_argument("--output_dir", type=str, default=None, help="folder for LoRA files, states and the loss curve")
     g.add_argument("--output_name", type=str, default=None, help='file name stem ("last" when not given)')
-    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors", "ckpt", "pt"])
-    g.add_argument("--save_every_n_epochs", type=int, default=None)
-    g.add_argument("--save_every_n_steps", type=int, default=None)
-    g.add_argument("--save_last_n_epochs", type=int, default=None)
-    g.add_argument("--save_last_n_steps", type=int, default=None)
-    g.add_argument("--save_state", action="store_true")
-    g.add_argument("--save_state_on_train_end", action="store_true")
+    g.add_argument(
+        "--save_model_as",
+        type=str,
+        default="safetensors",
+        choices=["safetensors", "ckpt", "pt"],
+        help="file format of the LoRA",
+    )
+    g.add_argument("--save_every_n_epochs", type=int, default=None, help="write {name}-{epoch:06d} every N epochs")
+    g.add_argument("--save_every_n_steps", type=int, default=None, help="write {name}-step{step:08d} every N steps")
+    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
+    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only the files of the last N steps")
+    g.add_argument("--save_state", action="store_true", help="also write resumable state folders at the same cadence")
+    g.add_argument("--save_state_on_train_end", action="store_true", help="write a resumable state folder at the end")
     g.add_argument("--resume", type=str, default=None, help="a state folder, or 'latest'")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--sample_prompts", type=str, default=None)
-    g.add_argument("--sample_every_n_steps", type=int, default=None)
-    g.add_argument("--sample_every_n_epochs", type=int, default=None)
-    g.add_argument("--sample_at_first", action="store_true")
-    g.add_argument("--sample_sampler", type=str, default="ddim")
+    g.add_argument("--sample_prompts", type=str, default=None, help="prompt file for sample images")
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs")
+    g.add_argument("--sample_at_first", action="store_true", help="sample before training")
+    g.add_argument("--sample_sampler", type=str, default="ddim", help="sampler for sample images")
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging")
-    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"])
-    g.add_argument("--logging_dir", type=str, default=None)
-    g.add_argument("--log_prefix", type=str, default=None)
-    g.add_argument("--log_tracker_name", type=str, default=None)
-    g.add_argument("--wandb_run_name", type=str, default=None)
+    g.add_argument(
+        "--log_with",
+        type=str,
+        default=None,
+        choices=[None, "tensorboard", "wandb", "all"],
+        help="tracker (tensorboard when --logging_dir is given)",
+    )
+    g.add_argument(
+        "--logging_dir", type=str, default=None, help="tracker logs go to {logging_dir}/{log_prefix}{timestamp}"
+    )
+    g.add_argument("--log_prefix", type=str, default=None, help="prefix of the run folder name")
+    g.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name (default network_train)")
+    g.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
     g.add_argument("--wandb_api_key", type=str, default=None, help="never written to logs or configs")
     g.add_argument("--log_config", action="store_true", help="log the training arguments to the trackers")
 
@@ -182,13 +249,18 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
 def _add_distributed(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distributed and compile")
     g.add_argument("--ddp_timeout", type=int, default=None, help="process-group timeout in minutes")
-    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true")
-    g.add_argument("--ddp_static_graph", action="store_true")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
+    g.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
     g.add_argument("--dynamo_backend", type=str, default=None, help="NO, INDUCTOR, ... (unset: accelerate's)")
-    g.add_argument("--dynamo_mode", type=str, default=None, choices=[None, "default", "reduce-overhead",
-                                                                      "max-autotune"])
-    g.add_argument("--dynamo_fullgraph", action="store_true")
-    g.add_argument("--dynamo_dynamic", action="store_true")
+    g.add_argument(
+        "--dynamo_mode",
+        type=str,
+        default=None,
+        choices=[None, "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode",
+    )
+    g.add_argument("--dynamo_fullgraph", action="store_true", help="torch.compile fullgraph")
+    g.add_argument("--dynamo_dynamic", action="store_true", help="torch.compile dynamic shapes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,10 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cfg = p.add_argument_group("config")
     cfg.add_argument("--config_file", type=str, default=None, help="TOML of arguments (CLI wins over it)")
-    cfg.add_argument("--output_config", action="store_true",
-                     help="write the effective non-default arguments to --config_file and exit")
-    for add in (_add_model, _add_network, _add_data, _add_optimisation, _add_precision, _add_loss,
-                _add_saving, _add_sampling, _add_logging, _add_distributed):
+    cfg.add_argument(
+        "--output_config",
+        action="store_true",
+        help="write the effective non-default arguments to --config_file and exit",
+    )
+    for add in (
+        _add_model,
+        _add_network,
+        _add_data,
+        _add_optimisation,
+        _add_precision,
+        _add_loss,
+        _add_saving,
+        _add_sampling,
+        _add_logging,
+        _add_distributed,
+    ):
         add(p)
     return p
 
