@@ -8,7 +8,6 @@ parse → config → prepare_accelerator → model family + data + network → l
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -163,6 +162,17 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     # --- the loop -----------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
+    def checkpoint(stem: str, name_epoch: int, resume_at: tuple[int, int], stale: str | None) -> None:
+        """A model file (and state folder) named ``stem``; rotation removes ``stale`` afterwards."""
+        accelerator.wait_for_everyone()
+        save_model(stem, name_epoch, global_step)
+        if saves.save_state:
+            save_state(stem, *resume_at)
+        if main and stale:
+            remove_quietly(saves.model_path(stale))
+            remove_quietly(saves.state_path(stale))
+
+    resume_point = (start_epoch, skip_batches)
     progress = tqdm(total=plan.max_train_steps, initial=global_step, disable=not main, desc="steps")
     curve: list[tuple[int, float, float]] = []
     unwrapped = accelerator.unwrap_model(network)
@@ -196,35 +206,27 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss/current": step_loss, "lr/unet": lr, "epoch": epoch + 1}, step=global_step)
             if saves.due_at_step(global_step) and global_step < plan.max_train_steps:
-                accelerator.wait_for_everyone()
-                save_model(saves.step_name(global_step), epoch + 1, global_step)
-                if saves.save_state:
-                    save_state(saves.step_name(global_step), epoch, batches_done)
                 old = saves.stale_step(global_step)
-                if main and old:
-                    remove_quietly(saves.model_path(saves.step_name(old)))
-                    remove_quietly(saves.state_path(saves.step_name(old)))
+                checkpoint(saves.step_name(global_step), epoch + 1, (epoch, batches_done),
+                           saves.step_name(old) if old else None)
             if global_step >= plan.max_train_steps:
                 break
-        if global_step >= plan.max_train_steps:
-            break
-        if saves.due_at_epoch(epoch + 1, plan.num_epochs):
-            accelerator.wait_for_everyone()
-            save_model(saves.epoch_name(epoch + 1), epoch + 1, global_step)
-            if saves.save_state:
-                save_state(saves.epoch_name(epoch + 1), epoch + 1, 0)
-            old = saves.stale_epoch(epoch + 1)
-            if main and old:
-                remove_quietly(saves.model_path(saves.epoch_name(old)))
-                remove_quietly(saves.state_path(saves.epoch_name(old)))
+        else:  # the epoch ran to its end
+            resume_point = (epoch + 1, 0)
+            if saves.due_at_epoch(epoch + 1, plan.num_epochs):
+                old = saves.stale_epoch(epoch + 1)
+                checkpoint(saves.epoch_name(epoch + 1), epoch + 1, resume_point,
+                           saves.epoch_name(old) if old else None)
+            continue
+        resume_point = (epoch, batches_done)
+        break
     progress.close()
 
     # --- final outputs ------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     final = save_model(output_name, plan.num_epochs, global_step)
     if saves.save_state or saves.save_state_on_train_end:
-        finished_epoch = math.ceil(global_step / plan.steps_per_epoch)
-        save_state(output_name, finished_epoch, 0)
+        save_state(output_name, *resume_point)
     if main and curve:
         csv_path, png_path = write_loss_curve(curve, output_dir / f"{output_name}_loss")
         log(f"loss curve: {png_path} (values in {csv_path})")

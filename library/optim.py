@@ -62,6 +62,9 @@ def _optimizer_class(name: str):
 def create_optimizer(param_groups: list[dict[str, Any]], optimizer_type: str, learning_rate: float,
                      optimizer_args: list[str] | None) -> torch.optim.Optimizer:
     """Instantiate the optimizer over the network's parameter groups."""
+    if not any(group["params"] for group in param_groups):
+        raise UserError("Every learning rate is 0 (or no module was wrapped): there is nothing to train. "
+                        "Check --learning_rate, --unet_lr and --text_encoder_lr.")
     cls = _optimizer_class(optimizer_type)
     kwargs = parse_key_values(optimizer_args, "--optimizer_args")
     if cls is torch.optim.AdamW and torch.cuda.is_available():

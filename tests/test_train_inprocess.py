@@ -1,0 +1,113 @@
+"""train_network.main() in-process on a tiny SD model: cadence, naming, resume, errors.
+
+The launcher adds nothing to these behaviours, so they run without `accelerate launch`
+to keep the suite fast; tests/test_e2e_sd.py covers the launched path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_network
+
+
+def _data_toml(tmp_path: Path, images: Path, batch_size: int = 2, repeats: int = 1) -> Path:
+    path = tmp_path / "data.toml"
+    path.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = {batch_size}\n"
+                    f"  [[datasets.subsets]]\n  image_dir = \"{images}\"\n  num_repeats = {repeats}\n")
+    return path
+
+
+def _run(model: Path, data: Path, out: Path, *extra: str) -> int:
+    argv = ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data),
+            "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4", "--learning_rate", "1e-2",
+            "--seed", "3", "--cache_latents", *extra]
+    return train_network.main(argv)
+
+
+def test_epoch_cadence_names_and_rotation(tmp_path, tiny_sd_dir, tiny_images):
+    data = _data_toml(tmp_path, tiny_images)  # 8 images, batch 2 -> 4 steps per epoch
+    out = tmp_path / "out"
+    assert _run(tiny_sd_dir, data, out, "--max_train_epochs", "4", "--save_every_n_epochs", "1",
+                "--save_last_n_epochs", "2", "--network_train_unet_only") == 0
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    # epochs 1..3 were saved, rotation kept the last two; the final file has no epoch suffix
+    assert names == ["lora-000002.safetensors", "lora-000003.safetensors", "lora.safetensors"]
+    sd = load_file(str(out / "lora.safetensors"))
+    assert not any(k.startswith("lora_te_") for k in sd), "--network_train_unet_only saved text-encoder modules"
+    rows = (out / "lora_loss.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 16
+
+
+def test_resume_continues_exactly(tmp_path, tiny_sd_dir, tiny_images):
+    data = _data_toml(tmp_path, tiny_images, batch_size=2, repeats=1)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _run(tiny_sd_dir, data, straight, "--max_train_steps", "6") == 0
+    # 3 steps (in the middle of the first 4-step epoch), state saved, then resumed to 6
+    assert _run(tiny_sd_dir, data, split, "--max_train_steps", "3", "--save_state") == 0
+    assert (split / "lora-state" / "train_state.json").is_file()
+    assert _run(tiny_sd_dir, data, split, "--max_train_steps", "6", "--resume", "latest") == 0
+    a, b = load_file(str(straight / "lora.safetensors")), load_file(str(split / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = (split / "lora_loss.csv").read_text().strip().splitlines()
+    assert rows[1].startswith("4,"), "the resumed run's first step must be step 4"
+
+
+def test_resume_without_state_is_an_error(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    data = _data_toml(tmp_path, tiny_images)
+    code = _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "2", "--resume", "latest")
+    assert code == 2
+    assert "no complete state folder" in capsys.readouterr().err
+
+
+def test_output_dir_below_a_file_is_an_error(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = _run(tiny_sd_dir, _data_toml(tmp_path, tiny_images), blocker / "out", "--max_train_steps", "1")
+    assert code == 2
+    assert "a file is in the way" in capsys.readouterr().err
+
+
+def test_network_weights_continue_from_a_file(tmp_path, tiny_sd_dir, tiny_images):
+    data = _data_toml(tmp_path, tiny_images)
+    first = tmp_path / "first"
+    assert _run(tiny_sd_dir, data, first, "--max_train_steps", "2") == 0
+    second = tmp_path / "second"
+    # a vanishing learning rate: the output must equal the loaded weights exactly
+    assert _run(tiny_sd_dir, data, second, "--max_train_steps", "1", "--learning_rate", "1e-30",
+                "--network_weights", str(first / "lora.safetensors")) == 0
+    a, b = load_file(str(first / "lora.safetensors")), load_file(str(second / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_caption_files_are_reported(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    data = tmp_path / "data.toml"
+    data.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n"
+                    "caption_extension = \".txt\"\n")
+    code = _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "1")
+    err = capsys.readouterr().err
+    assert code == 2 and ".caption" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mixed_precision", "fp32"], None),  # argparse rejects it itself (exit via SystemExit)
+    (["--optimizer_type", "AdamX"], "did you mean 'AdamW'"),
+    (["--lr_scheduler", "cosin"], "did you mean 'cosine'"),
+    (["--network_args", "conv_dimm=4"], "did you mean 'conv_dim'"),
+    (["--learning_rate", "0"], "nothing to train"),
+])
+def test_bad_arguments_are_clear_errors(tmp_path, tiny_sd_dir, tiny_images, capsys, extra, message):
+    data = _data_toml(tmp_path, tiny_images)
+    if message is None:
+        with pytest.raises(SystemExit):
+            _run(tiny_sd_dir, data, tmp_path / "out", *extra)
+        return
+    assert _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "1", *extra) == 2
+    assert message in capsys.readouterr().err
