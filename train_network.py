@@ -96,14 +96,17 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     optimizer = create_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args)
     lr_scheduler = create_scheduler(optimizer, args.lr_scheduler, plan.max_train_steps, args.lr_warmup_steps,
                                     args.lr_scheduler_num_cycles, args.lr_scheduler_power)
-    network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
+    # The loss runs inside one module that owns only the network's parameters, so DDP (several
+    # processes) sees the forward it wraps and syncs exactly the LoRA gradients.
+    model, optimizer, lr_scheduler = accelerator.prepare(setup.TrainingModule(network, family), optimizer,
+                                                         lr_scheduler)
 
     save_dtype = setup.save_dtype_for(args.save_precision, torch.float32)
     saves = SavePlan(output_dir, output_name, "." + args.save_model_as, args.save_every_n_epochs,
                      args.save_every_n_steps, args.save_last_n_epochs, args.save_last_n_steps,
                      args.save_state, args.save_state_on_train_end)
     info = RunInfo(
-        network_module=args.network_module, network_dim=getattr(accelerator.unwrap_model(network), "lora_dim",
+        network_module=args.network_module, network_dim=getattr(network, "lora_dim",
                                                                  args.network_dim or 4),
         network_alpha=args.network_alpha, network_args=net_kwargs, base_model_version=family.base_model_version,
         output_name=output_name, learning_rate=args.learning_rate, unet_lr=args.unet_lr,
@@ -130,7 +133,7 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
             if not args.no_metadata:
                 meta.update(modelspec_metadata(family.modelspec_architecture, output_name, data.resolution,
                                                family.prediction_type))
-            path = family.save_network(accelerator.unwrap_model(network), path, save_dtype, meta)
+            path = family.save_network(network, path, save_dtype, meta)
             log(f"saved {path}")
         return path
 
@@ -175,24 +178,23 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     resume_point = (start_epoch, skip_batches)
     progress = tqdm(total=plan.max_train_steps, initial=global_step, disable=not main, desc="steps")
     curve: list[tuple[int, float, float]] = []
-    unwrapped = accelerator.unwrap_model(network)
     for epoch in range(start_epoch, plan.num_epochs):
-        unwrapped.on_epoch_start(text_encoder, unet)
+        network.on_epoch_start(text_encoder, unet)
         data.sampler.set_epoch(epoch, skip_batches)
         batches_done = skip_batches
         skip_batches = 0
         for batch in data.loader:
             batches_done += 1
             batch = move_batch(batch, accelerator.device)
-            with accelerator.accumulate(network):
+            with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = family.loss(batch, epoch)
+                    loss = model(batch, epoch)
                 if not torch.isfinite(loss):
                     raise UserError(f"The loss became {loss.item()} at step {global_step + 1}: training stopped "
                                     "before a bad file was written. Lower the learning rate or use --no_half_vae.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(unwrapped.get_trainable_params(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -114,6 +114,22 @@ def network_args_dict(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+class TrainingModule(torch.nn.Module):
+    """The network plus the family's loss, as one module for accelerate/DDP to wrap.
+
+    Only ``network`` is a registered child: the frozen base models live in ``family``, which
+    is a plain object, so DDP broadcasts and all-reduces the LoRA parameters alone.
+    """
+
+    def __init__(self, network: torch.nn.Module, family: Any) -> None:
+        super().__init__()
+        self.network = network
+        self.family = family
+
+    def forward(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
+        return self.family.loss(batch, epoch)
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Steps and epochs as CONTRACTS.md §3 defines them."""

@@ -1,0 +1,54 @@
+"""Two processes (gloo on CPU) train the same LoRA as one process with twice the batch.
+
+`accelerate launch --cpu --num_processes 2` starts only one process; two real processes need
+ACCELERATE_USE_CPU=true with --multi_gpu (see ../shared/TINY_MODELS.md). The test checks the
+run's own report that two processes ran.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import train_network
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_two_processes_equal_one_with_the_global_batch(tmp_path, tiny_sd_dir, tiny_images):
+    def data(batch_size: int) -> Path:
+        path = tmp_path / f"data{batch_size}.toml"
+        path.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = {batch_size}\n"
+                        f"[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n")
+        return path
+
+    common = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--output_name", "lora", "--network_dim", "4",
+              "--learning_rate", "0.5", "--seed", "5",
+              # SGD is linear in the gradient, so float reduction-order noise stays small (Adam's
+              # g/sqrt(v) would blow it up to the size of a whole step for near-zero gradients).
+              "--optimizer_type", "SGD", "--max_grad_norm", "0", "--max_train_steps", "4", "--cache_latents"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--quiet", str(ROOT / "train_network.py"), *common, "--dataset_config", str(data(1)),
+           "--output_dir", str(tmp_path / "two")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "num_processes                2" in output, "two processes did not really run"
+    assert "global batch           2 = 1 per process x 2 processes" in output
+
+    assert train_network.main([*common, "--dataset_config", str(data(2)), "--output_dir", str(tmp_path / "one")]) == 0
+    two = load_file(str(tmp_path / "two" / "lora.safetensors"))
+    one = load_file(str(tmp_path / "one" / "lora.safetensors"))
+    assert two.keys() == one.keys()
+    moved = sum(one[k].abs().sum().item() for k in one if "lora_up" in k)
+    assert moved > 0
+    worst = max((two[k] - one[k]).abs().max().item() for k in one)
+    assert worst < 1e-5, f"largest difference {worst}"
