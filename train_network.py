@@ -8,8 +8,11 @@ parse → config → prepare_accelerator → model family + data + network → l
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import time
+from math import inf
 from pathlib import Path
 
 import torch
@@ -26,18 +29,25 @@ from library.checkpoint import (
     remove_quietly,
     write_state,
 )
-from library.config_file import loggable_config, parse_args_with_sources, write_output_config
+from library.config_file import SOURCE_DEFAULT, loggable_config, parse_args_with_sources, write_output_config
 from library.data.image_data import move_batch
 from library.errors import UserError
 from library.families import DataRequest, detect_model_type, load_family
 from library.loss_curve import write_loss_curve
 from library.metadata import modelspec_metadata
 from library.optim import create_optimizer, create_scheduler, warmup_steps
+from library.resume_check import check_resume_compatible, training_fingerprint
+from library.signals import Interrupted, StopRequest
 from library.train_metadata import RunInfo, minimal_training_metadata, training_metadata
 
 
 def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     """Run one training; returns the path of the final LoRA file."""
+    with contextlib.ExitStack() as stack:
+        return _train(args, sources, stack)
+
+
+def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.ExitStack) -> Path:
     acc_settings, resolved = setup.accelerator_settings(args, sources)
     accelerator = prepare_accelerator(acc_settings)
     main = accelerator.is_main_process
@@ -53,11 +63,16 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
 
     # --- model family ------------------------------------------------------------------------
     model_type = args.model_type if args.model_type != "auto" else detect_model_type(args.pretrained_model_name_or_path)
+    weight_dtype = setup.weight_dtype_for(acc_settings.mixed_precision)
     family = load_family(model_type, args.pretrained_model_name_or_path, vae_path=args.vae,
                          tokenizer_path=args.tokenizer_cache_dir, v2=args.v2 or None,
                          v_parameterization=args.v_parameterization or None,
-                         noise=setup.noise_settings(args), seed=seed, clip_skip=args.clip_skip)
-    weight_dtype = setup.weight_dtype_for(acc_settings.mixed_precision)
+                         noise=setup.noise_settings(args), seed=seed, clip_skip=args.clip_skip,
+                         weight_dtype=weight_dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    # A family's own network defaults (LLMs: dim 16, alpha 16) replace argparse defaults, never a user's value.
+    for key, value in getattr(family, "network_defaults", {}).items():
+        if sources.get(key) == SOURCE_DEFAULT:
+            setattr(args, key, value)
     train_unet = not args.network_train_text_encoder_only
     train_text_encoder = not args.network_train_unet_only
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
@@ -138,11 +153,17 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
         return path
 
     # --- resume -------------------------------------------------------------------------------
+    fingerprint = training_fingerprint(
+        args, seed=seed, batch_size=data.batch_size, num_processes=accelerator.num_processes,
+        accumulation=acc_settings.gradient_accumulation_steps, data=data.content_digest(), datasets=data.metadata())
     global_step, start_epoch, skip_batches = 0, 0, 0
     if args.resume:
         state_dir = find_resume_state(args.resume, output_dir)
-        accelerator.load_state(str(state_dir))
         state = read_state(state_dir)
+        for line in check_resume_compatible(state.get("fingerprint"), json.loads(json.dumps(fingerprint)),
+                                            args.resume_allow_changes, str(state_dir)):
+            log(f"resuming with a changed setting (--resume_allow_changes):{line}")
+        accelerator.load_state(str(state_dir))
         global_step, start_epoch = state["global_step"], state["epoch"]
         skip_batches = state["batches_done_in_epoch"]
         log(f"resumed from {state_dir}: step {global_step}, epoch {start_epoch + 1}")
@@ -150,7 +171,7 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     def save_state(stem: str, epoch: int, batches_done: int) -> None:
         write_state(accelerator, saves.state_path(stem),
                     {"global_step": global_step, "epoch": epoch, "batches_done_in_epoch": batches_done,
-                     "seed": seed, "max_train_steps": plan.max_train_steps})
+                     "seed": seed, "max_train_steps": plan.max_train_steps, "fingerprint": fingerprint})
 
     if main:
         accelerator.init_trackers(args.log_tracker_name or "network_train",
@@ -165,11 +186,12 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     # --- the loop -----------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
-    def checkpoint(stem: str, name_epoch: int, resume_at: tuple[int, int], stale: str | None) -> None:
+    def checkpoint(stem: str, name_epoch: int, resume_at: tuple[int, int], stale: str | None,
+                   force_state: bool = False) -> None:
         """A model file (and state folder) named ``stem``; rotation removes ``stale`` afterwards."""
         accelerator.wait_for_everyone()
         save_model(stem, name_epoch, global_step)
-        if saves.save_state:
+        if saves.save_state or force_state:
             save_state(stem, *resume_at)
         if main and stale:
             remove_quietly(saves.model_path(stale))
@@ -178,6 +200,7 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     resume_point = (start_epoch, skip_batches)
     progress = tqdm(total=plan.max_train_steps, initial=global_step, disable=not main, desc="steps")
     curve: list[tuple[int, float, float]] = []
+    stop = stack.enter_context(StopRequest())
     for epoch in range(start_epoch, plan.num_epochs):
         network.on_epoch_start(text_encoder, unet)
         data.sampler.set_epoch(epoch, skip_batches)
@@ -189,12 +212,16 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = model(batch, epoch)
-                if not torch.isfinite(loss):
-                    raise UserError(f"The loss became {loss.item()} at step {global_step + 1}: training stopped "
-                                    "before a bad file was written. Lower the learning rate or use --no_half_vae.")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    # The norm of the synced gradients is the same on every process, so a NaN/inf
+                    # stops all of them at the same step, before the optimizer applies it.
+                    norm = accelerator.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm or inf)
+                    if not torch.isfinite(norm):
+                        raise UserError(f"The loss or its gradients became non-finite at step {global_step + 1} "
+                                        f"(loss {loss.item():.4g}): training stopped before a bad file was written; "
+                                        "the last saved files are intact. Lower the learning rate, or use "
+                                        "--no_half_vae / bf16 instead of fp16.")
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -213,6 +240,12 @@ def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
                            saves.step_name(old) if old else None)
             if global_step >= plan.max_train_steps:
                 break
+            if stop.should_stop(accelerator.num_processes, accelerator.device):
+                stem = saves.step_name(global_step)
+                checkpoint(stem, epoch + 1, (epoch, batches_done), None, force_state=True)
+                raise Interrupted(stop.exit_code, f"Stopped by signal {stop.signum} after step {global_step}; "
+                                  f"saved {saves.state_path(stem)}. Continue with the same command plus "
+                                  f"--resume {saves.state_path(stem)} (or --resume latest).")
         else:  # the epoch ran to its end
             resume_point = (epoch + 1, 0)
             if saves.due_at_epoch(epoch + 1, plan.num_epochs):
@@ -250,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -57,6 +57,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_skip", type=int, default=None, help="use the output of the n-th last text encoder layer")
     g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="local folder holding the tokenizer")
     g.add_argument("--allow_pickle", action="store_true", help="allow loading .ckpt/.pt files (weights_only)")
+    g.add_argument("--load_in_4bit", action="store_true",
+                   help="LLMs: QLoRA, base Linear layers in 4-bit NF4 (double quantization, bf16 compute)")
+    g.add_argument("--load_in_8bit", action="store_true", help="LLMs: base Linear layers in 8-bit (LLM.int8)")
 
 
 def _add_network(p: argparse.ArgumentParser) -> None:
@@ -216,6 +219,11 @@ def _add_saving(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_state", action="store_true", help="also write resumable state folders at the same cadence")
     g.add_argument("--save_state_on_train_end", action="store_true", help="write a resumable state folder at the end")
     g.add_argument("--resume", type=str, default=None, help="a state folder, or 'latest'")
+    g.add_argument(
+        "--resume_allow_changes",
+        action="store_true",
+        help="resume even when settings that change training differ from the saved state",
+    )
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -299,6 +307,8 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
             raise UserError(f"--{name} is not supported in this version: {why}.")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other.")
+    if args.load_in_4bit and args.load_in_8bit:
+        raise UserError("--load_in_4bit and --load_in_8bit exclude each other; choose one.")
     if args.full_bf16 and args.full_fp16:
         raise UserError("--full_bf16 and --full_fp16 exclude each other.")
     if args.dataset_config and args.train_data_dir:

@@ -90,7 +90,7 @@ def modelspec_metadata(
     architecture: str,
     title: str,
     resolution: tuple[int, int],
-    prediction_type: str,
+    prediction_type: str | None,
     implementation: str = "diffusers",
     date: str | None = None,
     description: str | None = None,
@@ -99,7 +99,7 @@ def modelspec_metadata(
     tags: str | None = None,
 ) -> dict[str, str]:
     """The SAI ModelSpec keys. ``resolution`` is (width, height); ``date`` defaults to now (UTC, ISO)."""
-    if prediction_type not in PREDICTION_TYPES:
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UserError(f"prediction type must be one of {PREDICTION_TYPES}, not '{prediction_type}'")
     width, height = resolution
     if date is None:
@@ -111,8 +111,9 @@ def modelspec_metadata(
         "modelspec.title": title,
         "modelspec.resolution": f"{int(width)}x{int(height)}",
         "modelspec.date": date,
-        "modelspec.prediction_type": prediction_type,
     }
+    if prediction_type is not None:  # None: a model without a diffusion target (an LLM)
+        spec["modelspec.prediction_type"] = prediction_type
     optional = {"description": description, "author": author, "license": license, "tags": tags}
     spec.update({f"modelspec.{k}": v for k, v in optional.items() if v is not None})
     return spec

@@ -87,9 +87,9 @@ def write_tiny_llm_data(folder: str | Path) -> dict[str, Path]:
         ("translate to german: good morning.", "guten morgen."),
     ]
     chat = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
-    chat.append({"messages": [{"role": "system", "content": "answer briefly."},
-                              {"role": "user", "content": "count to three"}, {"role": "assistant", "content": "one two three"},
-                              {"role": "user", "content": "and on?"}, {"role": "assistant", "content": "four five six"}]})
+    turns = [("system", "answer briefly."), ("user", "count to three"), ("assistant", "one two three"),
+             ("user", "and on?"), ("assistant", "four five six")]
+    chat.append({"messages": [{"role": role, "content": content} for role, content in turns]})
     paths = {
         "chat": folder / "chat.jsonl",
         "instruct": folder / "instruct.jsonl",

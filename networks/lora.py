@@ -189,9 +189,10 @@ class LoRANetwork(nn.Module):
         modules_alpha: Mapping[str, float] | None = None,
         unet_spec: TargetSpec = SD_UNET,
         text_encoder_spec: TargetSpec = CLIP_TEXT,
+        module_class: type[LoRAModule] = LoRAModule,
     ) -> None:
         super().__init__()
-        self.multiplier = multiplier
+        self.module_class, self.multiplier = module_class, multiplier  # module_class: e.g. DoRA (lora_variants.py)
         self.lora_dim, self.alpha = lora_dim, alpha
         self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
         self.dropout = _check_probability("dropout", dropout)
@@ -241,7 +242,7 @@ class LoRANetwork(nn.Module):
                 continue
             dim, alpha = rank
             dropouts = (self.dropout, self.rank_dropout, self.module_dropout)
-            loras.append(LoRAModule(target.lora_name, target.module, self.multiplier, dim, alpha, *dropouts))
+            loras.append(self.module_class(target.lora_name, target.module, self.multiplier, dim, alpha, *dropouts))
         return loras
 
     def _check_all_found(self, te_specs: Sequence[TargetSpec], unet_spec: TargetSpec | None) -> None:
@@ -429,25 +430,32 @@ def create_network(
 ) -> LoRANetwork:
     """A new LoRA network, the identity until trained.
 
-    ``network_args`` (strings from ``--network_args key=value``): conv_dim, conv_alpha, rank_dropout, module_dropout.
+    ``network_args`` (strings from ``--network_args key=value``): conv_dim, conv_alpha, rank_dropout, module_dropout,
+    target_modules, use_rslora, use_dora (networks/lora_variants.py; a causal LM as ``unet``: all Linear but lm_head).
     """
-    args = parse_network_args(network_args)
-    conv_dim = args.get("conv_dim")
-    conv_alpha = args.get("conv_alpha")
+    from networks.lora_variants import Variant  # it builds on LoRAModule, so it is imported late
+
+    variant = Variant(args := parse_network_args(network_args))
+    conv_dim, conv_alpha = args.get("conv_dim"), args.get("conv_alpha")
     if conv_dim is not None and conv_alpha is None:
         conv_alpha = DEFAULT_ALPHA
-    return LoRANetwork(
+    dim = network_dim if network_dim is not None else DEFAULT_DIM
+    network = LoRANetwork(
         _as_list(text_encoder),
         unet,
         multiplier=multiplier,
-        lora_dim=network_dim if network_dim is not None else DEFAULT_DIM,
-        alpha=network_alpha if network_alpha is not None else DEFAULT_ALPHA,
+        lora_dim=dim,
+        alpha=variant.alpha(network_alpha if network_alpha is not None else DEFAULT_ALPHA, dim),
         dropout=neuron_dropout,
         rank_dropout=args.get("rank_dropout"),
         module_dropout=args.get("module_dropout"),
         conv_lora_dim=conv_dim,
-        conv_alpha=conv_alpha,
+        conv_alpha=variant.alpha(conv_alpha, conv_dim),
+        unet_spec=variant.spec(SD_UNET, unet),
+        text_encoder_spec=variant.spec(CLIP_TEXT),
+        module_class=variant.module_class,
     )
+    return variant.attach(network)
 
 
 def create_network_from_weights(
@@ -470,9 +478,12 @@ def create_network_from_weights(
         if file is None:
             raise UserError("create_network_from_weights needs a file or weights_sd")
         weights_sd = load_safetensors(file, "LoRA weights")
+    from networks.lora_variants import Variant
+
     neuron_dropout = kwargs.pop("neuron_dropout", None)
     args = parse_network_args(kwargs)
-    modules_dim, modules_alpha = ranks_from_weights(weights_sd)
+    variant, lora_sd = Variant.from_weights(args, weights_sd)
+    modules_dim, modules_alpha = ranks_from_weights(lora_sd)
     network = LoRANetwork(
         _as_list(text_encoder),
         unet,
@@ -482,5 +493,7 @@ def create_network_from_weights(
         module_dropout=args.get("module_dropout"),
         modules_dim=modules_dim,
         modules_alpha=modules_alpha,
+        unet_spec=variant.spec(SD_UNET, unet, from_weights=True),
+        module_class=variant.module_class,
     )
-    return network, weights_sd
+    return variant.attach(network), weights_sd

@@ -19,12 +19,29 @@ def _probability(value: str) -> float:
     return float(value)
 
 
+def _flag(value: str) -> bool:
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("must be true or false")
+    return text in ("true", "1", "yes")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in str(value).split(",") if n.strip())
+    if not names:
+        raise ValueError("must name at least one module")
+    return names
+
+
 # key → (parser, what it expects). A later option (block_dims, loraplus_lr_ratio, ...) is one more row.
 NETWORK_ARGS: dict[str, tuple[Callable[[str], object], str]] = {
     "conv_dim": (_positive_int, "an integer >= 1"),
     "conv_alpha": (float, "a number"),
     "rank_dropout": (_probability, "a probability in [0, 1)"),
     "module_dropout": (_probability, "a probability in [0, 1)"),
+    "target_modules": (_names, "comma-separated module names, e.g. q_proj,k_proj,v_proj,o_proj"),
+    "use_rslora": (_flag, "true or false (scale = alpha / sqrt(dim) instead of alpha / dim)"),
+    "use_dora": (_flag, "true or false (weight-decomposed LoRA)"),
 }
 
 

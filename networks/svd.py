@@ -182,3 +182,11 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a - b‖_F / max(‖b‖_F, tiny): the error measure every tool reports and checks."""
     a64, b64 = a.double(), b.double()
     return float(torch.linalg.norm(a64 - b64) / torch.linalg.norm(b64).clamp_min(1e-30))
+
+
+def with_scale(factors: LoRAFactors, scale: float) -> LoRAFactors:
+    """The same ΔW stored with ``alpha = scale · rank`` (e.g. to keep a file's alpha/dim ratio)."""
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    root = (factors.scale / scale) ** 0.5
+    return LoRAFactors(factors.down * root, factors.up * root, scale * factors.rank)

@@ -5,6 +5,13 @@ each 1x1 ``Conv2d`` gets a LoRA. With a ``conv_dim`` (LoCon) the modules in
 ``conv_module_classes`` are searched too, and their kxk ``Conv2d`` children are also targets.
 The key name is ``prefix + "_" + path.replace(".", "_")``, where ``path`` is the module's path
 in the model after the optional ``rename`` hook.
+
+Causal LMs (passed as ``unet``, CONTRACTS.md §5) use another rule, PEFT's "all-linear": every
+``Linear`` of the model (bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` are ``Linear`` subclasses)
+except the output layer ``lm_head``. Their names keep kohya's ``lora_unet`` prefix for the model
+passed as ``unet``, e.g. ``lora_unet_model_layers_0_self_attn_q_proj``. For any model,
+``target_modules`` (PEFT semantics) keeps only the modules whose path equals a listed name or ends
+with ``"." + name``; a listed ``lm_head`` is then allowed too.
 """
 
 from __future__ import annotations
@@ -28,12 +35,16 @@ class TargetSpec:
     conv_module_classes: class names searched as well when conv LoRAs (``conv_dim``) are on.
     rename: maps a module path of this model to the path used in key names (None = identity);
         used where the file format names modules differently from the in-memory model.
+    all_linear / skip_output_layer / target_modules: the causal-LM rule of the module docstring.
     """
 
     prefix: str
     module_classes: tuple[str, ...]
     conv_module_classes: tuple[str, ...] = ()
     rename: Callable[[str], str] | None = None
+    all_linear: bool = False  # every Linear of the model, not only those inside module_classes
+    skip_output_layer: bool = False  # with all_linear: leave out the output embedding (lm_head)
+    target_modules: tuple[str, ...] | None = None  # PEFT-style filter on module paths
 
     def lora_name(self, module_path: str) -> str:
         path = self.rename(module_path) if self.rename is not None else module_path
@@ -51,6 +62,27 @@ def _clip_text_model_path(path: str) -> str:
 
 SD_UNET = TargetSpec("lora_unet", ("Transformer2DModel",), ("ResnetBlock2D", "Downsample2D", "Upsample2D"))
 CLIP_TEXT = TargetSpec("lora_te", ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"), rename=_clip_text_model_path)
+CAUSAL_LM = TargetSpec("lora_unet", (), all_linear=True, skip_output_layer=True)
+
+
+def is_causal_lm(model: object) -> bool:
+    """A transformers model with an output embedding (a diffusers UNet has none)."""
+    return callable(getattr(model, "get_output_embeddings", None)) and hasattr(model, "config")
+
+
+def unet_spec_for(model: object, base: TargetSpec, target_modules: Sequence[str] | None = None,
+                  from_weights: bool = False) -> TargetSpec:
+    """The spec for the model passed as ``unet``: ``CAUSAL_LM`` for a causal LM, else ``base``.
+
+    ``target_modules`` narrows it (and admits ``lm_head`` when listed); ``from_weights``: a saved
+    file decides which modules it holds, so the output layer is a candidate too.
+    """
+    spec = CAUSAL_LM if is_causal_lm(model) else base
+    if target_modules:
+        spec = dataclasses.replace(spec, target_modules=tuple(target_modules), skip_output_layer=False)
+    if from_weights:
+        spec = dataclasses.replace(spec, skip_output_layer=False)
+    return spec
 
 
 def text_encoder_specs(count: int, base: TargetSpec = CLIP_TEXT) -> list[TargetSpec]:
@@ -74,6 +106,17 @@ def _is_kxk_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
+def _matches(path: str, names: tuple[str, ...]) -> bool:
+    return any(path == name or path.endswith("." + name) for name in names)
+
+
+def _all_linear(root: nn.Module, skip_output_layer: bool) -> Iterator[tuple[str, nn.Module]]:
+    output = root.get_output_embeddings() if skip_output_layer and is_causal_lm(root) else None
+    for path, module in root.named_modules():
+        if isinstance(module, nn.Linear) and module is not output:
+            yield path, module
+
+
 def _candidates(root: nn.Module, classes: tuple[str, ...]) -> Iterator[tuple[str, nn.Module]]:
     for path, module in root.named_modules():
         if type(module).__name__ not in classes:
@@ -92,7 +135,10 @@ def find_targets(root: nn.Module, spec: TargetSpec, include_conv: bool) -> list[
     """
     classes = spec.module_classes + (spec.conv_module_classes if include_conv else ())
     by_name: dict[str, Target] = {}
-    for path, module in _candidates(root, classes):
+    found = _all_linear(root, spec.skip_output_layer) if spec.all_linear else _candidates(root, classes)
+    for path, module in found:
+        if spec.target_modules is not None and not _matches(path, spec.target_modules):
+            continue
         is_kxk = _is_kxk_conv(module)
         if is_kxk and not include_conv:
             continue

@@ -99,6 +99,13 @@ class ImageData:
             out.update(d.tag_frequency())
         return out
 
+    def content_digest(self) -> str:
+        """Changes when an image is added, removed, replaced or recaptioned (compared on resume)."""
+        from library.resume_check import data_digest
+
+        return data_digest([(f"{d.config.name}/{r.path.name}", r.path.stat().st_size, r.caption)
+                            for d in self.datasets for r in d.records])
+
     def metadata(self) -> list[dict[str, Any]]:
         """ss_datasets: per dataset its resolution, batch size and subsets (no absolute paths)."""
         return [{

@@ -56,7 +56,7 @@ class ModelFamily(Protocol):
     name: str
     base_model_version: str  # ss_base_model_version, e.g. "sd_v1"
     modelspec_architecture: str  # e.g. "stable-diffusion-v1/lora"
-    prediction_type: str  # "epsilon" | "v"
+    prediction_type: str | None  # "epsilon" | "v"; None for LLMs (no modelspec.prediction_type)
 
     def network_inputs(self) -> tuple[Any, Any, torch.nn.Module]:
         """(vae, text_encoder or list or None, unet) for create_network."""
@@ -114,8 +114,20 @@ def detect_model_type(model_path: str | Path) -> str:
                     "or config.json naming a causal LM (transformers).")
 
 
+# Options only the LLM family reads; the diffusion families refuse a set value and never see them.
+LLM_OPTIONS = ("load_in_4bit", "load_in_8bit")
+
+
 def load_family(model_type: str, model_path: str, **options: Any) -> ModelFamily:
     """Build the family object for ``model_type`` (already resolved from auto)."""
+    if model_type == "llm":
+        from library.families.llm import LLMFamily
+
+        return LLMFamily.load(model_path, **options)
+    for key in LLM_OPTIONS:
+        if options.pop(key, False):
+            raise UserError(f"--{key} quantizes a causal LM; it does not apply to --model_type {model_type}.")
+    options.pop("weight_dtype", None)  # the diffusion families cast in prepare()
     if model_type == "sd":
         from library.families.sd import SDFamily
 

@@ -1,0 +1,244 @@
+"""The LLM dataset TOML (CONTRACTS.md §6): the image TOML's three levels with text keys.
+
+    [general]                      # any key of [[datasets]] or [[datasets.subsets]]
+    [[datasets]]                   # batch_size, max_seq_length, packing, validation_split, validation_seed
+      [[datasets.subsets]]         # jsonl_file or text_file, and the keys below
+      jsonl_file = "chat.jsonl"
+      messages_column = "messages"
+
+Keys at any level: ``num_repeats``, ``text_column``, ``prompt_column`` + ``response_column``,
+``messages_column``, ``chat_template`` (a Jinja file), ``train_on_prompt``, ``on_bad_row``.
+A value is looked up subset → dataset → ``[general]`` → command line (``--train_batch_size``) →
+default, as for images. A JSONL subset uses exactly one format: ``messages_column`` (chat),
+``prompt_column`` + ``response_column`` (instruction), or ``text_column`` (default ``"text"``).
+Unknown keys, image keys and wrong types are errors naming the file, key path and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from library.dataset_config import (
+    ANY_LEVEL_KEYS as IMAGE_ANY_LEVEL_KEYS,
+)
+from library.dataset_config import (
+    DATASET_KEYS as IMAGE_DATASET_KEYS,
+)
+from library.dataset_config import (
+    SUBSET_KEYS as IMAGE_SUBSET_KEYS,
+)
+from library.dataset_config import (
+    _Bad,
+    _bool,
+    _fraction,
+    _int,
+    _optional_int,
+    _path,
+    _Reporter,
+    _str,
+    _toml_repr,
+)
+from library.errors import UserError, did_you_mean
+
+FORMATS = ("chat", "instruct", "text")
+DEFAULT_TEXT_COLUMN = "text"
+
+
+@dataclass(frozen=True)
+class TextSubsetConfig:
+    """One JSONL or plain-text file and how its rows become training sequences."""
+
+    path: Path
+    kind: str  # "jsonl" | "text"
+    num_repeats: int = 1
+    text_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
+    chat_template: Path | None = None
+    train_on_prompt: bool = False
+    on_bad_row: str = "error"
+    name: str = "subset"
+
+    @property
+    def format(self) -> str:
+        """chat, instruct or text (a plain-text file is always text)."""
+        if self.kind == "text":
+            return "text"
+        if self.messages_column:
+            return "chat"
+        return "instruct" if self.prompt_column else "text"
+
+
+@dataclass(frozen=True)
+class TextDatasetConfig:
+    """Subsets trained together: one sequence length, one batch size (per process), one packing mode."""
+
+    subsets: tuple[TextSubsetConfig, ...]
+    batch_size: int = 1
+    max_seq_length: int | None = None  # None: the family's default (min(2048, the model's positions))
+    packing: bool = True
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    name: str = "dataset"
+
+
+@dataclass(frozen=True)
+class TextDatasetGroup:
+    datasets: tuple[TextDatasetConfig, ...]
+    source: str = ""
+
+
+def _choice(*options: str):
+    def check(value: Any) -> str:
+        if value not in options:
+            raise _Bad(" or ".join(f'"{o}"' for o in options))
+        return value
+
+    return check
+
+
+DATASET_KEYS = {
+    "batch_size": _int(1),
+    "max_seq_length": _int(2),
+    "packing": _bool,
+    "validation_split": _fraction(upper_inclusive=False),
+    "validation_seed": _optional_int,
+}
+ANY_LEVEL_KEYS = {
+    "num_repeats": _int(1),
+    "text_column": _str(allow_empty=False),
+    "prompt_column": _str(allow_empty=False),
+    "response_column": _str(allow_empty=False),
+    "messages_column": _str(allow_empty=False),
+    "chat_template": _path,
+    "train_on_prompt": _bool,
+    "on_bad_row": _choice("error", "skip"),
+}
+SUBSET_KEYS = {"jsonl_file": _path, "text_file": _path}
+COLUMN_KEYS = ("text_column", "prompt_column", "response_column", "messages_column")
+_LEVEL_KEYS = {
+    "general": set(DATASET_KEYS) | set(ANY_LEVEL_KEYS),
+    "dataset": set(DATASET_KEYS) | set(ANY_LEVEL_KEYS) | {"subsets"},
+    "subset": set(ANY_LEVEL_KEYS) | set(SUBSET_KEYS),
+}
+_CHECKERS = {**DATASET_KEYS, **ANY_LEVEL_KEYS, **SUBSET_KEYS}
+_IMAGE_KEYS = (set(IMAGE_DATASET_KEYS) | set(IMAGE_ANY_LEVEL_KEYS) | set(IMAGE_SUBSET_KEYS)) - set(_CHECKERS)
+
+
+def _table(table: Any, where: str, level: str, report: _Reporter) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise report.error(where, f"expected a table, got {_toml_repr(table)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _LEVEL_KEYS[level]:
+            raise _unknown_key(report, where, level, key)
+        if key == "subsets":
+            values[key] = value
+            continue
+        try:
+            values[key] = _CHECKERS[key](value)
+        except _Bad as bad:
+            raise report.error(f"{where}.{key}", f"got {_toml_repr(value)}, expected {bad}") from None
+    return values
+
+
+def _unknown_key(report: _Reporter, where: str, level: str, key: str) -> UserError:
+    path = f"{where}.{key}"
+    if key in _IMAGE_KEYS:
+        return report.error(path, f"'{key}' is an image dataset key; an LLM dataset reads jsonl_file or text_file "
+                                  "(see configs/llm_example_data.toml)")
+    if any(key in keys for keys in _LEVEL_KEYS.values()):
+        hint = "[general] or [[datasets]]" if key in DATASET_KEYS else "[[datasets.subsets]]"
+        return report.error(path, f"'{key}' is not allowed in a {level} table; put it in {hint}")
+    return report.error(path, f"unknown key '{key}'{did_you_mean(key, _LEVEL_KEYS[level])}")
+
+
+def load_text_dataset_config(path: Path | str, batch_size: int = 1) -> TextDatasetGroup:
+    """Read and validate an LLM dataset TOML; ``batch_size`` is the command line's ``--train_batch_size``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--dataset_config {path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: TOML syntax error: {exc}") from None
+    return parse_text_dataset_config(data, batch_size, source=str(path), text=text)
+
+
+def parse_text_dataset_config(data: Mapping[str, Any], batch_size: int = 1, source: str = "<dataset config>",
+                              text: str | None = None) -> TextDatasetGroup:
+    """Validate an already-parsed LLM dataset TOML (``text`` adds line numbers to errors)."""
+    report = _Reporter(source, text)
+    for key in data:
+        if key not in ("general", "datasets"):
+            msg = f"unknown top-level key '{key}'{did_you_mean(key, ['general', 'datasets'])}"
+            raise report.error(key, msg + "; expected [general] and [[datasets]]")
+    general = _table(data.get("general", {}), "general", "general", report)
+    datasets = data.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise report.error("datasets", 'no [[datasets]] table; add one with a [[datasets.subsets]] jsonl_file = "..."')
+    defaults = {"batch_size": batch_size, "max_seq_length": None, "packing": True, "validation_split": 0.0,
+                "validation_seed": None, "num_repeats": 1, "train_on_prompt": False, "on_bad_row": "error"}
+    built = tuple(_dataset(t, i, {**defaults, **general}, report) for i, t in enumerate(datasets))
+    return TextDatasetGroup(datasets=built, source=source)
+
+
+def _dataset(table: Any, i: int, inherited: dict[str, Any], report: _Reporter) -> TextDatasetConfig:
+    where = f"datasets[{i}]"
+    values = _table(table, where, "dataset", report)
+    subsets = values.pop("subsets", None)
+    if not isinstance(subsets, list) or not subsets:
+        raise report.error(where, 'no [[datasets.subsets]]; add one with jsonl_file = "..." or text_file = "..."')
+    merged = {**inherited, **values}
+    built = tuple(_subset(s, f"{where}.subsets[{j}]", merged, report) for j, s in enumerate(subsets))
+    return TextDatasetConfig(subsets=built, name=where, **{k: merged[k] for k in DATASET_KEYS})
+
+
+def _subset(table: Any, where: str, inherited: dict[str, Any], report: _Reporter) -> TextSubsetConfig:
+    own = _table(table, where, "subset", report)
+    files = [k for k in SUBSET_KEYS if k in own]
+    if len(files) != 1:
+        raise report.error(where, "needs exactly one of jsonl_file or text_file" + (f", got {files}" if files else ""))
+    kind = "jsonl" if files[0] == "jsonl_file" else "text"
+    path = own.pop(files[0])
+    if not path.is_file():
+        raise report.error(f"{where}.{files[0]}", f"file not found: {path}")
+    merged = {k: inherited[k] for k in ANY_LEVEL_KEYS if k in inherited} | own
+    if kind == "text":
+        explicit = [k for k in COLUMN_KEYS if k in own]
+        if explicit:
+            raise report.error(f"{where}.{explicit[0]}", "text_file reads plain text; column keys apply to jsonl_file")
+        merged = {k: v for k, v in merged.items() if k not in COLUMN_KEYS and k != "chat_template"}
+    else:
+        _check_columns(merged, where, report)
+    if merged.get("chat_template") is not None and not merged["chat_template"].is_file():
+        raise report.error(f"{where}.chat_template", f"file not found: {merged['chat_template']}")
+    return TextSubsetConfig(path=path, kind=kind, name=where, **merged)
+
+
+def _check_columns(values: dict[str, Any], where: str, report: _Reporter) -> None:
+    formats = [f for f, keys in (("chat", ("messages_column",)), ("instruct", ("prompt_column", "response_column")),
+                                 ("text", ("text_column",))) if any(values.get(k) for k in keys)]
+    if len(formats) > 1:
+        set_keys = [k for k in COLUMN_KEYS if values.get(k)]
+        raise report.error(where, f"sets {', '.join(set_keys)} (here or inherited): choose one format, "
+                                  "messages_column (chat), prompt_column + response_column, or text_column")
+    if formats == ["instruct"] and not (values.get("prompt_column") and values.get("response_column")):
+        raise report.error(where, "prompt_column and response_column go together; set both")
+    if not formats:
+        values["text_column"] = DEFAULT_TEXT_COLUMN
+
+
+def replace_max_seq_length(group: TextDatasetGroup, default: int) -> TextDatasetGroup:
+    """Fill each dataset's unset max_seq_length with the model's default."""
+    return dataclasses.replace(group, datasets=tuple(
+        d if d.max_seq_length is not None else dataclasses.replace(d, max_seq_length=default) for d in group.datasets))

@@ -1,0 +1,401 @@
+"""LLM training data: rows → token ids and labels → (packed) sequences → batches.
+
+Rows come from JSONL files (chat ``messages``, prompt + response, or a text column) or plain
+text files (one document per blank-line-separated block). Labels are the token ids where the
+loss applies and -100 elsewhere: by default only response / assistant tokens (``train_on_prompt``
+puts the loss on every token). Sequences longer than ``max_seq_length`` are cut (plain text is
+split into chunks instead); a sample left without label tokens is dropped and counted.
+
+Packing (``packing = true``, the default) places whole samples into sequences of at most
+``max_seq_length`` tokens, best fit decreasing, once at start-up. Samples never attend to one
+another: ``position_ids`` restart at 0 for each sample and no attention mask is passed, from
+which transformers builds a block-diagonal causal mask (SDPA / eager) or calls the varlen kernel
+(flash-attention). The first token of each sample gets label -100, since the position before it
+belongs to another sample. Padding at the end of a batch row is one more such segment.
+
+The epoch order is the one of every family (library/data/sampler.py): sequences are the samples
+the global shuffle orders and the processes split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from bisect import bisect_left, insort
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from library.data.sampler import EpochBatchSampler, derive_seed
+from library.data.text_config import TextDatasetConfig, TextDatasetGroup, TextSubsetConfig
+from library.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sample:
+    """One tokenised sequence; ``row`` numbers its source row within the dataset (for the validation split)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    row: int
+    subset: int
+
+
+@dataclass
+class SubsetReport:
+    """What became of a subset's rows, for the start-up summary and ss_datasets."""
+
+    name: str
+    file: str
+    format: str
+    num_repeats: int
+    rows: int = 0
+    skipped: list[str] = field(default_factory=list)  # "file:line: reason"
+    truncated: int = 0
+    no_labels: int = 0
+
+
+class RowError(Exception):
+    """A row that cannot become a sample; the message says why."""
+
+
+# --- reading rows -----------------------------------------------------------------------------
+
+
+def read_rows(subset: TextSubsetConfig):
+    """(line number, row) pairs: JSON objects for JSONL (bad JSON yields the RowError), text blocks otherwise."""
+    with open(subset.path, encoding="utf-8") as f:
+        if subset.kind == "jsonl":
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield number, RowError(f"not valid JSON ({e.msg} at column {e.colno})")
+                    continue
+                yield number, row if isinstance(row, dict) else RowError("not a JSON object")
+            return
+        block: list[str] = []
+        start = 0
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                start = start or number
+                block.append(line)
+            elif block:
+                yield start, "".join(block).strip("\n")
+                block, start = [], 0
+        if block:
+            yield start, "".join(block).strip("\n")
+
+
+def _column(row: dict, column: str, kind: type) -> Any:
+    if column not in row:
+        raise RowError(f"no column '{column}' (the row has: {', '.join(sorted(row)) or 'no columns'})")
+    value = row[column]
+    if not isinstance(value, kind):
+        raise RowError(f"column '{column}' is {type(value).__name__}, expected {kind.__name__}")
+    if kind is str and not value.strip():
+        raise RowError(f"column '{column}' is empty")
+    return value
+
+
+# --- tokenising -------------------------------------------------------------------------------
+
+
+class Tokenise:
+    """Turns rows of one subset into (input_ids, labels) with the tokenizer and, for chat, its template."""
+
+    def __init__(self, tokenizer: Any, subset: TextSubsetConfig) -> None:
+        self.tok = tokenizer
+        self.subset = subset
+        with_special = tokenizer("a", add_special_tokens=True).input_ids
+        bos = tokenizer.bos_token_id
+        self.prefix = [bos] if bos is not None and with_special and with_special[0] == bos else []
+        self.suffix = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.template = subset.chat_template.read_text(encoding="utf-8") if subset.chat_template else None
+        if subset.format == "chat" and self.template is None and not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{subset.name}: the tokenizer has no chat template; set chat_template = "
+                            '"template.jinja" (a Jinja file) or use prompt_column + response_column.')
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def __call__(self, row: Any) -> tuple[list[int], list[int]]:
+        s = self.subset
+        if s.format == "text":
+            text = row if isinstance(row, str) else _column(row, s.text_column, str)
+            ids = self.prefix + self.ids(text) + self.suffix
+            return ids, list(ids)
+        if s.format == "instruct":
+            prompt = self.prefix + self.ids(_column(row, s.prompt_column, str))
+            response = self.ids(_column(row, s.response_column, str)) + self.suffix
+            prompt_labels = list(prompt) if s.train_on_prompt else [IGNORE_INDEX] * len(prompt)
+            return prompt + response, prompt_labels + response
+        return self.chat(_messages(row, s.messages_column))
+
+    def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                chat_template=self.template)
+        except Exception as e:  # jinja raises its own errors for templates that reject a conversation
+            raise RowError(f"the chat template failed: {e}") from None
+
+    def chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Labels on the assistant turns: each turn is the text between the conversation rendered up to
+        the turn with a generation prompt and rendered through it (so the end-of-turn token is learnt)."""
+        full = self.render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = self.render(messages[:i], True), self.render(messages[: i + 1])
+            if not (full.startswith(through) and through.startswith(before)):
+                raise RowError("the chat template does not render earlier turns as a prefix of later ones, so the "
+                               "assistant turns cannot be located; set train_on_prompt = true for this subset")
+            spans.append((len(before), len(through)))
+        encoded = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded.input_ids)
+        if self.subset.train_on_prompt:
+            return ids, list(ids)
+        labels = [t if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+                  for t, (start, _) in zip(ids, encoded.offset_mapping, strict=True)]
+        return ids, labels
+
+
+def _messages(row: dict, column: str) -> list[dict]:
+    messages = _column(row, column, list)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RowError(f"{column}[{i}] is not {{\"role\": str, \"content\": str}}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(f"'{column}' has no assistant message to learn")
+    return messages
+
+
+def _fit(ids: list[int], labels: list[int], max_len: int, chunk: bool) -> list[tuple[list[int], list[int]]]:
+    if len(ids) <= max_len:
+        return [(ids, labels)]
+    if not chunk:
+        return [(ids[:max_len], labels[:max_len])]
+    return [(ids[i:i + max_len], labels[i:i + max_len]) for i in range(0, len(ids), max_len)
+            if len(ids) - i > 1]  # a 1-token tail has nothing to predict
+
+
+def tokenise_dataset(config: TextDatasetConfig, tokenizer: Any) -> tuple[list[Sample], list[SubsetReport]]:
+    """Every row of every subset as samples (before repeats); bad rows raise or are recorded per on_bad_row."""
+    samples: list[Sample] = []
+    reports = []
+    row_id = 0
+    for index, subset in enumerate(config.subsets):
+        report = SubsetReport(subset.name, subset.path.name, subset.format, subset.num_repeats)
+        tokenise = Tokenise(tokenizer, subset)
+        for line, row in read_rows(subset):
+            report.rows += 1
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                ids, labels = tokenise(row)
+            except RowError as e:
+                where = f"{subset.path}:{line}: {e}"
+                if subset.on_bad_row == "error":
+                    raise UserError(f"{where} ({subset.name}; set on_bad_row = \"skip\" to skip such rows)") from None
+                report.skipped.append(where)
+                continue
+            pieces = _fit(ids, labels, config.max_seq_length, chunk=subset.format == "text")
+            report.truncated += subset.format != "text" and len(ids) > config.max_seq_length
+            for piece_ids, piece_labels in pieces:
+                if all(label == IGNORE_INDEX for label in piece_labels[1:]):
+                    report.no_labels += 1
+                    continue
+                samples.append(Sample(piece_ids, piece_labels, row_id, index))
+            row_id += 1
+        reports.append(report)
+    return samples, reports
+
+
+# --- packing and batches ----------------------------------------------------------------------
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bins of sample indices, each holding at most ``capacity`` tokens; deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
+    for i in order:
+        pos = bisect_left(free, (lengths[i], -1))
+        if pos == len(free):
+            bins.append([i])
+            insort(free, (capacity - lengths[i], len(bins) - 1))
+            continue
+        room, b = free.pop(pos)
+        bins[b].append(i)
+        insort(free, (room - lengths[i], b))
+    return bins
+
+
+class TextSequences(torch.utils.data.Dataset):
+    """The training sequences of all datasets; keys are (epoch, global sequence index)."""
+
+    def __init__(self, sequences: list[list[Sample]]) -> None:
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        _, index = key
+        ids, labels, positions = [], [], []
+        for sample in self.sequences[index]:
+            ids += sample.input_ids
+            labels += [IGNORE_INDEX] + sample.labels[1:]  # its first token is not predicted from another sample
+            positions += range(len(sample.input_ids))
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "index": index}
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows padded on the right to the longest; the padding is a segment of its own, never in the loss."""
+    width = max(len(item["input_ids"]) for item in items)
+
+    def row(item: dict[str, Any], key: str, fill: int) -> list[int]:
+        missing = width - len(item[key])
+        return item[key] + (list(range(missing)) if key == "position_ids" else [fill] * missing)
+
+    return {
+        "input_ids": torch.tensor([row(i, "input_ids", pad_id) for i in items], dtype=torch.long),
+        "labels": torch.tensor([row(i, "labels", IGNORE_INDEX) for i in items], dtype=torch.long),
+        "position_ids": torch.tensor([row(i, "position_ids", 0) for i in items], dtype=torch.long),
+        "indices": torch.tensor([i["index"] for i in items], dtype=torch.long),
+    }
+
+
+class _Collate:  # a class, not a lambda, so DataLoader workers can pickle it
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate(items, self.pad_id)
+
+
+def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation): whole rows held out, chosen by a shuffle keyed on ``seed``."""
+    if fraction <= 0:
+        return samples, []
+    rows = sorted({s.row for s in samples})
+    held = max(1, round(len(rows) * fraction))
+    if held >= len(rows):
+        raise UserError(f"validation_split {fraction} leaves no training rows out of {len(rows)}; lower it.")
+    random.Random(derive_seed(seed, "validation")).shuffle(rows)
+    chosen = set(rows[:held])
+    return [s for s in samples if s.row not in chosen], [s for s in samples if s.row in chosen]
+
+
+# --- the run's data ---------------------------------------------------------------------------
+
+
+@dataclass
+class TextDatasetData:
+    config: TextDatasetConfig
+    reports: list[SubsetReport]
+    train: list[Sample]  # after repeats
+    validation: list[Sample]
+    sequences: list[list[Sample]]
+
+    def summary(self) -> list[str]:
+        c = self.config
+        tokens = sum(len(s.input_ids) for s in self.train)
+        trained = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in self.train)
+        fill = tokens / max(1, len(self.sequences) * c.max_seq_length)
+        lines = [f"{c.name}: {len(self.train)} samples, {tokens} tokens ({trained} in the loss), "
+                 f"{len(self.sequences)} sequences of <= {c.max_seq_length} tokens"
+                 + (f" packed ({fill:.0%} full)" if c.packing else " (one sample each, no packing)")
+                 + f", batch size {c.batch_size}, {len(self.validation)} validation samples"]
+        for r in self.reports:
+            lines.append(f"  {r.name}: {r.file} ({r.format}), {r.rows} rows x {r.num_repeats} repeats, "
+                         f"{len(r.skipped)} skipped, {r.truncated} cut to max_seq_length, "
+                         f"{r.no_labels} dropped without tokens to learn")
+            lines += [f"    skipped {where}" for where in r.skipped[:10]]
+            if len(r.skipped) > 10:
+                lines.append(f"    ... and {len(r.skipped) - 10} more skipped rows")
+        return lines
+
+
+@dataclass
+class TextData:
+    """What the loop needs (library/families TrainData): a loader whose batches follow ``sampler``'s order."""
+
+    datasets: list[TextDatasetData]
+    sampler: EpochBatchSampler
+    loader: torch.utils.data.DataLoader
+    batch_size: int
+    resolution: tuple[int, int]  # (max_seq_length, 1): what ss_resolution records for text
+    num_reg_images: int = 0
+
+    @property
+    def num_train_images(self) -> int:
+        """Training samples (after repeats); the ss_num_train_images of a text run."""
+        return sum(len(d.train) for d in self.datasets)
+
+    def summary(self) -> str:
+        return "\n".join(line for d in self.datasets for line in d.summary())
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        return {}
+
+    def content_digest(self) -> str:
+        """Changes when any trained token, label or sequence layout changes (compared on resume)."""
+        h = hashlib.sha256()
+        for d in self.datasets:
+            for sequence in d.sequences:
+                for s in sequence:
+                    h.update(repr((s.input_ids, s.labels)).encode())
+                h.update(b"|")
+        return h.hexdigest()[:16]
+
+    def metadata(self) -> list[dict[str, Any]]:
+        """ss_datasets: per dataset its sequence settings and subsets (file names only, no paths)."""
+        return [{
+            "max_seq_length": d.config.max_seq_length, "packing": d.config.packing,
+            "batch_size_per_device": d.config.batch_size, "num_train_samples": len(d.train),
+            "num_sequences": len(d.sequences), "num_validation_samples": len(d.validation),
+            "subsets": [{"file": r.file, "format": r.format, "num_repeats": r.num_repeats, "rows": r.rows,
+                         "skipped_rows": len(r.skipped)} for r in d.reports],
+        } for d in self.datasets]
+
+
+def build_dataset(config: TextDatasetConfig, tokenizer: Any, seed: int) -> TextDatasetData:
+    samples, reports = tokenise_dataset(config, tokenizer)
+    train, validation = split_validation(samples, config.validation_split,
+                                         config.validation_seed if config.validation_seed is not None else seed)
+    if not train:
+        raise UserError(f"{config.name}: no usable rows (see the skipped rows above or the files' contents).")
+    repeats = [s for s in train for _ in range(config.subsets[s.subset].num_repeats)]
+    if config.packing:
+        bins = pack([len(s.input_ids) for s in repeats], config.max_seq_length)
+        sequences = [[repeats[i] for i in sorted(b)] for b in bins]
+    else:
+        sequences = [[s] for s in repeats]
+    return TextDatasetData(config, reports, repeats, validation, sequences)
+
+
+def build_text_data(group: TextDatasetGroup, tokenizer: Any, *, seed: int, num_processes: int,
+                    rank: int) -> TextData:
+    """Tokenise and pack every dataset, then the epoch-order sampler for this process and the DataLoader."""
+    datasets = [build_dataset(d, tokenizer, seed) for d in group.datasets]
+    batch_sizes = {d.config.batch_size for d in datasets}
+    if len(batch_sizes) > 1:
+        raise UserError(f"{group.source}: datasets with different batch_size ({sorted(batch_sizes)}) are not "
+                        "supported yet; use one batch_size for all datasets.")
+    sequences = [seq for d in datasets for seq in d.sequences]
+    buckets = [i for i, d in enumerate(datasets) for _ in d.sequences]  # a batch never mixes datasets
+    batch_size = batch_sizes.pop()
+    sampler = EpochBatchSampler(buckets, batch_size, num_processes, rank, seed)
+    pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    # Everything is tokenised in memory already; worker processes would only add start-up time.
+    loader = torch.utils.data.DataLoader(TextSequences(sequences), batch_sampler=sampler, collate_fn=_Collate(pad_id))
+    longest = max(d.config.max_seq_length for d in datasets)
+    return TextData(datasets, sampler, loader, batch_size, (longest, 1))

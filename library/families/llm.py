@@ -1,0 +1,171 @@
+"""Causal language models from transformers (Llama, Qwen, Mistral, Gemma, Phi, ...): LoRA and QLoRA.
+
+The model is loaded with ``AutoModelForCausalLM`` from a local folder, in bf16/fp16 under that
+mixed precision and fp32 otherwise; ``--load_in_4bit`` (NF4, double quantization, bf16 compute)
+or ``--load_in_8bit`` quantizes its Linear layers with bitsandbytes, and the LoRA path stays in
+its own dtype over the frozen base. It is passed to the network module as ``unet`` (CONTRACTS.md
+§5), so ``networks.lora`` puts a LoRA on every Linear but ``lm_head``. The loss is the mean
+token cross-entropy over the label tokens. The adapter is saved as a PEFT folder and, for
+``--save_model_as safetensors``, also as a kohya-style file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+from library.families import DataRequest
+
+DEFAULT_MAX_SEQ_LENGTH = 2048
+# LoRA defaults for LLMs (CONTRACTS.md §6), applied where the user set neither value.
+NETWORK_DEFAULTS = {"network_dim": 16, "network_alpha": 16.0}
+# Options of the diffusion families that mean nothing for a causal LM: a value there is a mistake.
+_DIFFUSION_ONLY = {"vae_path": "--vae", "v2": "--v2", "v_parameterization": "--v_parameterization",
+                   "clip_skip": "--clip_skip"}
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
+    """bitsandbytes settings for QLoRA: NF4 with double quantization, or LLM.int8(); None for neither."""
+    if load_in_4bit and load_in_8bit:
+        raise UserError("--load_in_4bit and --load_in_8bit exclude each other; choose one.")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--load_in_4bit / --load_in_8bit need bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+@dataclass
+class LLMFamily:
+    """A causal LM and its tokenizer; the LoRA network is hooked into the model's Linear layers."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    model_path: str
+    seed: int = 0
+    quantized: str | None = None  # "4bit" | "8bit"
+    name: str = "llm"
+    base_model_version: str = "llm"  # ss_base_model_version
+    modelspec_architecture: str = "llm/lora"
+    prediction_type: str | None = None  # no diffusion target: modelspec.prediction_type is left out
+    v2: bool = False
+    network_defaults: dict[str, Any] = field(default_factory=lambda: dict(NETWORK_DEFAULTS))
+
+    @staticmethod
+    def load(model_path: str, *, tokenizer_path: str | None = None, seed: int = 0, load_in_4bit: bool = False,
+             load_in_8bit: bool = False, weight_dtype: torch.dtype | None = None, device: Any = None,
+             noise: Any = None, **diffusion_options: Any) -> LLMFamily:
+        """Load the model (bf16/fp16/fp32 = ``weight_dtype``, optionally quantized) and its tokenizer.
+
+        ``noise`` and unset diffusion options are accepted and ignored (train_network passes them to every
+        family); a diffusion option the user set is an error.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        for key, value in diffusion_options.items():
+            if key not in _DIFFUSION_ONLY:
+                raise TypeError(f"LLMFamily.load() got an unexpected option {key!r}")
+            if value:
+                raise UserError(f"{_DIFFUSION_ONLY[key]} applies to diffusion models, not to the causal LM "
+                                f"{model_path}; remove it.")
+        dtype = weight_dtype or torch.float32
+        quant = quantization_config(load_in_4bit, load_in_8bit,
+                                    torch.float16 if dtype == torch.float16 else torch.bfloat16)
+        if device is None:
+            from accelerate import PartialState
+
+            device = PartialState().device
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+            # Quantization happens while loading, on the device that will train.
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quant,
+                                                         device_map={"": str(device)} if quant else None)
+        except (OSError, ValueError) as e:
+            raise UserError(f"Cannot load the causal LM from {model_path}: {e}") from None
+        model.requires_grad_(False)
+        model.config.use_cache = False  # a KV cache only costs memory in training (and hides packing)
+        kind = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
+        return LLMFamily(model, tokenizer, str(Path(model_path).resolve()), seed, kind)
+
+    def network_inputs(self) -> tuple[Any, Any, torch.nn.Module]:
+        return None, None, self.model
+
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype, train_text_encoder: bool,
+                gradient_checkpointing: bool, vae_dtype: torch.dtype | None = None) -> None:
+        if self.quantized is None:
+            self.model.to(device)
+            if self.model.dtype != weight_dtype:
+                self.model.to(dtype=weight_dtype)
+        # Frozen weights in eval mode: their dropout would only add noise to the LoRA's gradient.
+        self.model.eval()
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing gives the LoRA its gradients without the inputs requiring grad.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.train()  # transformers checkpoints only in training mode
+
+    @property
+    def default_max_seq_length(self) -> int:
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        return min(DEFAULT_MAX_SEQ_LENGTH, positions) if positions else DEFAULT_MAX_SEQ_LENGTH
+
+    def build_data(self, request: DataRequest):
+        """Token sequences from the LLM dataset TOML (library/data/text_config.py)."""
+        from library.data.text_config import load_text_dataset_config, replace_max_seq_length
+        from library.data.text_data import build_text_data
+
+        if not request.dataset_config:
+            raise UserError("An LLM run needs --dataset_config: a TOML with jsonl_file or text_file subsets "
+                            "(see configs/llm_example_data.toml).")
+        group = load_text_dataset_config(request.dataset_config, request.defaults.batch_size)
+        group = replace_max_seq_length(group, self.default_max_seq_length)
+        if any(d.packing for d in group.datasets) and not self.packing_is_isolated():
+            raise UserError(f"{type(self.model).__name__} lets packed samples attend to each other (it ignores "
+                            "position_ids for its attention mask); set packing = false in the dataset TOML.")
+        return build_text_data(group, self.tokenizer, seed=request.seed, num_processes=request.num_processes,
+                               rank=request.rank)
+
+    @torch.no_grad()
+    def packing_is_isolated(self) -> bool:
+        """Whether two samples packed in one row give the logits each gives alone (checked on 2 x 3 tokens)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            device = next(self.model.parameters()).device
+            ids = torch.tensor([[3, 4, 5, 6, 7, 8]], device=device) % self.model.config.vocab_size
+            positions = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
+            packed = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 3:].float()
+            alone = self.model(input_ids=ids[:, 3:], position_ids=positions[:, 3:], use_cache=False).logits[0].float()
+        finally:
+            self.model.train(was_training)
+        return bool((packed - alone).abs().max() <= 0.02 * max(1.0, float(alone.abs().max())))
+
+    def loss(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
+        """Mean cross-entropy over the label tokens (transformers shifts the labels by one)."""
+        # No attention mask: transformers derives the block-diagonal mask of packed samples from position_ids.
+        out = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                         use_cache=False)
+        return out.loss
+
+    def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
+        """The PEFT folder ``{output_dir}/{stem}/``; for a .safetensors path also the kohya-style file."""
+        from networks.peft_export import write_peft_adapter
+
+        path = Path(path)
+        folder = write_peft_adapter(network, self.model, path.with_suffix(""), self.model_path, dtype)
+        if path.suffix == ".safetensors":
+            meta = {k: v for k, v in metadata.items() if k != "modelspec.resolution"}
+            if "modelspec.architecture" in meta:
+                meta["modelspec.implementation"] = "transformers"
+            network.save_weights(str(path), dtype, meta)
+        return folder

@@ -1,0 +1,57 @@
+"""What a resumed run must share with the run that saved the state (CONTRACTS.md §4).
+
+A fingerprint of every setting that changes the training trajectory is stored in the state
+folder; on resume the current one is compared and differences are refused unless
+``--resume_allow_changes``. Output names, logging, save cadence, sampling and the total
+number of steps or epochs are free to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from typing import Any
+
+from library.errors import UserError
+
+# Training arguments whose change alters the run (compared by value).
+_COMPARED_ARGS = (
+    "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type", "optimizer_args", "lr_scheduler",
+    "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "max_grad_norm", "network_module",
+    "network_dim", "network_alpha", "network_dropout", "network_args", "network_train_unet_only",
+    "network_train_text_encoder_only", "noise_offset", "min_snr_gamma", "min_timestep", "max_timestep",
+    "loss_type", "huber_c", "prior_loss_weight", "clip_skip", "v_parameterization", "full_bf16",
+    "pretrained_model_name_or_path",
+)  # fmt: skip
+
+
+def data_digest(records: list[tuple[str, int, str]]) -> str:
+    """A digest of (image name, file size, caption) for every image, in order."""
+    h = hashlib.sha256()
+    for name, size, caption in records:
+        h.update(f"{name}\0{size}\0{caption}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def training_fingerprint(args: argparse.Namespace, *, seed: int, batch_size: int, num_processes: int,
+                         accumulation: int, data: str, datasets: list[dict[str, Any]]) -> dict[str, Any]:
+    """The settings a resume compares, as JSON-serialisable values."""
+    fingerprint: dict[str, Any] = {name: getattr(args, name) for name in _COMPARED_ARGS}
+    fingerprint.update({
+        "seed": seed, "batch_size": batch_size, "processes x accumulation": num_processes * accumulation,
+        "dataset content": data, "datasets": datasets,
+    })
+    return fingerprint
+
+
+def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any], allow_changes: bool,
+                            state_dir: str) -> list[str]:
+    """Differences as lines; raises UserError for any unless ``allow_changes``."""
+    if saved is None:
+        return []
+    lines = [f"  {key}: saved {saved.get(key)!r}, now {value!r}"
+             for key, value in current.items() if saved.get(key) != value]
+    if lines and not allow_changes:
+        raise UserError(f"--resume {state_dir}: these settings differ from the saved run and would change "
+                        "training:\n" + "\n".join(lines) + "\nRestore them, or pass --resume_allow_changes.")
+    return lines

@@ -1,0 +1,125 @@
+"""Nothing lost: signals save a resumable state, NaN stops before writing, SIGKILL mid-save is harmless."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import train_network
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _data(tmp_path: Path, images: Path) -> Path:
+    path = tmp_path / "data.toml"
+    path.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = \"{images}\"\n")
+    return path
+
+
+def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data), "--output_dir", str(out),
+            "--output_name", "lora", "--network_dim", "4", "--seed", "1", "--cache_latents", *extra]
+
+
+def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {text!r}")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_state_and_resume_continues(tmp_path, tiny_sd_dir, tiny_images, sig, code):
+    out = tmp_path / "out"
+    data = _data(tmp_path, tiny_images)
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"),
+                                 *_args(tiny_sd_dir, data, out, "--max_train_steps", "100000")],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_for(proc, log, "steps:")
+            time.sleep(1.5)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=120) == code, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert "--resume" in text and "Traceback" not in text
+    states = list(out.glob("lora-step*-state"))
+    assert len(states) == 1 and (states[0] / "train_state.json").is_file()
+    step = int(states[0].name.split("step")[1].split("-")[0])
+    assert (out / f"lora-step{step:08d}.safetensors").is_file()
+    # the resumed run continues at the next step and finishes
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", str(step + 2),
+                                    "--resume", "latest")) == 0
+    rows = (out / "lora_loss.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(step + 1), str(step + 2)]
+
+
+def test_non_finite_loss_stops_without_writing(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    out = tmp_path / "out"
+    # a huge SGD step makes the weights explode, so the second step's loss is not finite
+    code = train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "10",
+                                    "--optimizer_type", "SGD", "--learning_rate", "1e38", "--max_grad_norm", "0",
+                                    "--save_every_n_steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite" in err
+    assert not (out / "lora.safetensors").exists()
+    for saved in out.glob("*.safetensors"):  # files written before the failure are complete
+        load_file(str(saved))
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    out = tmp_path / "out"
+    data = _data(tmp_path, tiny_images)
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "1", "--save_state")) == 0
+    code = train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "2", "--resume", "latest",
+                                    "--learning_rate", "5e-3"))
+    err = capsys.readouterr().err
+    assert code == 2 and "learning_rate" in err and "--resume_allow_changes" in err
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "2", "--resume", "latest",
+                                    "--learning_rate", "5e-3", "--resume_allow_changes")) == 0
+
+
+_WRITER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from library.fileio import atomic_save_safetensors
+tensors = {{f"t{{i}}": torch.full((256, 1024), float(i)) for i in range(48)}}  # ~48 MB
+print("ready", flush=True)
+while True:
+    atomic_save_safetensors(tensors, {target!r}, {{"ss_note": "x"}})
+"""
+
+
+def test_sigkill_during_save_leaves_the_previous_file_loadable(tmp_path):
+    target = tmp_path / "lora.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=str(ROOT), target=str(target))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.time() + 60
+        while not target.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # most likely in the middle of the next write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    loaded = load_file(str(target))
+    assert len(loaded) == 48 and float(loaded["t47"][0, 0]) == 47.0
+    # a killed writer may leave a hidden temporary file, never a partial file under a real name
+    assert all(p.name == target.name or p.name.startswith(".") for p in tmp_path.iterdir())

@@ -1,0 +1,60 @@
+"""tools/show.py: metadata, recomputed hashes, module table, --json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+
+from library.lora_formats import read_metadata
+from library.metadata import add_hashes
+from test_tools_common import KOHYA_META, pristine_pipe, random_network
+from tools import show
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("show") / "a.safetensors"
+    network = random_network(pristine_pipe(), dim=4, alpha=2.0, conv_dim=2)
+    meta = {**KOHYA_META, "modelspec.title": "test", "modelspec.architecture": "stable-diffusion-v1/lora"}
+    network.save_weights(path, None, meta)
+    return path, network
+
+
+def test_json_reports_modules_ranks_alphas_and_valid_hashes(lora_file, capsys):
+    path, network = lora_file
+    assert show.main(["--model", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "kohya"
+    assert info["modules"] == len(network.all_loras())
+    assert set(info["ranks"]) == {"4", "2"}  # linear dim 4, conv_dim 2
+    assert info["metadata"]["modelspec.title"] == "test"
+    assert all(h["ok"] for h in info["hashes"].values()) and len(info["hashes"]) == 2
+    row = next(r for r in info["module_table"] if r["kind"] == "conv")
+    module = getattr(network, row["name"])
+    expected = float((module.lora_up.weight.flatten(1) @ module.lora_down.weight.flatten(1)).detach().norm()) * 1.5 / 2
+    assert row["delta_norm"] == pytest.approx(expected, rel=1e-5)
+    assert row["alpha"] == 1.5 and row["rank"] == 2
+
+
+def test_tampered_tensor_fails_hash_check(lora_file, tmp_path, capsys):
+    path, _ = lora_file
+    tensors = safetensors.torch.load_file(path)
+    meta = read_metadata(str(path))
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = tensors[key] + 1.0
+    bad = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(tensors, str(bad), meta)
+    assert show.main(["--model", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and "sshs_model_hash" in out
+    # re-hashing the changed tensors makes it valid again
+    good = tmp_path / "good.safetensors"
+    safetensors.torch.save_file(tensors, str(good), add_hashes(tensors, meta))
+    assert show.main(["--model", str(good), "--no_modules"]) == 0
+
+
+def test_missing_file_is_a_user_error(tmp_path, capsys):
+    assert show.main(["--model", str(tmp_path / "nope.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
