@@ -37,7 +37,7 @@ from library.loss_curve import write_loss_curve
 from library.metadata import modelspec_metadata
 from library.optim import create_optimizer, create_scheduler, warmup_steps
 from library.resume_check import check_resume_compatible, training_fingerprint
-from library.signals import Interrupted, StopRequest
+from library.signals import Interrupted, StopRequest, stop_when_launcher_dies
 from library.train_metadata import RunInfo, minimal_training_metadata, training_metadata
 
 
@@ -201,6 +201,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     progress = tqdm(total=plan.max_train_steps, initial=global_step, disable=not main, desc="steps")
     curve: list[tuple[int, float, float]] = []
     stop = stack.enter_context(StopRequest())
+    stop_when_launcher_dies()
     for epoch in range(start_epoch, plan.num_epochs):
         network.on_epoch_start(text_encoder, unet)
         data.sampler.set_epoch(epoch, skip_batches)

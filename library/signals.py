@@ -8,6 +8,7 @@ With several processes the flag is all-reduced, so every process stops at the sa
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
 
 import torch
@@ -64,3 +65,21 @@ class Interrupted(Exception):
     def __init__(self, exit_code: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def stop_when_launcher_dies() -> None:
+    """Ask Linux to send us SIGTERM if the process that launched us dies.
+
+    ``accelerate launch`` (one process) does not forward SIGTERM to the training process: a
+    job scheduler that stops the launcher would leave training running unsupervised. With
+    this, the training process gets SIGTERM too and saves a resumable state. No-op elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

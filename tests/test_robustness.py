@@ -123,3 +123,27 @@ def test_sigkill_during_save_leaves_the_previous_file_loadable(tmp_path):
     assert len(loaded) == 48 and float(loaded["t47"][0, 0]) == 47.0
     # a killed writer may leave a hidden temporary file, never a partial file under a real name
     assert all(p.name == target.name or p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_sigterm_to_accelerate_launch_reaches_training(tmp_path, tiny_sd_dir, tiny_images):
+    """A scheduler stopping `accelerate launch` must not leave training running without a save."""
+    out = tmp_path / "out"
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--quiet", str(ROOT / "train_network.py"),
+           *_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "100000")]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_for(proc, log, "steps:")
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)  # to the launcher only
+            proc.wait(timeout=60)
+            deadline = time.time() + 120
+            while "--resume" not in log.read_text(errors="replace") and time.time() < deadline:
+                time.sleep(0.2)
+        finally:
+            proc.kill()
+    assert "--resume" in log.read_text(), log.read_text()[-3000:]
+    assert len([p for p in out.glob("lora-step*-state") if (p / "train_state.json").is_file()]) == 1

@@ -111,7 +111,11 @@ class LLMFamily:
         self.model.eval()
         if gradient_checkpointing:
             # Non-reentrant checkpointing gives the LoRA its gradients without the inputs requiring grad.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.model.train()  # transformers checkpoints only in training mode
 
     @property

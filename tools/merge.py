@@ -1,0 +1,246 @@
+"""Merge LoRAs: bake them into a base model, or combine several into one LoRA.
+
+    # bake into a model (a diffusers folder in, a diffusers folder with safetensors out)
+    python tools/merge.py --sd_model sd15/ --models style.safetensors char.safetensors --ratios 0.8 0.5 \\
+        --save_to sd15_merged/
+    # one LoRA from several: exact (ranks stacked), or SVD to a rank
+    python tools/merge.py --models a.safetensors b.safetensors --ratios 1 0.5 --save_to ab.safetensors
+    python tools/merge.py --models a.safetensors b.safetensors --ratios 1 0.5 --new_rank 16 --save_to ab16.safetensors
+
+Baking adds ``ratio · (alpha/r) · up ⊗ down`` to each adapted weight, computed in float32.
+Every module of every file must exist in the model: a file for another architecture is an
+error, not a silent no-op. Combining LoRAs never averages up and down matrices separately
+(which is not the sum of the deltas): without --new_rank the ranks are concatenated, so the
+result's ΔW is exactly Σ ratio_i · ΔW_i (checked before saving); with --new_rank each
+module's sum is re-factorised by SVD and the retained energy is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from library.errors import UserError  # noqa: E402
+from library.lora_formats import PRECISIONS, LoRAState, check_new_output, load_lora, save_kohya_file  # noqa: E402
+from networks.functional import merged_weight  # noqa: E402
+from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference  # noqa: E402
+from networks.targets import CLIP_TEXT, SD_UNET, find_targets  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="LoRA files (kohya, diffusers or ComfyUI naming)")
+    p.add_argument("--ratios", nargs="+", type=float, default=None, help="one multiplier per file (default 1.0 each)")
+    p.add_argument("--sd_model", default=None, help="bake into this model (diffusers folder); omit to merge LoRAs")
+    p.add_argument("--save_to", required=True, help="output: a folder (with --sd_model) or a .safetensors LoRA")
+    p.add_argument("--save_precision", choices=sorted(PRECISIONS), default=None,
+                   help="dtype of the output (default: the model's / the first LoRA's)")  # fmt: skip
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="float",
+                   help="dtype the deltas are computed in (default float)")  # fmt: skip
+    p.add_argument("--new_rank", type=int, default=None, help="LoRA merge: SVD to this rank instead of concatenating")
+    p.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 conv modules (default: --new_rank)")
+    p.add_argument("--concat", action="store_true", help="accepted for sd-scripts compatibility: the default here")
+    p.add_argument("--device", default="cpu", help="device for the merge arithmetic, e.g. cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save_to")
+    return p
+
+
+def ratios_for(args: argparse.Namespace) -> list[float]:
+    ratios = args.ratios if args.ratios is not None else [1.0] * len(args.models)
+    if len(ratios) != len(args.models):
+        raise UserError(f"{len(args.models)} --models but {len(ratios)} --ratios; give one ratio per file")
+    return ratios
+
+
+# --- baking into a model ----------------------------------------------------------------------
+
+
+def load_pipeline(folder: str):
+    from diffusers import StableDiffusionPipeline
+
+    root = Path(folder)
+    if root.is_file():
+        raise UserError(f"--sd_model {folder}: single-file checkpoints are not supported; give a diffusers folder")
+    if not (root / "model_index.json").is_file():
+        raise UserError(f"--sd_model {folder}: not a diffusers folder (no model_index.json)")
+    if (root / "text_encoder_2").is_dir():
+        raise UserError(f"--sd_model {folder}: SDXL baking is not supported yet (SD 1.x/2.x only)")
+    try:
+        return StableDiffusionPipeline.from_pretrained(str(root), safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--sd_model {folder}: cannot load the pipeline ({e})") from None
+
+
+def model_modules(pipe) -> dict[str, torch.nn.Module]:
+    """kohya name → module for every module networks.lora can adapt (conv included)."""
+    targets = find_targets(pipe.text_encoder, CLIP_TEXT, True) + find_targets(pipe.unet, SD_UNET, True)
+    return {t.lora_name: t.module for t in targets}
+
+
+@torch.no_grad()
+def bake(modules: dict[str, torch.nn.Module], state: LoRAState, ratio: float, source: str, device: str,
+         dtype: torch.dtype) -> int:  # fmt: skip
+    missing = sorted(set(state) - set(modules))
+    if missing:
+        raise UserError(f"{source}: {len(missing)} modules are not in the model, e.g. {missing[:3]}; "
+                        "was this LoRA made for another model?")  # fmt: skip
+    for name, f in state.items():
+        weight = modules[name].weight
+        merged = merged_weight(weight.to(device, dtype), f.down.to(device, dtype), f.up.to(device, dtype),
+                               f.scale, ratio)  # fmt: skip
+        weight.copy_(merged.to(weight.device, weight.dtype))
+    return len(state)
+
+
+def save_folder_atomically(pipe, target: Path, overwrite: bool) -> None:
+    """save_pretrained into a hidden sibling folder, then rename it into place."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if target.exists():
+            if not overwrite:
+                raise UserError(f"{target} already exists; pass --overwrite to replace it")
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
+    if args.new_rank is not None:
+        raise UserError("--new_rank applies to merging LoRAs; leave it out with --sd_model")
+    check_new_output(args.save_to, args.overwrite)
+    pipe = load_pipeline(args.sd_model)
+    modules = model_modules(pipe)
+    dtype = PRECISIONS[args.precision]
+    for path, ratio in zip(args.models, ratios, strict=True):
+        n = bake(modules, load_lora(path).state, ratio, path, args.device, dtype)
+        print(f"{path}: merged {n} modules with ratio {ratio}")
+    if args.save_precision:
+        pipe.to(PRECISIONS[args.save_precision])
+    save_folder_atomically(pipe, Path(args.save_to), args.overwrite)
+
+
+# --- merging LoRAs --------------------------------------------------------------------------
+
+
+def is_kxk(f: LoRAFactors) -> bool:
+    return f.down.dim() == 4 and tuple(f.down.shape[2:]) != (1, 1)
+
+
+def merge_states(states: list[LoRAState], ratios: list[float], new_rank: int | None, new_conv_rank: int | None,
+                 device: str = "cpu") -> tuple[LoRAState, dict[str, float]]:  # fmt: skip
+    """One state with ΔW = Σ ratio_i ΔW_i per module; with ``new_rank``, SVD-reduced (module → retained energy)."""
+    names = sorted({n for s in states for n in s})
+    merged: LoRAState = {}
+    retained: dict[str, float] = {}
+    for name in names:
+        parts = [(s[name], r) for s, r in zip(states, ratios, strict=True) if name in s]
+        shapes = {(tuple(f.up.shape[:1]), tuple(f.down.shape[1:])) for f, _ in parts}
+        if len(shapes) > 1:
+            raise UserError(f"{name}: the files disagree on the layer's shape {sorted(shapes)}; different models?")
+        moved = [(LoRAFactors(f.down.to(device), f.up.to(device), f.alpha), r) for f, r in parts]
+        combined = concatenate(moved) if len(moved) > 1 else _scaled(*moved[0])
+        if new_rank is not None:
+            rank = (new_conv_rank or new_rank) if is_kxk(combined) else new_rank
+            combined, report = refactorize(combined, rank)
+            retained[name] = report.retained_fro
+        merged[name] = LoRAFactors(combined.down.cpu(), combined.up.cpu(), combined.alpha)
+    return merged, retained
+
+
+def _scaled(f: LoRAFactors, ratio: float) -> LoRAFactors:
+    return f if ratio == 1.0 else LoRAFactors(f.down, f.up * ratio, f.alpha)
+
+
+def check_sum(merged: LoRAState, states: list[LoRAState], ratios: list[float], rtol: float = 1e-5) -> float:
+    """The concatenated result must equal the weighted sum exactly (up to float rounding)."""
+    worst = 0.0
+    for name, f in merged.items():
+        want = sum(r * s[name].delta() for s, r in zip(states, ratios, strict=True) if name in s)
+        worst = max(worst, relative_difference(f.delta(), want))
+    if worst > rtol:
+        raise UserError(f"internal check failed: merged ΔW differs from the weighted sum by {worst:.2e}")
+    return worst
+
+
+def merged_metadata(metas: list[dict[str, str]], args: argparse.Namespace, merged: LoRAState,
+                    ratios: list[float]) -> dict[str, str]:  # fmt: skip
+    linear = [f for f in merged.values() if not is_kxk(f)]
+    convs = [f for f in merged.values() if is_kxk(f)]
+    meta = {"ss_network_module": "networks.lora",
+            "ss_network_dim": str(max((f.rank for f in linear), default=0)),
+            "ss_network_alpha": str(max((f.alpha for f in linear), default=0.0)) if len({f.alpha for f in linear}) <= 1
+            else "Dynamic"}  # fmt: skip
+    if convs:
+        meta["ss_network_args"] = f'{{"conv_dim": "{max(f.rank for f in convs)}"}}'
+    versions = {m.get("ss_base_model_version") for m in metas} - {None}
+    if len(versions) == 1:
+        meta["ss_base_model_version"] = versions.pop()
+        meta["ss_v2"] = str(meta["ss_base_model_version"].startswith("sd_v2"))
+    sources = ", ".join(f"{Path(p).name} ({r:g})" for p, r in zip(args.models, ratios, strict=True))
+    meta["ss_training_comment"] = f"merged from {sources}" + (f", SVD rank {args.new_rank}" if args.new_rank else "")
+    for key in ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
+                "modelspec.resolution", "modelspec.prediction_type"):  # fmt: skip
+        if key in metas[0]:
+            meta[key] = metas[0][key]
+    if "modelspec.architecture" in meta:
+        meta["modelspec.title"] = Path(args.save_to).stem
+        meta["modelspec.date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return meta
+
+
+def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
+    if not args.save_to.endswith(".safetensors"):
+        raise UserError(f"--save_to {args.save_to}: a merged LoRA is saved as .safetensors")
+    if args.new_rank is not None and args.new_rank < 1:
+        raise UserError("--new_rank must be at least 1")
+    check_new_output(args.save_to, args.overwrite)
+    files = [load_lora(p) for p in args.models]
+    states = [f.state for f in files]
+    with torch.no_grad():
+        merged, retained = merge_states(states, ratios, args.new_rank, args.new_conv_rank, args.device)
+        if args.new_rank is None:
+            print(f"concatenated: ΔW equals the weighted sum (max relative difference "
+                  f"{check_sum(merged, states, ratios):.1e})")  # fmt: skip
+    for name, value in retained.items():
+        print(f"{name:<80} rank {merged[name].rank:>3}  retained {100 * value:7.3f}%")
+    if retained:
+        print(f"{len(retained)} modules: retained energy mean {100 * sum(retained.values()) / len(retained):.3f}%")
+    dtype = PRECISIONS[args.save_precision] if args.save_precision else next(iter(files[0].tensors.values())).dtype
+    save_kohya_file(args.save_to, merged, merged_metadata([f.metadata for f in files], args, merged, ratios), dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ratios = ratios_for(args)
+        if args.sd_model:
+            merge_into_model(args, ratios)
+        else:
+            merge_loras(args, ratios)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"saved {args.save_to}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
