@@ -23,6 +23,7 @@ from library.args import build_parser, check_combinations
 from library.checkpoint import (
     SavePlan,
     check_output_name,
+    ensure_free_space,
     ensure_output_dir,
     find_resume_state,
     read_state,
@@ -152,6 +153,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             log(f"saved {path}")
         return path
 
+    # LoRA file bytes; a state folder also holds fp32 weights and two optimizer moments.
+    model_bytes = sum(t.numel() * save_dtype.itemsize for t in network.state_dict().values())
+    ensure_free_space(output_dir, model_bytes, "the LoRA files")
+
     # --- resume -------------------------------------------------------------------------------
     fingerprint = training_fingerprint(
         args, seed=seed, batch_size=data.batch_size, num_processes=accelerator.num_processes,
@@ -189,9 +194,11 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     def checkpoint(stem: str, name_epoch: int, resume_at: tuple[int, int], stale: str | None,
                    force_state: bool = False) -> None:
         """A model file (and state folder) named ``stem``; rotation removes ``stale`` afterwards."""
+        with_state = saves.save_state or force_state
+        ensure_free_space(output_dir, model_bytes * (4 if with_state else 1), f"{stem}")
         accelerator.wait_for_everyone()
         save_model(stem, name_epoch, global_step)
-        if saves.save_state or force_state:
+        if with_state:
             save_state(stem, *resume_at)
         if main and stale:
             remove_quietly(saves.model_path(stale))
@@ -259,6 +266,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     progress.close()
 
     # --- final outputs ------------------------------------------------------------------------
+    ensure_free_space(output_dir, model_bytes, f"{output_name}{saves.extension}")
     accelerator.wait_for_everyone()
     final = save_model(output_name, plan.num_epochs, global_step)
     if saves.save_state or saves.save_state_on_train_end:

@@ -134,3 +134,18 @@ def check_output_name(name: str) -> str:
     if not _NAME_OK.match(name) or name in (".", ".."):
         raise UserError(f"--output_name {name!r} must be a plain file name without folders.")
     return name
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the file system holding ``folder`` (a function, so tests can patch it)."""
+    return shutil.disk_usage(folder).free
+
+
+def ensure_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse a save that cannot fit, before a byte is written (a full disk mid-save corrupts)."""
+    margin = 16 * 2**20
+    free = free_bytes(folder)
+    if free < needed + margin:
+        raise UserError(f"Not enough disk space in {folder} for {what}: {needed / 2**20:.1f} MiB needed "
+                        f"(plus a margin), {free / 2**20:.1f} MiB free. Free some space or choose another "
+                        "--output_dir; files already written are intact.")

@@ -101,6 +101,9 @@ def load_safetensors(path: str | os.PathLike, what: str = "weights") -> dict[str
         raise UserError(f"{path}: {what} must be a .safetensors file")
     if not os.path.isfile(path):
         raise UserError(f"{what} file not found: {path}")
+    from library.weights_check import check_weight_file
+
+    check_weight_file(path)
     return load_file(path)
 
 

@@ -147,3 +147,32 @@ def test_sigterm_to_accelerate_launch_reaches_training(tmp_path, tiny_sd_dir, ti
             proc.kill()
     assert "--resume" in log.read_text(), log.read_text()[-3000:]
     assert len([p for p in out.glob("lora-step*-state") if (p / "train_state.json").is_file()]) == 1
+
+
+def test_not_enough_disk_space_is_refused_before_writing(tmp_path, tiny_sd_dir, tiny_images, capsys, monkeypatch):
+    import library.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda folder: 1024)
+    out = tmp_path / "out"
+    code = train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Not enough disk space" in err and str(out) in err
+    assert not list(out.glob("*.safetensors"))
+
+
+def test_git_lfs_pointer_and_truncated_files_are_named(tmp_path, tiny_sd_dir):
+    import shutil
+
+    from library.errors import UserError
+    from library.families import load_family
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, model)
+    weights = next((model / "unet").glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        load_family("sd", str(model))
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(UserError, match="git-lfs pointer"):
+        load_family("sd", str(model))

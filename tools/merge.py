@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import sys
@@ -184,12 +185,14 @@ def merged_metadata(metas: list[dict[str, str]], args: argparse.Namespace, merge
                     ratios: list[float]) -> dict[str, str]:  # fmt: skip
     linear = [f for f in merged.values() if not is_kxk(f)]
     convs = [f for f in merged.values() if is_kxk(f)]
-    meta = {"ss_network_module": "networks.lora",
-            "ss_network_dim": str(max((f.rank for f in linear), default=0)),
-            "ss_network_alpha": str(max((f.alpha for f in linear), default=0.0)) if len({f.alpha for f in linear}) <= 1
-            else "Dynamic"}  # fmt: skip
+    alphas = {f.alpha for f in linear}
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max((f.rank for f in linear), default=0)),
+        "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
+    }
     if convs:
-        meta["ss_network_args"] = f'{{"conv_dim": "{max(f.rank for f in convs)}"}}'
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(max(f.rank for f in convs))})
     versions = {m.get("ss_base_model_version") for m in metas} - {None}
     if len(versions) == 1:
         meta["ss_base_model_version"] = versions.pop()

@@ -128,6 +128,9 @@ def load_family(model_type: str, model_path: str, **options: Any) -> ModelFamily
         if options.pop(key, False):
             raise UserError(f"--{key} quantizes a causal LM; it does not apply to --model_type {model_type}.")
     options.pop("weight_dtype", None)  # the diffusion families cast in prepare()
+    from library.weights_check import check_model_folder
+
+    check_model_folder(model_path)
     if model_type == "sd":
         from library.families.sd import SDFamily
 

@@ -1,0 +1,118 @@
+"""tools/merge.py: baking LoRAs into a diffusers model, and combining LoRAs (concatenation, SVD)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import safetensors.torch
+import torch
+
+from library.lora_formats import read_metadata
+from library.tiny_models import save_tiny_sd
+from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
+from tools import merge
+
+
+def unet_output(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    latents, context = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 700]), encoder_hidden_states=context).sample
+
+
+def te_output(te) -> torch.Tensor:
+    with torch.no_grad():
+        return te(torch.tensor([[0, 3, 8, 20, 1, 1]])).last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("merge")
+    a = random_network(pristine_pipe(), dim=4, alpha=2.0, seed=1)
+    b = random_network(pristine_pipe(), dim=2, alpha=1.0, conv_dim=2, seed=2)
+    a.save_weights(folder / "a.safetensors", None, KOHYA_META)
+    b.save_weights(folder / "b.safetensors", None, {**KOHYA_META, "ss_network_dim": "2"})
+    return folder, folder / "a.safetensors", folder / "b.safetensors"
+
+
+def test_concatenation_is_exact_sum(loras, capsys):
+    folder, a, b = loras
+    out = folder / "ab.safetensors"
+    assert merge.main(["--models", str(a), str(b), "--ratios", "0.8", "-0.5", "--save_to", str(out)]) == 0
+    assert "equals the weighted sum" in capsys.readouterr().out
+    da, db = state_deltas(safetensors.torch.load_file(a)), state_deltas(safetensors.torch.load_file(b))
+    got = state_deltas(safetensors.torch.load_file(out))
+    assert set(got) == set(da) | set(db) and len(got) > len(da)  # b adds conv modules
+    for name in got:
+        want = 0.8 * da.get(name, 0) - 0.5 * db.get(name, 0)
+        assert torch.allclose(got[name], want, atol=1e-6), name
+    sd = safetensors.torch.load_file(out)
+    shared = next(n for n in da if n in db)
+    assert sd[f"{shared}.lora_down.weight"].shape[0] == 6  # 4 + 2 stacked
+    meta = read_metadata(str(out))
+    assert "a.safetensors (0.8)" in meta["ss_training_comment"] and meta["ss_base_model_version"] == "sd_v1"
+    assert "sshs_model_hash" in meta
+
+
+def test_svd_merge_to_rank(loras, capsys):
+    folder, a, b = loras
+    out = folder / "ab3.safetensors"
+    assert merge.main(["--models", str(a), str(b), "--new_rank", "3", "--save_to", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "retained" in report
+    sd = safetensors.torch.load_file(out)
+    assert max(v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")) == 3
+    da, db = state_deltas(safetensors.torch.load_file(a)), state_deltas(safetensors.torch.load_file(b))
+    got = state_deltas(sd)
+    name = next(n for n in da if n in db)
+    want = da[name] + db[name]
+    # SVD truncation is the best rank-3 fit: error below that of dropping b entirely
+    assert float((got[name] - want).norm()) < float((da[name] - want).norm())
+    only_b = next(n for n in db if n not in da)  # a conv module: rank 2 <= 3 stays exact
+    assert torch.allclose(got[only_b], db[only_b], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("merge_base") / "base", seed=0)
+
+
+def test_bake_into_model_matches_diffusers_adapters(loras, base_dir, capsys):
+    folder, a, b = loras
+    out = folder / "baked"
+    assert merge.main(["--sd_model", str(base_dir), "--models", str(a), str(b), "--ratios", "0.8", "0.5",
+                       "--save_to", str(out)]) == 0  # fmt: skip
+    assert list(out.glob("unet/*.safetensors")) and list(out.glob("text_encoder/*.safetensors"))
+    assert not list(folder.glob(".baked*"))  # no temporary folder left behind
+    from diffusers import StableDiffusionPipeline
+
+    baked = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    ref = copy.deepcopy(pristine_pipe())
+    ref.load_lora_weights(str(folder), weight_name="a.safetensors", adapter_name="a")
+    ref.load_lora_weights(str(folder), weight_name="b.safetensors", adapter_name="b")
+    ref.set_adapters(["a", "b"], adapter_weights=[0.8, 0.5])
+    assert not torch.allclose(unet_output(baked.unet), unet_output(pristine_pipe().unet), atol=1e-3)
+    assert torch.allclose(unet_output(baked.unet), unet_output(ref.unet), atol=1e-4)
+    assert torch.allclose(te_output(baked.text_encoder), te_output(ref.text_encoder), atol=1e-4)
+    # an existing output folder is refused without --overwrite
+    assert merge.main(["--sd_model", str(base_dir), "--models", str(a), "--save_to", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bake_refuses_lora_for_another_model(loras, base_dir, tmp_path, capsys):
+    folder, a, _ = loras
+    sd = safetensors.torch.load_file(a)
+    sd["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 32)
+    sd["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 4)
+    bad = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(sd, str(bad))
+    code = merge.main(["--sd_model", str(base_dir), "--models", str(bad), "--save_to", str(tmp_path / "out")])
+    assert code == 2 and "not in the model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ratio_count_must_match(loras, tmp_path, capsys):
+    _, a, b = loras
+    assert merge.main(["--models", str(a), str(b), "--ratios", "1", "--save_to", str(tmp_path / "x.safetensors")]) == 2
+    assert "one ratio per file" in capsys.readouterr().err
