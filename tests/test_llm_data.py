@@ -102,7 +102,8 @@ def test_plain_text_blocks_and_long_documents_are_chunked(tmp_path, tok):
     assert d.train[0].input_ids == _ids(tok, "first document\nstill first") + [tok.eos_token_id]
     second = _ids(tok, "second " + "word " * 40) + [tok.eos_token_id]
     chunks = [s.input_ids for s in d.train[1:]]
-    assert len(chunks) >= 2 and all(len(c) <= 32 for c in chunks) and sum(chunks, []) == second[: sum(len(c) for c in chunks)]
+    assert len(chunks) >= 2 and all(len(c) <= 32 for c in chunks)
+    assert sum(chunks, []) == second[: sum(len(c) for c in chunks)]
     assert len(second) - sum(len(c) for c in chunks) <= 1  # only a 1-token tail (nothing to predict) is left
 
 
@@ -146,14 +147,16 @@ def test_packed_rows_restart_positions_and_mask_sample_starts(tmp_path, tok):
 
 def test_batches_follow_the_epoch_order_contract(tmp_path, tok):
     f = _jsonl(tmp_path / "t.jsonl", [{"text": f"sample {i} " * (1 + i % 3)} for i in range(10)])
-    group = _config(tmp_path, f'[[datasets]]\nbatch_size = 2\npacking = false\nmax_seq_length = 64\n'
-                              f'[[datasets.subsets]]\njsonl_file = "{f}"\n')
-    one = build_text_data(group, tok, seed=3, num_processes=1, rank=0)
-    two = [build_text_data(group, tok, seed=3, num_processes=2, rank=r) for r in range(2)]
+    def group(batch_size: int):
+        return _config(tmp_path, f'[[datasets]]\nbatch_size = {batch_size}\npacking = false\nmax_seq_length = 64\n'
+                                 f'[[datasets.subsets]]\njsonl_file = "{f}"\n')
+
+    one = build_text_data(group(4), tok, seed=3, num_processes=1, rank=0)  # 1 process x batch 4
+    two = [build_text_data(group(2), tok, seed=3, num_processes=2, rank=r) for r in range(2)]  # 2 x batch 2
     for data in (one, *two):
         data.sampler.set_epoch(1)
     # process r gets slice r of each global batch, and its loader yields exactly the sampler's indices
-    expected = epoch_batches([0] * 10, 1, 2, 1, 3, 1)
+    expected = epoch_batches([0] * 10, 2, 2, 1, 3, 1)
     assert [b["indices"].tolist() for b in two[1].loader] == expected
     for step, (a, b, c) in enumerate(zip(one.loader, two[0].loader, two[1].loader, strict=True)):
         assert a["indices"].tolist() == b["indices"].tolist() + c["indices"].tolist(), step
@@ -166,7 +169,8 @@ def test_num_repeats_and_validation_split(tmp_path, tok):
     assert len(d.validation) == 2 and len(d.train) == 8 * 3
     held = {tuple(s.input_ids) for s in d.validation}
     assert not held & {tuple(s.input_ids) for s in d.train}
-    again = _dataset(tmp_path, f'jsonl_file = "{f}"', "validation_split = 0.2\nvalidation_seed = 5", tok=tok)
+    split = "max_seq_length = 64\nvalidation_split = 0.2\nvalidation_seed = 5"
+    again = _dataset(tmp_path, f'jsonl_file = "{f}"', split, tok=tok)
     assert {tuple(s.input_ids) for s in again.validation} == held
 
 

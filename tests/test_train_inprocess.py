@@ -111,3 +111,27 @@ def test_bad_arguments_are_clear_errors(tmp_path, tiny_sd_dir, tiny_images, caps
         return
     assert _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "1", *extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_two_resumes_in_a_row_with_buckets_equal_a_straight_run(tmp_path, tiny_sd_dir):
+    from PIL import Image
+
+    images = tmp_path / "mixed"
+    images.mkdir()
+    for i, size in enumerate([(64, 64)] * 5 + [(96, 48)] * 4 + [(48, 96)] * 3):
+        Image.new("RGB", size, (40 * i % 255, 90, 200 - 10 * i)).save(images / f"{i:02d}.png")
+        (images / f"{i:02d}.caption").write_text(f"sks shape {i}")
+    data = tmp_path / "data.toml"
+    data.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\nenable_bucket = true\nmin_bucket_reso = 32\n"
+                    f"max_bucket_reso = 128\nbucket_reso_steps = 16\n"
+                    f"[[datasets.subsets]]\nimage_dir = \"{images}\"\nnum_repeats = 1\n")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _run(tiny_sd_dir, data, straight, "--max_train_steps", "8") == 0
+    # 3 and 5 are inside an epoch (buckets of 5, 4 and 3 samples give 3 + 2 + 2 = 7 steps per epoch)
+    for steps in ("3", "5"):
+        extra = ["--resume", "latest"] if steps == "5" else []
+        assert _run(tiny_sd_dir, data, split, "--max_train_steps", steps, "--save_state", *extra) == 0
+    assert _run(tiny_sd_dir, data, split, "--max_train_steps", "8", "--resume", "latest") == 0
+    a, b = load_file(str(straight / "lora.safetensors")), load_file(str(split / "lora.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
