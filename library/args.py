@@ -24,10 +24,6 @@ NOT_IMPLEMENTED_YET: dict[str, str] = {
     "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
     "xformers": "SDPA attention is always used and is as fast; remove --xformers",
     "sample_prompts": "sample images during training are planned",
-    "multires_noise_iterations": "multires noise is planned",
-    "debiased_estimation_loss": "debiased estimation loss is planned",
-    "scale_v_pred_loss_like_noise_pred": "this loss scaling is planned",
-    "zero_terminal_snr": "zero terminal SNR is planned",
     "cache_latents_to_disk": "disk latent caches are planned; --cache_latents (in memory) works",
 }
 
@@ -184,6 +180,9 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
 def _add_loss(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusion loss")
     g.add_argument("--noise_offset", type=float, default=None, help="offset noise strength (e.g. 0.05)")
+    g.add_argument(
+        "--noise_offset_random_strength", action="store_true", help="draw the offset strength in [0, noise_offset)"
+    )
     g.add_argument("--multires_noise_iterations", type=int, default=None, help="multires noise iterations")
     g.add_argument("--multires_noise_discount", type=float, default=0.3, help="multires noise discount")
     g.add_argument("--min_snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (e.g. 5)")

@@ -57,6 +57,12 @@ def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
 def noise_settings(args: argparse.Namespace) -> NoiseSettings:
     return NoiseSettings(
         noise_offset=args.noise_offset,
+        noise_offset_random_strength=args.noise_offset_random_strength,
+        multires_noise_iterations=args.multires_noise_iterations,
+        multires_noise_discount=args.multires_noise_discount,
+        debiased_estimation_loss=args.debiased_estimation_loss,
+        scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
+        zero_terminal_snr=args.zero_terminal_snr,
         min_timestep=args.min_timestep or 0,
         max_timestep=args.max_timestep or 1000,
         min_snr_gamma=args.min_snr_gamma,

@@ -62,3 +62,48 @@ def test_prior_loss_weight_applies_to_regularisation_samples():
     s = NoiseSettings(prior_loss_weight=0.5)
     out = weighted_loss(losses, torch.tensor([False, True]), torch.tensor([0, 0]), torch.ones(10) * 0.5, s)
     assert out.item() == pytest.approx(0.75)
+
+
+def test_scale_v_and_debiased_weights_exact():
+    from library.families.diffusion import debiased_weight
+
+    alphas = torch.tensor([0.5, 0.8])  # SNR = 1 and 4
+    losses = torch.ones(2)
+    none = torch.tensor([False, False])
+    t = torch.tensor([0, 1])
+    v = weighted_loss(losses, none, t, alphas, NoiseSettings(scale_v_pred_loss_like_noise_pred=True))
+    assert v.item() == pytest.approx((1 / 2 + 4 / 5) / 2)
+    assert debiased_weight(torch.tensor([1.0, 4.0]), v_prediction=False).tolist() == [1.0, 0.5]
+    assert debiased_weight(torch.tensor([1.0, 4.0]), v_prediction=True).tolist() == pytest.approx([0.5, 0.2])
+    d = weighted_loss(losses, none, t, alphas, NoiseSettings(debiased_estimation_loss=True))
+    assert d.item() == pytest.approx(0.75)
+
+
+def test_noise_is_keyed_per_sample_and_options_change_it():
+    from library.families.diffusion import draw_noise_and_timesteps
+
+    latents = torch.zeros(2, 4, 8, 8)
+    base = NoiseSettings()
+    n1, t1 = draw_noise_and_timesteps(latents, 1, 0, torch.tensor([3, 7]), base)
+    n2, t2 = draw_noise_and_timesteps(latents[:1], 1, 0, torch.tensor([7]), base)
+    assert torch.equal(n1[1], n2[0]) and t1[1] == t2[0]  # the same sample draws the same, whatever the batch
+    offset, _ = draw_noise_and_timesteps(latents, 1, 0, torch.tensor([3, 7]), NoiseSettings(noise_offset=0.1))
+    per_channel_shift = (offset - n1).mean(dim=(2, 3))
+    assert torch.allclose(offset - n1, per_channel_shift[..., None, None].expand_as(n1), atol=1e-6)
+    assert per_channel_shift.abs().max() > 0
+    weak, _ = draw_noise_and_timesteps(latents, 1, 0, torch.tensor([3, 7]),
+                                       NoiseSettings(noise_offset=0.1, noise_offset_random_strength=True))
+    assert ((weak - n1).abs() <= (offset - n1).abs() + 1e-6).all()
+    multi, _ = draw_noise_and_timesteps(latents, 1, 0, torch.tensor([3, 7]),
+                                        NoiseSettings(multires_noise_iterations=3, multires_noise_discount=0.3))
+    assert not torch.allclose(multi, n1)
+    assert torch.allclose(multi.flatten(1).std(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_zero_terminal_snr_schedule(tiny_sd_dir):
+    from library.families.sd import SDFamily
+
+    family = SDFamily.load(str(tiny_sd_dir), noise=NoiseSettings(zero_terminal_snr=True))
+    assert family.scheduler.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-8)
+    plain = SDFamily.load(str(tiny_sd_dir))
+    assert plain.scheduler.alphas_cumprod[-1].item() > 1e-4

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from library.rng import per_sample_randint, per_sample_randn
+from library.rng import per_sample_randint, per_sample_randn, sample_generator
 
 # Purposes mixed into the per-sample keys so that each kind of draw is independent.
-DRAW_NOISE, DRAW_TIMESTEP, DRAW_OFFSET, DRAW_LATENT = 1, 2, 3, 4
+DRAW_NOISE, DRAW_TIMESTEP, DRAW_OFFSET, DRAW_LATENT, DRAW_MULTIRES, DRAW_STRENGTH = 1, 2, 3, 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,12 @@ class NoiseSettings:
     """Loss and noise options of the diffusion families."""
 
     noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    zero_terminal_snr: bool = False
     min_timestep: int = 0
     max_timestep: int = 1000
     min_snr_gamma: float | None = None
@@ -43,9 +49,40 @@ def draw_noise_and_timesteps(
     if s.noise_offset:
         # Offset noise shifts whole channels, so the model learns to change overall brightness.
         offset = per_sample_randn((latents.shape[1], 1, 1), sample_keys(seed, epoch, indices, DRAW_OFFSET))
-        noise = noise + s.noise_offset * offset
+        strength = torch.full((len(indices), 1, 1, 1), s.noise_offset)
+        if s.noise_offset_random_strength:
+            u = torch.stack([torch.rand(1, generator=sample_generator(*k))
+                             for k in sample_keys(seed, epoch, indices, DRAW_STRENGTH)])
+            strength = strength * u.view(-1, 1, 1, 1)
+        noise = noise + strength * offset
+    if s.multires_noise_iterations:
+        noise = multires_noise(noise, s.multires_noise_iterations, s.multires_noise_discount,
+                               sample_keys(seed, epoch, indices, DRAW_MULTIRES))
     timesteps = per_sample_randint(s.min_timestep, s.max_timestep, sample_keys(seed, epoch, indices, DRAW_TIMESTEP))
     return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+
+
+def multires_noise(noise: torch.Tensor, iterations: int, discount: float,
+                   keys: list[tuple[int, ...]]) -> torch.Tensor:
+    """Pyramid ("multires") noise: add upsampled coarser noise, weight discount**i at level i, renormalise.
+
+    Level i has a resolution 1 / r**i of the latents, with r drawn per sample in [2, 4) so the
+    pyramid does not always line up with powers of two.
+    """
+    out = []
+    for sample, key in zip(noise, keys, strict=True):
+        gen = sample_generator(*key)
+        channels, height, width = sample.shape
+        result = sample.clone()
+        r = 2.0 + 2.0 * torch.rand(1, generator=gen).item()
+        for i in range(1, iterations + 1):
+            h, w = max(1, int(height / r**i)), max(1, int(width / r**i))
+            coarse = torch.randn(1, channels, h, w, generator=gen)
+            result += discount**i * F.interpolate(coarse, size=(height, width), mode="bilinear")[0]
+            if h == 1 or w == 1:
+                break
+        out.append(result / result.std())
+    return torch.stack(out)
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float) -> torch.Tensor:
@@ -82,6 +119,20 @@ def weighted_loss(
 ) -> torch.Tensor:
     """Apply prior-preservation and min-SNR weights to per-sample losses and average."""
     weights = torch.where(is_reg.to(losses.device), s.prior_loss_weight, 1.0).to(losses.dtype)
-    if s.min_snr_gamma:
-        weights = weights * min_snr_weight(snr(alphas_cumprod, timesteps), s.min_snr_gamma, s.v_parameterization)
+    if s.min_snr_gamma or s.scale_v_pred_loss_like_noise_pred or s.debiased_estimation_loss:
+        # zero-terminal-SNR schedules reach SNR 0 at the last step; keep the weights finite there
+        snr_t = snr(alphas_cumprod, timesteps).clamp(min=1e-6)
+        if s.min_snr_gamma:
+            weights = weights * min_snr_weight(snr_t, s.min_snr_gamma, s.v_parameterization)
+        if s.scale_v_pred_loss_like_noise_pred:
+            # v-loss = (SNR + 1) * eps-loss; this brings it back to the eps scale
+            weights = weights * snr_t / (snr_t + 1.0)
+        if s.debiased_estimation_loss:
+            weights = weights * debiased_weight(snr_t, s.v_parameterization)
     return (losses * weights).mean()
+
+
+def debiased_weight(snr_t: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """Debiased estimation (Yu et al. 2023): 1/sqrt(SNR) for epsilon, 1/(SNR + 1) for v; SNR capped at 1000."""
+    snr_t = torch.clamp(snr_t, max=1000.0)
+    return 1.0 / (snr_t + 1.0) if v_prediction else 1.0 / torch.sqrt(snr_t)

@@ -65,7 +65,8 @@ class SDFamily:
             vae = _load("VAE", AutoencoderKL.from_pretrained, str(root), subfolder="vae")
         scheduler_config = DDPMScheduler.load_config(str(root), subfolder="scheduler")
         # Training always adds noise with the DDPM schedule the model was trained with.
-        scheduler = DDPMScheduler.from_config(scheduler_config)
+        scheduler = DDPMScheduler.from_config(scheduler_config, rescale_betas_zero_snr=bool(
+            noise and noise.zero_terminal_snr))
         detected_v = scheduler.config.prediction_type == "v_prediction"
         v_param = detected_v if v_parameterization is None else (v_parameterization or detected_v)
         is_v2 = bool(v2) or text_encoder.config.hidden_size == 1024

@@ -1,0 +1,145 @@
+"""tools/convert.py: kohya ↔ diffusers ↔ ComfyUI (SD1) and kohya ↔ PEFT (LLM), verified and loaded by consumers."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from library.lora_formats import read_metadata
+from library.tiny_models import save_tiny_sd
+from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
+from tools import convert
+
+
+def unet_output(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    latents, context = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 700]), encoder_hidden_states=context).sample
+
+
+def te_output(te) -> torch.Tensor:
+    with torch.no_grad():
+        return te(torch.tensor([[0, 3, 8, 20, 1, 1]])).last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def kohya(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("convert")
+    network = random_network(pristine_pipe(), dim=4, alpha=2.0, conv_dim=2)  # alpha != dim: scale matters
+    path = folder / "kohya.safetensors"
+    network.save_weights(path, None, KOHYA_META)
+    ref = copy.deepcopy(pristine_pipe())
+    ref.load_lora_weights(str(folder), weight_name=path.name)
+    return folder, path, (unet_output(ref.unet), te_output(ref.text_encoder))
+
+
+@pytest.mark.parametrize("alpha", ["fold", "keep"])
+def test_kohya_to_diffusers_loads_with_same_outputs_and_round_trips(kohya, alpha, capsys):
+    folder, path, (ref_unet, ref_te) = kohya
+    out = folder / f"diffusers_{alpha}.safetensors"
+    assert convert.main(["--model", str(path), "--to", "diffusers", "--alpha", alpha, "--save_to", str(out)]) == 0
+    assert "every ΔW verified" in capsys.readouterr().out
+    sd = safetensors.torch.load_file(out)
+    assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in sd)
+    meta = read_metadata(str(out))
+    assert ("lora_adapter_metadata" in meta) and meta["ss_network_dim"] == "4"
+    if alpha == "keep":
+        cfg = json.loads(meta["lora_adapter_metadata"])
+        assert cfg["unet.lora_alpha"] == 2.0 and cfg["unet.r"] == 4 and cfg["unet.alpha_pattern"]
+    pipe = copy.deepcopy(pristine_pipe())
+    pipe.load_lora_weights(str(folder), weight_name=out.name)
+    assert torch.allclose(unet_output(pipe.unet), ref_unet, atol=1e-5)
+    assert torch.allclose(te_output(pipe.text_encoder), ref_te, atol=1e-5)
+
+    back = folder / f"back_{alpha}.safetensors"
+    assert convert.main(["--model", str(out), "--to", "kohya", "--save_to", str(back)]) == 0
+    src, dst = state_deltas(safetensors.torch.load_file(path)), state_deltas(safetensors.torch.load_file(back))
+    assert set(src) == set(dst)
+    assert all(torch.allclose(dst[n], src[n], rtol=1e-5, atol=1e-8) for n in src)
+
+
+def test_comfyui_names_use_original_block_numbers(kohya, tmp_path_factory, capsys):
+    folder, path, _ = kohya
+    base = save_tiny_sd(tmp_path_factory.mktemp("convert_base") / "base")
+    out = folder / "comfy.safetensors"
+    assert convert.main(["--model", str(path), "--to", "comfyui", "--base_model", str(base),
+                         "--save_to", str(out)]) == 0  # fmt: skip
+    keys = set(safetensors.torch.load_file(out))
+    # tiny UNet: layers_per_block 1, so down_blocks.0.attentions.0 is input_blocks.1.1
+    assert "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora_up.weight" in keys
+    assert "diffusion_model.input_blocks.3.0.in_layers.2.lora_down.weight" in keys  # down_blocks.1.resnets.0.conv1
+    assert "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.alpha" in keys
+    back = folder / "comfy_back.safetensors"
+    assert convert.main(["--model", str(out), "--to", "kohya", "--base_model", str(base), "--save_to", str(back)]) == 0
+    assert set(safetensors.torch.load_file(back)) == set(safetensors.torch.load_file(path))
+
+
+def test_a_dropped_module_fails_loudly(kohya, monkeypatch, capsys):
+    folder, path, _ = kohya
+    real = convert.write_comfy
+
+    def lossy(state, namer, dtype=None):
+        out = real(state, namer, dtype)
+        victim = sorted(k for k in out if k.endswith(".lora_up.weight"))[0][: -len(".lora_up.weight")]
+        return {k: v for k, v in out.items() if not k.startswith(victim + ".")}
+
+    monkeypatch.setattr(convert, "write_comfy", lossy)
+    out = folder / "lossy.safetensors"
+    assert convert.main(["--model", str(path), "--to", "comfyui", "--save_to", str(out)]) == 2
+    assert "1 modules dropped" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=101)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("llm")
+    model.save_pretrained(folder / "model")
+    return folder, model
+
+
+def test_llm_kohya_to_peft_loads_in_peft_and_round_trips(llama, capsys):
+    from peft import PeftModel
+
+    folder, model = llama
+    gen = torch.Generator().manual_seed(0)
+    sd, merged = {}, copy.deepcopy(model)
+    for path, module in model.named_modules():
+        if path.endswith(("q_proj", "v_proj", "down_proj")):
+            name = "lora_unet_" + path.replace(".", "_")
+            rank = 4 if "down" not in path else 2  # mixed ranks → rank_pattern
+            down = torch.randn(rank, module.in_features, generator=gen) * 0.1
+            up = torch.randn(module.out_features, rank, generator=gen) * 0.1
+            sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                       f"{name}.alpha": torch.tensor(8.0)})  # fmt: skip
+            with torch.no_grad():
+                merged.get_submodule(path).weight += up @ down * 8.0 / rank
+    kohya_file = folder / "llm_kohya.safetensors"
+    safetensors.torch.save_file(sd, str(kohya_file))
+    adapter = folder / "adapter"
+    assert convert.main(["--model", str(kohya_file), "--family", "llm", "--to", "peft", "--save_to", str(adapter),
+                         "--base_model_name_or_path", "tiny-llama"]) == 0  # fmt: skip
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 8.0 and config["r"] == 4 and sorted(config["target_modules"]) == [
+        "down_proj", "q_proj", "v_proj"]  # fmt: skip
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        want, got, plain = merged(ids).logits, peft_model(ids).logits, model(ids).logits
+    assert not torch.allclose(want, plain, atol=1e-3)
+    assert torch.allclose(got, want, atol=1e-4)
+
+    back = folder / "llm_back.safetensors"
+    assert convert.main(["--model", str(adapter), "--to", "kohya", "--save_to", str(back)]) == 0
+    src, dst = state_deltas(sd), state_deltas(safetensors.torch.load_file(back))
+    assert set(src) == set(dst) and all(torch.allclose(dst[n], src[n], atol=1e-6) for n in src)

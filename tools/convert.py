@@ -1,0 +1,202 @@
+"""Convert a LoRA between kohya, diffusers/PEFT and ComfyUI naming, verifying every module.
+
+    python tools/convert.py --model my_lora.safetensors --to diffusers --save_to my_lora_diffusers.safetensors
+    python tools/convert.py --model my_lora.safetensors --to comfyui --save_to my_lora_comfy.safetensors
+    python tools/convert.py --model diffusers_lora.safetensors --to kohya --save_to back.safetensors
+    python tools/convert.py --model llm_lora.safetensors --family llm --to peft --save_to adapter_dir/ \\
+        --base_model_name_or_path my-llm
+
+The input format is detected (kohya, diffusers, ComfyUI file, or a PEFT folder). After writing,
+the output is read back and every module's ΔW = (alpha/r)·up·down is compared with the
+input's (relative Frobenius difference at most 1e-5 in float32; the rounding of --save_precision
+otherwise), and the module sets must be equal: a file that would load "without error but
+with no effect" is never written silently. Alpha: --alpha fold multiplies alpha/r into lora_B
+(every consumer gets the right scale), --alpha keep stores it in the diffusers
+``lora_adapter_metadata`` / PEFT ``adapter_config.json`` (default: fold for diffusers, keep for peft).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from library.errors import UserError  # noqa: E402
+from library.fileio import atomic_save_safetensors, atomic_write  # noqa: E402
+from library.lora_formats import (  # noqa: E402
+    FAMILIES,
+    FORMATS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    PRECISIONS,
+    Family,
+    LoRAState,
+    Namer,
+    UNetLayout,
+    check_new_output,
+    compare_states,
+    diffusers_metadata,
+    load_lora,
+    save_kohya_file,
+    write_comfy,
+    write_lora_a_b,
+)
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True, help="input LoRA (.safetensors file or PEFT folder)")
+    p.add_argument("--save_to", required=True, help="output file (kohya, diffusers, comfyui) or folder (peft)")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                   help="model family (default: llm for PEFT folders / --to peft, else sd1)")  # fmt: skip
+    p.add_argument("--alpha", choices=("fold", "keep"), default=None,
+                   help="diffusers/peft output: fold alpha/r into lora_B, or keep alpha in the metadata/config")
+    p.add_argument("--base_model", default=None,
+                   help="the model folder (diffusers or transformers): exact module names and UNet block layout")
+    p.add_argument("--base_model_name_or_path", default=None, help="written into adapter_config.json (peft)")
+    p.add_argument("--save_precision", choices=sorted(PRECISIONS), default=None,
+                   help="dtype of the output (default: the input's)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save_to")
+    return p
+
+
+def _meta_modules(build) -> list[str]:
+    """Module paths of a model built on the meta device (no weights, no memory)."""
+    with torch.device("meta"):
+        model = build()
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def make_namer(family_name: str, base_model: str | None) -> Namer:
+    family = FAMILIES[family_name]
+    if base_model is None:
+        return Namer(family)
+    root = Path(base_model)
+    if family_name == "llm":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(root))
+        return Namer(family, {"model": _meta_modules(lambda: AutoModelForCausalLM.from_config(config))})
+    unet_config = root / "unet" / "config.json"
+    if not unet_config.is_file():
+        raise UserError(f"--base_model {base_model}: no unet/config.json (give the diffusers model folder)")
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = json.loads(unet_config.read_text(encoding="utf-8"))
+    family = Family(family.name, family.components, UNetLayout.from_config(config))
+    paths = {"unet": _meta_modules(lambda: UNet2DConditionModel.from_config(config))}
+    for comp in family.components[1:]:
+        te_config = CLIPTextConfig.from_pretrained(str(root / comp.name))
+        paths[comp.name] = _meta_modules(lambda c=te_config: CLIPTextModel(c))
+    return Namer(family, paths)
+
+
+def write_peft_folder(target: Path, tensors: dict, config: dict, metadata: dict, overwrite: bool) -> None:
+    """adapter_model.safetensors + adapter_config.json, written into a temporary folder then renamed."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        atomic_save_safetensors(tensors, tmp / PEFT_WEIGHTS, metadata)
+        with atomic_write(tmp / PEFT_CONFIG, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if target.exists():
+            if not overwrite:
+                raise UserError(f"{target} already exists; pass --overwrite to replace it")
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def peft_config(config: dict, args: argparse.Namespace) -> dict:
+    full = dict(config)
+    # Module suffixes (q_proj, ...) are what PEFT and vLLM expect; modules of those kinds that the
+    # file does not hold get lora_B = 0, so they change nothing.
+    full["target_modules"] = sorted({p.rsplit(".", 1)[-1] for p in config["target_modules"]})
+    full.update({"task_type": "CAUSAL_LM", "base_model_name_or_path": args.base_model_name_or_path,
+                 "inference_mode": True})  # fmt: skip
+    return full
+
+
+def _clip_probe() -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        return CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1,
+                                            num_hidden_layers=1, vocab_size=10))  # fmt: skip
+
+
+def write_output(state: LoRAState, meta: dict[str, str], args: argparse.Namespace, namer: Namer,
+                 dtype: torch.dtype) -> None:  # fmt: skip
+    kept = {k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec."))}
+    if args.to == "kohya":
+        save_kohya_file(args.save_to, state, kept, dtype)
+    elif args.to == "comfyui":
+        atomic_save_safetensors(write_comfy(state, namer, dtype), args.save_to, kept)
+    elif args.to == "diffusers":
+        fold = (args.alpha or "fold") == "fold"
+        # Paths as the installed transformers names the modules (version 5 dropped CLIP's text_model),
+        # which is what diffusers itself writes and matches against; both spellings are read.
+        strip = not hasattr(_clip_probe(), "text_model")
+        tensors, configs = write_lora_a_b(state, namer, "diffusers_prefix", fold, dtype, strip_path_prefix=strip)
+        atomic_save_safetensors(tensors, args.save_to, {**kept, **diffusers_metadata(configs)})
+    else:
+        fold = (args.alpha or "keep") == "fold"
+        tensors, configs = write_lora_a_b(state, namer, "peft_prefix", fold, dtype)
+        if len(configs) != 1:
+            raise UserError("a PEFT folder holds one model's adapter; this LoRA spans several models")
+        write_peft_folder(Path(args.save_to), tensors, peft_config(next(iter(configs.values())), args), kept,
+                          args.overwrite)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        family = args.family or ("llm" if args.to == "peft" or Path(args.model).is_dir() else "sd1")
+        if args.to == "peft" and family != "llm":
+            raise UserError("--to peft writes an LLM adapter folder; for SD LoRAs use --to diffusers")
+        if args.to == "peft" and args.save_to.endswith(".safetensors"):
+            raise UserError("--to peft writes a folder; give --save_to a folder name")
+        check_new_output(args.save_to, args.overwrite)
+        namer = make_namer(family, args.base_model)
+        source = load_lora(args.model, namer)
+        dtype = PRECISIONS[args.save_precision] if args.save_precision else next(iter(source.tensors.values())).dtype
+        write_output(source.state, source.metadata, args, namer, dtype)
+        result = load_lora(args.save_to, namer)
+        try:
+            worst = compare_states(source.state, result.state, TOLERANCE.get(dtype, 1e-5))
+        except UserError:
+            _remove(Path(args.save_to))
+            raise
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{source.format} -> {args.to}: {len(result.state)} modules, every ΔW verified "
+          f"(max relative difference {worst:.1e}); saved {args.save_to}")  # fmt: skip
+    return 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
