@@ -86,7 +86,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         # On a CPU device, loader processes would only take cores from the step.
         num_workers=args.max_data_loader_n_workers if accelerator.device.type != "cpu" else 0,
         persistent_workers=args.persistent_data_loader_workers, cache_latents=args.cache_latents,
-        vae_batch_size=args.vae_batch_size, device=accelerator.device))
+        vae_batch_size=args.vae_batch_size, device=accelerator.device,
+        cache_text_encoder_outputs=args.cache_text_encoder_outputs))
     plan = setup.plan_steps(len(data.sampler), acc_settings.gradient_accumulation_steps,
                             args.max_train_steps, args.max_train_epochs)
 
@@ -202,6 +203,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             save_state(stem, *resume_at)
         if main and stale:
             remove_quietly(saves.model_path(stale))
+            remove_quietly(saves.model_path(stale).with_suffix(""))  # an adapter folder (LLMs: PEFT format)
             remove_quietly(saves.state_path(stale))
 
     resume_point = (start_epoch, skip_batches)

@@ -102,6 +102,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color_aug", action="store_true", help="random hue shifts")
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crops")
     g.add_argument("--cache_latents", action="store_true", help="encode every image once, keep latents in memory")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="SDXL with --network_train_unet_only: encode each caption once, keep the outputs in memory "
+                        "(captions must not be shuffled or dropped)")
     g.add_argument("--cache_latents_to_disk", action="store_true", help="per-image latent files next to the images")
     g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
     g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="DataLoader processes (0 on a CPU device)")

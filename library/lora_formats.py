@@ -158,12 +158,24 @@ def _rename_parts(rest: str, table: Mapping[str, str]) -> str:
     return rest
 
 
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 _RESNET_FROM_LDM = {v: k for k, v in _RESNET_TO_LDM.items()}
-_SINGLE_TO_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-                  "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-                  "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_SINGLE_TO_LDM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 _SINGLE_FROM_LDM = {v: k for k, v in _SINGLE_TO_LDM.items()}
 
 SD1_LAYOUT = UNetLayout()
@@ -337,8 +349,12 @@ def read_lora_a_b(
 
 
 def write_lora_a_b(
-    state: Mapping[str, LoRAFactors], namer: Namer, prefix_attr: str, fold_alpha: bool,
-    dtype: torch.dtype | None = None, strip_path_prefix: bool = False,
+    state: Mapping[str, LoRAFactors],
+    namer: Namer,
+    prefix_attr: str,
+    fold_alpha: bool,
+    dtype: torch.dtype | None = None,
+    strip_path_prefix: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """state → (tensors, component name → LoraConfig values). Folding puts alpha/r into lora_B."""
     tensors: dict[str, torch.Tensor] = {}

@@ -132,3 +132,70 @@ def write_synthetic_images(folder: str | Path, count: int = 8, size: int = 64, s
         image.save(folder / f"img_{i:03d}.png")
         (folder / f"img_{i:03d}.caption").write_text(f"sks {name} {shape}", encoding="utf-8")
     return folder
+
+
+def tiny_clip_text_encoder_with_projection(vocab_size: int, seed: int = 0):
+    """SDXL's second text encoder in miniature: CLIP with a 32-wide text projection (pooled ``text_embeds``)."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = tiny_clip_text_encoder(vocab_size, seed).config
+    config.projection_dim = 32
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config)
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """An SDXL-style UNet (TINY_MODELS.md): two levels, text_time conditioning, SGM block numbering.
+
+    ``layers_per_block=2`` keeps the numbering of SDXL's original blocks (input_blocks.4.1 is the
+    first transformer), so LoRA key names look exactly like a real SDXL file's.
+    """
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # pooled text (32) + 6 time ids x 8
+        cross_attention_dim=64,  # two text encoders of width 32, concatenated
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A complete StableDiffusionXLPipeline of tiny random models."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed + 1),
+        text_encoder=tiny_clip_text_encoder(len(tokenizer), seed + 2),
+        text_encoder_2=tiny_clip_text_encoder_with_projection(len(tokenizer), seed + 3),
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=tiny_sdxl_unet(seed),
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def save_tiny_sdxl(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny SDXL-style model as a diffusers folder and return its path."""
+    folder = Path(folder)
+    tiny_sdxl_pipeline(seed, prediction_type).save_pretrained(folder)
+    return folder

@@ -16,6 +16,7 @@ bitsandbytes 4-bit or 8-bit layer is dequantized for the norm.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -46,7 +47,12 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if kind == "Params4bit":
         import bitsandbytes.functional as bnb_f
 
-        return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights for its CPU kernel on the first no-grad forward;
+            # undo that on a copy of the state, leaving the layer as it is.
+            data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        return bnb_f.dequantize_4bit(data, state)
     if kind == "Int8Params":
         scale = getattr(weight, "SCB", None)
         if scale is None:

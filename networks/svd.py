@@ -92,9 +92,7 @@ def _report(singular: torch.Tensor, old_rank: int, k: int) -> RankReport:
     kept = float(s2[:k].sum())
     if total == 0:
         return RankReport(old_rank, k, 1.0, 0.0, 0.0)
-    return RankReport(
-        old_rank, k, (kept / total) ** 0.5, (max(total - kept, 0.0) / total) ** 0.5, float(singular[0])
-    )
+    return RankReport(old_rank, k, (kept / total) ** 0.5, (max(total - kept, 0.0) / total) ** 0.5, float(singular[0]))
 
 
 def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, weight_shape: torch.Size) -> LoRAFactors:

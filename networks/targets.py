@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
+from networks.sgm_names import SDXL_LAYOUT, UNetLayout, is_sdxl_unet, sgm_renamer
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ def _clip_text_model_path(path: str) -> str:
 
 
 SD_UNET = TargetSpec("lora_unet", ("Transformer2DModel",), ("ResnetBlock2D", "Downsample2D", "Upsample2D"))
+# SDXL: the same targets, named with the original SGM blocks that SDXL LoRA files use (sgm_names.py).
+SDXL_UNET = dataclasses.replace(SD_UNET, rename=sgm_renamer(SDXL_LAYOUT))
 CLIP_TEXT = TargetSpec("lora_te", ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"), rename=_clip_text_model_path)
 CAUSAL_LM = TargetSpec("lora_unet", (), all_linear=True, skip_output_layer=True)
 
@@ -70,14 +73,22 @@ def is_causal_lm(model: object) -> bool:
     return callable(getattr(model, "get_output_embeddings", None)) and hasattr(model, "config")
 
 
+def sdxl_unet_spec(unet: object) -> TargetSpec:
+    """``SDXL_UNET`` with the SGM numbering derived from this UNet's own block layout."""
+    return dataclasses.replace(SD_UNET, rename=sgm_renamer(UNetLayout.from_config(unet.config)))
+
+
 def unet_spec_for(model: object, base: TargetSpec, target_modules: Sequence[str] | None = None,
                   from_weights: bool = False) -> TargetSpec:
-    """The spec for the model passed as ``unet``: ``CAUSAL_LM`` for a causal LM, else ``base``.
+    """The spec for the model passed as ``unet``: ``CAUSAL_LM`` for a causal LM, SGM names for an
+    SDXL UNet given the SD spec (``sdxl_unet_spec``), else ``base``.
 
     ``target_modules`` narrows it (and admits ``lm_head`` when listed); ``from_weights``: a saved
     file decides which modules it holds, so the output layer is a candidate too.
     """
     spec = CAUSAL_LM if is_causal_lm(model) else base
+    if spec == SD_UNET and is_sdxl_unet(model):
+        spec = sdxl_unet_spec(model)
     if target_modules:
         spec = dataclasses.replace(spec, target_modules=tuple(target_modules), skip_output_layer=False)
     if from_weights:

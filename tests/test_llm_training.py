@@ -75,12 +75,6 @@ batch_size = {batch_size}
     return family.build_data(DataRequest(str(tmp_path / "data.toml"), DatasetDefaults(), 0, "error", 1, 0, 0, False))
 
 
-def _one_batch(data):
-    data.sampler.set_epoch(0)
-    (batch,) = list(data.loader)
-    return batch
-
-
 def _randomise(network, seed: int = 0) -> None:
     """Give every adapter a visible effect (a new LoRA is the identity)."""
     g = torch.Generator().manual_seed(seed)
@@ -120,10 +114,13 @@ def test_loss_goes_down_and_only_the_adapter_changes(llm_dir, llm_data, tmp_path
 
 def test_packed_loss_equals_unpacked_loss(llm_dir, llm_data, tmp_path):
     family = _family(llm_dir)
-    packed = _data(family, tmp_path, llm_data, packing=True, batch_size=64)
-    unpacked = _data(family, tmp_path, llm_data, packing=False, batch_size=64)
+    packed = _data(family, tmp_path, llm_data, packing=True, batch_size=1)
+    unpacked = _data(family, tmp_path, llm_data, packing=False, batch_size=1)
     assert len(packed.datasets[0].sequences) < len(unpacked.datasets[0].sequences)  # something was packed
-    p, u = _one_batch(packed), _one_batch(unpacked)
+    # every sequence in one batch (through the loader's own dataset and collate), so both losses average
+    # over exactly the same label tokens
+    p, u = (data.loader.collate_fn([data.loader.dataset[(0, i)] for i in range(len(data.loader.dataset))])
+            for data in (packed, unpacked))
     assert int((p["labels"] != -100).sum()) == int((u["labels"] != -100).sum())
     with torch.no_grad():
         loss_packed, loss_unpacked = family.loss(p, 0), family.loss(u, 0)
@@ -226,8 +223,10 @@ def test_qlora_4bit_trains_and_saves_an_adapter_peft_loads(llm_dir, llm_data, tm
     network = lora.create_network(1.0, 4, 4.0, *family.network_inputs())
     network.apply_to(None, family.model)
     assert network.unet_loras and all(isinstance(m.org_module, bnb.nn.Linear4bit) for m in network.unet_loras)
-    quantized = {k: v.clone() for k, v in family.model.state_dict().items() if v.dtype == torch.uint8}
-    assert quantized, "expected packed 4-bit weights"
+    # (bitsandbytes' CPU kernel re-stores absmax on the first no-grad forward, so the 4-bit codes are compared)
+    quantized = {k: v.clone() for k, v in family.model.state_dict().items() if k.endswith("proj.weight")}
+    assert quantized and all(v.dtype == torch.uint8 for v in quantized.values()), "expected packed 4-bit weights"
+    assert not any(p.requires_grad for p in family.model.parameters())
     params, _ = network.prepare_optimizer_params(None, None, 1e-2)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     data.sampler.set_epoch(0)
@@ -242,14 +241,20 @@ def test_qlora_4bit_trains_and_saves_an_adapter_peft_loads(llm_dir, llm_data, tm
     assert all(torch.equal(state[k], v) for k, v in quantized.items()), "the 4-bit base must stay frozen"
 
     folder = family.save_network(network, tmp_path / "qlora.safetensors", None, {})
-    network.eval()
+    # bitsandbytes' CPU kernel re-stores a layer's absmax in bf16 on its first no-grad forward, which training
+    # did for some layers only; so both sides start from freshly loaded 4-bit bases.
+    ours_model = _family(llm_dir, load_in_4bit=True).model
+    ours, weights = lora.create_network_from_weights(1.0, str(tmp_path / "qlora.safetensors"), None, None,
+                                                     ours_model)
+    ours.apply_to(None, ours_model)
+    ours.load_state_dict(weights)
+    ours.eval()
+    peft_model = PeftModel.from_pretrained(_family(llm_dir, load_in_4bit=True).model, str(folder)).eval()
     with torch.no_grad():
-        ours = family.model(IDS).logits
-    base = _family(llm_dir, load_in_4bit=True).model
-    peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
-    with torch.no_grad():
-        theirs = peft_model(IDS).logits
-    assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()
+        theirs, mine = peft_model(IDS).logits, ours_model(IDS).logits
+        plain = _family(llm_dir, load_in_4bit=True).model(IDS).logits
+    assert (mine - plain).abs().max() > 1e-3
+    assert torch.allclose(theirs, mine, atol=1e-4), (theirs - mine).abs().max()
 
 
 def test_8bit_base_and_dequantised_weights(llm_dir):

@@ -14,8 +14,13 @@ from networks import lora
 from networks.svd import LoRAFactors, concatenate, factorize, refactorize, relative_difference, select_rank
 from networks.targets import CLIP_TEXT, SD_UNET, find_targets
 
-KOHYA_META = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "2.0",
-              "ss_base_model_version": "sd_v1", "ss_output_name": "test"}
+KOHYA_META = {
+    "ss_network_module": "networks.lora",
+    "ss_network_dim": "4",
+    "ss_network_alpha": "2.0",
+    "ss_base_model_version": "sd_v1",
+    "ss_output_name": "test",
+}
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,10 +7,10 @@ import copy
 import pytest
 import safetensors.torch
 import torch
+from test_tools_common import module_table, pristine_pipe, state_deltas
 
 from library.lora_formats import read_metadata
 from library.tiny_models import save_tiny_sd
-from test_tools_common import module_table, pristine_pipe, state_deltas
 from tools import extract
 
 
@@ -34,7 +34,7 @@ def models(tmp_path_factory):
             if i % 7 == 3:
                 continue  # some modules stay unchanged
             w = module.weight
-            delta = (torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w[0].numel(), generator=gen))
+            delta = torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w[0].numel(), generator=gen)
             delta = delta.reshape(w.shape) * 0.01
             w += delta
             deltas[name] = delta

@@ -7,10 +7,10 @@ import copy
 import pytest
 import safetensors.torch
 import torch
+from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
 
 from library.lora_formats import read_metadata
 from library.tiny_models import save_tiny_sd
-from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
 from tools import merge
 
 

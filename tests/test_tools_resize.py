@@ -7,10 +7,10 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
 
 from library.lora_formats import read_metadata
 from library.metadata import compute_sshs_hashes
-from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
 from tools import resize
 
 
@@ -26,8 +26,12 @@ def source(tmp_path_factory):
             mix = torch.randn(2, up.shape[1] - 2, generator=gen)
             up[:, 2:] = up[:, :2] @ mix
     path = folder / "src.safetensors"
-    meta = {**KOHYA_META, "ss_network_dim": "8", "ss_network_alpha": "4.0",
-            "ss_network_args": json.dumps({"conv_dim": "4", "conv_alpha": "1.5"})}
+    meta = {
+        **KOHYA_META,
+        "ss_network_dim": "8",
+        "ss_network_alpha": "4.0",
+        "ss_network_args": json.dumps({"conv_dim": "4", "conv_alpha": "1.5"}),
+    }
     network.save_weights(path, None, meta)
     return folder, path
 
@@ -74,8 +78,18 @@ def test_rank_1_loses_energy_and_reports_it(source, capsys):
 def test_dynamic_sv_fro_picks_rank_2(source, capsys):
     folder, path = source
     out = folder / "dyn.safetensors"
-    args = ["--model", str(path), "--save_to", str(out), "--new_rank", "8", "--dynamic_method", "sv_fro",
-            "--dynamic_param", "0.999999"]
+    args = [
+        "--model",
+        str(path),
+        "--save_to",
+        str(out),
+        "--new_rank",
+        "8",
+        "--dynamic_method",
+        "sv_fro",
+        "--dynamic_param",
+        "0.999999",
+    ]
     assert resize.main(args) == 0
     dst = safetensors.torch.load_file(out)
     assert {v.shape[0] for k, v in dst.items() if k.endswith("lora_down.weight")} == {2}

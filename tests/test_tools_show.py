@@ -6,10 +6,10 @@ import json
 
 import pytest
 import safetensors.torch
+from test_tools_common import KOHYA_META, pristine_pipe, random_network
 
 from library.lora_formats import read_metadata
 from library.metadata import add_hashes
-from test_tools_common import KOHYA_META, pristine_pipe, random_network
 from tools import show
 
 

@@ -62,10 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("--family", choices=sorted(FAMILIES), default=None,
                    help="model family (default: llm for PEFT folders / --to peft, else sd1)")  # fmt: skip
-    p.add_argument("--alpha", choices=("fold", "keep"), default=None,
-                   help="diffusers/peft output: fold alpha/r into lora_B, or keep alpha in the metadata/config")
-    p.add_argument("--base_model", default=None,
-                   help="the model folder (diffusers or transformers): exact module names and UNet block layout")
+    p.add_argument(
+        "--alpha",
+        choices=("fold", "keep"),
+        default=None,
+        help="diffusers/peft output: fold alpha/r into lora_B, or keep alpha in the metadata/config",
+    )
+    p.add_argument(
+        "--base_model",
+        default=None,
+        help="the model folder (diffusers or transformers): exact module names and UNet block layout",
+    )
     p.add_argument("--base_model_name_or_path", default=None, help="written into adapter_config.json (peft)")
     p.add_argument("--save_precision", choices=sorted(PRECISIONS), default=None,
                    help="dtype of the output (default: the input's)")  # fmt: skip

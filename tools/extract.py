@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clamp_quantile", type=float, default=None,
                    help="clip factor entries to this quantile of their magnitudes (sd-scripts used 0.99); off by "
                         "default since it adds error")  # fmt: skip
-    p.add_argument("--min_diff", type=float, default=0.0,
-                   help="leave out modules whose largest |ΔW| entry is at most this (default 0: unchanged only)")
+    p.add_argument(
+        "--min_diff",
+        type=float,
+        default=0.0,
+        help="leave out modules whose largest |ΔW| entry is at most this (default 0: unchanged only)",
+    )
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_to")
     return p

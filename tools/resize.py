@@ -65,7 +65,11 @@ def is_kxk(f: LoRAFactors) -> bool:
 
 
 def resize_state(
-    state: dict[str, LoRAFactors], new_rank: int, new_conv_rank: int, method: str | None, param: float | None,
+    state: dict[str, LoRAFactors],
+    new_rank: int,
+    new_conv_rank: int,
+    method: str | None,
+    param: float | None,
     device: str = "cpu",
 ) -> tuple[dict[str, LoRAFactors], dict[str, RankReport]]:
     """Every module re-factorised; alpha/rank of each module kept."""
@@ -79,8 +83,9 @@ def resize_state(
     return out, reports
 
 
-def updated_metadata(meta: dict[str, str], state: dict[str, LoRAFactors], args: argparse.Namespace,
-                     conv_rank: int) -> dict[str, str]:
+def updated_metadata(
+    meta: dict[str, str], state: dict[str, LoRAFactors], args: argparse.Namespace, conv_rank: int
+) -> dict[str, str]:
     meta = dict(meta)
     old_dim = meta.get("ss_network_dim", "?")
     linear = [f for f in state.values() if not is_kxk(f)]

@@ -33,6 +33,7 @@ class DataRequest:
     cache_latents: bool = False
     vae_batch_size: int = 1
     device: Any = None
+    cache_text_encoder_outputs: bool = False  # encode each fixed caption once (frozen text encoders)
 
 
 class TrainData(Protocol):
@@ -135,5 +136,8 @@ def load_family(model_type: str, model_path: str, **options: Any) -> ModelFamily
         from library.families.sd import SDFamily
 
         return SDFamily.load(model_path, **options)
-    raise UserError(f"--model_type {model_type} is not supported in this version (SD 1.x/2.x works today; "
-                    "SDXL and LLM families are planned).")
+    if model_type == "sdxl":
+        from library.families.sdxl import SDXLFamily
+
+        return SDXLFamily.load(model_path, **options)
+    raise UserError(f"--model_type {model_type}: expected one of {', '.join(MODEL_TYPES)} (or auto).")

@@ -5,7 +5,9 @@ Pure functions over tensors; randomness comes from per-sample keys (library/rng.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,20 @@ def debiased_weight(snr_t: torch.Tensor, v_prediction: bool) -> torch.Tensor:
     """Debiased estimation (Yu et al. 2023): 1/sqrt(SNR) for epsilon, 1/(SNR + 1) for v; SNR capped at 1000."""
     snr_t = torch.clamp(snr_t, max=1000.0)
     return 1.0 / (snr_t + 1.0) if v_prediction else 1.0 / torch.sqrt(snr_t)
+
+
+def denoising_loss(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor, indices: torch.Tensor,
+    is_reg: torch.Tensor, seed: int, epoch: int, scheduler: Any, s: NoiseSettings,
+) -> torch.Tensor:
+    """One diffusion training loss: noise the latents at per-sample timesteps, predict, weight.
+
+    ``predict(noisy_latents, timesteps)`` is the model call (the families add their conditioning);
+    the target is the noise, or the velocity ``sqrt(a) · noise - sqrt(1 - a) · latents`` for v-prediction.
+    """
+    noise, timesteps = draw_noise_and_timesteps(latents, seed, epoch, indices, s)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps) if s.v_parameterization else noise
+    pred = predict(noisy, timesteps)
+    losses = per_sample_loss(pred, target, s.loss_type, s.huber_c)
+    return weighted_loss(losses, is_reg, timesteps, scheduler.alphas_cumprod, s)

@@ -1,0 +1,181 @@
+"""What the diffusers-based families (SD 1.x/2.x in sd.py, SDXL in sdxl.py) do the same way.
+
+Loading a component with a readable error, the noise scheduler and prediction type, the image
+data, placing frozen modules on the device, VAE latents, and the in-memory cache of text
+encoder outputs. Each family composes these; none of them knows which family calls it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+from library.families import DataRequest
+from library.families.diffusion import DRAW_LATENT, NoiseSettings, sample_keys
+from library.rng import per_sample_randn
+
+
+def load_part(kind: str, loader: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a from_pretrained loader, turning its failure into a message about the folder."""
+    try:
+        return loader(*args, **kwargs)
+    except (OSError, ValueError) as e:
+        where = args[0] if args else kwargs
+        raise UserError(f"Cannot load the {kind} from {where}: {e}") from None
+
+
+def load_vae(root: Path, vae_path: str | None) -> torch.nn.Module:
+    """The model's own VAE, or the separate one given with ``--vae``."""
+    from diffusers import AutoencoderKL
+
+    if vae_path:
+        return load_part("VAE", AutoencoderKL.from_pretrained, vae_path)
+    return load_part("VAE", AutoencoderKL.from_pretrained, str(root), subfolder="vae")
+
+
+def load_scheduler(root: Path, v_parameterization: bool | None,
+                   noise: NoiseSettings | None) -> tuple[Any, NoiseSettings]:
+    """The DDPM training schedule from the model's scheduler config, and the noise settings with
+    ``v_parameterization`` defaulted from its ``prediction_type`` (a user's True always wins)."""
+    from diffusers import DDPMScheduler
+
+    scheduler_config = load_part("scheduler config", DDPMScheduler.load_config, str(root), subfolder="scheduler")
+    # Training always adds noise with the DDPM schedule the model was trained with, whatever
+    # sampler the folder names (SDXL ships an Euler config with the same betas).
+    scheduler = DDPMScheduler.from_config(scheduler_config, rescale_betas_zero_snr=bool(
+        noise and noise.zero_terminal_snr))
+    detected_v = scheduler.config.prediction_type == "v_prediction"
+    v_param = detected_v if v_parameterization is None else (v_parameterization or detected_v)
+    base = noise or NoiseSettings()
+    return scheduler, NoiseSettings(**{**base.__dict__, "v_parameterization": v_param})
+
+
+def image_dataset_config(request: DataRequest):
+    """The run's DatasetGroupConfig from the kohya TOML or the legacy --train_data_dir."""
+    from library.dataset_config import config_from_train_data_dir, load_dataset_config
+
+    if request.dataset_config:
+        return load_dataset_config(Path(request.dataset_config), request.defaults)
+    if request.defaults.train_data_dir is not None:
+        return config_from_train_data_dir(request.defaults)
+    raise UserError("No training data: give --dataset_config (a TOML) or --train_data_dir.")
+
+
+def build_images(request: DataRequest, config: Any,
+                 encode_images: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Image datasets of ``config`` for this process; latents cached on request."""
+    from library.data.image_data import build_image_data
+
+    data = build_image_data(config, seed=request.seed, on_bad_image=request.on_bad_image,
+                            num_processes=request.num_processes, rank=request.rank,
+                            num_workers=request.num_workers, persistent_workers=request.persistent_workers)
+    if request.cache_latents:
+        data.cache_latents(encode_images, request.vae_batch_size, request.device)
+    return data
+
+
+def place_modules(device: torch.device, weight_dtype: torch.dtype, vae_dtype: torch.dtype | None,
+                  unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module], vae: torch.nn.Module,
+                  train_text_encoder: bool, gradient_checkpointing: bool) -> None:
+    """Move and cast the frozen models, set eval/train modes and gradient checkpointing."""
+    for module, dtype in ((unet, weight_dtype), *((te, weight_dtype) for te in text_encoders),
+                          (vae, vae_dtype or weight_dtype)):
+        module.to(device)
+        if module.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
+            module.to(dtype=dtype)
+    # Frozen modules stay in eval mode: their dropout would only add noise to the LoRA's gradient.
+    for module in (vae, unet, *text_encoders):
+        module.eval()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout
+        if train_text_encoder:
+            for te in text_encoders:
+                te.gradient_checkpointing_enable()
+                te.train()
+
+
+def latent_scale(vae: torch.nn.Module) -> int:
+    """Pixels per latent: 2 ** (number of VAE down blocks - 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_latents(vae: torch.nn.Module, images: torch.Tensor, seed: int, epoch: int,
+                   indices: torch.Tensor) -> torch.Tensor:
+    """VAE latents, sampled per image with a generator keyed on the image, times the scaling factor."""
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    eps = per_sample_randn(tuple(dist.mean.shape[1:]), sample_keys(seed, epoch, indices, DRAW_LATENT))
+    latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+    if torch.isnan(latents).any():
+        raise UserError("The VAE produced NaN latents; try --no_half_vae (fp16 VAEs overflow).")
+    return latents * vae.config.scaling_factor
+
+
+def tokenize(tokenizer: Any, encoder: torch.nn.Module, captions: list[str]) -> torch.Tensor:
+    """Token ids padded to the encoder's context length, on the encoder's device."""
+    # Saved tokenizers sometimes carry a huge model_max_length; the encoder's positions are the limit.
+    max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt").input_ids
+    return ids.to(encoder.device)
+
+
+# --- --cache_text_encoder_outputs ------------------------------------------------------------
+
+TextOutputs = tuple[torch.Tensor, ...]  # per caption, without the batch dimension
+
+
+def fixed_captions(data: Any) -> list[str]:
+    """Every distinct caption the run trains with, when captions never change between epochs.
+
+    A caption that is shuffled or dropped differs per sample and epoch, so its encoder output
+    cannot be computed once: such subsets are refused with the option to remove.
+    """
+    from library.data.captions import process_caption
+
+    captions: dict[str, None] = {}
+    for dataset in data.datasets:
+        for subset in dataset.config.subsets:
+            varying = [name for name, on in (
+                ("shuffle_caption", subset.shuffle_caption), ("caption_dropout_rate", subset.caption_dropout_rate),
+                ("caption_tag_dropout_rate", subset.caption_tag_dropout_rate),
+                ("caption_dropout_every_n_epochs", subset.caption_dropout_every_n_epochs)) if on]
+            if varying:
+                raise UserError(f"{subset.name}: --cache_text_encoder_outputs encodes each caption once, but "
+                                f"{', '.join(varying)} changes the captions every epoch; turn "
+                                f"{'it' if len(varying) == 1 else 'them'} off or drop --cache_text_encoder_outputs.")
+        for record in dataset.records:
+            options = dataset.config.subsets[record.subset_index].caption_options
+            # Without shuffle or dropout the caption is the same for every epoch; the rng is unused.
+            captions[process_caption(record.caption, options, random.Random(0), 1)] = None
+    return list(captions)
+
+
+@torch.no_grad()
+def cache_text_outputs(captions: list[str], encode: Callable[[list[str]], TextOutputs],
+                       batch_size: int) -> dict[str, TextOutputs]:
+    """caption → the encoder outputs for it (on the CPU), encoding ``batch_size`` captions per call."""
+    cache: dict[str, TextOutputs] = {}
+    step = max(batch_size, 1)
+    for start in range(0, len(captions), step):
+        chunk = captions[start:start + step]
+        outputs = [t.cpu() for t in encode(chunk)]
+        for i, caption in enumerate(chunk):
+            cache[caption] = tuple(t[i] for t in outputs)
+    return cache
+
+
+def cached_text_outputs(cache: dict[str, TextOutputs], captions: list[str],
+                        device: torch.device) -> TextOutputs:
+    """The cached outputs of a batch's captions, stacked and on ``device``."""
+    try:
+        rows = [cache[c] for c in captions]
+    except KeyError as e:
+        raise RuntimeError(f"caption {e} was not in the text encoder cache") from None
+    return tuple(torch.stack(parts).to(device) for parts in zip(*rows, strict=True))

@@ -1,0 +1,89 @@
+"""tools/check_dataset.py: the trainer's dataset checks and step arithmetic, without a model."""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+from library.tiny_models import write_synthetic_images
+from tools import check_dataset
+
+
+def write_toml(path, body: str):
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def test_report_counts_captions_buckets_and_steps(tmp_path, capsys):
+    a = write_synthetic_images(tmp_path / "a", count=6, size=64, seed=0)
+    b = write_synthetic_images(tmp_path / "b", count=3, size=64, seed=1)
+    for cap in b.glob("*.caption"):
+        cap.rename(cap.with_suffix(".txt"))  # wrong extension, rescued by class_tokens
+    Image.new("RGB", (128, 64), (10, 20, 30)).save(a / "wide.png")
+    (a / "wide.caption").write_text("wide", encoding="utf-8")
+    toml = write_toml(
+        tmp_path / "data.toml",
+        f"""
+[general]
+enable_bucket = true
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 32
+resolution = 64
+[[datasets]]
+batch_size = 2
+[[datasets.subsets]]
+image_dir = "{a}"
+num_repeats = 2
+[[datasets.subsets]]
+image_dir = "{b}"
+class_tokens = "sks thing"
+""",
+    )
+    code = check_dataset.main(["--dataset_config", str(toml), "--num_processes", "2",
+                               "--gradient_accumulation_steps", "2", "--max_train_epochs", "3"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "images: 7" in out and "captions (.caption): 7 found, 0 missing" in out
+    assert "captions (.caption): 0 found, 3 missing" in out and ".txt (3)" in out and "'sks thing'" in out
+    # samples: 6 square x2 + 3 square x1 = 15 in the square bucket; the wide image x2 = 2 in its own bucket
+    assert "total 10 images, 17 samples per epoch" in out
+    square = next(ln for ln in out.splitlines() if ln.strip().startswith("64x64"))
+    assert square.split()[-2:] == ["9", "15"]
+    batches = math.ceil(15 / 4) + math.ceil(2 / 4)  # global batch per step of the sampler = 2 x 2 processes
+    assert f"batches per process per epoch: {batches}" in out
+    assert f"optimizer steps per epoch: {math.ceil(batches / 2)}" in out
+    assert f"total: {3 * math.ceil(batches / 2)} steps = 3 epochs" in out
+    assert "global batch: 2 per process x 2 processes x 2 accumulation = 8" in out
+
+
+def test_problems_the_trainer_would_stop_on(tmp_path, capsys):
+    a = write_synthetic_images(tmp_path / "a", count=4, size=64)
+    for cap in a.glob("*.caption"):
+        cap.rename(cap.with_suffix(".txt"))
+    toml = write_toml(
+        tmp_path / "data.toml", f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{a}"\n'
+    )
+    assert check_dataset.main(["--dataset_config", str(toml)]) == 1
+    captured = capsys.readouterr()
+    assert "0 found, 4 missing" in captured.out
+    assert "trainer would stop" in captured.err and 'caption_extension = ".txt"' in captured.err
+
+    b = write_synthetic_images(tmp_path / "b", count=3, size=64)
+    (b / "img_001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    toml2 = write_toml(
+        tmp_path / "d2.toml", f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{b}"\n'
+    )
+    assert check_dataset.main(["--dataset_config", str(toml2)]) == 1
+    captured = capsys.readouterr()
+    assert "corrupt image: " in captured.out and "img_001.png" in captured.out
+    assert "--on_bad_image skip" in captured.err
+    assert check_dataset.main(["--dataset_config", str(toml2), "--on_bad_image", "skip"]) == 0
+    assert "total 2 images" in capsys.readouterr().out
+
+
+def test_bad_toml_key_is_a_usage_error(tmp_path, capsys):
+    toml = write_toml(tmp_path / "bad.toml", '[[datasets]]\nbatch_sise = 2\n[[datasets.subsets]]\nimage_dir = "x"\n')
+    assert check_dataset.main(["--dataset_config", str(toml)]) == 2
+    assert "batch_size" in capsys.readouterr().err  # the did-you-mean hint
