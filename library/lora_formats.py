@@ -158,6 +158,44 @@ def _rename_parts(rest: str, table: Mapping[str, str]) -> str:
     return rest
 
 
+# fmt: off
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET_FROM_LDM = {v: k for k, v in _RESNET_TO_LDM.items()}
+_SINGLE_TO_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                  "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                  "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+# fmt: on
+_SINGLE_FROM_LDM.get(path, path)
+        kind, a, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4) or ""
+        if kind == "input_blocks":
+            if a == 0:
+                return _join("conv_in", rest)
+            i, j = divmod(a - 1, n + 1)
+            if j == n:
+                return f"down_blocks.{i}.downsamplers.0.conv"
+            level = f"down_blocks.{i}"
+        else:
+            i, j = divmod(a, n + 1)
+            level = f"up_blocks.{i}"
+            if sub == 2 or (sub == 1 and not self.up_attention[i]):
+                return _join(f"{level}.upsamplers.0", rest)
+        if sub == 0:
+            return _join(f"{level}.resnets.{j}", _rename_parts(rest, _RESNET_FROM_LDM))
+        return _join(f"{level}.attentions.{j}", rest)
+
+
+def _join(head: str, rest: str) -> str:
+    return f"{head}.{rest}" if rest else head
+
+
+def _rename_parts(rest: str, table: Mapping[str, str]) -> str:
+    for old, new in table.items():
+        if rest == old or rest.startswith(old + "."):
+            return new + rest[len(old) :]
+    return rest
+
+
 _RESNET_TO_LDM = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -348,13 +386,9 @@ def read_lora_a_b(
     return state
 
 
-def write_lora_a_b(
-    state: Mapping[str, LoRAFactors],
-    namer: Namer,
-    prefix_attr: str,
-    fold_alpha: bool,
-    dtype: torch.dtype | None = None,
-    strip_path_prefix: bool = False,
+def write_lora_a_b(  # fmt: skip
+    state: Mapping[str, LoRAFactors], namer: Namer, prefix_attr: str, fold_alpha: bool,
+    dtype: torch.dtype | None = None, strip_path_prefix: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """state → (tensors, component name → LoraConfig values). Folding puts alpha/r into lora_B."""
     tensors: dict[str, torch.Tensor] = {}
