@@ -166,54 +166,6 @@ _SINGLE_TO_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "tim
                   "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
                   "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 # fmt: on
-_SINGLE_FROM_LDM.get(path, path)
-        kind, a, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4) or ""
-        if kind == "input_blocks":
-            if a == 0:
-                return _join("conv_in", rest)
-            i, j = divmod(a - 1, n + 1)
-            if j == n:
-                return f"down_blocks.{i}.downsamplers.0.conv"
-            level = f"down_blocks.{i}"
-        else:
-            i, j = divmod(a, n + 1)
-            level = f"up_blocks.{i}"
-            if sub == 2 or (sub == 1 and not self.up_attention[i]):
-                return _join(f"{level}.upsamplers.0", rest)
-        if sub == 0:
-            return _join(f"{level}.resnets.{j}", _rename_parts(rest, _RESNET_FROM_LDM))
-        return _join(f"{level}.attentions.{j}", rest)
-
-
-def _join(head: str, rest: str) -> str:
-    return f"{head}.{rest}" if rest else head
-
-
-def _rename_parts(rest: str, table: Mapping[str, str]) -> str:
-    for old, new in table.items():
-        if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old) :]
-    return rest
-
-
-_RESNET_TO_LDM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_RESNET_FROM_LDM = {v: k for k, v in _RESNET_TO_LDM.items()}
-_SINGLE_TO_LDM = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
 _SINGLE_FROM_LDM = {v: k for k, v in _SINGLE_TO_LDM.items()}
 
 SD1_LAYOUT = UNetLayout()

@@ -35,6 +35,14 @@ def _bnb(name: str):
     return bnb.optim
 
 
+def _prodigy():
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserError("--optimizer_type Prodigy needs the prodigyopt package: pip install prodigyopt") from None
+    return Prodigy
+
+
 def _optimizer_class(name: str):
     lowered = name.lower()
     table = {
@@ -43,6 +51,8 @@ def _optimizer_class(name: str):
         "adamw8bit": lambda: _bnb(name).AdamW8bit,
         "pagedadamw8bit": lambda: _bnb(name).PagedAdamW8bit,
         "lion8bit": lambda: _bnb(name).Lion8bit,
+        "lion": lambda: _bnb(name).Lion,
+        "prodigy": _prodigy,
         "sgd": lambda: torch.optim.SGD,
         "adafactor": lambda: importlib.import_module("transformers.optimization").Adafactor,
     }
@@ -54,7 +64,7 @@ def _optimizer_class(name: str):
             return getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as e:
             raise UserError(f"--optimizer_type {name}: cannot import it ({e}).") from None
-    names = ["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "SGD", "Adafactor"]
+    names = ["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "Prodigy", "SGD", "Adafactor"]
     raise UserError(f"--optimizer_type {name!r} is unknown{did_you_mean(name, names)}; "
                     f"use one of {', '.join(names)} or a dotted class path like torch.optim.RMSprop.")
 
@@ -69,8 +79,17 @@ def create_optimizer(param_groups: list[dict[str, Any]], optimizer_type: str, le
     kwargs = parse_key_values(optimizer_args, "--optimizer_args")
     if cls is torch.optim.AdamW and torch.cuda.is_available():
         kwargs.setdefault("fused", True)  # one kernel over all LoRA tensors instead of hundreds
+    lr: float | None = learning_rate
+    if cls.__name__ == "Adafactor":
+        # transformers' Adafactor refuses a manual lr with its own relative-step schedule
+        kwargs.setdefault("relative_step", False)
+        kwargs.setdefault("scale_parameter", False)
+        if kwargs["relative_step"]:
+            lr = None
+            for group in param_groups:
+                group.pop("lr", None)
     try:
-        return cls(param_groups, lr=learning_rate, **kwargs)
+        return cls(param_groups, lr=lr, **kwargs)
     except TypeError as e:
         raise UserError(f"--optimizer_args {optimizer_args}: {cls.__name__} rejects them ({e}).") from None
 

@@ -201,6 +201,7 @@ class LoRANetwork(nn.Module):
         self._modules_dim = dict(modules_dim) if modules_dim is not None else None
         self._modules_alpha = dict(modules_alpha or {})
         self._frozen: set[str] = set()  # lora names frozen by a learning rate of 0
+        self.loraplus_ratios: dict[str, float | None] = {}  # "unet" / "textencoder" -> LoRA+ ratio
         self._dropped: set[str] = set()  # lora names left out by apply_to(apply_*=False)
         self._applied = False
 
@@ -318,8 +319,17 @@ class LoRANetwork(nn.Module):
                 return
             for lora in loras:
                 lora.requires_grad_(True)
-            groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
-            descriptions.append(description)
+            ratio = self.loraplus_ratios.get(description.split(" ")[0])
+            if not ratio:
+                groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
+                descriptions.append(description)
+                return
+            # LoRA+ (Hayou et al. 2024): the up (B) matrices learn `ratio` times faster than the rest
+            ups = [lora.lora_up.weight for lora in loras]
+            up_ids = {id(p) for p in ups}
+            groups.extend([{"params": [p for lo in loras for p in lo.parameters() if id(p) not in up_ids], "lr": lr},
+                           {"params": ups, "lr": lr * ratio}])
+            descriptions.extend([description, f"{description} plus"])
 
         if isinstance(text_encoder_lr, Sequence) and len(text_encoder_lr) > 1:
             if len(text_encoder_lr) != len(self._te_prefixes):
@@ -455,6 +465,9 @@ def create_network(
         text_encoder_spec=variant.spec(CLIP_TEXT),
         module_class=variant.module_class,
     )
+    plus = args.get("loraplus_lr_ratio")
+    network.loraplus_ratios = {"unet": args.get("loraplus_unet_lr_ratio") or plus,
+                               "textencoder": args.get("loraplus_text_encoder_lr_ratio") or plus}
     return variant.attach(network)
 
 
@@ -496,4 +509,7 @@ def create_network_from_weights(
         unet_spec=variant.spec(SD_UNET, unet, from_weights=True),
         module_class=variant.module_class,
     )
+    plus = args.get("loraplus_lr_ratio")
+    network.loraplus_ratios = {"unet": args.get("loraplus_unet_lr_ratio") or plus,
+                               "textencoder": args.get("loraplus_text_encoder_lr_ratio") or plus}
     return variant.attach(network), weights_sd

@@ -13,6 +13,12 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
+def _positive_float(value: str) -> float:
+    if float(value) <= 0:
+        raise ValueError("must be > 0")
+    return float(value)
+
+
 def _probability(value: str) -> float:
     if not 0.0 <= float(value) < 1.0:
         raise ValueError("must be in [0, 1)")
@@ -42,6 +48,9 @@ NETWORK_ARGS: dict[str, tuple[Callable[[str], object], str]] = {
     "target_modules": (_names, "comma-separated module names, e.g. q_proj,k_proj,v_proj,o_proj"),
     "use_rslora": (_flag, "true or false (scale = alpha / sqrt(dim) instead of alpha / dim)"),
     "use_dora": (_flag, "true or false (weight-decomposed LoRA)"),
+    "loraplus_lr_ratio": (_positive_float, "a number > 0 (LoRA+: lora_up learns this many times faster)"),
+    "loraplus_unet_lr_ratio": (_positive_float, "a number > 0 (LoRA+ ratio for the UNet / model only)"),
+    "loraplus_text_encoder_lr_ratio": (_positive_float, "a number > 0 (LoRA+ ratio for the text encoders only)"),
 }
 
 

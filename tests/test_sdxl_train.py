@@ -1,0 +1,185 @@
+"""SDXL training: `accelerate launch sdxl_train_network.py` end to end, --model_type auto,
+--cache_text_encoder_outputs, the size conditioning and the errors a user can hit."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_sdxl_lora import merge_into, module_table, tiny_sdxl, unet_and_text_outputs
+
+import sdxl_train_network
+import train_network
+from library.dataset_config import DatasetDefaults
+from library.errors import UserError
+from library.families import DataRequest, detect_model_type, load_family
+from library.families.diffusion import NoiseSettings
+from library.families.sdxl import size_conditioning
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_sdxl(tmp_path_factory)
+
+
+def data_toml(path: Path, images: Path, extra: str = "", steps: int = 32) -> Path:
+    """64-px images in 32-px bucket steps, batch 2."""
+    path.write_text(f"[general]\nenable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n"
+                    f"bucket_reso_steps = {steps}\n{extra}\n[[datasets]]\nresolution = 64\nbatch_size = 2\n"
+                    f"  [[datasets.subsets]]\n  image_dir = \"{images}\"\n")
+    return path
+
+
+# --- end to end through accelerate launch ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, model_dir, tiny_images):
+    work = tmp_path_factory.mktemp("sdxl-e2e")
+    (work / "train.toml").write_text(f"""
+[model]
+pretrained_model_name_or_path = "{model_dir}"
+[network]
+network_dim = 4
+network_alpha = 2.0
+[optimisation]
+learning_rate = 1e-2
+max_train_steps = 4
+seed = 5
+[saving]
+output_dir = "{work / 'out'}"
+output_name = "xl"
+""")
+    data = data_toml(work / "data.toml", tiny_images)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--quiet", str(ROOT / "sdxl_train_network.py"),
+           "--config_file", str(work / "train.toml"), "--dataset_config", str(data)]
+    result = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work / "out" / "xl.safetensors"
+
+
+def test_launched_run_writes_an_sdxl_file(launched):
+    with safe_open(str(launched), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.prediction_type"] == "epsilon" and meta["ss_steps"] == "4"
+    names = {k.split(".")[0] for k in load_file(str(launched))}
+    assert {n.split("_")[1] for n in names} == {"unet", "te1", "te2"}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_v" in names
+    assert "lora_unet_output_blocks_2_1_proj_out" in names
+
+
+def test_launched_output_loads_in_diffusers_as_merged(launched, model_dir):
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    sd = load_file(str(launched))
+    names = {k.split(".")[0] for k in sd}
+    # Training moved every module that reaches the output. SDXL reads text encoder 1's penultimate
+    # layer, so the LoRAs of its last layer (layer 1 of 2 here) get no gradient, as in sd-scripts.
+    still_zero = {n for n in names if sd[f"{n}.lora_up.weight"].abs().sum() == 0}
+    assert still_zero and all(n.startswith("lora_te1_text_model_encoder_layers_1_") for n in still_zero)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir))
+    assert names <= set(module_table(pipe))
+    reference = copy.deepcopy(pipe)
+    merge_into(reference, sd)
+    pipe.load_lora_weights(str(launched.parent), weight_name=launched.name)
+    wrapped = sum(isinstance(m, BaseTunerLayer) for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+                  for m in model.modules())
+    assert wrapped == len(names)
+    for got, want in zip(unet_and_text_outputs(pipe), unet_and_text_outputs(reference), strict=True):
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+# --- in process: auto detection and the text encoder cache -----------------------------------
+
+
+def _train(model: Path, data: Path, out: Path, *extra: str) -> int:
+    return train_network.main(["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data),
+                               "--output_dir", str(out), "--output_name", "xl", "--max_train_steps", "2",
+                               "--learning_rate", "1e-2", "--seed", "9", "--network_train_unet_only", *extra])
+
+
+def _losses(out: Path) -> list[float]:
+    rows = (out / "xl_loss.csv").read_text().strip().splitlines()[1:]
+    return [float(r.split(",")[1]) for r in rows]
+
+
+def test_auto_detects_sdxl_and_cached_text_gives_the_same_loss(tmp_path, model_dir, tiny_images):
+    assert detect_model_type(model_dir) == "sdxl"
+    data = data_toml(tmp_path / "data.toml", tiny_images)
+    assert _train(model_dir, data, tmp_path / "plain") == 0
+    assert _train(model_dir, data, tmp_path / "cached", "--cache_text_encoder_outputs") == 0
+    plain, cached = _losses(tmp_path / "plain"), _losses(tmp_path / "cached")
+    assert len(plain) == 2
+    assert cached == pytest.approx(plain, rel=1e-5, abs=1e-6)
+    with safe_open(str(tmp_path / "cached" / "xl.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"  # auto picked the SDXL family
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+
+
+def test_alias_refuses_another_model_type(capsys):
+    assert sdxl_train_network.main(["--model_type", "sd"]) == 2
+    assert "sdxl_train_network.py trains SDXL" in capsys.readouterr().err
+
+
+# --- the family directly: conditioning and refusals --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family(model_dir):
+    fam = load_family("sdxl", str(model_dir), noise=NoiseSettings(), seed=0)
+    fam.prepare(torch.device("cpu"), torch.float32, False, False)
+    return fam
+
+
+def _request(data: Path, **kw) -> DataRequest:
+    return DataRequest(dataset_config=str(data), defaults=DatasetDefaults(), seed=0, on_bad_image="error",
+                       num_processes=1, rank=0, num_workers=0, persistent_workers=False, **kw)
+
+
+def test_size_conditioning_rows_are_h_w_top_left_target():
+    ids = size_conditioning([(96, 64), (64, 64)], [(0, 16), (0, 0)], (64, 64))
+    assert ids.tolist() == [[64, 96, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]]
+
+
+def test_loss_depends_on_the_size_conditioning(family):
+    batch = {"images": torch.zeros(1, 3, 64, 64), "captions": ["sks red square"], "indices": torch.tensor([0]),
+             "is_reg": torch.tensor([False]), "original_sizes": [(64, 64)], "crop_top_lefts": [(0, 0)]}
+    with torch.no_grad():
+        same = family.loss(batch, 0)
+        other = family.loss({**batch, "original_sizes": [(1024, 512)], "crop_top_lefts": [(128, 0)]}, 0)
+    assert torch.isfinite(same) and not torch.isclose(same, other)
+
+
+@pytest.mark.parametrize("extra, steps, message", [
+    ("", 48, "multiples of 32"),
+    ("shuffle_caption = true", 32, "shuffle_caption changes the captions"),
+    ("caption_dropout_rate = 0.1", 32, "caption_dropout_rate changes the captions"),
+])
+def test_bad_dataset_settings_are_refused(family, tmp_path, tiny_images, extra, steps, message):
+    data = data_toml(tmp_path / "data.toml", tiny_images, extra, steps)
+    with pytest.raises(UserError, match=message):
+        family.build_data(_request(data, cache_text_encoder_outputs=True))
+
+
+def test_cache_needs_frozen_text_encoders(tmp_path, model_dir, tiny_images, capsys):
+    data = data_toml(tmp_path / "data.toml", tiny_images)
+    argv = ["--pretrained_model_name_or_path", str(model_dir), "--dataset_config", str(data),
+            "--output_dir", str(tmp_path / "out"), "--cache_text_encoder_outputs"]
+    assert train_network.main(argv) == 2
+    assert "--network_train_unet_only" in capsys.readouterr().err
