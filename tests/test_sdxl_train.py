@@ -119,11 +119,18 @@ def _losses(out: Path) -> list[float]:
     return [float(r.split(",")[1]) for r in rows]
 
 
-def test_auto_detects_sdxl_and_cached_text_gives_the_same_loss(tmp_path, model_dir, tiny_images):
+def test_auto_detects_sdxl_and_cached_text_gives_the_same_loss(tmp_path, model_dir, tiny_images, monkeypatch):
+    import library.families.sdxl as sdxl
+
+    lookups = []
+    original = sdxl.cached_text_outputs
+    monkeypatch.setattr(sdxl, "cached_text_outputs", lambda *a: lookups.append(a[1]) or original(*a))
     assert detect_model_type(model_dir) == "sdxl"
     data = data_toml(tmp_path / "data.toml", tiny_images)
     assert _train(model_dir, data, tmp_path / "plain") == 0
+    assert lookups == []
     assert _train(model_dir, data, tmp_path / "cached", "--cache_text_encoder_outputs") == 0
+    assert len(lookups) == 2  # both steps took their text from the cache
     plain, cached = _losses(tmp_path / "plain"), _losses(tmp_path / "cached")
     assert len(plain) == 2
     assert cached == pytest.approx(plain, rel=1e-5, abs=1e-6)
