@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import time
@@ -206,6 +207,20 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             remove_quietly(saves.model_path(stale).with_suffix(""))  # an adapter folder (LLMs: PEFT format)
             remove_quietly(saves.state_path(stale))
 
+    validate_epochs = args.validate_every_n_epochs or (1 if data.validation_loader and not
+                                                        args.validate_every_n_steps else None)
+
+    def validate() -> None:
+        """Mean loss over the held-out samples with fixed draws (epoch-0 keys), so values compare over time."""
+        network.eval()
+        with torch.no_grad(), accelerator.autocast():
+            losses = [family.loss(move_batch(b, accelerator.device), 0).item()
+                      for b in itertools.islice(data.validation_loader, args.max_validation_steps)]
+        network.train()
+        value = sum(losses) / max(len(losses), 1)
+        accelerator.log({"loss/validation": value}, step=global_step)
+        log(f"validation loss at step {global_step}: {value:.6f}")
+
     resume_point = (start_epoch, skip_batches)
     progress = tqdm(total=plan.max_train_steps, initial=global_step, disable=not main, desc="steps")
     curve: list[tuple[int, float, float]] = []
@@ -248,6 +263,9 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                 old = saves.stale_step(global_step)
                 checkpoint(saves.step_name(global_step), epoch + 1, (epoch, batches_done),
                            saves.step_name(old) if old else None)
+            if data.validation_loader and args.validate_every_n_steps and \
+                    global_step % args.validate_every_n_steps == 0:
+                validate()
             if global_step >= plan.max_train_steps:
                 break
             if stop.should_stop(accelerator.num_processes, accelerator.device):
@@ -258,6 +276,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                                   f"--resume {saves.state_path(stem)} (or --resume latest).")
         else:  # the epoch ran to its end
             resume_point = (epoch + 1, 0)
+            if data.validation_loader and validate_epochs and (epoch + 1) % validate_epochs == 0:
+                validate()
             if saves.due_at_epoch(epoch + 1, plan.num_epochs):
                 old = saves.stale_epoch(epoch + 1)
                 checkpoint(saves.epoch_name(epoch + 1), epoch + 1, resume_point,

@@ -234,6 +234,16 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N steps")
     g.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs")
     g.add_argument("--sample_at_first", action="store_true", help="sample before training")
+    g.add_argument(
+        "--validate_every_n_steps", type=int, default=None, help="validation loss every N steps (needs validation_split)"
+    )
+    g.add_argument(
+        "--validate_every_n_epochs",
+        type=int,
+        default=None,
+        help="validation loss every N epochs (default 1 when the dataset has a validation_split)",
+    )
+    g.add_argument("--max_validation_steps", type=int, default=None, help="batches per validation (default all)")
     g.add_argument("--sample_sampler", type=str, default="ddim", help="sampler for sample images")
 
 

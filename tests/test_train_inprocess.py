@@ -135,3 +135,17 @@ def test_two_resumes_in_a_row_with_buckets_equal_a_straight_run(tmp_path, tiny_s
     a, b = load_file(str(straight / "lora.safetensors")), load_file(str(split / "lora.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_validation_loss_is_logged_with_fixed_draws(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    data = tmp_path / "data.toml"
+    data.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\nvalidation_split = 0.25\n"
+                    f"[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n")
+    # a vanishing learning rate: the weights do not move, so every validation must give the same value
+    assert _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "4", "--learning_rate", "1e-30",
+                "--validate_every_n_steps", "2") == 0
+    out = capsys.readouterr().out
+    values = [line.split(": ")[1] for line in out.splitlines() if line.startswith("validation loss at step")]
+    assert len(values) == 2 and values[0] == values[1]
+    assert "6 training images" in out  # 2 of the 8 images were held out
+    assert "(validation)" in out or "validation" in out

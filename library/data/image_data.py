@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,7 +80,7 @@ class ImageData:
     loader: torch.utils.data.DataLoader
     batch_size: int
     resolution: tuple[int, int]
-    extra: dict[str, Any] = field(default_factory=dict)
+    validation_loader: torch.utils.data.DataLoader | None = None  # images held out by validation_split
 
     @property
     def num_train_images(self) -> int:
@@ -141,7 +141,7 @@ class ImageData:
         self.loader = _make_loader(self.concat, self.sampler, 0, False)
 
 
-def _make_loader(dataset: torch.utils.data.Dataset, sampler: EpochBatchSampler, num_workers: int,
+def _make_loader(dataset: torch.utils.data.Dataset, sampler: Any, num_workers: int,
                  persistent: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
                                        persistent_workers=persistent and num_workers > 0)
@@ -163,7 +163,25 @@ def build_image_data(config: DatasetGroupConfig, *, seed: int, on_bad_image: str
     workers = min(num_workers, max((os.cpu_count() or 1) - 1, 0))
     loader = _make_loader(concat, sampler, workers, persistent_workers)
     resolution = max(resolutions, key=lambda r: r[0] * r[1])
-    return ImageData(datasets, concat, sampler, loader, batch_size, resolution)
+    return ImageData(datasets, concat, sampler, loader, batch_size, resolution,
+                     validation_loader=_validation_loader(config, seed, on_bad_image, batch_size))
+
+
+def _validation_loader(config: DatasetGroupConfig, seed: int, on_bad_image: str,
+                       batch_size: int) -> torch.utils.data.DataLoader | None:
+    """Every held-out image once per evaluation, in a fixed order (epoch 0 keys: the same draws each time)."""
+    held = [ImageCaptionDataset(d, seed=seed, on_bad_image=on_bad_image, split="validation")
+            for d in config.datasets if d.validation_split > 0]
+    if not held:
+        return None
+    concat = _Concat(held)
+    buckets = [(i, *b) for i, d in enumerate(held) for b in d.buckets]
+    by_bucket: dict[tuple, list[int]] = {}
+    for index, bucket in enumerate(buckets):
+        by_bucket.setdefault(bucket, []).append(index)
+    batches = [[(0, i) for i in members[start:start + batch_size]]
+               for members in by_bucket.values() for start in range(0, len(members), batch_size)]
+    return _make_loader(concat, batches, 0, False)
 
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

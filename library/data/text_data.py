@@ -334,6 +334,7 @@ class TextData:
     batch_size: int
     resolution: tuple[int, int]  # (max_seq_length, 1): what ss_resolution records for text
     num_reg_images: int = 0
+    validation_loader: torch.utils.data.DataLoader | None = None  # held-out rows, one sample per sequence
 
     @property
     def num_train_images(self) -> int:
@@ -398,4 +399,11 @@ def build_text_data(group: TextDatasetGroup, tokenizer: Any, *, seed: int, num_p
     # Everything is tokenised in memory already; worker processes would only add start-up time.
     loader = torch.utils.data.DataLoader(TextSequences(sequences), batch_sampler=sampler, collate_fn=_Collate(pad_id))
     longest = max(d.config.max_seq_length for d in datasets)
-    return TextData(datasets, sampler, loader, batch_size, (longest, 1))
+    held_out = [[s] for d in datasets for s in d.validation]
+    validation = None
+    if held_out:
+        keys = [(0, i) for i in range(len(held_out))]
+        validation = torch.utils.data.DataLoader(
+            TextSequences(held_out), batch_sampler=[keys[i:i + batch_size] for i in range(0, len(keys), batch_size)],
+            collate_fn=_Collate(pad_id))
+    return TextData(datasets, sampler, loader, batch_size, (longest, 1), validation_loader=validation)

@@ -45,6 +45,7 @@ class TrainData(Protocol):
     resolution: tuple[int, int]
     num_train_images: int
     num_reg_images: int
+    validation_loader: Any  # None, or batches of held-out samples for the validation loss
 
     def summary(self) -> str: ...
     def metadata(self) -> list[dict[str, Any]]: ...

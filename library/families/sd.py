@@ -111,7 +111,7 @@ class SDFamily:
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """CLIP hidden states (clip_skip honoured); with gradients only when the encoder trains."""
         ids = tokenize(self.tokenizer, self.text_encoder, captions)
-        with torch.set_grad_enabled(self.train_text_encoder):
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             if not self.clip_skip or self.clip_skip <= 1:
                 return self.text_encoder(ids)[0]
             out = self.text_encoder(ids, output_hidden_states=True)

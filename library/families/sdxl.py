@@ -173,7 +173,7 @@ class SDXLFamily:
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, 77, w1 + w2], pooled text_embeds [B, p]); with gradients only when the encoders train."""
         hidden = []
-        with torch.set_grad_enabled(self.train_text_encoder):
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
                 out = encoder(tokenize(tokenizer, encoder, captions), output_hidden_states=True)
                 # SDXL was trained on the penultimate layer, without the final layer norm.
