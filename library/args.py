@@ -53,8 +53,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_skip", type=int, default=None, help="use the output of the n-th last text encoder layer")
     g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="local folder holding the tokenizer")
     g.add_argument("--allow_pickle", action="store_true", help="allow loading .ckpt/.pt files (weights_only)")
-    g.add_argument("--load_in_4bit", action="store_true",
-                   help="LLMs: QLoRA, base Linear layers in 4-bit NF4 (double quantization, bf16 compute)")
+    g.add_argument(
+        "--load_in_4bit",
+        action="store_true",
+        help="LLMs: QLoRA, base Linear layers in 4-bit NF4 (double quantization, bf16 compute)",
+    )
     g.add_argument("--load_in_8bit", action="store_true", help="LLMs: base Linear layers in 8-bit (LLM.int8)")
 
 
@@ -102,9 +105,12 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color_aug", action="store_true", help="random hue shifts")
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crops")
     g.add_argument("--cache_latents", action="store_true", help="encode every image once, keep latents in memory")
-    g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="SDXL with --network_train_unet_only: encode each caption once, keep the outputs in memory "
-                        "(captions must not be shuffled or dropped)")
+    g.add_argument(
+        "--cache_text_encoder_outputs",
+        action="store_true",
+        help="SDXL with --network_train_unet_only: encode each caption once, keep the outputs in memory "
+        "(captions must not be shuffled or dropped)",
+    )
     g.add_argument("--cache_latents_to_disk", action="store_true", help="per-image latent files next to the images")
     g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
     g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="DataLoader processes (0 on a CPU device)")
@@ -235,7 +241,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs")
     g.add_argument("--sample_at_first", action="store_true", help="sample before training")
     g.add_argument(
-        "--validate_every_n_steps", type=int, default=None, help="validation loss every N steps (needs validation_split)"
+        "--validate_every_n_steps",
+        type=int,
+        default=None,
+        help="validation loss every N steps (needs a validation_split)",
     )
     g.add_argument(
         "--validate_every_n_epochs",

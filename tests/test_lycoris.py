@@ -13,7 +13,8 @@ pytest.importorskip("lycoris.kohya")
 
 def test_loha_trains_and_saves_through_the_contract(tmp_path, tiny_sd_dir, tiny_images):
     data = tmp_path / "data.toml"
-    data.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n")
+    data.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n"
+                    f"[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n")
     out = tmp_path / "out"
     # preset=attn-mlp: LyCORIS' default preset also names time_embedding modules twice on diffusers 0.42's UNet
     code = train_network.main([
