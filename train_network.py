@@ -39,6 +39,7 @@ from library.loss_curve import write_loss_curve
 from library.metadata import modelspec_metadata
 from library.optim import create_optimizer, create_scheduler, warmup_steps
 from library.resume_check import check_resume_compatible, training_fingerprint
+from library.sampling import SampleSchedule, TrainingSamples, load_prompts
 from library.signals import Interrupted, StopRequest, stop_when_launcher_dies
 from library.train_metadata import RunInfo, minimal_training_metadata, training_metadata
 
@@ -62,6 +63,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     torch.manual_seed(seed)
     output_dir = ensure_output_dir(args.output_dir)
     output_name = check_output_name(args.output_name or "last")
+    # Read now, so that a bad prompt file stops the run before the model loads.
+    prompts = load_prompts(args.sample_prompts, args.sample_sampler) if args.sample_prompts else []
 
     # --- model family ------------------------------------------------------------------------
     model_type = args.model_type if args.model_type != "auto" else detect_model_type(args.pretrained_model_name_or_path)
@@ -87,6 +90,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         # On a CPU device, loader processes would only take cores from the step.
         num_workers=args.max_data_loader_n_workers if accelerator.device.type != "cpu" else 0,
         persistent_workers=args.persistent_data_loader_workers, cache_latents=args.cache_latents,
+        cache_latents_to_disk=args.cache_latents_to_disk, barrier=accelerator.wait_for_everyone,
         vae_batch_size=args.vae_batch_size, device=accelerator.device,
         cache_text_encoder_outputs=args.cache_text_encoder_outputs))
     plan = setup.plan_steps(len(data.sampler), acc_settings.gradient_accumulation_steps,
@@ -110,6 +114,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     if args.full_bf16 or args.full_fp16:
         network.to(torch.bfloat16 if args.full_bf16 else torch.float16)
     network.prepare_grad_etc(text_encoder, unet)
+    samples = TrainingSamples(prompts, SampleSchedule(args.sample_every_n_steps, args.sample_every_n_epochs,
+                                                      args.sample_at_first),
+                              accelerator=accelerator, family=family, network=network, folder=output_dir / "sample",
+                              output_name=output_name, seed=seed, log=log)
     params, _ = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     optimizer = create_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args)
     lr_scheduler = create_scheduler(optimizer, args.lr_scheduler, plan.max_train_steps, args.lr_warmup_steps,
@@ -226,6 +234,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     curve: list[tuple[int, float, float]] = []
     stop = stack.enter_context(StopRequest())
     stop_when_launcher_dies()
+    samples.maybe_sample(global_step, first=True)
     for epoch in range(start_epoch, plan.num_epochs):
         network.on_epoch_start(text_encoder, unet)
         data.sampler.set_epoch(epoch, skip_batches)
@@ -266,6 +275,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             if data.validation_loader and args.validate_every_n_steps and \
                     global_step % args.validate_every_n_steps == 0:
                 validate()
+            samples.maybe_sample(global_step)
             if global_step >= plan.max_train_steps:
                 break
             if stop.should_stop(accelerator.num_processes, accelerator.device):
@@ -282,10 +292,12 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                 old = saves.stale_epoch(epoch + 1)
                 checkpoint(saves.epoch_name(epoch + 1), epoch + 1, resume_point,
                            saves.epoch_name(old) if old else None)
+            samples.maybe_sample(global_step, epoch=epoch + 1)
             continue
         resume_point = (epoch, batches_done)
         break
     progress.close()
+    samples.maybe_sample(global_step, epoch=plan.num_epochs)  # the last epoch also ends at max_train_steps
 
     # --- final outputs ------------------------------------------------------------------------
     ensure_free_space(output_dir, model_bytes, f"{output_name}{saves.extension}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from library.errors import UserError
+from library.sampling import SAMPLER_NAMES
 
 # Arguments whose default is "unset": the value may also come from accelerate (launch flags,
 # its config YAML or ACCELERATE_* variables), and a default must never override those.
@@ -23,8 +24,6 @@ NOT_IMPLEMENTED_YET: dict[str, str] = {
     "max_token_length": "prompts longer than 75 tokens are planned",
     "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
     "xformers": "SDPA attention is always used and is as fast; remove --xformers",
-    "sample_prompts": "sample images during training are planned",
-    "cache_latents_to_disk": "disk latent caches are planned; --cache_latents (in memory) works",
 }
 
 
@@ -236,10 +235,11 @@ def _add_saving(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--sample_prompts", type=str, default=None, help="prompt file for sample images")
-    g.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N steps")
-    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs")
-    g.add_argument("--sample_at_first", action="store_true", help="sample before training")
+    g.add_argument("--sample_prompts", type=str, default=None,
+                   help="prompt file (.txt with --n --w --h --s --d --l --ss per line, .toml, .json)")
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N optimizer steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample at the end of every N epochs")
+    g.add_argument("--sample_at_first", action="store_true", help="also sample before the first step")
     g.add_argument(
         "--validate_every_n_steps",
         type=int,
@@ -253,7 +253,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
         help="validation loss every N epochs (default 1 when the dataset has a validation_split)",
     )
     g.add_argument("--max_validation_steps", type=int, default=None, help="batches per validation (default all)")
-    g.add_argument("--sample_sampler", type=str, default="ddim", help="sampler for sample images")
+    g.add_argument("--sample_sampler", type=str, default="ddim", choices=SAMPLER_NAMES,
+                   help="sampler of prompts without --ss")
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:

@@ -149,3 +149,27 @@ def test_validation_loss_is_logged_with_fixed_draws(tmp_path, tiny_sd_dir, tiny_
     assert len(values) == 2 and values[0] == values[1]
     assert "6 training images" in out  # 2 of the 8 images were held out
     assert "(validation)" in out or "validation" in out
+
+
+def test_latents_cached_to_disk_are_reused_and_invalidated(tmp_path, tiny_sd_dir, tiny_images):
+    import shutil
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny_images, images)
+    data = _data_toml(tmp_path, images)
+    assert _run(tiny_sd_dir, data, tmp_path / "disk", "--max_train_steps", "2", "--cache_latents_to_disk") == 0
+    files = sorted(images.glob("*.latent.safetensors"))
+    assert len(files) == 8 and files[0].name == "img_000_64x64.latent.safetensors"
+    stamps = {f.name: f.stat().st_mtime_ns for f in files}
+    # same result as the in-memory cache
+    assert _run(tiny_sd_dir, data, tmp_path / "memory", "--max_train_steps", "2") == 0
+    a = load_file(str(tmp_path / "disk" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "memory" / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # change one image: only its cache file is rewritten on the next run
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(images / "img_003.png")
+    assert _run(tiny_sd_dir, data, tmp_path / "again", "--max_train_steps", "1", "--cache_latents_to_disk") == 0
+    changed = {f.name for f in images.glob("*.latent.safetensors") if f.stat().st_mtime_ns != stamps[f.name]}
+    assert changed == {"img_003_64x64.latent.safetensors"}

@@ -8,17 +8,22 @@ image once (on its owning process's share, no process waits on another).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from library.data.images import ImageCaptionDataset, collate_fn
 from library.data.sampler import EpochBatchSampler
 from library.dataset_config import DatasetGroupConfig
 from library.errors import UserError
+from library.fileio import atomic_save_safetensors
 
 
 class _Concat(torch.utils.data.Dataset):
@@ -117,28 +122,94 @@ class ImageData:
 
     @torch.no_grad()
     def cache_latents(self, encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
-                      device: torch.device) -> None:
-        """Encode every image once into memory; augmentations that change pixels per epoch are refused."""
-        cache: dict[tuple[int, int], torch.Tensor] = {}
-        for part_index, part in enumerate(self.datasets):
+                      device: torch.device, *, to_disk: bool = False, vae_fingerprint: str = "",
+                      num_processes: int = 1, rank: int = 0, barrier: Callable[[], None] | None = None) -> None:
+        """Encode every image once; augmentations that change pixels per epoch are refused.
+
+        In memory, every process encodes every image (no process waits on another). With
+        ``to_disk``, each process encodes its share into per-image files next to the images,
+        which are reused until the image, its bucket or the VAE changes; then all load them.
+        """
+        for part in self.datasets:
             for subset in part.config.subsets:
                 if subset.flip_aug or subset.random_crop or subset.color_aug:
                     raise UserError(f"{subset.name}: --cache_latents cannot be combined with flip_aug, random_crop "
                                     "or color_aug (they change the pixels every epoch); drop one of them.")
-            by_bucket: dict[tuple[int, int], list[int]] = {}
-            for record_index, record in enumerate(part.records):
-                by_bucket.setdefault(record.bucket, []).append(record_index)
-            for records in by_bucket.values():
-                for start in range(0, len(records), max(batch_size, 1)):
-                    chunk = records[start:start + max(batch_size, 1)]
-                    images = torch.stack([part.record_image(r) for r in chunk]).to(device)
-                    # keyed on (dataset, image), so a cached latent is the same whatever the epoch
-                    keys = torch.tensor(chunk) + 1_000_000 * part_index
-                    latents = encode(images, keys).cpu()
-                    for r, latent in zip(chunk, latents, strict=True):
-                        cache[(part_index, r)] = latent
+        jobs = [(p, r) for p, part in enumerate(self.datasets) for r in range(len(part.records))]
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        if to_disk:
+            mine = [job for i, job in enumerate(jobs) if i % num_processes == rank]
+            todo = [job for job in mine if self._load_cached(job, vae_fingerprint) is None]
+            self._encode(todo, encode, batch_size, device, cache)
+            for job in todo:
+                self._save_cached(job, cache[job], vae_fingerprint)
+            if barrier is not None:
+                barrier()  # every share is on disk before anyone reads the others'
+            for job in jobs:
+                latent = cache.get(job)
+                cache[job] = latent if latent is not None else self._load_cached(job, vae_fingerprint)
+                if cache[job] is None:
+                    raise UserError(f"latent cache of {self._record(job).path} is missing after caching; "
+                                    "is the image folder writable and shared by every process?")
+        else:
+            self._encode(jobs, encode, batch_size, device, cache)
         self.concat.latents = cache
         self.loader = _make_loader(self.concat, self.sampler, 0, False)
+
+    def _record(self, job: tuple[int, int]):
+        return self.datasets[job[0]].records[job[1]]
+
+    def _encode(self, jobs: list[tuple[int, int]], encode: Callable, batch_size: int, device: torch.device,
+                cache: dict[tuple[int, int], torch.Tensor]) -> None:
+        by_bucket: dict[tuple, list[tuple[int, int]]] = {}
+        for job in jobs:
+            by_bucket.setdefault((job[0], self._record(job).bucket), []).append(job)
+        step = max(batch_size, 1)
+        for group in by_bucket.values():
+            for start in range(0, len(group), step):
+                chunk = group[start:start + step]
+                images = torch.stack([self.datasets[p].record_image(r) for p, r in chunk]).to(device)
+                # keyed on (dataset, image), so a cached latent is the same whatever the epoch
+                keys = torch.tensor([r + 1_000_000 * p for p, r in chunk])
+                for job, latent in zip(chunk, encode(images, keys).cpu(), strict=True):
+                    cache[job] = latent
+
+    def _cache_file(self, job: tuple[int, int]) -> Path:
+        record = self._record(job)
+        w, h = record.bucket
+        return record.path.with_name(f"{record.path.stem}_{w}x{h}.latent.safetensors")
+
+    def _cache_key(self, job: tuple[int, int], vae_fingerprint: str) -> dict[str, str]:
+        record = self._record(job)
+        digest = hashlib.sha256(record.path.read_bytes()).hexdigest()[:32]
+        return {"image_sha256": digest, "bucket": f"{record.bucket[0]}x{record.bucket[1]}", "vae": vae_fingerprint,
+                "seed_key": str(job[1] + 1_000_000 * job[0]), "seed": str(self.datasets[job[0]].seed)}
+
+    def _load_cached(self, job: tuple[int, int], vae_fingerprint: str) -> torch.Tensor | None:
+        path = self._cache_file(job)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                if f.metadata() != self._cache_key(job, vae_fingerprint):
+                    return None  # the image, its bucket, the seed or the VAE changed: encode again
+                return f.get_tensor("latent")
+        except (OSError, SafetensorError):
+            return None  # a damaged cache file is rebuilt, never trusted
+
+    def _save_cached(self, job: tuple[int, int], latent: torch.Tensor, vae_fingerprint: str) -> None:
+        atomic_save_safetensors({"latent": latent.contiguous()}, self._cache_file(job),
+                                self._cache_key(job, vae_fingerprint))
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """Identifies a VAE by its config and a checksum of its weights (cached latents depend on both)."""
+    h = hashlib.sha256(json.dumps(dict(getattr(vae, "config", {})), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(vae.state_dict().items()):
+            h.update(name.encode())
+            h.update(f"{tensor.float().sum().item():.6e}".encode())
+    return h.hexdigest()[:16]
 
 
 def _make_loader(dataset: torch.utils.data.Dataset, sampler: Any, num_workers: int,

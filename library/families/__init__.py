@@ -31,6 +31,8 @@ class DataRequest:
     num_workers: int
     persistent_workers: bool
     cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    barrier: Any = None  # accelerator.wait_for_everyone
     vae_batch_size: int = 1
     device: Any = None
     cache_text_encoder_outputs: bool = False  # encode each fixed caption once (frozen text encoders)

@@ -74,8 +74,14 @@ def build_images(request: DataRequest, config: Any,
     data = build_image_data(config, seed=request.seed, on_bad_image=request.on_bad_image,
                             num_processes=request.num_processes, rank=request.rank,
                             num_workers=request.num_workers, persistent_workers=request.persistent_workers)
-    if request.cache_latents:
-        data.cache_latents(encode_images, request.vae_batch_size, request.device)
+    if request.cache_latents or request.cache_latents_to_disk:
+        from library.data.image_data import vae_fingerprint
+
+        vae = getattr(getattr(encode_images, "__self__", None), "vae", None)
+        data.cache_latents(encode_images, request.vae_batch_size, request.device,
+                           to_disk=request.cache_latents_to_disk,
+                           vae_fingerprint=vae_fingerprint(vae) if vae is not None else "",
+                           num_processes=request.num_processes, rank=request.rank, barrier=request.barrier)
     return data
 
 

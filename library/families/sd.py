@@ -95,6 +95,20 @@ class SDFamily:
         network.save_weights(str(path), dtype, metadata)
         return path
 
+    def sample_pipeline(self) -> Any:
+        """A StableDiffusionPipeline over this family's modules (the LoRA is patched into them)."""
+        from diffusers import StableDiffusionPipeline
+
+        from library.sampling import build_pipeline
+
+        return build_pipeline(StableDiffusionPipeline, self.prediction_type, self.scheduler, vae=self.vae,
+                              text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def sample_options(self) -> dict[str, Any]:
+        """kohya's --clip_skip 2 (penultimate layer) is diffusers' clip_skip 1."""
+        return {"clip_skip": self.clip_skip - 1} if self.clip_skip and self.clip_skip > 1 else {}
+
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
 
