@@ -240,9 +240,11 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         data.sampler.set_epoch(epoch, skip_batches)
         batches_done = skip_batches
         skip_batches = 0
+        meter = setup.Throughput()
         for batch in data.loader:
             batches_done += 1
             batch = move_batch(batch, accelerator.device)
+            meter.add(batch)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = model(batch, epoch)
@@ -267,7 +269,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             curve.append((global_step, step_loss, lr))
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"loss/current": step_loss, "lr/unet": lr, "epoch": epoch + 1}, step=global_step)
+            accelerator.log({"loss/current": step_loss, "lr/unet": lr, "epoch": epoch + 1,
+                             **meter.rates(accelerator.num_processes)}, step=global_step)
             if saves.due_at_step(global_step) and global_step < plan.max_train_steps:
                 old = saves.stale_step(global_step)
                 checkpoint(saves.step_name(global_step), epoch + 1, (epoch, batches_done),

@@ -136,6 +136,33 @@ class TrainingModule(torch.nn.Module):
         return self.family.loss(batch, epoch)
 
 
+class Throughput:
+    """Samples (and tokens, for text) per second between optimizer steps, across all processes."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._start = self._clock()
+        self.samples = 0
+        self.tokens = 0
+
+    def add(self, batch: dict[str, Any]) -> None:
+        self.samples += len(batch["indices"])
+        if "input_ids" in batch:
+            self.tokens += batch["input_ids"].numel()
+
+    def rates(self, num_processes: int) -> dict[str, float]:
+        """The rates since the last call, scaled to all processes (they run the same batch size)."""
+        now = self._clock()
+        elapsed = max(now - self._start, 1e-9)
+        out = {"throughput/samples_per_s": self.samples * num_processes / elapsed}
+        if self.tokens:
+            out["throughput/tokens_per_s"] = self.tokens * num_processes / elapsed
+        self._start, self.samples, self.tokens = now, 0, 0
+        return out
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Steps and epochs as CONTRACTS.md §3 defines them."""

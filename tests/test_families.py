@@ -107,3 +107,15 @@ def test_zero_terminal_snr_schedule(tiny_sd_dir):
     assert family.scheduler.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-8)
     plain = SDFamily.load(str(tiny_sd_dir))
     assert plain.scheduler.alphas_cumprod[-1].item() > 1e-4
+
+
+def test_throughput_counts_samples_and_tokens():
+    from library.train_setup import Throughput
+
+    meter = Throughput()
+    ticks = iter([10.0, 12.0])
+    meter._clock = lambda: next(ticks)
+    meter._start = 8.0
+    meter.add({"indices": torch.arange(4), "input_ids": torch.zeros(4, 16)})
+    rates = meter.rates(num_processes=2)
+    assert rates == {"throughput/samples_per_s": 4.0, "throughput/tokens_per_s": 64.0}  # 8 samples, 128 tokens / 2 s
