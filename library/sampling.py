@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from library.errors import UserError, did_you_mean
+from library.errors import UserError, closest_name, did_you_mean
 from library.fileio import atomic_write
 
 # kohya sampler name → (diffusers scheduler class, settings over the model's scheduler config).
@@ -166,8 +166,9 @@ def parse_prompt_line(line: str, where: str = "prompt", index: int = 0) -> Sampl
                             f"{', '.join('--' + o for o in LINE_OPTIONS)}.")
         key = LINE_OPTIONS.get(name.lower())
         if key is None:
-            raise UserError(f"{where}: unknown option '--{name}'{did_you_mean(name.lower(), LINE_OPTIONS)}; "
-                            f"options are {', '.join('--' + o for o in LINE_OPTIONS)} (a prompt cannot contain "
+            best = closest_name(name.lower(), LINE_OPTIONS)
+            raise UserError(f"{where}: unknown option '--{name}'" + (f" (did you mean '--{best}'?)" if best else "")
+                            + f"; options are {', '.join('--' + o for o in LINE_OPTIONS)} (a prompt cannot contain "
                             "' --', which starts an option).")
         text = text.strip()
         if not text:
@@ -395,7 +396,7 @@ class TrainingSamples:
                     path = self.folder / f"{self.output_name}_{step:06d}_{prompt.index:02d}_{seed}.png"
                     self.folder.mkdir(parents=True, exist_ok=True)
                     save_png(image, path, png_parameters(prompt, seed, image.size, step))
-                except Exception as e:  # noqa: BLE001 - one bad prompt (size, OOM, NaN) must not stop training
+                except Exception as e:  # one bad prompt (size, OOM, NaN) must not stop training
                     self.log(f"sample {prompt.index} failed at step {step} ({prompt.where}: {prompt.prompt!r}): "
                              f"{type(e).__name__}: {e}; training continues")
                     continue
@@ -405,7 +406,7 @@ class TrainingSamples:
             torch.cuda.empty_cache()
         try:
             log_images_to_trackers(self.accelerator.trackers, images, step)
-        except Exception as e:  # noqa: BLE001 - a tracker problem must not stop training either
+        except Exception as e:  # a tracker problem must not stop training either
             self.log(f"logging sample images to the trackers failed: {type(e).__name__}: {e}")
         if written:
             self.log(f"wrote {len(written)} sample images to {self.folder}")

@@ -15,12 +15,12 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
 from library.fileio import atomic_save_safetensors, atomic_torch_save, load_safetensors
 from library.metadata import add_hashes
+from networks.fast_lora import fast_kind, install_compute_copies, lora_forward, plain_delta
 from networks.functional import merged_weight
 from networks.lora_args import NETWORK_ARGS, parse_network_args  # noqa: F401  (re-exported)
 from networks.targets import (
@@ -98,6 +98,8 @@ class LoRAModule(nn.Module):
         self.module_dropout = module_dropout or 0.0
         self._org = (org_module,)  # a tuple is not registered as a submodule
         self.org_forward: Callable[..., torch.Tensor] | None = None
+        self._fast: str | None = None  # set by apply_to
+        self._copies = None  # (ComputeCopies, index), set by the network's apply_to
 
     @property
     def org_module(self) -> nn.Module:
@@ -111,36 +113,15 @@ class LoRAModule(nn.Module):
             raise RuntimeError(f"{self.lora_name} is already applied")
         self.org_forward = self.org_module.forward
         self.org_module.forward = self.forward
+        # The fused op (networks/fast_lora.py) where it reproduces this forward exactly; subclasses (DoRA) opt out.
+        self._fast = fast_kind(self.org_module, self.org_forward) if type(self).forward is LoRAModule.forward else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.org_forward(x, *args, **kwargs)
-        if self.multiplier == 0:
-            return out
-        if self.training and self.module_dropout > 0 and torch.rand(()).item() < self.module_dropout:
-            return out
-        return out + self.lora_delta(x)
+        return lora_forward(self, x, *args, **kwargs)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``multiplier · scale · up(down(x))`` with the training-time dropouts: the one place of the math."""
-        h = self.lora_down(x)
-        scale = self.multiplier * self.scale
-        if self.training:
-            if self.dropout > 0:
-                h = F.dropout(h, p=self.dropout)
-            if self.rank_dropout > 0:
-                h = h * self._rank_mask(h)
-                scale = scale / (1.0 - self.rank_dropout)
-        # One scalar multiply on the (usually small) up output; scale folded with multiplier.
-        return self.lora_up(h) * scale
-
-    def _rank_mask(self, h: torch.Tensor) -> torch.Tensor:
-        # One keep/drop decision per (sample, rank); ranks are dim 1 for conv, the last dim for Linear.
-        shape = [1] * h.dim()
-        rank_dim = 1 if self.is_conv else h.dim() - 1
-        shape[rank_dim] = self.lora_dim
-        if h.dim() > 1:
-            shape[0] = h.shape[0]
-        return (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype)
+        """``multiplier · scale · up(down(x))`` with the training-time dropouts: the plain formulation."""
+        return plain_delta(self, x)
 
     @torch.no_grad()
     def merge_weights(self, down: torch.Tensor, up: torch.Tensor, alpha: float, device: object = None) -> None:
@@ -275,6 +256,8 @@ class LoRANetwork(nn.Module):
             self.unet_loras = []
         for lora in self.all_loras():
             lora.apply_to()
+        roots = [*_as_list(text_encoder), unet]
+        self._copy_hooks = install_compute_copies(self.all_loras(), [r for r in roots if isinstance(r, nn.Module)])
         self._applied = True
 
     def _drop(self, loras: list[LoRAModule]) -> None:

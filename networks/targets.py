@@ -4,7 +4,9 @@ kohya's rule: inside every module whose class name is in ``module_classes``, eac
 each 1x1 ``Conv2d`` gets a LoRA. With a ``conv_dim`` (LoCon) the modules in
 ``conv_module_classes`` are searched too, and their kxk ``Conv2d`` children are also targets.
 The key name is ``prefix + "_" + path.replace(".", "_")``, where ``path`` is the module's path
-in the model after the optional ``rename`` hook.
+in the model after the optional ``rename`` hook. An SDXL UNet (``text_time`` conditioning) is
+named with the original SGM blocks (``input_blocks_4_1_...``, networks/sgm_names.py), as every
+SDXL LoRA file and consumer expects.
 
 Causal LMs (passed as ``unet``, CONTRACTS.md §5) use another rule, PEFT's "all-linear": every
 ``Linear`` of the model (bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` are ``Linear`` subclasses)

@@ -103,6 +103,10 @@ def test_network_keys_are_the_sgm_names(pristine):
         assert name in by_name, name
     assert not [n for n in by_name if re.match(r"lora_unet_(down|mid|up)_block", n)], "diffusers names leaked"
     assert {n.split("_")[1] for n in by_name} == {"unet", "te1", "te2"}
+    # a file's SGM names find their modules again (--network_weights, --dim_from_weights, tools)
+    again, _ = lora.create_network_from_weights(1.0, None, None, [pristine.text_encoder, pristine.text_encoder_2],
+                                                pristine.unet, weights_sd=network.state_dict())
+    assert {m.lora_name: m.org_module for m in again.all_loras()} == {n: m.org_module for n, m in by_name.items()}
 
 
 # --- an independent table: kohya name → module of the diffusers pipeline ---------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,18 +121,33 @@ def _losses(out: Path) -> list[float]:
     return [float(r.split(",")[1]) for r in rows]
 
 
-def test_auto_detects_sdxl_and_cached_text_gives_the_same_loss(tmp_path, model_dir, tiny_images, monkeypatch):
+def _validation_loss(output: str) -> float:
+    match = re.search(r"validation loss at step 2: ([0-9.]+)", output)
+    assert match, output[-2000:]
+    return float(match.group(1))
+
+
+def test_auto_detects_sdxl_and_cached_text_gives_the_same_loss(tmp_path, model_dir, tiny_images, monkeypatch,
+                                                                capsys):
     import library.families.sdxl as sdxl
 
     lookups = []
     original = sdxl.cached_text_outputs
     monkeypatch.setattr(sdxl, "cached_text_outputs", lambda *a: lookups.append(a[1]) or original(*a))
     assert detect_model_type(model_dir) == "sdxl"
-    data = data_toml(tmp_path / "data.toml", tiny_images)
-    assert _train(model_dir, data, tmp_path / "plain") == 0
+    # 2 of the 8 images held out; every caption is different, so theirs must be cached for validation
+    images = tmp_path / "images"
+    shutil.copytree(tiny_images, images)
+    for i, caption in enumerate(sorted(images.glob("*.caption"))):
+        caption.write_text(f"sks picture {i}")
+    data = data_toml(tmp_path / "data.toml", images, "validation_split = 0.25")
+    assert _train(model_dir, data, tmp_path / "plain", "--validate_every_n_steps", "2") == 0
+    plain_validation = _validation_loss(capsys.readouterr().out)
     assert lookups == []
-    assert _train(model_dir, data, tmp_path / "cached", "--cache_text_encoder_outputs") == 0
-    assert len(lookups) == 2  # both steps took their text from the cache
+    assert _train(model_dir, data, tmp_path / "cached", "--validate_every_n_steps", "2",
+                  "--cache_text_encoder_outputs") == 0
+    assert len(lookups) == 3  # both steps and the validation batch took their text from the cache
+    assert _validation_loss(capsys.readouterr().out) == pytest.approx(plain_validation, rel=1e-5)
     plain, cached = _losses(tmp_path / "plain"), _losses(tmp_path / "cached")
     assert len(plain) == 2
     assert cached == pytest.approx(plain, rel=1e-5, abs=1e-6)
@@ -190,3 +207,28 @@ def test_cache_needs_frozen_text_encoders(tmp_path, model_dir, tiny_images, caps
             "--output_dir", str(tmp_path / "out"), "--cache_text_encoder_outputs"]
     assert train_network.main(argv) == 2
     assert "--network_train_unet_only" in capsys.readouterr().err
+
+
+def test_sample_pipeline_sees_the_network(family):
+    from library.sampling import SamplePrompt, generate_image
+    from networks.lora import create_network
+
+    prompt = SamplePrompt("sks red square", width=64, height=64, sample_steps=1, sample_sampler="euler")
+
+    def sample() -> torch.Tensor:
+        pipe = family.sample_pipeline()
+        with torch.no_grad():
+            return torch.tensor(list(generate_image(pipe, prompt, 1, pipe.scheduler.config).getdata()))
+
+    network = create_network(1.0, 4, 4.0, family.vae, family.text_encoders(), family.unet)
+    network.apply_to(family.text_encoders(), family.unet, True, True)
+    try:
+        with torch.no_grad():
+            for lora in network.all_loras():
+                lora.lora_up.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        trained = sample()
+        network.set_multiplier(0.0)
+        base = sample()
+    finally:
+        network.set_multiplier(0.0)  # the module-scoped family stays the base model for any later test
+    assert (trained - base).abs().float().mean() > 1.0, "the pipeline did not see the LoRA"

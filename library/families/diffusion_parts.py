@@ -146,7 +146,10 @@ def fixed_captions(data: Any) -> list[str]:
     from library.data.captions import process_caption
 
     captions: dict[str, None] = {}
-    for dataset in data.datasets:
+    # The held-out images of validation_split are captioned the same way and need their outputs too.
+    validation = getattr(data, "validation_loader", None)
+    held_out = list(getattr(validation.dataset, "parts", [])) if validation is not None else []
+    for dataset in [*data.datasets, *held_out]:
         for subset in dataset.config.subsets:
             varying = [name for name, on in (
                 ("shuffle_caption", subset.shuffle_caption), ("caption_dropout_rate", subset.caption_dropout_rate),

@@ -167,6 +167,19 @@ class SDXLFamily:
         network.save_weights(str(path), dtype, metadata)
         return path
 
+    def sample_pipeline(self) -> Any:
+        """A StableDiffusionXLPipeline over this family's modules (the LoRA is patched into them)."""
+        from diffusers import StableDiffusionXLPipeline
+
+        from library.sampling import build_pipeline
+
+        for encoder in self.text_encoders():  # back from the CPU if --cache_text_encoder_outputs parked them
+            encoder.to(self.unet.device)
+        return build_pipeline(StableDiffusionXLPipeline, self.prediction_type, self.scheduler, vae=self.vae,
+                              text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                              tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                              add_watermarker=False)
+
     def encode_images(self, images: torch.Tensor, indices: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         return encode_latents(self.vae, images, self.seed, epoch, indices)
 

@@ -1,0 +1,258 @@
+"""The fast eager forward of :class:`networks.lora.LoRAModule`: a frozen layer and its LoRA as one autograd op.
+
+The math is the plain one, ``y = W x + b + s · B A x`` with ``s = multiplier · alpha / r``, computed so that
+the big tensors (the activations ``x`` and ``y`` and their gradients) are touched as few times as possible:
+
+- ``s`` is folded into the small matrix (``B_s = s · B``, r × out), never applied to the big output;
+- the adapter product is added into the base output in place (``addmm_`` / ``baddbmm_``), and in backward
+  into the base input gradient in place, so no separate ``out + delta`` / ``gx + gx_lora`` passes;
+- under autocast the input is cast to the compute dtype once and shared by the base and ``down`` products
+  (autocast alone casts it twice), and the adapter weights are cast once per model forward for all modules
+  together (:class:`ComputeCopies`, two multi-tensor kernels) instead of per call;
+- the custom :class:`torch.autograd.Function` saves ``x``, the small ``h = A x`` and references to the
+  weights; it never saves the base output, and the frozen base weight gets no gradient.
+
+Gradients: with ``g = dL/dy``, ``dL/dh = B_s^T g``; ``dL/dx = W^T g + A^T (B_s^T g)``; ``dL/dA = (B_s^T g) x^T``;
+``dL/dB = s · g h^T``. Applies to ``nn.Linear`` and 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) with
+their own forward, in eager mode, without element/rank dropout; everything else (kxk convs, quantized layers,
+dropouts, ``torch.compile``, a base weight that trains) takes the plain path in networks/lora.py, which
+``torch.compile`` traces without graph breaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+FAST_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fast_kind(org_module: nn.Module, org_forward: object) -> str | None:
+    """``"linear"`` / ``"conv1x1"`` when the fused op reproduces ``org_forward`` exactly, else None."""
+    own_forward = getattr(org_forward, "__func__", None)
+    if type(org_module) is nn.Linear and own_forward is nn.Linear.forward:
+        return "linear"
+    if (
+        type(org_module) is nn.Conv2d and own_forward is nn.Conv2d.forward
+        and tuple(org_module.kernel_size) == (1, 1) and tuple(org_module.stride) == (1, 1)
+        and tuple(org_module.padding) == (0, 0) and tuple(org_module.dilation) == (1, 1)
+        and org_module.groups == 1 and org_module.padding_mode == "zeros"
+    ):  # fmt: skip
+        return "conv1x1"
+    return None
+
+
+def compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on for this device type, else ``fallback``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return fallback
+
+
+class ComputeCopies:
+    """Compute-dtype copies of the adapter weights of the LoRAs inside one root model, scale folded into ``up``.
+
+    Refreshed by a forward pre-hook on the root (the UNet, a text encoder, the LLM) and valid only until that
+    forward returns, so an optimizer step, ``load_state_dict`` or ``set_multiplier`` between two forwards can
+    never leave a stale copy; a LoRA called outside its root's forward (or a recomputation under gradient
+    checkpointing) casts for itself. The copies are detached: gradients still reach the fp32 parameters
+    through the autograd function's ``down`` / ``up`` inputs.
+    """
+
+    def __init__(self, loras: Sequence[nn.Module]) -> None:
+        self.loras = list(loras)
+        for index, lora in enumerate(self.loras):
+            lora._copies = (self, index)
+        self.depth = 0
+        self.dtype: torch.dtype | None = None
+        self.scales: list[float] = []
+        self.downs: list[torch.Tensor] = []
+        self.ups: list[torch.Tensor] = []
+
+    def lookup(self, index: int, dtype: torch.dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.depth > 0 and self.dtype == dtype and self.scales[index] == scale:
+            return self.downs[index], self.ups[index]
+        return None
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        # Fresh tensors each time: a copy saved for the backward of an earlier forward is never overwritten.
+        downs = [lora.lora_down.weight for lora in self.loras]
+        ups = [lora.lora_up.weight for lora in self.loras]
+        dtype = compute_dtype(downs[0].device.type, downs[0].dtype)
+        self.scales = [lora.multiplier * lora.scale for lora in self.loras]
+        self.dtype = dtype
+        if all(p.dtype == dtype for p in downs):
+            self.downs = [p.detach() for p in downs]
+        else:
+            self.downs = [torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format) for p in downs]
+            torch._foreach_copy_(self.downs, downs)
+        self.ups = [torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format) for p in ups]
+        torch._foreach_copy_(self.ups, ups)
+        torch._foreach_mul_(self.ups, self.scales)
+
+    def _enter(self, _module: nn.Module, _args: object) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.depth += 1
+        if self.depth == 1:
+            self.refresh()
+
+    def _exit(self, _module: nn.Module, _args: object, _output: object) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0:  # drop the references so the copies never outlive a forward
+            self.downs, self.ups = [], []
+
+
+def install_compute_copies(loras: Iterable[nn.Module], roots: Iterable[nn.Module | None]) -> list[RemovableHandle]:
+    """One :class:`ComputeCopies` per root model holding fast-path LoRAs; returns the hook handles."""
+    loras = [lora for lora in loras if getattr(lora, "_fast", None)]
+    handles: list[RemovableHandle] = []
+    for root in roots:
+        if root is None or not loras:
+            continue
+        inside = {id(m) for m in root.modules()}
+        mine = [lora for lora in loras if id(lora.org_module) in inside]
+        if not mine:
+            continue
+        copies = ComputeCopies(mine)
+        handles.append(root.register_forward_pre_hook(copies._enter))
+        handles.append(root.register_forward_hook(copies._exit, always_call=True))
+    return handles
+
+
+class _LinearLoRA(torch.autograd.Function):
+    """``F.linear(x, W, b) + (x A^T) B_s^T`` for a frozen ``W`` (see the module docstring for the gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale):  # noqa: ARG004  (down/up route the grads)
+        dtype = x.dtype
+        out = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        x2 = x.reshape(-1, x.shape[-1])
+        h = torch.mm(x2, down_c.t())
+        out.view(-1, out.shape[-1]).addmm_(h, up_s.t())
+        ctx.save_for_backward(x2, weight, down_c, up_s, h)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, down_c, up_s, h = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gh = torch.mm(g2, up_s)  # dL/dh: small, (tokens, r)
+        grad_x = grad_down = grad_up = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.mm(g2, weight.to(g2.dtype))
+            grad_x = gx.addmm_(gh, down_c).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_down = torch.mm(gh.t(), x2)
+        if ctx.needs_input_grad[4]:
+            grad_up = torch.mm(g2.t(), h).mul_(ctx.scale)
+        return grad_x, None, None, grad_down, grad_up, None, None, None
+
+
+class _Conv1x1LoRA(torch.autograd.Function):
+    """The same for a frozen 1x1 conv on NCHW: per sample, ``y_n = W x_n + b + B_s (A x_n)`` over H·W columns."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale):  # noqa: ARG004
+        dtype = x.dtype
+        out = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype)).contiguous()
+        n, c, o, r = x.shape[0], x.shape[1], out.shape[1], down_c.shape[0]
+        x3 = x.reshape(n, c, -1)
+        h = torch.matmul(down_c.reshape(r, c), x3)  # (n, r, H·W)
+        out.view(n, o, -1).baddbmm_(up_s.reshape(o, r).expand(n, o, r), h)
+        ctx.save_for_backward(x3, weight, down_c, up_s, h)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x3, weight, down_c, up_s, h = ctx.saved_tensors
+        n, c = x3.shape[:2]
+        o, r = up_s.shape[0], down_c.shape[0]
+        g3 = grad_out.reshape(n, o, -1)
+        up2 = up_s.reshape(o, r)
+        gh = torch.matmul(up2.t(), g3)  # (n, r, H·W)
+        grad_x = grad_down = grad_up = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.matmul(weight.reshape(o, c).t().to(g3.dtype), g3)
+            grad_x = gx.baddbmm_(down_c.reshape(r, c).t().expand(n, c, r), gh).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_down = torch.matmul(gh, x3.transpose(1, 2)).sum(0).view(r, c, 1, 1)
+        if ctx.needs_input_grad[4]:
+            grad_up = torch.matmul(g3, h.transpose(1, 2)).sum(0).mul_(ctx.scale).view(o, r, 1, 1)
+        return grad_x, None, None, grad_down, grad_up, None, None, None
+
+
+def fast_forward(lora: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``org(x) + multiplier · scale · up(down(x))`` through the fused op, or None where it does not apply."""
+    org = lora.org_module
+    weight = org.weight
+    if weight.requires_grad or weight.dtype not in FAST_FLOAT_DTYPES:
+        return None
+    conv = lora._fast == "conv1x1"
+    if conv and (x.dim() != 4 or not x.is_contiguous()):
+        return None
+    down, up = lora.lora_down.weight, lora.lora_up.weight
+    dtype = compute_dtype(x.device.type, x.dtype)
+    scale = lora.multiplier * lora.scale
+    copies = lora._copies
+    cached = copies[0].lookup(copies[1], dtype, scale) if copies is not None else None
+    if cached is None:
+        down_c = down.detach().to(dtype)
+        up_s = up.detach().to(dtype) * scale
+    else:
+        down_c, up_s = cached
+    fn = _Conv1x1LoRA if conv else _LinearLoRA
+    return fn.apply(x.to(dtype), weight, org.bias, down, up, down_c, up_s, scale)
+
+
+def lora_forward(lora: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """:meth:`LoRAModule.forward`: the fused op where it applies, else ``org(x) + plain_delta(x)``."""
+    if lora.multiplier == 0:
+        return lora.org_forward(x, *args, **kwargs)
+    eager = not torch.compiler.is_compiling()
+    if lora.training and lora.module_dropout > 0 and eager and torch.rand(()).item() < lora.module_dropout:
+        return lora.org_forward(x, *args, **kwargs)
+    if lora._fast and eager and not args and not kwargs and not (
+        lora.training and (lora.dropout > 0 or lora.rank_dropout > 0)
+    ):
+        out = fast_forward(lora, x)
+        if out is not None:
+            return out
+    out, delta = lora.org_forward(x, *args, **kwargs), plain_delta(lora, x)
+    if lora.training and lora.module_dropout > 0 and not eager:
+        # Compiled: the skip is a 0/1 factor, so no data-dependent branch breaks the graph.
+        delta = delta * (torch.rand((), device=x.device) >= lora.module_dropout).to(delta.dtype)
+    return out + delta
+
+
+def plain_delta(lora: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``multiplier · scale · up(down(x))`` with the training-time dropouts, as separate ops (any layer)."""
+    h = lora.lora_down(x)
+    scale = lora.multiplier * lora.scale
+    if lora.training:
+        if lora.dropout > 0:
+            h = F.dropout(h, p=lora.dropout)
+        if lora.rank_dropout > 0:
+            h = h * rank_mask(h, lora.rank_dropout, lora.is_conv)
+            scale = scale / (1.0 - lora.rank_dropout)
+    up = lora.lora_up.weight * scale  # the scale folded into the small matrix, not the big output
+    return F.conv2d(h, up) if lora.is_conv else F.linear(h, up)
+
+
+def rank_mask(h: torch.Tensor, p: float, is_conv: bool) -> torch.Tensor:
+    """One keep/drop decision per (sample, rank); ranks are dim 1 for conv, the last dim for Linear."""
+    shape = [1] * h.dim()
+    rank_dim = 1 if is_conv else h.dim() - 1
+    shape[rank_dim] = h.shape[rank_dim]
+    if h.dim() > 1:
+        shape[0] = h.shape[0]
+    return (torch.rand(shape, device=h.device) >= p).to(h.dtype)
