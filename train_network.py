@@ -247,7 +247,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             meter.add(batch)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = model(batch, epoch)
+                    try:
+                        loss = model(batch, epoch)
+                    except UserError as e:  # e.g. NaN latents: name the images of this batch
+                        raise e.with_paths(batch["image_paths"]) if hasattr(e, "with_paths") else e from None
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     # The norm of the synced gradients is the same on every process, so a NaN/inf

@@ -12,7 +12,8 @@ of each in turn, the order rotating) so that machine noise hits all of them alik
 - ``peft``: ``peft.inject_adapter_in_model`` with the SAME target modules as networks.lora (kohya targets:
   every Linear / 1x1 conv inside the UNet's transformer blocks; all linear layers of an LLM but lm_head).
 - ``ours``: networks.lora as ``create_network`` + ``apply_to`` build it (the default, fast path).
-- ``plain``: networks.lora with the fused path switched off (the plain ``org(x) + up(down(x))`` formulation).
+- ``plain``: networks.lora with the fused path switched off (its fallback: scale folded into ``up``, then add).
+- ``head``: networks.lora's forward before the fused path existed, ``org(x) + up(down(x)) * scale`` ("before").
 - ``floor+compile`` / ``ours+compile`` (``--compile``): regional ``torch.compile`` of every transformer block.
 
 Reported: median step time of ``--steps`` steps after warm-up (CUDA events on a GPU, perf_counter on CPU),
@@ -60,7 +61,10 @@ class Case:
     cuda_only: bool = False
 
 
-SD_SMALL = dict(block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256, attention_head_dim=8,
+# attention_head_dim is diffusers' legacy name for the number of heads: (2, 4, 8) gives heads of 32 channels,
+# near SD1.5's 40 (8 heads everywhere would give 8-channel heads, whose CPU attention swamps everything else).
+SD_SMALL = dict(block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
+                attention_head_dim=(2, 4, 8),
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32)
 SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
@@ -144,16 +148,29 @@ def loss_of(case: Case, model: nn.Module, inputs: dict) -> torch.Tensor:
 # --- the implementations -------------------------------------------------------------------------
 
 
-def our_network(model: nn.Module, fast: bool = True):
+def _head_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """networks.lora's forward before the fused path (commit 25857a1), without dropouts: the "before" column."""
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = module.org_forward(x, *args, **kwargs)
+        return out + module.lora_up(module.lora_down(x)) * (module.multiplier * module.scale)
+
+    return forward
+
+
+def our_network(model: nn.Module, mode: str = "ours"):
+    """networks.lora on ``model``; mode "plain" switches the fused path off, "head" restores the old forward."""
     from networks import lora
 
     network = lora.create_network(1.0, RANK, RANK, None, None, model)
     network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
-    if not fast:
+    if mode != "ours":
         for handle in network._copy_hooks:
             handle.remove()
         for module in network.all_loras():
             module._fast, module._copies = None, None
+            if mode == "head":
+                module.org_module.forward = _head_forward(module)
     return network
 
 
@@ -188,8 +205,8 @@ def build_impl(name: str, base: nn.Module, paths: list[str], device: torch.devic
     kind = name.split("+")[0]
     if kind == "peft":
         add_peft(model, paths)
-    elif kind in ("ours", "plain"):
-        network = our_network(model, fast=kind == "ours")
+    elif kind in ("ours", "plain", "head"):
+        network = our_network(model, kind)
         network.to(device, torch.float32)
         network.requires_grad_(True)
     for n, p in model.named_parameters():
@@ -197,7 +214,7 @@ def build_impl(name: str, base: nn.Module, paths: list[str], device: torch.devic
             p.data = p.data.to(device, torch.float32)
             p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    if kind in ("ours", "plain"):
+    if kind in ("ours", "plain", "head"):
         params = [p for p in network.parameters() if p.requires_grad]
     if name.endswith("+compile"):
         for module in model.modules():
@@ -225,7 +242,11 @@ def run_step(case: Case, impl: Impl, inputs: dict, amp: torch.dtype | None, devi
         x.requires_grad_(False)
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed(fn: Callable[[], None], device: torch.device, clock: str = "wall") -> float:
+    if clock == "cpu":  # CPU seconds of this process: steadier than wall time on a shared machine
+        t0 = time.process_time()
+        fn()
+        return time.process_time() - t0
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -272,7 +293,7 @@ def resident_bytes(impl: Impl) -> int:
 
 
 def bench_case(case: Case, impl_names: list[str], steps: int, warmup: int, device: torch.device,
-               dtype_arg: str) -> dict:
+               dtype_arg: str, clock: str = "wall") -> dict:
     amp = torch.bfloat16 if (device.type == "cuda" or dtype_arg == "bf16") else None
     base_dtype = amp or torch.float32
     base = build_model(case)
@@ -301,7 +322,7 @@ def bench_case(case: Case, impl_names: list[str], steps: int, warmup: int, devic
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-            impl.times.append(timed(lambda impl=impl: run_step(case, impl, inputs, amp, device), device))
+            impl.times.append(timed(lambda impl=impl: run_step(case, impl, inputs, amp, device), device, clock))
             if device.type == "cuda":
                 extra = torch.cuda.max_memory_allocated() - before
                 peak = resident_bytes(impl) + extra
@@ -316,11 +337,12 @@ def bench_case(case: Case, impl_names: list[str], steps: int, warmup: int, devic
         if impl.compile_s is not None:
             s["compile_s"] = impl.compile_s
     ratios = {}
-    for a, b in (("ours", "floor"), ("ours", "peft"), ("peft", "floor"), ("plain", "floor"), ("ours", "plain"),
+    for a, b in (("ours", "floor"), ("ours", "peft"), ("peft", "floor"), ("head", "floor"), ("plain", "floor"),
+                 ("ours", "head"), ("ours", "plain"),
                  ("ours+compile", "floor"), ("ours+compile", "ours")):
         if a in stats and b in stats:
             ratios[f"{a}/{b}"] = stats[a]["step_s"] / stats[b]["step_s"]
-    return {"case": case.name, "targets": len(paths), "batch": case.batch, "size": case.size,
+    return {"case": case.name, "targets": len(paths), "batch": case.batch, "size": case.size, "clock": clock,
             "dtype": "bf16 autocast" if amp else "fp32", "impls": stats, "ratios": ratios}
 
 
@@ -391,7 +413,7 @@ def fmt_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-RATIO_KEYS = ["ours/floor", "ours/peft", "peft/floor", "ours/plain", "ours+compile/floor"]
+RATIO_KEYS = ["ours/floor", "ours/peft", "peft/floor", "head/floor", "ours/head", "ours/plain", "ours+compile/floor"]
 
 
 def environment(device: torch.device) -> dict:
@@ -416,13 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--quick", action="store_true", help="tiny and small cases (full-size ones need CUDA)")
-    p.add_argument("--impls", default="floor,peft,ours", help="floor, peft, ours, plain (comma-separated)")
+    p.add_argument("--impls", default="floor,peft,ours", help="floor, peft, ours, plain, head (comma-separated)")
     p.add_argument("--compile", action="store_true", help="also floor+compile and ours+compile (regional)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="CPU only; CUDA always uses bf16")
     p.add_argument("--e2e", action="store_true", help="time the real train_network.py instead")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time (CPU device only; use with --threads 1 on a busy machine)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
     args = p.parse_args(argv)
     if args.threads:
@@ -446,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"case": name, "pending": "pending (needs CUDA)"})
             else:
                 t0 = time.perf_counter()
-                results.append(bench_case(case, impls, args.steps, args.warmup, device, args.dtype))
+                clock = args.clock if device.type == "cpu" else "wall"
+                results.append(bench_case(case, impls, args.steps, args.warmup, device, args.dtype, clock))
                 results[-1]["wall_s"] = time.perf_counter() - t0
             print(f"{name}: " + json.dumps(results[-1].get("ratios", results[-1].get("pending"))), flush=True)
         print(fmt_table(results))

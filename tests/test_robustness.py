@@ -176,3 +176,47 @@ def test_git_lfs_pointer_and_truncated_files_are_named(tmp_path, tiny_sd_dir):
     weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
     with pytest.raises(UserError, match="git-lfs pointer"):
         load_family("sd", str(model))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_nan_latents_name_the_image(tmp_path, tiny_sd_dir, tiny_images, capsys, monkeypatch, cached):
+    from library.families import diffusion_parts
+
+    real = diffusion_parts.encode_latents
+
+    def poisoned(vae, images, seed, epoch, indices):
+        latents = real(vae, images, seed, epoch, indices)
+        if len(indices) > 1:
+            raise diffusion_parts.NonFiniteLatents([1])
+        return latents
+
+    monkeypatch.setattr(diffusion_parts, "encode_latents", poisoned)
+    import library.families.sd as sd
+
+    monkeypatch.setattr(sd, "encode_latents", poisoned)
+    args = _args(tiny_sd_dir, _data(tmp_path, tiny_images), tmp_path / "out", "--max_train_steps", "2",
+                 "--vae_batch_size", "2")
+    if not cached:
+        args.remove("--cache_latents")
+    assert train_network.main(args) == 2
+    err = capsys.readouterr().err
+    assert "NaN/inf latents" in err and ".png" in err and str(tiny_images) in err
+    assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_decompression_bomb_is_listed_not_opened(tmp_path, tiny_sd_dir, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i * 50, 0, 0)).save(images / f"ok{i}.png")
+        (images / f"ok{i}.caption").write_text("ok")
+    Image.new("1", (20000, 20000)).save(images / "bomb.png")  # 400 Mpx: beyond Pillow's safety limit
+    (images / "bomb.caption").write_text("bomb")
+    out = tmp_path / "out"
+    code = train_network.main(_args(tiny_sd_dir, _data(tmp_path, images), out, "--max_train_steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 2 and "bomb.png" in err and "--on_bad_image skip" in err
+    assert train_network.main(_args(tiny_sd_dir, _data(tmp_path, images), out, "--max_train_steps", "1",
+                                    "--on_bad_image", "skip")) == 0

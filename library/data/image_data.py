@@ -171,7 +171,13 @@ class ImageData:
                 images = torch.stack([self.datasets[p].record_image(r) for p, r in chunk]).to(device)
                 # keyed on (dataset, image), so a cached latent is the same whatever the epoch
                 keys = torch.tensor([r + 1_000_000 * p for p, r in chunk])
-                for job, latent in zip(chunk, encode(images, keys).cpu(), strict=True):
+                try:
+                    latents = encode(images, keys).cpu()
+                except UserError as e:
+                    if hasattr(e, "with_paths"):  # name the images, not batch positions
+                        raise e.with_paths([str(self._record(job).path) for job in chunk]) from None
+                    raise
+                for job, latent in zip(chunk, latents, strict=True):
                     cache[job] = latent
 
     def _cache_file(self, job: tuple[int, int]) -> Path:

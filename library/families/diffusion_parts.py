@@ -118,9 +118,23 @@ def encode_latents(vae: torch.nn.Module, images: torch.Tensor, seed: int, epoch:
     dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
     eps = per_sample_randn(tuple(dist.mean.shape[1:]), sample_keys(seed, epoch, indices, DRAW_LATENT))
     latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
-    if torch.isnan(latents).any():
-        raise UserError("The VAE produced NaN latents; try --no_half_vae (fp16 VAEs overflow).")
+    bad = (~torch.isfinite(latents.flatten(1))).any(dim=1)
+    if bad.any():
+        raise NonFiniteLatents(bad.nonzero().flatten().tolist())
     return latents * vae.config.scaling_factor
+
+
+class NonFiniteLatents(UserError):
+    """The VAE gave NaN/inf latents for some images of a batch (positions in the batch)."""
+
+    def __init__(self, positions: list[int], paths: list[str] | None = None) -> None:
+        self.positions = positions
+        named = ", ".join(paths) if paths else f"batch positions {positions}"
+        super().__init__(f"The VAE produced NaN/inf latents for {named}. With an fp16 VAE use --no_half_vae; "
+                         "otherwise check or remove the image (it is never silently replaced by zeros).")
+
+    def with_paths(self, paths: list[str]) -> NonFiniteLatents:
+        return NonFiniteLatents(self.positions, [paths[i] for i in self.positions])
 
 
 def tokenize(tokenizer: Any, encoder: torch.nn.Module, captions: list[str]) -> torch.Tensor:
