@@ -198,3 +198,102 @@ def save_dtype_for(save_precision: str | None, default: torch.dtype) -> torch.dt
 def describe_run(lines: dict[str, Any]) -> str:
     width = max(len(k) for k in lines)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in lines.items())
+
+
+# --- the pieces the loop runs on, built from the arguments ---------------------------------------
+
+
+def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precision: str, seed: int):
+    """Load the model family; its network defaults (LLMs: dim 16, alpha 16) replace argparse defaults only."""
+    from library.config_file import SOURCE_DEFAULT
+    from library.families import detect_model_type, load_family
+
+    model_path = args.pretrained_model_name_or_path
+    model_type = args.model_type if args.model_type != "auto" else detect_model_type(model_path)
+    family = load_family(model_type, model_path, vae_path=args.vae, tokenizer_path=args.tokenizer_cache_dir,
+                         v2=args.v2 or None, v_parameterization=args.v_parameterization or None,
+                         noise=noise_settings(args), seed=seed, clip_skip=args.clip_skip,
+                         weight_dtype=weight_dtype_for(mixed_precision), load_in_4bit=args.load_in_4bit,
+                         load_in_8bit=args.load_in_8bit)
+    for key, value in getattr(family, "network_defaults", {}).items():
+        if sources.get(key) == SOURCE_DEFAULT:
+            setattr(args, key, value)
+    return family
+
+
+def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: int):
+    """The family's data for this process (sampler, loader, optional validation loader)."""
+    from library.families import DataRequest
+
+    return family.build_data(DataRequest(
+        dataset_config=args.dataset_config, defaults=dataset_defaults(args), seed=seed,
+        on_bad_image=args.on_bad_image, num_processes=accelerator.num_processes, rank=accelerator.process_index,
+        # On a CPU device, loader processes would only take cores from the step.
+        num_workers=args.max_data_loader_n_workers if accelerator.device.type != "cpu" else 0,
+        persistent_workers=args.persistent_data_loader_workers, cache_latents=args.cache_latents,
+        cache_latents_to_disk=args.cache_latents_to_disk, barrier=accelerator.wait_for_everyone,
+        vae_batch_size=args.vae_batch_size, device=accelerator.device,
+        cache_text_encoder_outputs=args.cache_text_encoder_outputs))
+
+
+def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Create the network by --network_module, wrap the family's modules, load --network_weights."""
+    module = import_network_module(args.network_module)
+    net_kwargs = network_args_dict(args.network_args)
+    vae, text_encoder, unet = family.network_inputs()
+    if args.network_weights and args.dim_from_weights:
+        network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
+                                                        neuron_dropout=args.network_dropout, **net_kwargs)
+    else:
+        network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
+                                        neuron_dropout=args.network_dropout, **net_kwargs)
+    network.apply_to(text_encoder, unet, not args.network_train_unet_only, not args.network_train_text_encoder_only)
+    if args.network_weights:  # continue training from a LoRA file (its shapes must match)
+        network.load_weights(args.network_weights)
+        log(f"loaded LoRA weights from {args.network_weights}")
+    if args.full_bf16 or args.full_fp16:
+        network.to(torch.bfloat16 if args.full_bf16 else torch.float16)
+    network.prepare_grad_etc(text_encoder, unet)
+    return network, net_kwargs
+
+
+def validation_loss(family: Any, network: torch.nn.Module, loader: Any, accelerator: Any,
+                    max_batches: int | None) -> float:
+    """Mean loss over held-out samples with fixed draws (epoch-0 keys), so values compare over time."""
+    import itertools
+
+    from library.data.image_data import move_batch
+
+    network.eval()
+    with torch.no_grad(), accelerator.autocast():
+        losses = [family.loss(move_batch(b, accelerator.device), 0).item()
+                  for b in itertools.islice(loader, max_batches)]
+    network.train()
+    return sum(losses) / max(len(losses), 1)
+
+
+def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, plan: StepPlan, optimizer: Any,
+             mixed_precision: str, accumulation: int, num_processes: int, seed: int, output_name: str,
+             net_kwargs: dict[str, str]):
+    """The facts the ss_* metadata records."""
+    from pathlib import Path
+
+    from library.optim import warmup_steps
+    from library.train_metadata import RunInfo
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    return RunInfo(
+        network_module=args.network_module, network_dim=getattr(network, "lora_dim", args.network_dim or 4),
+        network_alpha=args.network_alpha, network_args=net_kwargs, base_model_version=family.base_model_version,
+        output_name=output_name, learning_rate=args.learning_rate, unet_lr=args.unet_lr,
+        text_encoder_lr=args.text_encoder_lr, num_train_images=data.num_train_images,
+        num_reg_images=data.num_reg_images, num_batches_per_epoch=plan.batches_per_epoch,
+        num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=warmup_steps(args.lr_warmup_steps, plan.max_train_steps), optimizer=type(inner).__name__,
+        mixed_precision=mixed_precision, seed=seed, gradient_accumulation_steps=accumulation,
+        total_batch_size=data.batch_size * num_processes * accumulation, noise_offset=args.noise_offset,
+        min_snr_gamma=args.min_snr_gamma, clip_skip=args.clip_skip, prior_loss_weight=args.prior_loss_weight,
+        v2=getattr(family, "v2", False), v_parameterization=family.prediction_type == "v",
+        resolution=data.resolution, model_name=Path(args.pretrained_model_name_or_path).name,
+        training_comment=args.training_comment, datasets=data.metadata(), tag_frequency=data.tag_frequency(),
+    )

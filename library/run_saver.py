@@ -1,0 +1,86 @@
+"""Everything the loop writes: model files, state folders, rotation, resume (CONTRACTS.md §4).
+
+One object so the loop reads ``saver.checkpoint(...)`` instead of a page of bookkeeping.
+Model files go through the family (kohya file, PEFT folder); state folders through
+accelerate's save_state, written atomically with a completion marker (library/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.checkpoint import (
+    SavePlan,
+    ensure_free_space,
+    find_resume_state,
+    read_state,
+    remove_quietly,
+    write_state,
+)
+from library.metadata import modelspec_metadata
+from library.resume_check import check_resume_compatible
+from library.train_metadata import RunInfo, minimal_training_metadata, training_metadata
+
+
+class RunSaver:
+    """Writes the run's outputs on the main process, after every process finished the step."""
+
+    def __init__(self, accelerator: Any, plan: SavePlan, family: Any, network: torch.nn.Module, info: RunInfo,
+                 save_dtype: torch.dtype, no_metadata: bool, resolution: tuple[int, int],
+                 fingerprint: dict[str, Any], seed: int, log: Callable[[str], None]) -> None:
+        self.accelerator, self.plan, self.family, self.network = accelerator, plan, family, network
+        self.info, self.save_dtype, self.no_metadata, self.resolution = info, save_dtype, no_metadata, resolution
+        self.fingerprint, self.seed, self.log = fingerprint, seed, log
+        # LoRA file bytes; a state folder also holds fp32 weights and two optimizer moments.
+        self.model_bytes = sum(t.numel() * save_dtype.itemsize for t in network.state_dict().values())
+
+    def check_space(self, what: str, with_state: bool = False) -> None:
+        """Refuse before writing when the disk cannot hold it (run on every process, before barriers)."""
+        ensure_free_space(self.plan.output_dir, self.model_bytes * (4 if with_state else 1), what)
+
+    def model(self, stem: str, epoch: int, step: int) -> Path:
+        path = self.plan.model_path(stem)
+        if self.accelerator.is_main_process:
+            info = self.info
+            meta = minimal_training_metadata(info) if self.no_metadata else training_metadata(info, epoch, step)
+            if not self.no_metadata:
+                meta.update(modelspec_metadata(self.family.modelspec_architecture, info.output_name,
+                                               self.resolution, self.family.prediction_type))
+            path = self.family.save_network(self.network, path, self.save_dtype, meta)
+            self.log(f"saved {path}")
+        return path
+
+    def state(self, stem: str, global_step: int, epoch: int, batches_done: int, max_train_steps: int) -> None:
+        write_state(self.accelerator, self.plan.state_path(stem),
+                    {"global_step": global_step, "epoch": epoch, "batches_done_in_epoch": batches_done,
+                     "seed": self.seed, "max_train_steps": max_train_steps, "fingerprint": self.fingerprint})
+
+    def checkpoint(self, stem: str, name_epoch: int, global_step: int, resume_at: tuple[int, int],
+                   max_train_steps: int, stale: str | None = None, force_state: bool = False) -> None:
+        """A model file (and state folder) named ``stem``; rotation removes ``stale`` only afterwards."""
+        with_state = self.plan.save_state or force_state
+        self.check_space(stem, with_state)
+        self.accelerator.wait_for_everyone()
+        self.model(stem, name_epoch, global_step)
+        if with_state:
+            self.state(stem, global_step, *resume_at, max_train_steps)
+        if self.accelerator.is_main_process and stale:
+            remove_quietly(self.plan.model_path(stale))
+            remove_quietly(self.plan.model_path(stale).with_suffix(""))  # an adapter folder (LLMs: PEFT format)
+            remove_quietly(self.plan.state_path(stale))
+
+    def restore(self, resume: str, allow_changes: bool) -> tuple[int, int, int]:
+        """Load a state folder; returns (global step, epoch, batches already done in that epoch)."""
+        state_dir = find_resume_state(resume, self.plan.output_dir)
+        state = read_state(state_dir)
+        current = json.loads(json.dumps(self.fingerprint))  # compare as stored: tuples become lists
+        for line in check_resume_compatible(state.get("fingerprint"), current, allow_changes, str(state_dir)):
+            self.log(f"resuming with a changed setting (--resume_allow_changes):{line}")
+        self.accelerator.load_state(str(state_dir))
+        self.log(f"resumed from {state_dir}: step {state['global_step']}, epoch {state['epoch'] + 1}")
+        return state["global_step"], state["epoch"], state["batches_done_in_epoch"]
