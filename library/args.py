@@ -21,7 +21,6 @@ ACCELERATE_SETTINGS = ("mixed_precision", "gradient_accumulation_steps", "dynamo
 NOT_IMPLEMENTED_YET: dict[str, str] = {
     "in_json": "fine-tuning metadata datasets are planned; use a DreamBooth-style dataset TOML",
     "fp8_base": "fp8 base weights are planned",
-    "max_token_length": "prompts longer than 75 tokens are planned",
     "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
     "xformers": "SDPA attention is always used and is as fast; remove --xformers",
 }

@@ -119,3 +119,23 @@ def test_throughput_counts_samples_and_tokens():
     meter.add({"indices": torch.arange(4), "input_ids": torch.zeros(4, 16)})
     rates = meter.rates(num_processes=2)
     assert rates == {"throughput/samples_per_s": 4.0, "throughput/tokens_per_s": 64.0}  # 8 samples, 128 tokens / 2 s
+
+
+def test_max_token_length_encodes_long_prompts_in_chunks(tiny_sd_dir):
+    from library.families.sd import SDFamily
+
+    short = SDFamily.load(str(tiny_sd_dir))
+    long = SDFamily.load(str(tiny_sd_dir), max_token_length=150)
+    caption = "a, b, c, d"
+    with torch.no_grad():
+        plain = short.encode_text([caption])
+        chunked = long.encode_text([caption])
+    assert plain.shape[1] == 77 and chunked.shape[1] == 152
+    # the first chunk holds the whole caption: its <bos> and 75 tokens equal the plain encoding's
+    assert torch.allclose(chunked[:, :76], plain[:, :76], atol=1e-6)
+    # a caption of 100 characters (one token each) reaches into the second chunk and changes it
+    words = " ".join(["x"] * 100)
+    with torch.no_grad():
+        a = long.encode_text([words])
+        b = long.encode_text([" ".join(["x"] * 90)])
+    assert not torch.allclose(a[:, 76:151], b[:, 76:151])

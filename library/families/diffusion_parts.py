@@ -146,6 +146,28 @@ def tokenize(tokenizer: Any, encoder: torch.nn.Module, captions: list[str]) -> t
     return ids.to(encoder.device)
 
 
+def token_chunks(tokenizer: Any, encoder: torch.nn.Module, captions: list[str],
+                 max_token_length: int | None) -> list[torch.Tensor]:
+    """Token ids as CLIP-sized chunks: one chunk normally, 2 or 3 for --max_token_length 150 / 225.
+
+    Each chunk is <bos> + 75 tokens + <eos>, so every encoder call sees the context length it was
+    trained on (kohya's scheme; A1111 splits long prompts the same way at inference).
+    """
+    if not max_token_length or max_token_length <= 75:
+        return [tokenize(tokenizer, encoder, captions)]
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=max_token_length + 2,
+                    return_tensors="pt").input_ids.to(encoder.device)
+    bos, eos = ids[:, :1], torch.full_like(ids[:, :1], tokenizer.eos_token_id)
+    return [torch.cat([bos, ids[:, 1 + 75 * i:1 + 75 * (i + 1)], eos], dim=1) for i in range(max_token_length // 75)]
+
+
+def merge_chunks(states: list[torch.Tensor]) -> torch.Tensor:
+    """Hidden states of the chunks as one sequence: the first <bos>, every chunk's 75 tokens, the last <eos>."""
+    if len(states) == 1:
+        return states[0]
+    return torch.cat([states[0][:, :1], *(h[:, 1:-1] for h in states), states[-1][:, -1:]], dim=1)
+
+
 # --- --cache_text_encoder_outputs ------------------------------------------------------------
 
 TextOutputs = tuple[torch.Tensor, ...]  # per caption, without the batch dimension

@@ -18,8 +18,9 @@ from library.families.diffusion_parts import (
     latent_scale,
     load_scheduler,
     load_vae,
+    merge_chunks,
     place_modules,
-    tokenize,
+    token_chunks,
 )
 from library.families.diffusion_parts import load_part as _load
 
@@ -39,11 +40,13 @@ class SDFamily:
     clip_skip: int | None = None
     train_text_encoder: bool = False
     name: str = "sd"
+    max_token_length: int | None = None  # 150 / 225: prompts encoded in 75-token chunks
 
     @staticmethod
     def load(model_path: str, *, vae_path: str | None = None, tokenizer_path: str | None = None,
              v2: bool | None = None, v_parameterization: bool | None = None,
-             noise: NoiseSettings | None = None, seed: int = 0, clip_skip: int | None = None) -> SDFamily:
+             noise: NoiseSettings | None = None, seed: int = 0, clip_skip: int | None = None,
+             max_token_length: int | None = None) -> SDFamily:
         """Load a diffusers folder; v2 and v-parameterization default from the model's configs."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -58,7 +61,8 @@ class SDFamily:
         is_v2 = bool(v2) or text_encoder.config.hidden_size == 1024
         for module in (text_encoder, vae, unet):
             module.requires_grad_(False)
-        return SDFamily(tokenizer, text_encoder, vae, unet, scheduler, is_v2, noise, seed, clip_skip)
+        return SDFamily(tokenizer, text_encoder, vae, unet, scheduler, is_v2, noise, seed, clip_skip,
+                        max_token_length=max_token_length)
 
     @property
     def prediction_type(self) -> str:
@@ -124,15 +128,17 @@ class SDFamily:
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """CLIP hidden states (clip_skip honoured); with gradients only when the encoder trains."""
-        ids = tokenize(self.tokenizer, self.text_encoder, captions)
+        chunks = token_chunks(self.tokenizer, self.text_encoder, captions, self.max_token_length)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            if not self.clip_skip or self.clip_skip <= 1:
-                return self.text_encoder(ids)[0]
-            out = self.text_encoder(ids, output_hidden_states=True)
-            hidden = out.hidden_states[-self.clip_skip]
-            # transformers 5 flattened CLIPTextModel; older versions nest it under text_model
-            inner = getattr(self.text_encoder, "text_model", self.text_encoder)
-            return inner.final_layer_norm(hidden)
+            return merge_chunks([self._hidden(ids) for ids in chunks])
+
+    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.clip_skip or self.clip_skip <= 1:
+            return self.text_encoder(ids)[0]
+        out = self.text_encoder(ids, output_hidden_states=True)
+        # transformers 5 flattened CLIPTextModel; older versions nest it under text_model
+        inner = getattr(self.text_encoder, "text_model", self.text_encoder)
+        return inner.final_layer_norm(out.hidden_states[-self.clip_skip])
 
     def loss(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
         indices = batch["indices"]

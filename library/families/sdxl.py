@@ -34,8 +34,9 @@ from library.families.diffusion_parts import (
     load_part,
     load_scheduler,
     load_vae,
+    merge_chunks,
     place_modules,
-    tokenize,
+    token_chunks,
 )
 
 # Pixel sides must divide by this: SDXL's VAE downsamples by 8 and its UNet twice more by 2.
@@ -86,6 +87,7 @@ class SDXLFamily:
     train_text_encoder: bool = False
     text_cache: dict[str, TextOutputs] | None = field(default=None, repr=False)
     name: str = "sdxl"
+    max_token_length: int | None = None  # 150 / 225: prompts encoded in 75-token chunks
     v2: bool = False  # read by the run's metadata; SDXL is never an SD 2.x model
     base_model_version: str = "sdxl_base_v1-0"
     modelspec_architecture: str = "stable-diffusion-xl-v1-base/lora"
@@ -93,7 +95,8 @@ class SDXLFamily:
     @staticmethod
     def load(model_path: str, *, vae_path: str | None = None, tokenizer_path: str | None = None,
              v2: bool | None = None, v_parameterization: bool | None = None,
-             noise: NoiseSettings | None = None, seed: int = 0, clip_skip: int | None = None) -> SDXLFamily:
+             noise: NoiseSettings | None = None, seed: int = 0, clip_skip: int | None = None,
+             max_token_length: int | None = None) -> SDXLFamily:
         """Load an SDXL diffusers folder; v-parameterization defaults from its scheduler config.
 
         ``tokenizer_path``: a folder holding ``tokenizer`` and ``tokenizer_2`` subfolders (like the model).
@@ -122,7 +125,8 @@ class SDXLFamily:
         scheduler, noise = load_scheduler(root, v_parameterization, noise)
         for module in (text_encoder, text_encoder_2, vae, unet):
             module.requires_grad_(False)
-        return SDXLFamily(*tokenizers, text_encoder, text_encoder_2, vae, unet, scheduler, noise, seed)
+        return SDXLFamily(*tokenizers, text_encoder, text_encoder_2, vae, unet, scheduler, noise, seed,
+                          max_token_length=max_token_length)
 
     @property
     def prediction_type(self) -> str:
@@ -188,10 +192,11 @@ class SDXLFamily:
         hidden = []
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-                out = encoder(tokenize(tokenizer, encoder, captions), output_hidden_states=True)
+                outs = [encoder(ids, output_hidden_states=True)
+                        for ids in token_chunks(tokenizer, encoder, captions, self.max_token_length)]
                 # SDXL was trained on the penultimate layer, without the final layer norm.
-                hidden.append(out.hidden_states[-2])
-            pooled = out.text_embeds
+                hidden.append(merge_chunks([out.hidden_states[-2] for out in outs]))
+            pooled = outs[0].text_embeds  # the pooled embedding of the first chunk, as kohya does
         return torch.cat(hidden, dim=-1), pooled
 
     def loss(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
