@@ -149,7 +149,7 @@ def loss_of(case: Case, model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 def _head_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
-    """networks.lora's forward before the fused path (commit 25857a1), without dropouts: the "before" column."""
+    """networks.lora's forward before the fused path (commit 0aa9c76), without dropouts: the "before" column."""
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = module.org_forward(x, *args, **kwargs)

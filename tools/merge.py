@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True, help="LoRA files (kohya, diffusers or ComfyUI naming)")
     p.add_argument("--ratios", nargs="+", type=float, default=None, help="one multiplier per file (default 1.0 each)")
     p.add_argument("--sd_model", default=None, help="bake into this model (diffusers folder); omit to merge LoRAs")
+    p.add_argument("--llm_model", default=None,
+                   help="bake into this causal LM (transformers folder) and write a full model folder")
     p.add_argument("--save_to", required=True, help="output: a folder (with --sd_model) or a .safetensors LoRA")
     p.add_argument("--save_precision", choices=sorted(PRECISIONS), default=None,
                    help="dtype of the output (default: the model's / the first LoRA's)")  # fmt: skip
@@ -136,6 +138,42 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
     if args.save_precision:
         pipe.to(PRECISIONS[args.save_precision])
     save_folder_atomically(pipe, Path(args.save_to), args.overwrite)
+
+
+def merge_into_llm(args: argparse.Namespace, ratios: list[float]) -> None:
+    """Bake LoRAs (kohya files or PEFT folders) into a causal LM and save_pretrained it, for inference engines."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.new_rank is not None:
+        raise UserError("--new_rank applies to merging LoRAs; leave it out with --llm_model")
+    check_new_output(args.save_to, args.overwrite)
+    root = Path(args.llm_model)
+    if not (root / "config.json").is_file():
+        raise UserError(f"--llm_model {root}: not a transformers model folder (no config.json)")
+    dtype = PRECISIONS[args.precision]
+    model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype)
+    # every Linear by its kohya name (the causal LM is passed as `unet`, so the prefix is lora_unet)
+    modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    for path, ratio in zip(args.models, ratios, strict=True):
+        lora = load_lora(path)
+        if any(k.endswith((".magnitude", "lora_magnitude_vector.weight")) for k in lora.tensors):
+            raise UserError(f"{path}: DoRA adapters cannot be baked by a plain weight sum yet; "
+                            "use PEFT's merge_and_unload for them")
+        n = bake(modules, lora.state, ratio, path, args.device, torch.float32)
+        print(f"{path}: merged {n} modules with ratio {ratio}")
+    if args.save_precision:
+        model.to(PRECISIONS[args.save_precision])
+
+    class _Both:  # save_folder_atomically saves one object; a model folder needs the tokenizer too
+        def save_pretrained(self, folder: str, safe_serialization: bool = True) -> None:
+            model.save_pretrained(folder, safe_serialization=safe_serialization)
+            try:
+                AutoTokenizer.from_pretrained(str(root)).save_pretrained(folder)
+            except (OSError, ValueError):
+                print(f"note: no tokenizer found in {root}; copy it next to the merged model yourself")
+
+    save_folder_atomically(_Both(), Path(args.save_to), args.overwrite)
 
 
 # --- merging LoRAs --------------------------------------------------------------------------
@@ -234,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ratios = ratios_for(args)
+        if args.sd_model and args.llm_model:
+            raise UserError("give --sd_model or --llm_model, not both")
         if args.sd_model:
             merge_into_model(args, ratios)
+        elif args.llm_model:
+            merge_into_llm(args, ratios)
         else:
             merge_loras(args, ratios)
     except UserError as e:

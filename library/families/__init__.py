@@ -91,17 +91,20 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise UserError(f"Cannot read {path}: {e}") from None
 
 
-def detect_model_type(model_path: str | Path) -> str:
-    """sd, sdxl or llm from the model's own files; a UserError when it is not a model."""
+def detect_model_type(model_path: str | Path, allow_pickle: bool = False) -> str:
+    """sd, sdxl or llm from the model's own files (a single-file checkpoint: from its keys);
+    a UserError when it is not a model. A pickle checkpoint is read only with ``allow_pickle``."""
     path = Path(model_path)
     if not path.exists():
         raise UserError(f"--pretrained_model_name_or_path: {path} does not exist (models are never downloaded; "
-                        "give a local diffusers or transformers folder).")
+                        "give a local diffusers or transformers folder, or a single-file checkpoint).")
     if path.is_file():
-        if path.suffix in (".ckpt", ".pt", ".safetensors"):
-            raise UserError(f"{path}: single-file checkpoints are not supported in this version; "
-                            "give a diffusers model folder.")
-        raise UserError(f"{path} is not a model: expected a diffusers folder (model_index.json).")
+        from library.single_file import CHECKPOINT_SUFFIXES, detect_checkpoint
+
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            return detect_checkpoint(path, allow_pickle).family
+        raise UserError(f"{path} is not a model: expected a diffusers folder (model_index.json) or a single-file "
+                        f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}).")
     if (path / "text_encoder_2").is_dir():
         return "sdxl"
     unet_config = path / "unet" / "config.json"
@@ -127,14 +130,19 @@ def load_family(model_type: str, model_path: str, **options: Any) -> ModelFamily
     if model_type == "llm":
         from library.families.llm import LLMFamily
 
+        for key in ("allow_pickle", "model_config_dir"):  # single-file diffusion checkpoints only
+            options.pop(key, None)
         return LLMFamily.load(model_path, **options)
     for key in LLM_OPTIONS:
         if options.pop(key, False):
             raise UserError(f"--{key} quantizes a causal LM; it does not apply to --model_type {model_type}.")
     options.pop("weight_dtype", None)  # the diffusion families cast in prepare()
-    from library.weights_check import check_model_folder
+    from library.weights_check import check_model_folder, check_weight_file
 
-    check_model_folder(model_path)
+    if Path(model_path).is_file():  # a single-file checkpoint: library/single_file.py
+        check_weight_file(model_path)
+    else:
+        check_model_folder(model_path)
     if model_type == "sd":
         from library.families.sd import SDFamily
 

@@ -29,22 +29,28 @@ def load_part(kind: str, loader: Callable[..., Any], *args: Any, **kwargs: Any) 
         raise UserError(f"Cannot load the {kind} from {where}: {e}") from None
 
 
-def load_vae(root: Path, vae_path: str | None) -> torch.nn.Module:
-    """The model's own VAE, or the separate one given with ``--vae``."""
+def load_vae(root: Path, vae_path: str | None, allow_pickle: bool = False) -> torch.nn.Module:
+    """The model's own VAE, or the separate one given with ``--vae`` (a folder or a file)."""
     from diffusers import AutoencoderKL
 
+    if vae_path and Path(vae_path).is_file():  # a single-file VAE; its architecture is the model's
+        from library.single_file import load_vae_path
+
+        return load_vae_path(vae_path, root, allow_pickle)
     if vae_path:
         return load_part("VAE", AutoencoderKL.from_pretrained, vae_path)
     return load_part("VAE", AutoencoderKL.from_pretrained, str(root), subfolder="vae")
 
 
-def load_scheduler(root: Path, v_parameterization: bool | None,
-                   noise: NoiseSettings | None) -> tuple[Any, NoiseSettings]:
+def load_scheduler(root: Path, v_parameterization: bool | None, noise: NoiseSettings | None,
+                   scheduler_config: dict[str, Any] | None = None) -> tuple[Any, NoiseSettings]:
     """The DDPM training schedule from the model's scheduler config, and the noise settings with
-    ``v_parameterization`` defaulted from its ``prediction_type`` (a user's True always wins)."""
+    ``v_parameterization`` defaulted from its ``prediction_type`` (a user's True always wins).
+    ``scheduler_config``: a config already read (single-file checkpoints); ``root`` is then unused."""
     from diffusers import DDPMScheduler
 
-    scheduler_config = load_part("scheduler config", DDPMScheduler.load_config, str(root), subfolder="scheduler")
+    if scheduler_config is None:
+        scheduler_config = load_part("scheduler config", DDPMScheduler.load_config, str(root), subfolder="scheduler")
     # Training always adds noise with the DDPM schedule the model was trained with, whatever
     # sampler the folder names (SDXL ships an Euler config with the same betas).
     scheduler = DDPMScheduler.from_config(scheduler_config, rescale_betas_zero_snr=bool(

@@ -46,17 +46,30 @@ class SDFamily:
     def load(model_path: str, *, vae_path: str | None = None, tokenizer_path: str | None = None,
              v2: bool | None = None, v_parameterization: bool | None = None,
              noise: NoiseSettings | None = None, seed: int = 0, clip_skip: int | None = None,
-             max_token_length: int | None = None) -> SDFamily:
-        """Load a diffusers folder; v2 and v-parameterization default from the model's configs."""
+             max_token_length: int | None = None, allow_pickle: bool = False,
+             model_config_dir: str | None = None) -> SDFamily:
+        """Load a diffusers folder or a single-file checkpoint (library/single_file.py); v2 and
+        v-parameterization default from the model's configs (a file: from its keys)."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         root = Path(model_path)
+        if root.is_file():
+            from library.single_file import load_checkpoint
+
+            ckpt = load_checkpoint(root, "sd", tokenizer_path=tokenizer_path, model_config_dir=model_config_dir,
+                                   allow_pickle=allow_pickle, vae_path=vae_path)
+            scheduler, noise = load_scheduler(root, v_parameterization, noise, ckpt.scheduler_config)
+            for module in (*ckpt.text_encoders, ckpt.vae, ckpt.unet):
+                module.requires_grad_(False)
+            return SDFamily(ckpt.tokenizers[0], ckpt.text_encoders[0], ckpt.vae, ckpt.unet, scheduler,
+                            bool(v2) or ckpt.kind.name == "sd_v2", noise, seed, clip_skip,
+                            max_token_length=max_token_length)
         tok_dir = Path(tokenizer_path) if tokenizer_path else root / "tokenizer"
         tokenizer = _load("tokenizer", CLIPTokenizer.from_pretrained, str(tok_dir))
         text_encoder = _load("text encoder", CLIPTextModel.from_pretrained, str(root), subfolder="text_encoder")
         unet = _load("UNet", UNet2DConditionModel.from_pretrained, str(root), subfolder="unet")
-        vae = load_vae(root, vae_path)
+        vae = load_vae(root, vae_path, allow_pickle)
         scheduler, noise = load_scheduler(root, v_parameterization, noise)
         is_v2 = bool(v2) or text_encoder.config.hidden_size == 1024
         for module in (text_encoder, vae, unet):

@@ -96,8 +96,10 @@ class SDXLFamily:
     def load(model_path: str, *, vae_path: str | None = None, tokenizer_path: str | None = None,
              v2: bool | None = None, v_parameterization: bool | None = None,
              noise: NoiseSettings | None = None, seed: int = 0, clip_skip: int | None = None,
-             max_token_length: int | None = None) -> SDXLFamily:
-        """Load an SDXL diffusers folder; v-parameterization defaults from its scheduler config.
+             max_token_length: int | None = None, allow_pickle: bool = False,
+             model_config_dir: str | None = None) -> SDXLFamily:
+        """Load an SDXL diffusers folder or single-file checkpoint (library/single_file.py);
+        v-parameterization defaults from its scheduler config (a file: from its keys).
 
         ``tokenizer_path``: a folder holding ``tokenizer`` and ``tokenizer_2`` subfolders (like the model).
         """
@@ -110,6 +112,16 @@ class SDXLFamily:
             raise UserError(f"--clip_skip {clip_skip}: SDXL always uses the penultimate text encoder layer, as it "
                             "was trained (that is --clip_skip 2); leave --clip_skip out.")
         root = Path(model_path)
+        if root.is_file():
+            from library.single_file import load_checkpoint
+
+            ckpt = load_checkpoint(root, "sdxl", tokenizer_path=tokenizer_path, model_config_dir=model_config_dir,
+                                   allow_pickle=allow_pickle, vae_path=vae_path)
+            scheduler, noise = load_scheduler(root, v_parameterization, noise, ckpt.scheduler_config)
+            for module in (*ckpt.text_encoders, ckpt.vae, ckpt.unet):
+                module.requires_grad_(False)
+            return SDXLFamily(*ckpt.tokenizers, *ckpt.text_encoders, ckpt.vae, ckpt.unet, scheduler, noise, seed,
+                              max_token_length=max_token_length)
         tok_root = Path(tokenizer_path) if tokenizer_path else root
         tokenizers = [load_part("tokenizer", CLIPTokenizer.from_pretrained, str(tok_root / sub))
                       for sub in ("tokenizer", "tokenizer_2")]
@@ -121,7 +133,7 @@ class SDXLFamily:
         if unet.config.addition_embed_type != "text_time":
             raise UserError(f"{root}: the UNet has no SDXL size/pooled-text conditioning "
                             "(addition_embed_type 'text_time'); is this an SD 1.x/2.x model? Use --model_type sd.")
-        vae = load_vae(root, vae_path)
+        vae = load_vae(root, vae_path, allow_pickle)
         scheduler, noise = load_scheduler(root, v_parameterization, noise)
         for module in (text_encoder, text_encoder_2, vae, unet):
             module.requires_grad_(False)
