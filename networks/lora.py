@@ -171,8 +171,10 @@ class LoRANetwork(nn.Module):
         unet_spec: TargetSpec = SD_UNET,
         text_encoder_spec: TargetSpec = CLIP_TEXT,
         module_class: type[LoRAModule] = LoRAModule,
+        block_ranks: Callable[[Target], tuple[int, float | None] | None] | None = None,
     ) -> None:
         super().__init__()
+        self._block_ranks = block_ranks  # block_dims / block_alphas (networks/block_dims.py)
         self.module_class, self.multiplier = module_class, multiplier  # module_class: e.g. DoRA (lora_variants.py)
         self.lora_dim, self.alpha = lora_dim, alpha
         self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
@@ -210,13 +212,15 @@ class LoRANetwork(nn.Module):
                 return None
             dim = self._modules_dim[target.lora_name]
             return dim, self._modules_alpha.get(target.lora_name, dim)
+        if self._block_ranks is not None and target.lora_name.startswith("lora_unet_"):
+            return self._block_ranks(target)
         if target.is_kxk_conv:
             return (self.conv_lora_dim, self.conv_alpha) if self.conv_lora_dim else None
         return self.lora_dim, self.alpha
 
     def _create_modules(self, root: nn.Module, spec: TargetSpec) -> list[LoRAModule]:
         # Loaded files decide for themselves whether they contain conv LoRAs.
-        include_conv = self._modules_dim is not None or bool(self.conv_lora_dim)
+        include_conv = self._modules_dim is not None or bool(self.conv_lora_dim) or self._block_ranks is not None
         loras = []
         for target in find_targets(root, spec, include_conv):
             rank = self._rank_for(target)
@@ -447,11 +451,23 @@ def create_network(
         unet_spec=variant.spec(SD_UNET, unet),
         text_encoder_spec=variant.spec(CLIP_TEXT),
         module_class=variant.module_class,
+        block_ranks=_block_ranks(args, unet, dim, network_alpha, conv_dim, conv_alpha),
     )
     plus = args.get("loraplus_lr_ratio")
     network.loraplus_ratios = {"unet": args.get("loraplus_unet_lr_ratio") or plus,
                                "textencoder": args.get("loraplus_text_encoder_lr_ratio") or plus}
     return variant.attach(network)
+
+
+def _block_ranks(args: Mapping[str, object], unet: nn.Module | None, dim: int, alpha: float | None,
+                 conv_dim: int | None, conv_alpha: float | None):
+    keys = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+    if unet is None or not any(args.get(k) is not None for k in keys) or not hasattr(unet, "config"):
+        return None
+    from networks.block_dims import block_rank_fn
+
+    return block_rank_fn(unet, dim, alpha if alpha is not None else DEFAULT_ALPHA, conv_dim, conv_alpha,
+                         *(args.get(k) for k in keys))
 
 
 def create_network_from_weights(

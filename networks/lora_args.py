@@ -19,6 +19,17 @@ def _positive_float(value: str) -> float:
     return float(value)
 
 
+def _int_list(value: str) -> list[int]:
+    values = [int(v) for v in str(value).split(",") if v.strip()]
+    if any(v < 0 for v in values):
+        raise ValueError("dims must be >= 0")
+    return values
+
+
+def _float_list(value: str) -> list[float]:
+    return [float(v) for v in str(value).split(",") if v.strip()]
+
+
 def _probability(value: str) -> float:
     if not 0.0 <= float(value) < 1.0:
         raise ValueError("must be in [0, 1)")
@@ -48,6 +59,10 @@ NETWORK_ARGS: dict[str, tuple[Callable[[str], object], str]] = {
     "target_modules": (_names, "comma-separated module names, e.g. q_proj,k_proj,v_proj,o_proj"),
     "use_rslora": (_flag, "true or false (scale = alpha / sqrt(dim) instead of alpha / dim)"),
     "use_dora": (_flag, "true or false (weight-decomposed LoRA)"),
+    "block_dims": (_int_list, "comma-separated integers, one per UNet block (25 for SD1/2, 19 for SDXL)"),
+    "block_alphas": (_float_list, "comma-separated numbers, one per UNet block"),
+    "conv_block_dims": (_int_list, "comma-separated integers, one per UNet block"),
+    "conv_block_alphas": (_float_list, "comma-separated numbers, one per UNet block"),
     "loraplus_lr_ratio": (_positive_float, "a number > 0 (LoRA+: lora_up learns this many times faster)"),
     "loraplus_unet_lr_ratio": (_positive_float, "a number > 0 (LoRA+ ratio for the UNet / model only)"),
     "loraplus_text_encoder_lr_ratio": (_positive_float, "a number > 0 (LoRA+ ratio for the text encoders only)"),
