@@ -24,6 +24,7 @@ from library.checkpoint import SavePlan, check_output_name, ensure_output_dir
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
 from library.data.image_data import move_batch
 from library.errors import UserError
+from library.fp8 import store_in_fp8
 from library.loss_curve import write_loss_curve
 from library.optim import create_optimizer, create_scheduler
 from library.resume_check import training_fingerprint
@@ -57,6 +58,9 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     weight_dtype = setup.weight_dtype_for(acc_settings.mixed_precision)
     family.prepare(accelerator.device, weight_dtype, not args.network_train_unet_only, args.gradient_checkpointing,
                    torch.float32 if args.no_half_vae else weight_dtype)
+    if args.fp8_base:  # before the network wraps the modules; the text encoders keep their dtype
+        n = store_in_fp8(family.network_inputs()[2], weight_dtype if weight_dtype != torch.float32 else torch.bfloat16)
+        log(f"--fp8_base: {n} frozen base layers stored in float8")
     data = setup.build_data(args, family, accelerator, seed)
     plan = setup.plan_steps(len(data.sampler), accumulation, args.max_train_steps, args.max_train_epochs)
     network, net_kwargs = setup.build_network(args, family, log)

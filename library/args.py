@@ -20,7 +20,6 @@ ACCELERATE_SETTINGS = ("mixed_precision", "gradient_accumulation_steps", "dynamo
 # that says so, rather than a silently ignored setting.
 NOT_IMPLEMENTED_YET: dict[str, str] = {
     "in_json": "fine-tuning metadata datasets are planned; use a DreamBooth-style dataset TOML",
-    "fp8_base": "fp8 base weights are planned",
     "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
     "xformers": "SDPA attention is always used and is as fast; remove --xformers",
 }

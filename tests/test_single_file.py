@@ -40,6 +40,8 @@ class Tiny:
         pipe.save_pretrained(self.folder)
         self.configs = config_copy(self.folder, root / "configs")
         self.encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+        for module in (pipe.unet, pipe.vae, *self.encoders):
+            module.eval()  # as loaded modules are (the VAE decoder differs in the last bit in train mode)
         self.file = sf.save_original(root / "model.safetensors", pipe.unet, pipe.vae, self.encoders, v2=v2,
                                      v_prediction=v_prediction)
 

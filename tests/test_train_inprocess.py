@@ -173,3 +173,39 @@ def test_latents_cached_to_disk_are_reused_and_invalidated(tmp_path, tiny_sd_dir
     assert _run(tiny_sd_dir, data, tmp_path / "again", "--max_train_steps", "1", "--cache_latents_to_disk") == 0
     changed = {f.name for f in images.glob("*.latent.safetensors") if f.stat().st_mtime_ns != stamps[f.name]}
     assert changed == {"img_003_64x64.latent.safetensors"}
+
+
+def test_fp8_base_trains_with_float8_weights(tmp_path, tiny_sd_dir, tiny_images, monkeypatch):
+    from library import fp8
+
+    seen = {}
+    real = fp8.store_in_fp8
+
+    def spy(model, dtype):
+        seen["count"] = real(model, dtype)
+        seen["dtypes"] = {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        return seen["count"]
+
+    monkeypatch.setattr(train_network, "store_in_fp8", spy)
+    data = _data_toml(tmp_path, tiny_images)
+    assert _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "2", "--fp8_base",
+                "--mixed_precision", "bf16") == 0
+    assert seen["count"] > 0 and seen["dtypes"] == {torch.float8_e4m3fn}
+    sd = load_file(str(tmp_path / "out" / "lora.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in sd.values())
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_up" in k)
+
+
+def test_fp8_linear_is_close_to_bf16():
+    from library.fp8 import store_in_fp8
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Conv2d(4, 8, 3, padding=1))
+    x, img = torch.randn(5, 64), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref_lin, ref_conv = layer[0](x), layer[1](img)
+        assert store_in_fp8(layer, torch.bfloat16) == 2
+        got_lin, got_conv = layer[0](x).float(), layer[1](img).float()
+    assert layer[0].weight.dtype == torch.float8_e4m3fn
+    assert (got_lin - ref_lin).abs().max() < 0.1 * ref_lin.abs().max()
+    assert (got_conv - ref_conv).abs().max() < 0.1 * ref_conv.abs().max()
