@@ -42,4 +42,11 @@ def store_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
         module.weight.data = module.weight.data.to(FP8)
         module.forward = make(module, compute_dtype)
         count += 1
+    # diffusers' model.dtype reports its first parameter's dtype, float8 now; callers ask compute_dtype_of
+    model._fp8_compute_dtype = compute_dtype
     return count
+
+
+def compute_dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype a model's inputs should have: its weights' dtype, or the compute dtype under --fp8_base."""
+    return getattr(model, "_fp8_compute_dtype", None) or model.dtype

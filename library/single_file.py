@@ -265,6 +265,20 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+_ADVICE = ("For a non-standard model, give a diffusers-style config folder (unet/, vae/, text_encoder/ config.json "
+           "files; a diffusers folder of the model will do) as --tokenizer_cache_dir.")
+
+
+def _convert(what: str, configs: Path, convert: Callable[..., dict[str, torch.Tensor]], *args: Any,
+             **kwargs: Any) -> dict[str, torch.Tensor]:
+    """diffusers' key converters index blocks by the config; a config of another shape fails inside them."""
+    try:
+        return convert(*args, **kwargs)
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise UserError(f"The checkpoint's {what} does not fit the architecture in {configs} (converting its "
+                        f"keys failed at {e!r}). {_ADVICE}") from None
+
+
 def _load_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str, configs: Path,
                  ignore: Callable[[str], bool] = lambda k: False) -> torch.nn.Module:
     """Load every parameter of ``model`` (built on the meta device) from ``weights``, as float32."""
@@ -281,8 +295,7 @@ def _load_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], what:
             (len(missing), "missing", missing), (len(unexpected), "unexpected", unexpected),
             (len(wrong), "with another shape", wrong)) if v]
         raise UserError(f"The checkpoint's {what} does not fit the architecture in {configs}: {'; '.join(problems)}. "
-                        "For a non-standard model, give a diffusers-style config folder (unet/, vae/, text_encoder/ "
-                        "config.json files) as --tokenizer_cache_dir.")
+                        f"{_ADVICE}")
     floats = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in weights.items()}
     model.load_state_dict(floats, strict=True, assign=True)
     return model.eval()
@@ -301,7 +314,8 @@ def load_unet(state: Mapping[str, torch.Tensor], configs: Path) -> torch.nn.Modu
 
     config = UNet2DConditionModel.load_config(str(configs), subfolder="unet")
     model = _empty(lambda: UNet2DConditionModel.from_config(config))
-    return _load_strict(model, convert_ldm_unet_checkpoint(dict(state), config), "UNet", configs)
+    weights = _convert("UNet", configs, convert_ldm_unet_checkpoint, dict(state), config)
+    return _load_strict(model, weights, "UNet", configs)
 
 
 def load_vae(state: Mapping[str, torch.Tensor], configs: Path, source: str) -> torch.nn.Module:
@@ -315,7 +329,7 @@ def load_vae(state: Mapping[str, torch.Tensor], configs: Path, source: str) -> t
     if any(k.startswith("encoder.down_blocks.") for k in state):  # already diffusers names (a --vae file)
         weights = dict(state)
     else:
-        weights = convert_ldm_vae_checkpoint(dict(state), config)
+        weights = _convert("VAE", configs, convert_ldm_vae_checkpoint, dict(state), config)
     model = _empty(lambda: AutoencoderKL.from_config(config))
     return _load_strict(model, weights, "VAE", configs)
 
@@ -338,7 +352,7 @@ def load_text_encoder(state: Mapping[str, torch.Tensor], prefix: str, style: str
         layer = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
         kept = {k: v for k, v in state.items() if k.startswith(prefix)
                 and not ((m := layer.match(k)) and int(m[1]) >= config.num_hidden_layers)}
-        weights = convert_open_clip_checkpoint(model, kept, prefix=prefix)
+        weights = _convert(subfolder, configs, convert_open_clip_checkpoint, model, kept, prefix=prefix)
     # transformers 5 flattened CLIPTextModel (no ``text_model.`` level); the checkpoints keep it.
     if not hasattr(model, "text_model"):
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}

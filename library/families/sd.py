@@ -23,6 +23,7 @@ from library.families.diffusion_parts import (
     token_chunks,
 )
 from library.families.diffusion_parts import load_part as _load
+from library.fp8 import compute_dtype_of
 
 
 @dataclass
@@ -159,9 +160,10 @@ class SDFamily:
         if latents is None:
             latents = self.encode_images(batch["images"], indices, epoch)
         latents = latents.to(self.unet.device)
-        context = self.encode_text(batch["captions"]).to(self.unet.dtype)
+        dtype = compute_dtype_of(self.unet)
+        context = self.encode_text(batch["captions"]).to(dtype)
 
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return self.unet(noisy.to(self.unet.dtype), timesteps, context).sample
+            return self.unet(noisy.to(dtype), timesteps, context).sample
 
         return denoising_loss(predict, latents, indices, batch["is_reg"], self.seed, epoch, self.scheduler, self.noise)

@@ -38,6 +38,7 @@ from library.families.diffusion_parts import (
     place_modules,
     token_chunks,
 )
+from library.fp8 import compute_dtype_of
 
 # Pixel sides must divide by this: SDXL's VAE downsamples by 8 and its UNet twice more by 2.
 SIDE_MULTIPLE = 32
@@ -222,7 +223,7 @@ class SDXLFamily:
         else:
             context, pooled = self.encode_text(batch["captions"])
         target_size = (latents.shape[-2] * self.latent_scale, latents.shape[-1] * self.latent_scale)
-        dtype = self.unet.dtype
+        dtype = compute_dtype_of(self.unet)
         conditioning = {
             "text_embeds": pooled.to(self.unet.device, dtype),
             "time_ids": size_conditioning(batch["original_sizes"], batch["crop_top_lefts"],
