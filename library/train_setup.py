@@ -297,3 +297,27 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
         resolution=data.resolution, model_name=Path(args.pretrained_model_name_or_path).name,
         training_comment=args.training_comment, datasets=data.metadata(), tag_frequency=data.tag_frequency(),
     )
+
+
+# Repeated blocks compiled one by one ("regional compilation"): each class compiles once and is
+# reused, so start-up stays short, and the Python around them (tokenizers, the loss) is not traced.
+def compile_blocks(model: torch.nn.Module, accelerator: Any) -> int:
+    """torch.compile the frozen model's repeated blocks in place with the dynamo plugin's settings.
+
+    accelerate would otherwise compile the whole training module (loss, tokenizer calls and all);
+    its plugin is switched to NO afterwards so that it does not.
+    """
+    from accelerate.utils import DynamoBackend
+
+    plugin = accelerator.state.dynamo_plugin
+    if plugin.backend == DynamoBackend.NO:
+        return 0
+    kwargs = plugin.to_kwargs()
+    count = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name in ("BasicTransformerBlock", "ResnetBlock2D") or name.endswith("DecoderLayer"):
+            module.compile(**kwargs)
+            count += 1
+    plugin.backend = DynamoBackend.NO
+    return count

@@ -238,7 +238,7 @@ def test_tokenizer_from_an_sd_scripts_cache_and_vae_from_a_file(tiny_sd, tmp_pat
 
 def _train(model: Path, out: Path, data: Path, *extra: str) -> dict[str, torch.Tensor]:
     argv = ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data), "--output_dir", str(out),
-            "--output_name", "lora", "--network_dim", "4", "--learning_rate", "1e-2", "--max_train_steps", "2",
+            "--output_name", "lora", "--network_dim", "4", "--learning_rate", "1e-2", "--max_train_steps", "1",
             "--seed", "3", *extra]
     assert train_network.main(argv) == 0
     return load_file(str(out / "lora.safetensors"))
@@ -248,7 +248,7 @@ def _train(model: Path, out: Path, data: Path, *extra: str) -> dict[str, torch.T
 def test_training_from_the_file_equals_training_from_the_folder(name, request, tmp_path, tiny_images):
     tiny: Tiny = request.getfixturevalue(name)
     data = tmp_path / "data.toml"
-    data.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n  [[datasets.subsets]]\n"
+    data.write_text(f"[[datasets]]\nresolution = 32\nbatch_size = 2\n  [[datasets.subsets]]\n"
                     f"  image_dir = \"{tiny_images}\"\n  caption_extension = \".caption\"\n")
     from_folder = _train(tiny.folder, tmp_path / "a", data)
     from_file = _train(tiny.file, tmp_path / "b", data, "--tokenizer_cache_dir", str(tiny.configs))
