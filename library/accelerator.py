@@ -215,6 +215,11 @@ def prepare_accelerator(s: AcceleratorSettings):
             wandb.login(key=s.wandb_api_key)
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and not s.cpu
+    # A second training in the same process (tests, notebooks) may use another precision or dynamo
+    # setting; accelerate keeps them in a singleton, so start it afresh (the process group stays).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision=s.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=s.gradient_accumulation_steps),

@@ -49,7 +49,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", type=str, default=None, help="a separate diffusers VAE folder")
     g.add_argument("--clip_skip", type=int, default=None, help="use the output of the n-th last text encoder layer")
     g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="local folder holding the tokenizer")
-    g.add_argument("--allow_pickle", action="store_true", help="allow loading .ckpt/.pt files (weights_only)")
+    g.add_argument(
+        "--allow_pickle",
+        action="store_true",
+        help="read .ckpt/.pt/.pth/.bin pickle checkpoints (model or --vae), with torch.load(weights_only=True): "
+        "tensors only; without it pickles are refused",
+    )
     g.add_argument(
         "--load_in_4bit",
         action="store_true",

@@ -31,7 +31,7 @@ checkpoints); otherwise epsilon. The choice is logged.
 
 from __future__ import annotations
 
-import logging
+import os
 import pickle
 import re
 import zipfile
@@ -44,8 +44,6 @@ import torch
 
 from library.errors import UserError
 from library.weights_check import check_weight_file
-
-logger = logging.getLogger(__name__)
 
 ARCHITECTURES = Path(__file__).resolve().parent.parent / "configs" / "architectures"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -82,18 +80,7 @@ SDXL_BASE = Kind("sdxl", "sdxl_base", "SDXL base",
                   ("tokenizer_2", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")))
 
 
-def is_checkpoint_file(path: str | Path) -> bool:
-    """A file with a single-file checkpoint suffix (the caller still checks the keys)."""
-    return Path(path).is_file() and Path(path).suffix.lower() in CHECKPOINT_SUFFIXES
-
-
 # --- reading -----------------------------------------------------------------------------------
-
-
-def pickle_refusal(path: Path) -> str:
-    return (f"{path} is a pickle single-file checkpoint ({path.suffix}); unpickling can run arbitrary code, so it "
-            "is refused unless you pass --allow_pickle (it is then loaded with torch.load(weights_only=True), "
-            "tensors only). Better: use a .safetensors version of the model.")
 
 
 def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -108,7 +95,9 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     if suffix not in PICKLE_SUFFIXES:
         raise UserError(f"{path}: not a checkpoint file; expected one of {', '.join(CHECKPOINT_SUFFIXES)}.")
     if not allow_pickle:
-        raise UserError(pickle_refusal(path))
+        raise UserError(f"{path} is a pickle single-file checkpoint ({path.suffix}); unpickling can run arbitrary "
+                        "code, so it is refused unless you pass --allow_pickle (it is then loaded with "
+                        "torch.load(weights_only=True), tensors only). Better: a .safetensors version of the model.")
     with open(path, "rb") as f:
         zipped = f.read(2) == b"PK"
     if zipped and not zipfile.is_zipfile(path):
@@ -187,14 +176,15 @@ def detect_kind(keys: Iterable[str], get: Callable[[str], torch.Tensor], source:
     return kind
 
 
-def detect_v_prediction(kind: Kind, keys: Iterable[str], get: Callable[[str], torch.Tensor]) -> bool:
-    """v-prediction by the rule of the module docstring (``--v_parameterization`` is applied by the caller)."""
+def detect_v_prediction(kind: Kind, keys: Iterable[str], get: Callable[[str], torch.Tensor]) -> tuple[bool, str]:
+    """(v-prediction?, why) by the rule of the module docstring (the caller applies ``--v_parameterization``)."""
     keys = set(keys)
     if V_PRED_MARKER in keys:
-        return True
+        return True, f"its '{V_PRED_MARKER}' key"
     if kind is SD_V2 and SD2_V_PROBE in keys:
-        return float(torch.std(get(SD2_V_PROBE).float(), unbiased=False)) > 0.09
-    return False
+        spread = float(torch.std(get(SD2_V_PROBE).float(), unbiased=False))
+        return spread > 0.09, f"SD 2.x rule: std {spread:.3f} of a norm bias {'>' if spread > 0.09 else '<='} 0.09"
+    return False, "no v-prediction marker"
 
 
 def detect_checkpoint(path: str | Path, allow_pickle: bool = False) -> Kind:
@@ -220,6 +210,15 @@ def config_folder(kind: Kind, model_config_dir: str | None = None, tokenizer_pat
     return ARCHITECTURES / kind.name
 
 
+def _cached_tokenizer(hub_id: str) -> Path | None:
+    """The tokenizer folder of ``hub_id`` in the local Hugging Face cache, if it is there (never a download)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    sub = "tokenizer/" if hub_id == "stabilityai/stable-diffusion-2" else ""
+    found = try_to_load_from_cache(hub_id, f"{sub}vocab.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def load_tokenizers(kind: Kind, tokenizer_path: str | None, configs: Path) -> list[Any]:
     """Each text encoder's tokenizer from local files only (a single file holds none)."""
     from transformers import CLIPTokenizer
@@ -233,19 +232,16 @@ def load_tokenizers(kind: Kind, tokenizer_path: str | None, configs: Path) -> li
             candidates.append(base)
         candidates.append(configs / subfolder)
         folder = next((c for c in candidates if (c / "vocab.json").is_file() or (c / "tokenizer.json").is_file()),
-                      None)
-        try:
-            if folder is not None:
-                found.append(CLIPTokenizer.from_pretrained(str(folder)))
-                continue
-            sub = {"subfolder": "tokenizer"} if hub_id == "stabilityai/stable-diffusion-2" else {}
-            found.append(CLIPTokenizer.from_pretrained(hub_id, local_files_only=True, **sub))
-        except (OSError, ValueError) as e:
+                      None) or _cached_tokenizer(hub_id)
+        # transformers 5 quietly builds an empty tokenizer from a folder without files: look before loading
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder)) if folder else None
+        if tokenizer is None or len(tokenizer) <= 2:
             tried = ", ".join(str(c) for c in candidates)
             raise UserError(f"No {subfolder} for the {kind.title} checkpoint (a single file holds none): tried "
-                            f"{tried} and the local Hugging Face cache of {hub_id} ({str(e).splitlines()[0]}). "
-                            f"Give --tokenizer_cache_dir: a folder with {' and '.join(s for s, _ in kind.tokenizers)}"
-                            " subfolders, e.g. a diffusers model folder of the same family.") from None
+                            f"{tried} and the local Hugging Face cache of {hub_id}. Give --tokenizer_cache_dir: a "
+                            f"folder with {' and '.join(s for s, _ in kind.tokenizers)} (vocab.json and merges.txt, or "
+                            "tokenizer.json), e.g. a diffusers model folder of the same family.")
+        found.append(tokenizer)
     return found
 
 
@@ -383,9 +379,11 @@ def load_checkpoint(path: str | Path, family: str, *, tokenizer_path: str | None
     if kind.family != family:
         raise UserError(f"{path} is an {kind.title} checkpoint; use --model_type {kind.family} (or auto).")
     configs = config_folder(kind, model_config_dir, tokenizer_path)
-    v_prediction = detect_v_prediction(kind, state, state.__getitem__)
-    logger.info("%s: %s checkpoint, architecture from %s, %s prediction", path.name, kind.title, configs,
-                "v" if v_prediction else "epsilon")
+    tokenizers = load_tokenizers(kind, tokenizer_path, configs)  # before the weights: a cheap failure first
+    v_prediction, why = detect_v_prediction(kind, state, state.__getitem__)
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        print(f"{path.name}: {kind.title} single-file checkpoint, architecture from {configs}, "
+              f"{'v' if v_prediction else 'epsilon'} prediction ({why}; --v_parameterization forces v)")
     text_encoders = [load_text_encoder(state, prefix, style, configs, sub) for prefix, style, sub in kind.text_encoders]
     unet = load_unet(state, configs)
     if vae_path:
@@ -393,8 +391,7 @@ def load_checkpoint(path: str | Path, family: str, *, tokenizer_path: str | None
     else:
         vae = load_vae(_strip(state, VAE), configs, str(path))
     del state
-    return Checkpoint(kind, unet, vae, text_encoders, load_tokenizers(kind, tokenizer_path, configs),
-                      scheduler_config(configs, v_prediction), configs)
+    return Checkpoint(kind, unet, vae, text_encoders, tokenizers, scheduler_config(configs, v_prediction), configs)
 
 
 def load_vae_path(vae_path: str | Path, configs: Path, allow_pickle: bool = False) -> torch.nn.Module:

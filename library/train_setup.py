@@ -209,12 +209,13 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
     from library.families import detect_model_type, load_family
 
     model_path = args.pretrained_model_name_or_path
-    model_type = args.model_type if args.model_type != "auto" else detect_model_type(model_path)
+    model_type = (args.model_type if args.model_type != "auto"
+                  else detect_model_type(model_path, allow_pickle=args.allow_pickle))
     family = load_family(model_type, model_path, vae_path=args.vae, tokenizer_path=args.tokenizer_cache_dir,
                          v2=args.v2 or None, v_parameterization=args.v_parameterization or None,
                          noise=noise_settings(args), seed=seed, clip_skip=args.clip_skip,
                          max_token_length=args.max_token_length, weight_dtype=weight_dtype_for(mixed_precision),
-                         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+                         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, allow_pickle=args.allow_pickle)
     for key, value in getattr(family, "network_defaults", {}).items():
         if sources.get(key) == SOURCE_DEFAULT:
             setattr(args, key, value)

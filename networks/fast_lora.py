@@ -48,8 +48,11 @@ def fast_kind(org_module: nn.Module, org_forward: object) -> str | None:
 
 def compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
     """The dtype matmuls run in: autocast's when it is on for this device type, else ``fallback``."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta" in tools/plan.py)
+        pass
     return fallback
 
 

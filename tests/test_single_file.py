@@ -74,11 +74,13 @@ def tiny_sd2(tmp_path_factory) -> Tiny:
 
 
 @pytest.mark.parametrize("kind, counts, known_key", [
-    (sf.SD_V1, [859_520_964, 83_653_863, 123_060_480], "model.diffusion_model.output_blocks.11.0.skip_connection.weight"),
-    (sf.SD_V2, [865_910_724, 83_653_863, 340_387_840], "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"),
+    (sf.SD_V1, [859_520_964, 83_653_863, 123_060_480],
+     "model.diffusion_model.output_blocks.11.0.skip_connection.weight"),
+    (sf.SD_V2, [865_910_724, 83_653_863, 340_387_840],
+     "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"),
     (sf.SDXL_BASE, [2_567_463_684, 83_653_863, 123_060_480, 694_659_840],
      "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_proj.bias"),
-], ids=lambda v: getattr(v, "name", None))
+], ids=["sd_v1", "sd_v2", "sdxl_base"])
 def test_shipped_configs_are_the_real_architectures(kind, counts, known_key):
     """Parameter counts of the released models; their original key names convert back strictly."""
     from accelerate import init_empty_weights
@@ -110,6 +112,16 @@ def test_detects_the_family_from_the_keys(tiny_sd, tiny_xl, tiny_sd2):
     assert sf.detect_checkpoint(tiny_sd.file) is sf.SD_V1
     assert sf.detect_checkpoint(tiny_sd2.file) is sf.SD_V2
     assert sf.detect_checkpoint(tiny_xl.file) is sf.SDXL_BASE
+
+
+def test_prediction_type_rule():
+    """v_pred marker → v; SD 2.x: the spread of one norm bias (768-v checkpoints have std > 0.09)."""
+    wide, narrow = {sf.SD2_V_PROBE: torch.linspace(-0.5, 0.5, 320)}, {sf.SD2_V_PROBE: torch.full((320,), 0.01)}
+    assert sf.detect_v_prediction(sf.SD_V2, wide, wide.__getitem__)[0] is True
+    assert sf.detect_v_prediction(sf.SD_V2, narrow, narrow.__getitem__)[0] is False
+    assert sf.detect_v_prediction(sf.SD_V1, wide, wide.__getitem__)[0] is False  # the rule is SD 2.x only
+    marked = {sf.V_PRED_MARKER: torch.tensor([])}
+    assert sf.detect_v_prediction(sf.SDXL_BASE, marked, marked.__getitem__)[0] is True
 
 
 def _outputs(unet, vae, encoders, sdxl: bool) -> list[torch.Tensor]:
@@ -209,7 +221,7 @@ def test_wrong_file_or_config_is_a_clear_error(tiny_sd, tiny_xl, tmp_path):
         load_family("sdxl", str(tiny_sd.file), tokenizer_path=str(tiny_sd.configs))
     # the shipped SD 1.x architecture does not fit the tiny model: the mismatch is named, not half-loaded
     with pytest.raises(UserError, match="does not fit the architecture in .*sd_v1.*missing"):
-        load_family("sd", str(tiny_sd.file))
+        load_family("sd", str(tiny_sd.file), tokenizer_path=str(tiny_sd.configs / "tokenizer"))
     with pytest.raises(UserError, match="does not fit the architecture"):
         load_family("sd", str(tiny_sd.file), tokenizer_path=str(tiny_sd.configs),
                     model_config_dir=str(config_copy(tiny_xl.folder, tmp_path / "xl")))
@@ -219,7 +231,12 @@ def test_wrong_file_or_config_is_a_clear_error(tiny_sd, tiny_xl, tmp_path):
         detect_model_type(lora)
 
 
-def test_tokenizer_from_an_sd_scripts_cache_and_vae_from_a_file(tiny_sd, tmp_path):
+def test_tokenizer_from_an_sd_scripts_cache_and_vae_from_a_file(tiny_sd, tmp_path, monkeypatch):
+    monkeypatch.setattr(sf, "_cached_tokenizer", lambda hub_id: None)  # whatever this machine's HF cache holds
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_sd.configs, bare, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(UserError, match="No tokenizer for the SD 1.x checkpoint.*--tokenizer_cache_dir"):
+        load_family("sd", str(tiny_sd.file), model_config_dir=str(bare))
     cache = tmp_path / "cache"
     shutil.copytree(tiny_sd.configs / "tokenizer", cache / "openai_clip-vit-large-patch14")
     family = load_family("sd", str(tiny_sd.file), tokenizer_path=str(cache), model_config_dir=str(tiny_sd.configs))

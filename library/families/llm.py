@@ -25,7 +25,7 @@ DEFAULT_MAX_SEQ_LENGTH = 2048
 NETWORK_DEFAULTS = {"network_dim": 16, "network_alpha": 16.0}
 # Options of the diffusion families that mean nothing for a causal LM: a value there is a mistake.
 _DIFFUSION_ONLY = {"vae_path": "--vae", "v2": "--v2", "v_parameterization": "--v_parameterization",
-                   "clip_skip": "--clip_skip"}
+                   "clip_skip": "--clip_skip", "max_token_length": "--max_token_length"}
 
 
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
