@@ -220,3 +220,41 @@ def test_decompression_bomb_is_listed_not_opened(tmp_path, tiny_sd_dir, capsys):
     assert code == 2 and "bomb.png" in err and "--on_bad_image skip" in err
     assert train_network.main(_args(tiny_sd_dir, _data(tmp_path, images), out, "--max_train_steps", "1",
                                     "--on_bad_image", "skip")) == 0
+
+
+def test_sigkill_at_any_moment_leaves_a_resumable_run(tmp_path, tiny_sd_dir, tiny_images):
+    """Killed while saving model files and state folders every step: the last complete state resumes."""
+    out = tmp_path / "out"
+    data = _data(tmp_path, tiny_images)
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"),
+                                 *_args(tiny_sd_dir, data, out, "--max_train_steps", "100000",
+                                        "--save_every_n_steps", "1", "--save_state")],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.time() + 120
+            while len(list(out.glob("lora-step*-state"))) < 2 and time.time() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.05)
+            time.sleep(0.37)  # somewhere inside the next save or step
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    for saved in out.glob("lora-step*.safetensors"):
+        load_file(str(saved))  # every file under a real name is complete
+    complete = [p for p in out.glob("lora-step*-state") if (p / "train_state.json").is_file()]
+    assert complete
+    last = max(int(p.name.split("step")[1].split("-")[0]) for p in complete)
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", str(last + 1),
+                                    "--save_every_n_steps", "1", "--save_state", "--resume", "latest")) == 0
+    rows = (out / "lora_loss.csv").read_text().strip().splitlines()
+    assert rows[1].startswith(f"{last + 1},")
+
+
+def test_a_config_with_zero_steps_is_an_error(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    code = train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), tmp_path / "out",
+                                    "--max_train_steps", "0"))
+    assert code == 2 and "zero steps" in capsys.readouterr().err

@@ -222,3 +222,12 @@ def test_torch_compile_regionally_gives_the_eager_result(tmp_path, tiny_sd_dir, 
     a = load_file(str(tmp_path / "compiled" / "lora.safetensors"))
     b = load_file(str(tmp_path / "eager" / "lora.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_sd_dir, tiny_images):
+    data = _data_toml(tmp_path, tiny_images)
+    assert _run(tiny_sd_dir, data, tmp_path / "ckpt", "--max_train_steps", "2", "--gradient_checkpointing") == 0
+    assert _run(tiny_sd_dir, data, tmp_path / "plain", "--max_train_steps", "2") == 0
+    a = load_file(str(tmp_path / "ckpt" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "lora.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
