@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from math import inf
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from library.config_file import loggable_config, parse_args_with_sources, write_
 from library.data.image_data import move_batch
 from library.errors import UserError
 from library.fp8 import store_in_fp8
-from library.loss_curve import write_loss_curve
+from library.loss_curve import read_loss_curve, write_loss_curve
 from library.optim import create_optimizer, create_scheduler
 from library.resume_check import training_fingerprint
 from library.run_saver import RunSaver
@@ -46,10 +45,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     accumulation = acc_settings.gradient_accumulation_steps
     log("Effective accelerate settings:\n" + settings_table({**resolved, "num_processes": setup.Setting(
         processes, "accelerate launch" if processes > 1 else "single process")}))
-    seed = args.seed if args.seed is not None else int(time.time()) % (2**31)
-    torch.manual_seed(seed)
     output_dir = ensure_output_dir(args.output_dir)
     output_name = check_output_name(args.output_name or "last")
+    seed = setup.run_seed(args.seed, args.resume, output_dir, accelerator)
+    torch.manual_seed(seed)
     # Read now, so that a bad prompt file stops the run before the model loads.
     prompts = load_prompts(args.sample_prompts, args.sample_sampler) if args.sample_prompts else []
 
@@ -116,10 +115,13 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     def checkpoint(stem: str, name_epoch: int, resume_at: tuple[int, int], stale: str | None = None,
                    force_state: bool = False) -> None:
         saver.checkpoint(stem, name_epoch, global_step, resume_at, plan.max_train_steps, stale, force_state)
+        if main and curve:  # the curve so far, so a killed run keeps it too
+            write_loss_curve(curve, output_dir / f"{output_name}_loss")
 
     # --- the loop -----------------------------------------------------------------------------
     progress = tqdm(total=plan.max_train_steps, initial=global_step, disable=not main, desc="steps")
-    curve: list[tuple[int, float, float]] = []
+    # the loss curve continues the saved one on resume, so no earlier step disappears from it
+    curve = read_loss_curve(output_dir / f"{output_name}_loss.csv", up_to=global_step) if args.resume else []
     stop = stack.enter_context(StopRequest())
     stop_when_launcher_dies()
     resume_point = (start_epoch, skip_batches)

@@ -20,6 +20,22 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def read_loss_curve(path: Path, up_to: int) -> list[tuple[int, float, float]]:
+    """The rows of an earlier run's CSV up to step ``up_to`` (what a resumed run continues)."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            try:
+                step, loss, lr = int(row["step"]), float(row["loss"]), float(row["lr"])
+            except (KeyError, TypeError, ValueError):
+                continue  # a damaged line is dropped, not fatal
+            if step <= up_to:
+                rows.append((step, loss, lr))
+    return rows
+
+
 def write_loss_curve(rows: list[tuple[int, float, float]], stem: Path) -> tuple[Path, Path]:
     """Write ``stem.csv`` (step, loss, lr) and ``stem.png``; returns both paths."""
     from PIL import Image, ImageDraw

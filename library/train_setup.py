@@ -322,3 +322,19 @@ def compile_blocks(model: torch.nn.Module, accelerator: Any) -> int:
             count += 1
     plugin.backend = DynamoBackend.NO
     return count
+
+
+def run_seed(seed: int | None, resume: str | None, output_dir: Any, accelerator: Any) -> int:
+    """--seed; else the resumed run's seed; else a random one, the same on every process."""
+    if seed is not None:
+        return seed
+    if resume:
+        from library.checkpoint import find_resume_state, read_state
+
+        return int(read_state(find_resume_state(resume, output_dir))["seed"])
+    import time
+
+    from accelerate.utils import broadcast_object_list
+
+    # each process would read its own clock: rank 0's choice is sent to all, or data orders would differ
+    return int(broadcast_object_list([int(time.time()) % (2**31)])[0])

@@ -56,7 +56,10 @@ def test_resume_continues_exactly(tmp_path, tiny_sd_dir, tiny_images):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     rows = (split / "lora_loss.csv").read_text().strip().splitlines()
-    assert rows[1].startswith("4,"), "the resumed run's first step must be step 4"
+    # the resumed run trained steps 4-6 and its loss curve still holds steps 1-3 of the first run
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+    straight_rows = (straight / "lora_loss.csv").read_text().strip().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == [r.split(",")[1] for r in straight_rows[1:]]
 
 
 def test_resume_without_state_is_an_error(tmp_path, tiny_sd_dir, tiny_images, capsys):
@@ -231,3 +234,12 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_sd_dir, ti
     a = load_file(str(tmp_path / "ckpt" / "lora.safetensors"))
     b = load_file(str(tmp_path / "plain" / "lora.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_without_seed_takes_the_saved_seed(tmp_path, tiny_sd_dir, tiny_images):
+    data = _data_toml(tmp_path, tiny_images)
+    args = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--dataset_config", str(data), "--output_dir",
+            str(tmp_path / "out"), "--output_name", "lora", "--network_dim", "4", "--cache_latents"]
+    assert train_network.main([*args, "--max_train_steps", "1", "--save_state"]) == 0
+    # no --seed either time: the resume must reuse the first run's random seed, not refuse it as changed
+    assert train_network.main([*args, "--max_train_steps", "2", "--resume", "latest"]) == 0
