@@ -130,7 +130,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         network.on_epoch_start(*family.network_inputs()[1:])
         data.sampler.set_epoch(epoch, skip_batches)
         batches_done, skip_batches = skip_batches, 0
-        meter = setup.Throughput()
+        meter, tokens = setup.Throughput(), setup.TokenWeighting()
         for batch in data.loader:
             batches_done += 1
             batch = move_batch(batch, accelerator.device)
@@ -141,8 +141,11 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                         loss = model(batch, epoch)
                     except UserError as e:  # e.g. NaN latents: name the images of this batch
                         raise e.with_paths(batch["image_paths"]) if hasattr(e, "with_paths") else e from None
-                accelerator.backward(loss)
+                # Text batches: weight by their loss tokens, so the step's gradient is the mean over every
+                # token of all micro-batches and processes (not a mean of means; see TokenWeighting).
+                accelerator.backward(tokens.weigh(loss, batch))
                 if accelerator.sync_gradients:
+                    tokens.normalise(network.get_trainable_params(), accelerator, accumulation)
                     # The norm of the synced gradients is the same on every process, so a NaN/inf
                     # stops all of them at the same step, before the optimizer applies it.
                     norm = accelerator.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm or inf)

@@ -163,6 +163,41 @@ class Throughput:
         return out
 
 
+class TokenWeighting:
+    """Token-weighted gradients for text: the mean loss over all label tokens of an optimizer step.
+
+    Each micro-batch's mean loss is multiplied by its token count before backward (a sum), and
+    at the step the gradients are divided by the step's token count over every micro-batch and
+    process. accelerate divides each backward by the accumulation steps and DDP averages over
+    processes, which the factor processes x accumulation / tokens undoes. Without this, batches
+    with few label tokens would weigh as much as full ones, and 2 processes (or accumulation)
+    would not equal one process with the whole batch. Image batches carry no token count and
+    pass through unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def weigh(self, loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        count = batch.get("num_label_tokens")
+        if count is None:
+            return loss
+        self.tokens += int(count)
+        return loss * count
+
+    def normalise(self, params: list[torch.nn.Parameter], accelerator: Any, accumulation: int) -> None:
+        if not self.tokens:
+            return
+        total = torch.tensor([float(self.tokens)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            total = accelerator.reduce(total, reduction="sum")
+        factor = accelerator.num_processes * accumulation / max(total.item(), 1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        self.tokens = 0
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Steps and epochs as CONTRACTS.md §3 defines them."""

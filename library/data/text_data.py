@@ -270,6 +270,8 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
         "labels": torch.tensor([row(i, "labels", IGNORE_INDEX) for i in items], dtype=torch.long),
         "position_ids": torch.tensor([row(i, "position_ids", 0) for i in items], dtype=torch.long),
         "indices": torch.tensor([i["index"] for i in items], dtype=torch.long),
+        # tokens in the loss (labels are shifted by one inside the model): the loop weights by them
+        "num_label_tokens": sum(sum(label != IGNORE_INDEX for label in i["labels"][1:]) for i in items),
     }
 
 

@@ -1,0 +1,91 @@
+"""Text steps are token-weighted: accumulation and several processes equal one big batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_network
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from library.tiny_llm import save_tiny_llm, write_tiny_llm_data
+
+    work = tmp_path_factory.mktemp("llm-weighting")
+    model = save_tiny_llm(work / "model")
+    files = write_tiny_llm_data(work / "data")
+
+    def data(batch_size: int) -> Path:
+        path = work / f"data{batch_size}.toml"
+        # no packing and mixed formats: the sequences have very different numbers of label tokens
+        path.write_text(f"[general]\nmax_seq_length = 64\npacking = false\n"
+                        f"[[datasets]]\nbatch_size = {batch_size}\n"
+                        f"  [[datasets.subsets]]\n  jsonl_file = \"{files['chat']}\"\n"
+                        f"  messages_column = \"messages\"\n"
+                        f"  [[datasets.subsets]]\n  text_file = \"{files['text']}\"\n")
+        return path
+
+    return model, data
+
+
+def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data), "--output_dir", str(out),
+            "--output_name", "lora", "--network_dim", "4", "--optimizer_type", "SGD", "--learning_rate", "0.5",
+            "--max_grad_norm", "0", "--seed", "3", "--max_train_steps", "3", "--save_model_as", "safetensors",
+            *extra]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "lora.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, f"largest difference {worst}"
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_up" in k)
+
+
+def test_accumulated_gradient_is_the_mean_over_all_tokens():
+    """Two micro-batches with 3 and 1 loss tokens: the gradient is the mean over the 4 tokens,
+    not the mean of the two micro-batch means (which would weigh the lone token 3 times more)."""
+    from types import SimpleNamespace
+
+    from library.train_setup import TokenWeighting
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    per_token = [torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([[3.0, 0.0]])]
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    tokens = TokenWeighting()
+    accumulation = 2
+    for x in per_token:
+        mean_loss = (x @ weight).mean()
+        # accelerate divides every backward by the accumulation steps
+        (tokens.weigh(mean_loss, {"num_label_tokens": len(x)}) / accumulation).backward()
+    tokens.normalise([weight], accelerator, accumulation)
+    expected = torch.cat(per_token).mean(dim=0)  # d/dw of the mean over all 4 tokens
+    assert torch.allclose(weight.grad, expected)
+    assert tokens.tokens == 0  # reset for the next step
+
+
+def test_two_processes_equal_one(tmp_path, llm):
+    model, data = llm
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
+           "--quiet", str(ROOT / "train_network.py"), *_args(model, data(1), tmp_path / "two")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "num_processes                2" in result.stdout + result.stderr
+    assert train_network.main(_args(model, data(2), tmp_path / "one")) == 0
+    _assert_same(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
