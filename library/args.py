@@ -48,6 +48,13 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--vae", type=str, default=None, help="a separate diffusers VAE folder")
     g.add_argument("--clip_skip", type=int, default=None, help="use the output of the n-th last text encoder layer")
+    g.add_argument(
+        "--model_config_dir",
+        type=str,
+        default=None,
+        help="diffusers configs (unet/, vae/, text_encoder/, scheduler/) for a single-file checkpoint of an "
+        "unusual shape; default: the shipped SD1/SD2/SDXL configs",
+    )
     g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="local folder holding the tokenizer")
     g.add_argument(
         "--allow_pickle",

@@ -250,7 +250,8 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
                          v2=args.v2 or None, v_parameterization=args.v_parameterization or None,
                          noise=noise_settings(args), seed=seed, clip_skip=args.clip_skip,
                          max_token_length=args.max_token_length, weight_dtype=weight_dtype_for(mixed_precision),
-                         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, allow_pickle=args.allow_pickle)
+                         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, allow_pickle=args.allow_pickle,
+                         model_config_dir=args.model_config_dir)
     for key, value in getattr(family, "network_defaults", {}).items():
         if sources.get(key) == SOURCE_DEFAULT:
             setattr(args, key, value)
