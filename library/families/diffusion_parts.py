@@ -61,6 +61,21 @@ def load_scheduler(root: Path, v_parameterization: bool | None, noise: NoiseSett
     return scheduler, NoiseSettings(**{**base.__dict__, "v_parameterization": v_param})
 
 
+def load_single_file(root: Path, kind: str, *, tokenizer_path: str | None, model_config_dir: str | None,
+                     allow_pickle: bool, vae_path: str | None, v_parameterization: bool | None,
+                     noise: NoiseSettings | None):
+    """A single-file checkpoint as frozen diffusers modules, with its training scheduler: (checkpoint,
+    scheduler, noise settings). The families build themselves from ``checkpoint``'s parts."""
+    from library.single_file import load_checkpoint
+
+    ckpt = load_checkpoint(root, kind, tokenizer_path=tokenizer_path, model_config_dir=model_config_dir,
+                           allow_pickle=allow_pickle, vae_path=vae_path)
+    scheduler, noise = load_scheduler(root, v_parameterization, noise, ckpt.scheduler_config)
+    for module in (*ckpt.text_encoders, ckpt.vae, ckpt.unet):
+        module.requires_grad_(False)
+    return ckpt, scheduler, noise
+
+
 def image_dataset_config(request: DataRequest):
     """The run's DatasetGroupConfig from the kohya TOML or the legacy --train_data_dir."""
     from library.dataset_config import config_from_train_data_dir, load_dataset_config

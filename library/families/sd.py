@@ -17,6 +17,7 @@ from library.families.diffusion_parts import (
     image_dataset_config,
     latent_scale,
     load_scheduler,
+    load_single_file,
     load_vae,
     merge_chunks,
     place_modules,
@@ -56,13 +57,9 @@ class SDFamily:
 
         root = Path(model_path)
         if root.is_file():
-            from library.single_file import load_checkpoint
-
-            ckpt = load_checkpoint(root, "sd", tokenizer_path=tokenizer_path, model_config_dir=model_config_dir,
-                                   allow_pickle=allow_pickle, vae_path=vae_path)
-            scheduler, noise = load_scheduler(root, v_parameterization, noise, ckpt.scheduler_config)
-            for module in (*ckpt.text_encoders, ckpt.vae, ckpt.unet):
-                module.requires_grad_(False)
+            ckpt, scheduler, noise = load_single_file(
+                root, "sd", tokenizer_path=tokenizer_path, model_config_dir=model_config_dir,
+                allow_pickle=allow_pickle, vae_path=vae_path, v_parameterization=v_parameterization, noise=noise)
             return SDFamily(ckpt.tokenizers[0], ckpt.text_encoders[0], ckpt.vae, ckpt.unet, scheduler,
                             bool(v2) or ckpt.kind.name == "sd_v2", noise, seed, clip_skip,
                             max_token_length=max_token_length)

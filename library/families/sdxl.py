@@ -33,6 +33,7 @@ from library.families.diffusion_parts import (
     latent_scale,
     load_part,
     load_scheduler,
+    load_single_file,
     load_vae,
     merge_chunks,
     place_modules,
@@ -114,13 +115,9 @@ class SDXLFamily:
                             "was trained (that is --clip_skip 2); leave --clip_skip out.")
         root = Path(model_path)
         if root.is_file():
-            from library.single_file import load_checkpoint
-
-            ckpt = load_checkpoint(root, "sdxl", tokenizer_path=tokenizer_path, model_config_dir=model_config_dir,
-                                   allow_pickle=allow_pickle, vae_path=vae_path)
-            scheduler, noise = load_scheduler(root, v_parameterization, noise, ckpt.scheduler_config)
-            for module in (*ckpt.text_encoders, ckpt.vae, ckpt.unet):
-                module.requires_grad_(False)
+            ckpt, scheduler, noise = load_single_file(
+                root, "sdxl", tokenizer_path=tokenizer_path, model_config_dir=model_config_dir,
+                allow_pickle=allow_pickle, vae_path=vae_path, v_parameterization=v_parameterization, noise=noise)
             return SDXLFamily(*ckpt.tokenizers, *ckpt.text_encoders, ckpt.vae, ckpt.unet, scheduler, noise, seed,
                               max_token_length=max_token_length)
         tok_root = Path(tokenizer_path) if tokenizer_path else root
