@@ -243,3 +243,34 @@ def test_resume_without_seed_takes_the_saved_seed(tmp_path, tiny_sd_dir, tiny_im
     assert train_network.main([*args, "--max_train_steps", "1", "--save_state"]) == 0
     # no --seed either time: the resume must reuse the first run's random seed, not refuse it as changed
     assert train_network.main([*args, "--max_train_steps", "2", "--resume", "latest"]) == 0
+
+
+def test_full_bf16_and_no_half_vae(tmp_path, tiny_sd_dir, tiny_images, monkeypatch):
+    from library import train_setup
+
+    seen = {}
+    real = train_setup.build_network
+
+    def spy(args, family, log):
+        network, kwargs = real(args, family, log)
+        seen["lora"] = {p.dtype for p in network.parameters()}
+        seen["vae"], seen["unet"] = family.vae.dtype, family.unet.dtype
+        return network, kwargs
+
+    monkeypatch.setattr(train_setup, "build_network", spy)
+    data = _data_toml(tmp_path, tiny_images)
+    assert _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "1", "--mixed_precision", "bf16",
+                "--full_bf16", "--no_half_vae") == 0
+    assert seen == {"lora": {torch.bfloat16}, "vae": torch.float32, "unet": torch.bfloat16}
+    # saved as float32 (the default --save_precision) whatever the training dtype
+    assert {v.dtype for v in load_file(str(tmp_path / "out" / "lora.safetensors")).values()} == {torch.float32}
+
+
+def test_attention_is_sdpa_by_default(tiny_sd_dir):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from library.families.sd import SDFamily
+
+    family = SDFamily.load(str(tiny_sd_dir))
+    processors = set(type(p) for p in family.unet.attn_processors.values())
+    assert processors == {AttnProcessor2_0}  # torch's scaled_dot_product_attention
