@@ -160,7 +160,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            step_loss = loss.detach().item()  # a device sync, once per optimizer step
+            step_loss = loss.detach()
+            if processes > 1:  # log the mean over all processes, not rank 0's share alone
+                step_loss = accelerator.reduce(step_loss, reduction="mean")
+            step_loss = step_loss.item()  # a device sync, once per optimizer step
             lr = lr_scheduler.get_last_lr()[0]
             curve.append((global_step, step_loss, lr))
             progress.update(1)

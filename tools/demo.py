@@ -33,6 +33,7 @@ lr_warmup_steps = 0.05
 max_train_steps = {steps}
 seed = 42
 mixed_precision = "no"
+cache_latents = true            # encode each image once: the VAE leaves the training step
 
 [saving]
 output_dir = "{output}"
