@@ -291,47 +291,9 @@ class LoRANetwork(nn.Module):
         A None rate falls back to ``default_lr``; a rate of 0 freezes that part and leaves its
         group out. ``text_encoder_lr`` may be a sequence (one rate per encoder, SDXL).
         """
-        groups: list[dict] = []
-        descriptions: list[str] = []
-        self._frozen.clear()
+        from networks.param_groups import param_groups
 
-        def add(loras: list[LoRAModule], lr: float | None, description: str) -> None:
-            lr = default_lr if lr is None else lr
-            if not loras:
-                return
-            if lr == 0:
-                self._frozen.update(lora.lora_name for lora in loras)
-                for lora in loras:
-                    lora.requires_grad_(False)
-                return
-            for lora in loras:
-                lora.requires_grad_(True)
-            ratio = self.loraplus_ratios.get(description.split(" ")[0])
-            if not ratio:
-                groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
-                descriptions.append(description)
-                return
-            # LoRA+ (Hayou et al. 2024): the up (B) matrices learn `ratio` times faster than the rest
-            ups = [lora.lora_up.weight for lora in loras]
-            up_ids = {id(p) for p in ups}
-            groups.extend([{"params": [p for lo in loras for p in lo.parameters() if id(p) not in up_ids], "lr": lr},
-                           {"params": ups, "lr": lr * ratio}])
-            descriptions.extend([description, f"{description} plus"])
-
-        if isinstance(text_encoder_lr, Sequence) and len(text_encoder_lr) > 1:
-            if len(text_encoder_lr) != len(self._te_prefixes):
-                raise UserError(
-                    f"{len(text_encoder_lr)} text encoder learning rates for {len(self._te_prefixes)} text encoders"
-                )
-            for i, (lr, prefix) in enumerate(zip(text_encoder_lr, self._te_prefixes, strict=True)):
-                te_loras = [lo for lo in self.text_encoder_loras if lo.lora_name.startswith(prefix)]
-                add(te_loras, lr, f"textencoder {i + 1}")
-        else:
-            if isinstance(text_encoder_lr, Sequence):
-                text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
-            add(self.text_encoder_loras, text_encoder_lr, "textencoder")
-        add(self.unet_loras, unet_lr, "unet")
-        return groups, descriptions
+        return param_groups(self, text_encoder_lr, unet_lr, default_lr)
 
     def get_trainable_params(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,59 @@
+"""Optimizer parameter groups of a LoRA network: per-part learning rates, freezing and LoRA+."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from library.errors import UserError
+
+
+def param_groups(network: Any, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
+                 default_lr: float | None) -> tuple[list[dict], list[str]]:
+    """Parameter groups ``{"params", "lr"}`` and their descriptions ("textencoder", "unet").
+
+    A None rate falls back to ``default_lr``; a rate of 0 freezes that part and leaves its
+    group out. ``text_encoder_lr`` may be a sequence (one rate per encoder, SDXL). With a LoRA+
+    ratio for a part, its up matrices get their own group at ``lr * ratio``.
+    """
+    groups: list[dict] = []
+    descriptions: list[str] = []
+    network._frozen.clear()
+
+    def add(loras: list[Any], lr: float | None, description: str) -> None:
+        lr = default_lr if lr is None else lr
+        if not loras:
+            return
+        if lr == 0:
+            network._frozen.update(lora.lora_name for lora in loras)
+            for lora in loras:
+                lora.requires_grad_(False)
+            return
+        for lora in loras:
+            lora.requires_grad_(True)
+        ratio = network.loraplus_ratios.get(description.split(" ")[0])
+        if not ratio:
+            groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
+            descriptions.append(description)
+            return
+        # LoRA+ (Hayou et al. 2024): the up (B) matrices learn `ratio` times faster than the rest
+        ups = [lora.lora_up.weight for lora in loras]
+        up_ids = {id(p) for p in ups}
+        groups.extend([{"params": [p for lo in loras for p in lo.parameters() if id(p) not in up_ids], "lr": lr},
+                       {"params": ups, "lr": lr * ratio}])
+        descriptions.extend([description, f"{description} plus"])
+
+    if isinstance(text_encoder_lr, Sequence) and len(text_encoder_lr) > 1:
+        if len(text_encoder_lr) != len(network._te_prefixes):
+            raise UserError(
+                f"{len(text_encoder_lr)} text encoder learning rates for {len(network._te_prefixes)} text encoders"
+            )
+        for i, (lr, prefix) in enumerate(zip(text_encoder_lr, network._te_prefixes, strict=True)):
+            te_loras = [lo for lo in network.text_encoder_loras if lo.lora_name.startswith(prefix)]
+            add(te_loras, lr, f"textencoder {i + 1}")
+    else:
+        if isinstance(text_encoder_lr, Sequence):
+            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+        add(network.text_encoder_loras, text_encoder_lr, "textencoder")
+    add(network.unet_loras, unet_lr, "unet")
+    return groups, descriptions
