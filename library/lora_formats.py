@@ -80,7 +80,10 @@ def split_kohya_path(mangled: str) -> str:
 
 @dataclass(frozen=True)
 class UNetLayout:
-    """Enough of a UNet config to renumber blocks: layers per block, which levels have attention."""
+    """Enough of a UNet config to renumber blocks: layers per block, which levels have attention.
+
+    The numbering itself is networks/sgm_names.py's, the one the trainer names SDXL keys with.
+    """
 
     layers_per_block: int = 2
     down_attention: tuple[bool, ...] = (True, True, True, False)
@@ -94,79 +97,28 @@ class UNetLayout:
             tuple("CrossAttn" in t for t in config["up_block_types"]),
         )
 
+    def _table(self):
+        from networks.sgm_names import UNetLayout as Layout
+        from networks.sgm_names import block_table
+
+        layers = (self.layers_per_block,) * len(self.down_attention)
+        return block_table(Layout(layers, tuple(self.down_attention), tuple(self.up_attention)))
+
     def to_ldm(self, path: str) -> str:
         """A diffusers UNet module path in the original SD/SGM numbering (kohya SDXL, ComfyUI)."""
-        n = self.layers_per_block
-        for pattern, build in (
-            (r"down_blocks\.(\d+)\.attentions\.(\d+)", lambda i, j: f"input_blocks.{1 + i * (n + 1) + j}.1"),
-            (r"down_blocks\.(\d+)\.resnets\.(\d+)", lambda i, j: f"input_blocks.{1 + i * (n + 1) + j}.0"),
-            (r"down_blocks\.(\d+)\.downsamplers\.0\.conv", lambda i: f"input_blocks.{(i + 1) * (n + 1)}.0.op"),
-            (r"mid_block\.attentions\.0", lambda: "middle_block.1"),
-            (r"mid_block\.resnets\.(\d+)", lambda j: f"middle_block.{2 * j}"),
-            (r"up_blocks\.(\d+)\.attentions\.(\d+)", lambda i, j: f"output_blocks.{i * (n + 1) + j}.1"),
-            (r"up_blocks\.(\d+)\.resnets\.(\d+)", lambda i, j: f"output_blocks.{i * (n + 1) + j}.0"),
-            (r"up_blocks\.(\d+)\.upsamplers\.0",
-             lambda i: f"output_blocks.{i * (n + 1) + n}.{2 if self.up_attention[i] else 1}"),
-        ):  # fmt: skip
-            m = re.match(pattern + r"(\.|$)", path)
-            if m:
-                head = build(*(int(g) for g in m.groups()[:-1]))
-                rest = path[m.end() :]
-                if "resnets" in pattern:
-                    rest = _rename_parts(rest, _RESNET_TO_LDM)
-                return _join(head, rest)
-        return _SINGLE_TO_LDM.get(path, path)
+        from networks.sgm_names import to_sgm
+
+        try:
+            return to_sgm(path, self._table())
+        except ValueError:
+            return path  # outside the numbered blocks: the same name in both layouts
 
     def from_ldm(self, path: str) -> str:
         """The inverse of :meth:`to_ldm`."""
-        n = self.layers_per_block
-        mid = re.match(r"middle_block\.(\d+)(?:\.(.*))?$", path)
-        if mid:
-            a, rest = int(mid.group(1)), mid.group(2) or ""
-            if a == 1:
-                return _join("mid_block.attentions.0", rest)
-            return _join(f"mid_block.resnets.{a // 2}", _rename_parts(rest, _RESNET_FROM_LDM))
-        m = re.match(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)(?:\.(.*))?$", path)
-        if m is None:
-            return _SINGLE_FROM_LDM.get(path, path)
-        kind, a, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4) or ""
-        if kind == "input_blocks":
-            if a == 0:
-                return _join("conv_in", rest)
-            i, j = divmod(a - 1, n + 1)
-            if j == n:
-                return f"down_blocks.{i}.downsamplers.0.conv"
-            level = f"down_blocks.{i}"
-        else:
-            i, j = divmod(a, n + 1)
-            level = f"up_blocks.{i}"
-            if sub == 2 or (sub == 1 and not self.up_attention[i]):
-                return _join(f"{level}.upsamplers.0", rest)
-        if sub == 0:
-            return _join(f"{level}.resnets.{j}", _rename_parts(rest, _RESNET_FROM_LDM))
-        return _join(f"{level}.attentions.{j}", rest)
+        from networks.sgm_names import from_sgm
 
+        return from_sgm(path, self._table())
 
-def _join(head: str, rest: str) -> str:
-    return f"{head}.{rest}" if rest else head
-
-
-def _rename_parts(rest: str, table: Mapping[str, str]) -> str:
-    for old, new in table.items():
-        if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old) :]
-    return rest
-
-
-# fmt: off
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_RESNET_FROM_LDM = {v: k for k, v in _RESNET_TO_LDM.items()}
-_SINGLE_TO_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-                  "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-                  "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-# fmt: on
-_SINGLE_FROM_LDM = {v: k for k, v in _SINGLE_TO_LDM.items()}
 
 SD1_LAYOUT = UNetLayout()
 SDXL_LAYOUT = UNetLayout(2, (False, True, True), (True, True, False))

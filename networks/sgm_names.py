@@ -148,3 +148,23 @@ def is_sdxl_unet(model: object) -> bool:
     """A diffusers UNet with SDXL's size and pooled-text conditioning (``addition_embed_type = text_time``)."""
     config = getattr(model, "config", None)
     return getattr(config, "addition_embed_type", None) == "text_time" and hasattr(config, "down_block_types")
+
+
+def from_sgm(path: str, table: Mapping[str, tuple[str, Mapping[str, str]]]) -> str:
+    """The inverse of :func:`to_sgm`: an SGM module path back to the diffusers one (unknown paths unchanged)."""
+    for top, sgm in TOP_LEVEL_NAMES.items():
+        if path == sgm or path.startswith(sgm + "."):
+            return top + path[len(sgm):]
+    inverse = {sgm: (block, names) for block, (sgm, names) in table.items()}
+    parts = path.split(".")
+    for length in (3, 2):  # "input_blocks.4.1" / "middle_block.1"
+        sgm = ".".join(parts[:length])
+        if sgm in inverse:
+            block, names = inverse[sgm]
+            rest = ".".join(parts[length:])
+            for diffusers_name, sgm_name in names.items():
+                if rest == sgm_name or rest.startswith(sgm_name + "."):
+                    rest = diffusers_name + rest[len(sgm_name):]
+                    break
+            return f"{block}.{rest}" if rest else block
+    return path
