@@ -130,18 +130,35 @@ def install_compute_copies(loras: Iterable[nn.Module], roots: Iterable[nn.Module
     return handles
 
 
+def merge_pays(tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
+    """Whether to run the base product with the merged weight ``W + B_s A`` instead of adding ``B_s (A x)``.
+
+    Merging replaces two skinny products over the activations (``B_s h`` in forward, ``A^T (B_s^T g)`` in
+    backward: ``tokens · r · (in + out)`` multiply-adds) by two over the weight (the merge, done again in
+    backward instead of keeping a weight-sized copy: ``2 · out · r · in``). It pays when there are more tokens
+    than about the layer's width, as in every UNet level and LLM batch. Only in fp32: in bf16/fp16 ``W + δ``
+    would round the adapter's delta at the base weight's precision (2^-8 relative), losing most of it.
+    """
+    return dtype == torch.float32 and tokens * (in_features + out_features) > 2 * in_features * out_features
+
+
 class _LinearLoRA(torch.autograd.Function):
     """``F.linear(x, W, b) + (x A^T) B_s^T`` for a frozen ``W`` (see the module docstring for the gradients)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale):  # noqa: ARG004  (down/up route the grads)
         dtype = x.dtype
-        out = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
         x2 = x.reshape(-1, x.shape[-1])
+        b = None if bias is None else bias.to(dtype)
+        merged = merge_pays(x2.shape[0], x2.shape[1], weight.shape[0], dtype)
         h = torch.mm(x2, down_c.t())
-        out.view(-1, out.shape[-1]).addmm_(h, up_s.t())
+        if merged:
+            out = F.linear(x, torch.addmm(weight.to(dtype), up_s, down_c), b)
+        else:
+            out = F.linear(x, weight.to(dtype), b)
+            out.view(-1, out.shape[-1]).addmm_(h, up_s.t())
         ctx.save_for_backward(x2, weight, down_c, up_s, h)
-        ctx.scale, ctx.x_shape = scale, x.shape
+        ctx.scale, ctx.x_shape, ctx.merged = scale, x.shape, merged
         return out
 
     @staticmethod
@@ -151,8 +168,11 @@ class _LinearLoRA(torch.autograd.Function):
         gh = torch.mm(g2, up_s)  # dL/dh: small, (tokens, r)
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0]:
-            gx = torch.mm(g2, weight.to(g2.dtype))
-            grad_x = gx.addmm_(gh, down_c).view(ctx.x_shape)
+            if ctx.merged:  # W^T g + A^T (B_s^T g) = (W + B_s A)^T g
+                grad_x = torch.mm(g2, torch.addmm(weight.to(g2.dtype), up_s, down_c)).view(ctx.x_shape)
+            else:
+                gx = torch.mm(g2, weight.to(g2.dtype))
+                grad_x = gx.addmm_(gh, down_c).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             grad_down = torch.mm(gh.t(), x2)
         if ctx.needs_input_grad[4]:
@@ -166,13 +186,19 @@ class _Conv1x1LoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale):  # noqa: ARG004
         dtype = x.dtype
-        out = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype)).contiguous()
-        n, c, o, r = x.shape[0], x.shape[1], out.shape[1], down_c.shape[0]
+        n, c, o, r = x.shape[0], x.shape[1], weight.shape[0], down_c.shape[0]
         x3 = x.reshape(n, c, -1)
+        b = None if bias is None else bias.to(dtype)
+        merged = merge_pays(n * x3.shape[2], c, o, dtype)
         h = torch.matmul(down_c.reshape(r, c), x3)  # (n, r, H·W)
-        out.view(n, o, -1).baddbmm_(up_s.reshape(o, r).expand(n, o, r), h)
+        if merged:
+            w = torch.addmm(weight.reshape(o, c).to(dtype), up_s.reshape(o, r), down_c.reshape(r, c))
+            out = F.conv2d(x, w.view(o, c, 1, 1), b)
+        else:
+            out = F.conv2d(x, weight.to(dtype), b).contiguous()
+            out.view(n, o, -1).baddbmm_(up_s.reshape(o, r).expand(n, o, r), h)
         ctx.save_for_backward(x3, weight, down_c, up_s, h)
-        ctx.scale, ctx.x_shape = scale, x.shape
+        ctx.scale, ctx.x_shape, ctx.merged = scale, x.shape, merged
         return out
 
     @staticmethod
@@ -181,12 +207,15 @@ class _Conv1x1LoRA(torch.autograd.Function):
         n, c = x3.shape[:2]
         o, r = up_s.shape[0], down_c.shape[0]
         g3 = grad_out.reshape(n, o, -1)
-        up2 = up_s.reshape(o, r)
+        up2, down2 = up_s.reshape(o, r), down_c.reshape(r, c)
         gh = torch.matmul(up2.t(), g3)  # (n, r, H·W)
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0]:
-            gx = torch.matmul(weight.reshape(o, c).t().to(g3.dtype), g3)
-            grad_x = gx.baddbmm_(down_c.reshape(r, c).t().expand(n, c, r), gh).view(ctx.x_shape)
+            w = weight.reshape(o, c).to(g3.dtype)
+            if ctx.merged:
+                grad_x = torch.matmul(torch.addmm(w, up2, down2).t(), g3).view(ctx.x_shape)
+            else:
+                grad_x = torch.matmul(w.t(), g3).baddbmm_(down2.t().expand(n, c, r), gh).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             grad_down = torch.matmul(gh, x3.transpose(1, 2)).sum(0).view(r, c, 1, 1)
         if ctx.needs_input_grad[4]:
