@@ -36,10 +36,14 @@ def tiny_pipe():
     return pristine_pipe()
 
 
-def random_network(pipe, dim=4, alpha=2.0, conv_dim=None, seed=0, std=0.1):
-    """A networks.lora network on ``pipe`` whose up weights are random (so every ΔW is non-zero)."""
+def random_network(pipe, dim=4, alpha=2.0, conv_dim=None, seed=0, std=0.1, text_encoders=True):
+    """A networks.lora network on ``pipe`` (SD or SDXL) whose up weights are random (so every ΔW is non-zero).
+
+    ``text_encoders=False``: a UNet-only network.
+    """
     args = {"conv_dim": str(conv_dim), "conv_alpha": "1.5"} if conv_dim else {}
-    network = lora.create_network(1.0, dim, alpha, None, pipe.text_encoder, pipe.unet, **args)
+    tes = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    network = lora.create_network(1.0, dim, alpha, None, tes if text_encoders else None, pipe.unet, **args)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.all_loras():

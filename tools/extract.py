@@ -3,19 +3,19 @@
     python tools/extract.py --model_org base_sd15/ --model_tuned finetuned/ --save_to diff.safetensors \\
         --dim 32 --conv_dim 16
 
-Both models are diffusers folders (SD 1.x/2.x). For every module networks.lora would adapt
-(attention and feed-forward Linear / 1x1 conv layers of the UNet transformer blocks and the text
-encoder; with --conv_dim also the 3x3 convs of ResNet, Downsample and Upsample blocks), the
-weight difference ΔW is factorised by SVD to the chosen rank (alpha = rank, scale 1) and the
-relative error ‖ΔW - ΔW_r‖/‖ΔW‖ is reported. Modules whose difference is at most --min_diff
-everywhere are left out. The file uses the same kohya names as networks.lora, so it loads in
-the trainer (--network_weights), diffusers, ComfyUI and A1111.
+Both models are diffusers folders of the same type, SD 1.x/2.x or SDXL. For every module
+networks.lora would adapt (attention and feed-forward Linear / 1x1 conv layers of the UNet
+transformer blocks and the text encoder(s); with --conv_dim also the 3x3 convs of ResNet,
+Downsample and Upsample blocks), the weight difference ΔW is factorised by SVD to the chosen
+rank (alpha = rank, scale 1) and the relative error ‖ΔW - ΔW_r‖/‖ΔW‖ is reported. Modules
+whose difference is at most --min_diff everywhere are left out. The file uses the same kohya
+names as networks.lora (for SDXL: the UNet's original SGM block names and ``lora_te1_`` /
+``lora_te2_``), so it loads in the trainer (--network_weights), diffusers, ComfyUI and A1111.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,17 +25,17 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from library.diffusion_models import DiffusionModels, load_models, matched_targets  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_formats import PRECISIONS, check_new_output, save_kohya_file  # noqa: E402
 from library.metadata import minimal_metadata, modelspec_architecture, modelspec_metadata  # noqa: E402
 from networks.svd import LoRAFactors, RankReport, factorize  # noqa: E402
-from networks.targets import CLIP_TEXT, SD_UNET, TargetSpec, find_targets  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_org", required=True, help="the base model (diffusers folder)")
-    p.add_argument("--model_tuned", required=True, help="the fine-tuned model (diffusers folder)")
+    p.add_argument("--model_org", required=True, help="the base model (SD 1.x/2.x or SDXL diffusers folder)")
+    p.add_argument("--model_tuned", required=True, help="the fine-tuned model (diffusers folder, same type)")
     p.add_argument("--save_to", required=True, help="output LoRA .safetensors")
     p.add_argument("--dim", type=int, default=4, help="rank of Linear / 1x1 conv modules (default 4)")
     p.add_argument("--conv_dim", type=int, default=None, help="rank of 3x3 conv modules (default: left out)")
@@ -55,36 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_sd_models(folder: str, which: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """(unet, text_encoder, scheduler config) of a diffusers folder; SDXL and single files are refused."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    root = Path(folder)
-    if not (root / "unet" / "config.json").is_file():
-        raise UserError(f"--{which} {folder}: not a diffusers SD folder (no unet/config.json)")
-    if (root / "text_encoder_2").is_dir():
-        raise UserError(f"--{which} {folder}: SDXL extraction is not supported yet (SD 1.x/2.x only)")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=torch.float32)
-        te = CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder", torch_dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--{which} {folder}: cannot load the model ({e})") from None
-    sched = root / "scheduler" / "scheduler_config.json"
-    scheduler = json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else {}
-    return unet, te, scheduler
-
-
-def target_pairs(org: torch.nn.Module, tuned: torch.nn.Module, spec: TargetSpec, include_conv: bool):
-    """(lora_name, is_kxk, base module, tuned module) for every target, matched by name."""
-    tuned_targets = {t.lora_name: t for t in find_targets(tuned, spec, include_conv)}
-    for t in find_targets(org, spec, include_conv):
-        other = tuned_targets.get(t.lora_name)
-        if other is None or other.module.weight.shape != t.module.weight.shape:
-            raise UserError(f"{t.lora_name}: the two models differ in architecture; extract needs the same model type")
-        yield t.lora_name, t.is_kxk_conv, t.module, other.module
-
-
 def extract(
     pairs, dim: int, conv_dim: int | None, device: str, clamp_quantile: float | None, min_diff: float
 ) -> tuple[dict[str, LoRAFactors], dict[str, RankReport], list[str]]:
@@ -102,18 +72,16 @@ def extract(
     return state, reports, unchanged
 
 
-def output_metadata(args: argparse.Namespace, te: torch.nn.Module, unet: torch.nn.Module, scheduler: dict) -> dict:
-    v2 = te.config.hidden_size == 1024
-    v_pred = scheduler.get("prediction_type") == "v_prediction"
-    version = "sd_v2_v" if v2 and v_pred else "sd_v2" if v2 else "sd_v1"
+def output_metadata(args: argparse.Namespace, base: DiffusionModels) -> dict:
+    version = base.base_model_version()
     net_args = {"conv_dim": args.conv_dim, "conv_alpha": args.conv_dim} if args.conv_dim else {}
     meta = minimal_metadata(version, "networks.lora", args.dim, float(args.dim), net_args)
     if args.no_metadata:
         return meta
     meta["ss_training_comment"] = f"extracted from {Path(args.model_tuned).name} - {Path(args.model_org).name}"
-    side = int(unet.config.sample_size) * 8
+    side = int(base.unet.config.sample_size) * 8
     meta.update(modelspec_metadata(modelspec_architecture(version), Path(args.save_to).stem, (side, side),
-                                   "v" if v_pred else "epsilon"))  # fmt: skip
+                                   "v" if base.v_prediction else "epsilon"))  # fmt: skip
     return meta
 
 
@@ -123,11 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):
             raise UserError("--dim and --conv_dim must be at least 1")
         check_new_output(args.save_to, args.overwrite)
-        unet_o, te_o, scheduler = load_sd_models(args.model_org, "model_org")
-        unet_t, te_t, _ = load_sd_models(args.model_tuned, "model_tuned")
-        include_conv = args.conv_dim is not None
-        pairs = [*target_pairs(te_o, te_t, CLIP_TEXT, include_conv),
-                 *target_pairs(unet_o, unet_t, SD_UNET, include_conv)]  # fmt: skip
+        base = load_models(args.model_org, "model_org")
+        tuned = load_models(args.model_tuned, "model_tuned")
+        pairs = list(matched_targets(base, tuned, include_conv=args.conv_dim is not None))
         with torch.no_grad():
             state, reports, unchanged = extract(pairs, args.dim, args.conv_dim, args.device, args.clamp_quantile,
                                                 args.min_diff)  # fmt: skip
@@ -139,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         errors = [r.relative_error for r in reports.values()]
         print(f"{len(state)} modules extracted ({len(unchanged)} unchanged left out); relative error mean "
               f"{sum(errors) / len(errors):.2e}, max {max(errors):.2e}")  # fmt: skip
-        save_kohya_file(args.save_to, state, output_metadata(args, te_o, unet_o, scheduler),
+        save_kohya_file(args.save_to, state, output_metadata(args, base),
                         PRECISIONS[args.save_precision])  # fmt: skip
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

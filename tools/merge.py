@@ -1,15 +1,17 @@
 """Merge LoRAs: bake them into a base model, or combine several into one LoRA.
 
-    # bake into a model (a diffusers folder in, a diffusers folder with safetensors out)
+    # bake into a model (an SD 1.x/2.x or SDXL diffusers folder in, a diffusers folder with safetensors out)
     python tools/merge.py --sd_model sd15/ --models style.safetensors char.safetensors --ratios 0.8 0.5 \\
         --save_to sd15_merged/
     # one LoRA from several: exact (ranks stacked), or SVD to a rank
     python tools/merge.py --models a.safetensors b.safetensors --ratios 1 0.5 --save_to ab.safetensors
     python tools/merge.py --models a.safetensors b.safetensors --ratios 1 0.5 --new_rank 16 --save_to ab16.safetensors
 
-Baking adds ``ratio · (alpha/r) · up ⊗ down`` to each adapted weight, computed in float32.
-Every module of every file must exist in the model: a file for another architecture is an
-error, not a silent no-op. Combining LoRAs never averages up and down matrices separately
+Baking adds ``ratio · (alpha/r) · up ⊗ down`` to each adapted weight, computed in float32;
+SDXL LoRAs name the UNet with the original SGM blocks and the encoders ``lora_te1_`` /
+``lora_te2_``, as networks.lora writes them (diffusers and ComfyUI files are read too). Every
+module of every file must exist in the model: a file for another architecture is an error, not
+a silent no-op. Combining LoRAs never averages up and down matrices separately
 (which is not the sum of the deltas): without --new_rank the ranks are concatenated, so the
 result's ΔW is exactly Σ ratio_i · ΔW_i (checked before saving); with --new_rank each
 module's sum is re-factorised by SVD and the retained energy is reported.
@@ -32,18 +34,19 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from library.diffusion_models import load_pipeline, lora_namer, pipeline_text_encoders, target_modules  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_formats import PRECISIONS, LoRAState, check_new_output, load_lora, save_kohya_file  # noqa: E402
 from networks.functional import merged_weight  # noqa: E402
 from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference  # noqa: E402
-from networks.targets import CLIP_TEXT, SD_UNET, find_targets  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, help="LoRA files (kohya, diffusers or ComfyUI naming)")
     p.add_argument("--ratios", nargs="+", type=float, default=None, help="one multiplier per file (default 1.0 each)")
-    p.add_argument("--sd_model", default=None, help="bake into this model (diffusers folder); omit to merge LoRAs")
+    p.add_argument("--sd_model", default=None,
+                   help="bake into this SD 1.x/2.x or SDXL model (diffusers folder); omit to merge LoRAs")
     p.add_argument("--llm_model", default=None,
                    help="bake into this causal LM (transformers folder) and write a full model folder")
     p.add_argument("--save_to", required=True, help="output: a folder (with --sd_model) or a .safetensors LoRA")
@@ -67,28 +70,6 @@ def ratios_for(args: argparse.Namespace) -> list[float]:
 
 
 # --- baking into a model ----------------------------------------------------------------------
-
-
-def load_pipeline(folder: str):
-    from diffusers import StableDiffusionPipeline
-
-    root = Path(folder)
-    if root.is_file():
-        raise UserError(f"--sd_model {folder}: single-file checkpoints are not supported; give a diffusers folder")
-    if not (root / "model_index.json").is_file():
-        raise UserError(f"--sd_model {folder}: not a diffusers folder (no model_index.json)")
-    if (root / "text_encoder_2").is_dir():
-        raise UserError(f"--sd_model {folder}: SDXL baking is not supported yet (SD 1.x/2.x only)")
-    try:
-        return StableDiffusionPipeline.from_pretrained(str(root), safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--sd_model {folder}: cannot load the pipeline ({e})") from None
-
-
-def model_modules(pipe) -> dict[str, torch.nn.Module]:
-    """kohya name → module for every module networks.lora can adapt (conv included)."""
-    targets = find_targets(pipe.text_encoder, CLIP_TEXT, True) + find_targets(pipe.unet, SD_UNET, True)
-    return {t.lora_name: t.module for t in targets}
 
 
 @torch.no_grad()
@@ -130,10 +111,12 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
         raise UserError("--new_rank applies to merging LoRAs; leave it out with --sd_model")
     check_new_output(args.save_to, args.overwrite)
     pipe = load_pipeline(args.sd_model)
-    modules = model_modules(pipe)
+    text_encoders = pipeline_text_encoders(pipe)
+    modules = target_modules(pipe.unet, text_encoders)
+    namer = lora_namer(pipe.unet, text_encoders)  # diffusers / ComfyUI files are read into this model's kohya names
     dtype = PRECISIONS[args.precision]
     for path, ratio in zip(args.models, ratios, strict=True):
-        n = bake(modules, load_lora(path).state, ratio, path, args.device, dtype)
+        n = bake(modules, load_lora(path, namer).state, ratio, path, args.device, dtype)
         print(f"{path}: merged {n} modules with ratio {ratio}")
     if args.save_precision:
         pipe.to(PRECISIONS[args.save_precision])
