@@ -67,9 +67,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     optimizer = create_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args)
     lr_scheduler = create_scheduler(optimizer, args.lr_scheduler, plan.max_train_steps, args.lr_warmup_steps,
                                     args.lr_scheduler_num_cycles, args.lr_scheduler_power)
-    compiled = setup.compile_blocks(family.network_inputs()[2], accelerator)
+    compiled, recompile_limit = setup.compile_blocks(family.network_inputs()[2], accelerator)
     if compiled:
-        log(f"torch.compile: {compiled} repeated blocks compiled one by one (regional compilation)")
+        log(f"torch.compile: {compiled} repeated blocks compiled one by one (regional compilation), "
+            f"up to {recompile_limit} graphs per block class")
     # The loss runs inside one module that owns only the network's parameters, so DDP (several
     # processes) sees the forward it wraps and syncs exactly the LoRA gradients.
     model, optimizer, lr_scheduler = accelerator.prepare(setup.TrainingModule(network, family), optimizer,
