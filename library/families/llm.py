@@ -5,7 +5,8 @@ mixed precision and fp32 otherwise; ``--load_in_4bit`` (NF4, double quantization
 or ``--load_in_8bit`` quantizes its Linear layers with bitsandbytes, and the LoRA path stays in
 its own dtype over the frozen base. It is passed to the network module as ``unet`` (CONTRACTS.md
 §5), so ``networks.lora`` puts a LoRA on every Linear but ``lm_head``. The loss is the mean
-token cross-entropy over the label tokens. The adapter is saved as a PEFT folder and, for
+token cross-entropy over the label tokens, computed chunk by chunk without the full logits where
+that is exact (library/chunked_ce.py). The adapter is saved as a PEFT folder and, for
 ``--save_model_as safetensors``, also as a kohya-style file.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from library.chunked_ce import causal_lm_loss
 from library.errors import UserError
 from library.families import DataRequest
 
@@ -155,11 +157,13 @@ class LLMFamily:
         return bool((packed - alone).abs().max() <= 0.02 * max(1.0, float(alone.abs().max())))
 
     def loss(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
-        """Mean cross-entropy over the label tokens (transformers shifts the labels by one)."""
+        """Mean cross-entropy over the label tokens (transformers shifts the labels by one).
+
+        For known model types the (tokens x vocab) logits are never materialised: only label tokens are
+        projected, chunk by chunk (library/chunked_ce.py); other models use transformers' own loss.
+        """
         # No attention mask: transformers derives the block-diagonal mask of packed samples from position_ids.
-        out = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                         use_cache=False)
-        return out.loss
+        return causal_lm_loss(self.model, batch["input_ids"], batch["position_ids"], batch["labels"])
 
     def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
         """The PEFT folder ``{output_dir}/{stem}/``; for a .safetensors path also the kohya-style file."""
