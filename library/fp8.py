@@ -18,6 +18,8 @@ def _linear_forward(module: nn.Linear, compute_dtype: torch.dtype):
     def forward(x: torch.Tensor) -> torch.Tensor:
         bias = module.bias.to(compute_dtype) if module.bias is not None else None
         return F.linear(x.to(compute_dtype), module.weight.to(compute_dtype), bias)
+
+    forward.fp8_compute_dtype = compute_dtype  # networks/fast_lora.py fuses this layer with its LoRA
     return forward
 
 
@@ -25,6 +27,8 @@ def _conv_forward(module: nn.Conv2d, compute_dtype: torch.dtype):
     def forward(x: torch.Tensor) -> torch.Tensor:
         bias = module.bias.to(compute_dtype) if module.bias is not None else None
         return module._conv_forward(x.to(compute_dtype), module.weight.to(compute_dtype), bias)
+
+    forward.fp8_compute_dtype = compute_dtype
     return forward
 
 

@@ -28,16 +28,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-FAST_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FAST_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def fast_kind(org_module: nn.Module, org_forward: object) -> str | None:
-    """``"linear"`` / ``"conv1x1"`` when the fused op reproduces ``org_forward`` exactly, else None."""
+    """``"linear"`` / ``"conv1x1"`` when the fused op reproduces ``org_forward`` exactly, else None.
+
+    That is the layer's own forward, or library/fp8.py's (a float8 weight upcast to its compute dtype, which
+    the fused op does as well: it casts the base weight to the dtype it computes in).
+    """
     own_forward = getattr(org_forward, "__func__", None)
-    if type(org_module) is nn.Linear and own_forward is nn.Linear.forward:
+    fp8 = getattr(org_forward, "fp8_compute_dtype", None) is not None
+    if type(org_module) is nn.Linear and (own_forward is nn.Linear.forward or fp8):
         return "linear"
     if (
-        type(org_module) is nn.Conv2d and own_forward is nn.Conv2d.forward
+        type(org_module) is nn.Conv2d and (own_forward is nn.Conv2d.forward or fp8)
         and tuple(org_module.kernel_size) == (1, 1) and tuple(org_module.stride) == (1, 1)
         and tuple(org_module.padding) == (0, 0) and tuple(org_module.dilation) == (1, 1)
         and org_module.groups == 1 and org_module.padding_mode == "zeros"
@@ -233,7 +238,8 @@ def fast_forward(lora: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if conv and (x.dim() != 4 or not x.is_contiguous()):
         return None
     down, up = lora.lora_down.weight, lora.lora_up.weight
-    dtype = compute_dtype(x.device.type, x.dtype)
+    # an fp8-stored base computes in the dtype it was given (library/fp8.py), like its own forward
+    dtype = getattr(lora.org_forward, "fp8_compute_dtype", None) or compute_dtype(x.device.type, x.dtype)
     scale = lora.multiplier * lora.scale
     copies = lora._copies
     cached = copies[0].lookup(copies[1], dtype, scale) if copies is not None else None

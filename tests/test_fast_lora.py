@@ -306,3 +306,43 @@ def test_compiles_without_graph_breaks(dropouts):
     for got, want in zip(grads, [p.grad for p in network.parameters()], strict=True):
         assert rel_err(got, want) < 1e-5
     torch._dynamo.reset()
+
+
+# --- --fp8_base ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["linear", "conv1x1"])
+def test_fp8_stored_base_takes_the_fused_path_with_the_same_result(name):
+    from library.fp8 import store_in_fp8
+
+    make, shape, _kind = LAYERS[name]
+    torch.manual_seed(0)
+    holder = nn.Sequential(make())
+    store_in_fp8(holder, torch.bfloat16)
+    layer = holder[0]
+    module = adapted(layer)
+    assert module._fast == _kind
+    x = torch.randn(*shape, requires_grad=True)
+    assert fast_lora.fast_forward(module, x) is not None
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    # the reference: the same math with the fp8 weight upcast to bf16, the adapter in bf16
+    w = layer.weight.to(torch.bfloat16)
+    b = layer.bias.to(torch.bfloat16)
+    x2 = x.detach().to(torch.bfloat16).requires_grad_()
+    down = module.lora_down.weight.detach().to(torch.bfloat16).requires_grad_()
+    up = module.lora_up.weight.detach().to(torch.bfloat16).requires_grad_()
+    s = module.multiplier * module.scale
+    if name == "conv1x1":
+        expected = F.conv2d(x2, w, b) + s * F.conv2d(F.conv2d(x2, down), up)
+    else:
+        expected = F.linear(x2, w, b) + s * F.linear(F.linear(x2, down), up)
+    assert rel_err(out, expected) < 2e-2
+    grad = torch.randn(out.shape)
+    (out.float() * grad).sum().backward()
+    (expected.float() * grad).sum().backward()
+    assert module.lora_down.weight.grad.dtype == torch.float32
+    pairs = ((x.grad, x2.grad), (module.lora_down.weight.grad, down.grad), (module.lora_up.weight.grad, up.grad))
+    for got, want in pairs:
+        assert rel_err(got, want) < 3e-2
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.grad is None
