@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +44,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 
 RANK = 16
 
@@ -197,12 +198,43 @@ class Impl:
     input_grad: bool
     compile_s: float | None = None
     times: list[float] = dataclasses.field(default_factory=list)
+    text_encoders: list[nn.Module] = dataclasses.field(default_factory=list)  # "+te": run every step, frozen
 
 
-def build_impl(name: str, base: nn.Module, paths: list[str], device: torch.device, base_dtype: torch.dtype) -> Impl:
+# The text encoders a diffusion step runs when their outputs are not cached (CLIP-L; SDXL adds OpenCLIP bigG).
+TEXT_ENCODERS = {"sd15": [(768, 12, 12, 3072)], "sdxl": [(768, 12, 12, 3072), (1280, 32, 20, 5120)]}
+FEATURES = ("compile", "gc", "fp8", "8bit", "te")
+
+
+def text_encoders(case: Case) -> list[nn.Module]:
+    """Frozen random-init CLIP text encoders of the real sizes (for the CPU cases: narrow, 2-4 layers)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    width = case.context[1]
+    specs = TEXT_ENCODERS.get(case.name, [(width, 2 if width < 128 else 4, 4, 4 * width)])
+    torch.manual_seed(0)
+    return [CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=h, num_hidden_layers=n, num_attention_heads=a,
+                                         intermediate_size=i, max_position_embeddings=77)).requires_grad_(False)
+            for h, n, a, i in specs]
+
+
+def build_impl(name: str, case: Case, base: nn.Module, paths: list[str], device: torch.device,
+               base_dtype: torch.dtype) -> Impl:
+    """One implementation: ``kind[+feature...]``, kind from floor/peft/ours/plain/head, features from FEATURES.
+
+    Features (the memory features, measured against plain ``ours``): ``gc`` gradient checkpointing, ``fp8`` the
+    frozen base stored in float8 (``--fp8_base``), ``8bit`` bitsandbytes AdamW8bit, ``te`` the text encoders
+    run every step (what ``--cache_text_encoder_outputs`` saves), ``compile`` regional torch.compile.
+    """
     model = copy.deepcopy(base).to(device, base_dtype)
     model.requires_grad_(False)
-    kind = name.split("+")[0]
+    kind, *features = name.split("+")
+    if unknown := set(features) - set(FEATURES):
+        raise SystemExit(f"unknown feature(s) {sorted(unknown)} in --impls {name}; known: {', '.join(FEATURES)}")
+    if "fp8" in features:  # before the adapters wrap the layers, as train_network.py does
+        from library.fp8 import store_in_fp8
+
+        store_in_fp8(model, base_dtype)
     if kind == "peft":
         add_peft(model, paths)
     elif kind in ("ours", "plain", "head"):
@@ -216,15 +248,27 @@ def build_impl(name: str, base: nn.Module, paths: list[str], device: torch.devic
     params = [p for p in model.parameters() if p.requires_grad]
     if kind in ("ours", "plain", "head"):
         params = [p for p in network.parameters() if p.requires_grad]
-    if name.endswith("+compile"):
+    if "gc" in features:
+        if case.kind == "llm":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.enable_gradient_checkpointing()
+    if "compile" in features:
         for module in model.modules():
             if type(module).__name__ in REGIONS:
                 module.compile()
     optimizer = None
-    if params:
+    if params and "8bit" in features:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-4)
+    elif params:
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    encoders = []
+    if "te" in features:
+        encoders = [te.to(device, base_dtype) for te in text_encoders(case)]
     model.train()
-    return Impl(name, model, params, optimizer, input_grad=kind == "floor")
+    return Impl(name, model, params, optimizer, input_grad=kind == "floor", text_encoders=encoders)
 
 
 def run_step(case: Case, impl: Impl, inputs: dict, amp: torch.dtype | None, device: torch.device) -> None:
@@ -232,6 +276,11 @@ def run_step(case: Case, impl: Impl, inputs: dict, amp: torch.dtype | None, devi
     if impl.input_grad:
         x.requires_grad_(True)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        if impl.text_encoders:
+            ids = torch.randint(0, 49408, (case.batch, 77), device=device)
+            with torch.no_grad():
+                for te in impl.text_encoders:
+                    te(ids, output_hidden_states=True)
         loss = loss_of(case, impl.model, inputs)
     loss.backward()
     if impl.optimizer is not None:
@@ -300,7 +349,7 @@ def bench_case(case: Case, impl_names: list[str], steps: int, warmup: int, devic
     paths = target_paths(base)
     inputs = make_inputs(case, base.to(device), device, base_dtype)
     base.to("cpu")
-    impls = [build_impl(name, base, paths, device, base_dtype) for name in impl_names]
+    impls = [build_impl(name, case, base, paths, device, base_dtype) for name in impl_names]
     per_step = case.batch * (case.size if case.kind == "llm" else 1)
     unit = "tokens/s" if case.kind == "llm" else "samples/s"
     stats = {impl.name: {} for impl in impls}
@@ -309,7 +358,7 @@ def bench_case(case: Case, impl_names: list[str], steps: int, warmup: int, devic
         run_step(case, impl, inputs, amp, device)  # first step: compiles where asked
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if impl.name.endswith("+compile"):
+        if "compile" in impl.name.split("+"):
             impl.compile_s = time.perf_counter() - t0
         for _ in range(warmup - 1):
             run_step(case, impl, inputs, amp, device)
@@ -334,16 +383,11 @@ def bench_case(case: Case, impl_names: list[str], steps: int, warmup: int, devic
         s["unit"] = unit
         s["tflops"] = s["flops"] / s["step_s"] / 1e12
         s["trainable"] = sum(p.numel() for p in impl.params)
+        s["resident_MiB"] = resident_bytes(impl) / 2**20
         if impl.compile_s is not None:
             s["compile_s"] = impl.compile_s
-    ratios = {}
-    for a, b in (("ours", "floor"), ("ours", "peft"), ("peft", "floor"), ("head", "floor"), ("plain", "floor"),
-                 ("ours", "head"), ("ours", "plain"),
-                 ("ours+compile", "floor"), ("ours+compile", "ours")):
-        if a in stats and b in stats:
-            ratios[f"{a}/{b}"] = stats[a]["step_s"] / stats[b]["step_s"]
     return {"case": case.name, "targets": len(paths), "batch": case.batch, "size": case.size, "clock": clock,
-            "dtype": "bf16 autocast" if amp else "fp32", "impls": stats, "ratios": ratios}
+            "dtype": "bf16 autocast" if amp else "fp32", "impls": stats, "ratios": report.ratios(stats)}
 
 
 # --- end to end: the real train_network.py -------------------------------------------------------
@@ -387,58 +431,13 @@ def bench_e2e(steps: int, device: torch.device) -> dict:
             "e2e/pure": e2e_step / pure_step}
 
 
-# --- report --------------------------------------------------------------------------------------
-
-
-def fmt_table(results: list[dict]) -> str:
-    head = ("| case | impl | step (ms) | throughput | FLOPs/step | TFLOP/s | saved act. (MiB) | peak GPU mem (GiB) "
-            "| compile (s) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = [head]
-    for r in results:
-        if "pending" in r:
-            rows.append(f"| {r['case']} | — | {r['pending']} | | | | | | |")
-            continue
-        for name, s in r["impls"].items():
-            peak = f"{s['peak_GiB']:.2f}" if "peak_GiB" in s else "n/a"
-            comp = f"{s['compile_s']:.1f}" if "compile_s" in s else ""
-            rows.append(f"| {r['case']} ({r['dtype']}, {r['targets']} targets) | {name} | {1000 * s['step_s']:.1f} "
-                        f"| {s['throughput']:.1f} {s['unit']} | {s['flops'] / 1e9:.2f} G | {s['tflops']:.3f} "
-                        f"| {s['saved_MiB']:.1f} | {peak} | {comp} |")
-    lines = ["\n".join(rows), "", "| case | " + " | ".join(RATIO_KEYS) + " |",
-             "| --- |" + " --- |" * len(RATIO_KEYS)]
-    for r in results:
-        if "ratios" in r:
-            cells = [f"{r['ratios'][k]:.3f}" if k in r["ratios"] else "" for k in RATIO_KEYS]
-            lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-RATIO_KEYS = ["ours/floor", "ours/peft", "peft/floor", "head/floor", "ours/head", "ours/plain", "ours+compile/floor"]
-
-
-def environment(device: torch.device) -> dict:
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            env["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-    import diffusers
-    import peft
-    import transformers
-
-    env.update(diffusers=diffusers.__version__, transformers=transformers.__version__, peft=peft.__version__)
-    return env
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--quick", action="store_true", help="tiny and small cases (full-size ones need CUDA)")
-    p.add_argument("--impls", default="floor,peft,ours", help="floor, peft, ours, plain, head (comma-separated)")
+    p.add_argument("--impls", default="floor,peft,ours",
+                   help="comma-separated: floor, peft, ours, plain, head, each with optional +features from "
+                        f"{', '.join(FEATURES)} (e.g. ours+gc,ours+fp8,ours+8bit,ours+te)")
     p.add_argument("--compile", action="store_true", help="also floor+compile and ours+compile (regional)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=3)
@@ -455,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    env = environment(device)
+    env = report.environment(device)
     print(json.dumps(env))
     results: list[dict] = []
     if args.e2e:
@@ -471,10 +470,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 t0 = time.perf_counter()
                 clock = args.clock if device.type == "cpu" else "wall"
-                results.append(bench_case(case, impls, args.steps, args.warmup, device, args.dtype, clock))
+                names_here = [n for n in impls if not (case.kind == "llm" and "te" in n.split("+"))]  # no TE
+                results.append(bench_case(case, names_here, args.steps, args.warmup, device, args.dtype, clock))
                 results[-1]["wall_s"] = time.perf_counter() - t0
             print(f"{name}: " + json.dumps(results[-1].get("ratios", results[-1].get("pending"))), flush=True)
-        print(fmt_table(results))
+        print(report.fmt_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
     return 0
