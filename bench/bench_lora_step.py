@@ -138,7 +138,12 @@ def input_key(case: Case) -> str:
     return "inputs_embeds" if case.kind == "llm" else "sample"
 
 
-def loss_of(case: Case, model: nn.Module, inputs: dict) -> torch.Tensor:
+def loss_of(case: Case, model: nn.Module, inputs: dict, chunked_ce: bool = False) -> torch.Tensor:
+    if case.kind == "llm" and chunked_ce:  # what train_network.py runs (library/chunked_ce.py)
+        from library.chunked_ce import causal_lm_loss_from_hidden
+
+        hidden = model.model(inputs_embeds=inputs["inputs_embeds"], use_cache=False).last_hidden_state
+        return causal_lm_loss_from_hidden(hidden, model.get_output_embeddings(), inputs["labels"])
     if case.kind == "llm":
         return model(inputs_embeds=inputs["inputs_embeds"], labels=inputs["labels"]).loss
     kwargs = {k: v for k, v in inputs.items() if k not in ("sample", "timestep", "target")}
@@ -199,11 +204,12 @@ class Impl:
     compile_s: float | None = None
     times: list[float] = dataclasses.field(default_factory=list)
     text_encoders: list[nn.Module] = dataclasses.field(default_factory=list)  # "+te": run every step, frozen
+    chunked_ce: bool = False  # "+ce": the LLM loss of library/chunked_ce.py instead of transformers'
 
 
 # The text encoders a diffusion step runs when their outputs are not cached (CLIP-L; SDXL adds OpenCLIP bigG).
 TEXT_ENCODERS = {"sd15": [(768, 12, 12, 3072)], "sdxl": [(768, 12, 12, 3072), (1280, 32, 20, 5120)]}
-FEATURES = ("compile", "gc", "fp8", "8bit", "te")
+FEATURES = ("compile", "gc", "fp8", "8bit", "te", "ce")
 
 
 def text_encoders(case: Case) -> list[nn.Module]:
@@ -224,7 +230,8 @@ def build_impl(name: str, case: Case, base: nn.Module, paths: list[str], device:
 
     Features (the memory features, measured against plain ``ours``): ``gc`` gradient checkpointing, ``fp8`` the
     frozen base stored in float8 (``--fp8_base``), ``8bit`` bitsandbytes AdamW8bit, ``te`` the text encoders
-    run every step (what ``--cache_text_encoder_outputs`` saves), ``compile`` regional torch.compile.
+    run every step (what ``--cache_text_encoder_outputs`` saves), ``ce`` the chunked LLM cross-entropy that
+    train_network.py uses (floor and PEFT keep transformers' loss), ``compile`` regional torch.compile.
     """
     model = copy.deepcopy(base).to(device, base_dtype)
     model.requires_grad_(False)
@@ -268,7 +275,8 @@ def build_impl(name: str, case: Case, base: nn.Module, paths: list[str], device:
     if "te" in features:
         encoders = [te.to(device, base_dtype) for te in text_encoders(case)]
     model.train()
-    return Impl(name, model, params, optimizer, input_grad=kind == "floor", text_encoders=encoders)
+    return Impl(name, model, params, optimizer, input_grad=kind == "floor", text_encoders=encoders,
+                chunked_ce="ce" in features)
 
 
 def run_step(case: Case, impl: Impl, inputs: dict, amp: torch.dtype | None, device: torch.device) -> None:
@@ -281,7 +289,7 @@ def run_step(case: Case, impl: Impl, inputs: dict, amp: torch.dtype | None, devi
             with torch.no_grad():
                 for te in impl.text_encoders:
                     te(ids, output_hidden_states=True)
-        loss = loss_of(case, impl.model, inputs)
+        loss = loss_of(case, impl.model, inputs, chunked_ce=impl.chunked_ce)
     loss.backward()
     if impl.optimizer is not None:
         impl.optimizer.step()
@@ -437,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny and small cases (full-size ones need CUDA)")
     p.add_argument("--impls", default="floor,peft,ours",
                    help="comma-separated: floor, peft, ours, plain, head, each with optional +features from "
-                        f"{', '.join(FEATURES)} (e.g. ours+gc,ours+fp8,ours+8bit,ours+te)")
+                        f"{', '.join(FEATURES)} (e.g. ours+gc,ours+fp8,ours+8bit,ours+te,ours+ce)")
     p.add_argument("--compile", action="store_true", help="also floor+compile and ours+compile (regional)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=3)
@@ -470,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 t0 = time.perf_counter()
                 clock = args.clock if device.type == "cpu" else "wall"
-                names_here = [n for n in impls if not (case.kind == "llm" and "te" in n.split("+"))]  # no TE
+                skip = "te" if case.kind == "llm" else "ce"  # an LLM has no text encoder, a UNet no vocabulary
+                names_here = [n for n in impls if skip not in n.split("+")]
                 results.append(bench_case(case, names_here, args.steps, args.warmup, device, args.dtype, clock))
                 results[-1]["wall_s"] = time.perf_counter() - t0
             print(f"{name}: " + json.dumps(results[-1].get("ratios", results[-1].get("pending"))), flush=True)

@@ -9,7 +9,7 @@ import torch
 
 RATIO_KEYS = ["ours/floor", "ours/peft", "peft/floor", "head/floor", "ours/head", "ours/plain", "ours+compile/floor"]
 # The memory features against the default LoRA step: their cost in time (the memory they save is in the table).
-FEATURE_KEYS = ["ours+gc/ours", "ours+fp8/ours", "ours+8bit/ours", "ours+te/ours"]
+FEATURE_KEYS = ["ours+gc/ours", "ours+fp8/ours", "ours+8bit/ours", "ours+te/ours", "ours+ce/ours", "ours+ce/peft"]
 RATIO_PAIRS = [tuple(k.split("/")) for k in RATIO_KEYS + FEATURE_KEYS] + [("plain", "floor"),
                                                                           ("ours+compile", "ours")]
 
