@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from library.chunked_ce import causal_lm_loss
 from library.tiny_models import save_tiny_sd
 from networks import lora
 from networks.lora import LoRAModule
@@ -96,7 +97,8 @@ def measure_llm(folder, batch, seq, dim) -> int:
         module.apply_to()
     ids = torch.randint(2, 100, (batch, seq), generator=torch.Generator().manual_seed(0))
     params = [p for m in loras for p in m.parameters()]
-    return Measured([model], params).step(lambda: model(ids, labels=ids).loss)
+    # what train_network.py runs: LLMFamily.loss, the chunked cross-entropy (library/chunked_ce.py)
+    return Measured([model], params).step(lambda: causal_lm_loss(model, ids, None, ids))
 
 
 @pytest.mark.parametrize(

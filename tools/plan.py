@@ -216,6 +216,20 @@ def trace_sd(folder: Path, plan: PlanInput) -> tuple[Estimate, SavedTensorCounte
     return _estimate(weights, lora_count, param_dtype, plan, counter), counter
 
 
+def llm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The training loss as train_network.py computes it: the chunked cross-entropy where the model allows it
+    (no logits kept for backward), every token a label; else transformers' loss, which keeps the fp32 logits."""
+    from library.chunked_ce import linear_cross_entropy, why_not_chunked
+
+    if why_not_chunked(model) is not None:
+        return model(ids, labels=ids).loss
+    # (the default KV cache keeps transformers from inspecting position ids, which meta tensors cannot hold)
+    hidden = model.model(input_ids=ids).last_hidden_state
+    head = model.get_output_embeddings()
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # the last token has no next one to predict
+    return linear_cross_entropy(rows, head.weight, head.bias, ids[:, 1:].reshape(-1))
+
+
 def trace_llm(folder: Path, plan: PlanInput) -> tuple[Estimate, SavedTensorCounter]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -236,7 +250,7 @@ def trace_llm(folder: Path, plan: PlanInput) -> tuple[Estimate, SavedTensorCount
     counter = SavedTensorCounter([*model.parameters(), *(p for m in loras for p in m.parameters())])
     handles = counter.hook_units(model, ())
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), fused_attention():
-        model(ids, labels=ids)
+        llm_loss(model, ids)
     for handle in handles:
         handle.remove()
     param_dtype = dtype if plan.full_half else torch.float32
