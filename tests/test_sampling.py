@@ -262,3 +262,17 @@ def test_a_bad_prompt_file_stops_the_run_before_training(tmp_path, tiny_sd_dir, 
                 "--sample_prompts", str(prompts)) == 2
     assert "prompts.txt, line 2: unknown option '--hh' (did you mean '--h'?)" in capsys.readouterr().err
     assert not (out / "lora.safetensors").exists()
+
+
+def test_sample_images_with_fp8_base(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    # diffusers reports the UNet's dtype as float8 under --fp8_base; sampling must compute in bf16 anyway.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks red square --w 64 --h 64 --s 2 --d 7\n")
+    out = tmp_path / "out"
+    assert _run(tiny_sd_dir, _data_toml(tmp_path, tiny_images), out, "--max_train_steps", "2", "--fp8_base",
+                "--mixed_precision", "bf16", "--sample_prompts", str(prompts), "--sample_at_first",
+                "--sample_every_n_steps", "2") == 0
+    assert "failed at step" not in capsys.readouterr().out
+    names = sorted(p.name for p in (out / "sample").iterdir())
+    assert names == ["lora_000000_00_7.png", "lora_000002_00_7.png"]
+    assert Image.open(out / "sample" / names[1]).size == (64, 64)
