@@ -28,6 +28,15 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--output_name", "lora", "--network_dim", "4", "--seed", "1", "--cache_latents", *extra]
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now (a fixed one collides with other runs on the same machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -259,3 +268,39 @@ def test_a_config_with_zero_steps_is_an_error(tmp_path, tiny_sd_dir, tiny_images
     code = train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), tmp_path / "out",
                                     "--max_train_steps", "0"))
     assert code == 2 and "zero steps" in capsys.readouterr().err
+
+
+def test_sigterm_to_a_two_process_launch_saves_once_and_resumes(tmp_path, tiny_sd_dir, tiny_images):
+    """Two processes (gloo on CPU, torchrun's agent): a SIGTERM to the launcher stops both at one step.
+
+    The agent forwards the signal to its workers (and PR_SET_PDEATHSIG covers a launcher that dies); the
+    stop flag is all-reduced, so both finish the same step, the main process writes one state, and a
+    resume from it continues.
+    """
+    out = tmp_path / "out"
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--quiet", str(ROOT / "train_network.py"),
+           *_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "100000")]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            _wait_for(proc, log, "steps:", timeout=240)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)  # to the launcher only
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert "--resume" in text, text[-3000:]
+    states = [p for p in out.glob("lora-step*-state") if (p / "train_state.json").is_file()]
+    assert len(states) == 1, text[-3000:]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+    step = int(states[0].name.split("step")[1].split("-")[0])
+    # the state resumes (in one process: the global batch differs, so the change must be allowed)
+    assert train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--resume", str(states[0]),
+                                    "--max_train_steps", str(step + 1), "--resume_allow_changes")) == 0
+    assert (out / "lora.safetensors").is_file()
