@@ -210,10 +210,17 @@ class StepPlan:
 
 def plan_steps(batches_per_epoch: int, accumulation: int, max_train_steps: int,
                max_train_epochs: int | None) -> StepPlan:
-    """Optimizer steps per epoch and in total; --max_train_epochs overrides --max_train_steps."""
+    """Optimizer steps per epoch and in total; --max_train_epochs overrides --max_train_steps.
+
+    ``batches_per_epoch`` (per process) comes from the sampler built with the same ``accumulation``
+    (library/data/sampler.py), so every epoch is whole optimizer steps.
+    """
     if batches_per_epoch == 0:
         raise UserError("The dataset yields no batches: check the image folders and batch_size.")
-    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    if batches_per_epoch % accumulation:
+        raise ValueError(f"{batches_per_epoch} batches per epoch are not whole optimizer steps of {accumulation} "
+                         "micro-batches: the sampler was built without this gradient_accumulation_steps")
+    steps_per_epoch = batches_per_epoch // accumulation
     if max_train_epochs:
         max_train_steps = max_train_epochs * steps_per_epoch
     if max_train_steps <= 0:
@@ -270,7 +277,8 @@ def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: in
         persistent_workers=args.persistent_data_loader_workers, cache_latents=args.cache_latents,
         cache_latents_to_disk=args.cache_latents_to_disk, barrier=accelerator.wait_for_everyone,
         vae_batch_size=args.vae_batch_size, device=accelerator.device,
-        cache_text_encoder_outputs=args.cache_text_encoder_outputs))
+        cache_text_encoder_outputs=args.cache_text_encoder_outputs,
+        accumulation=accelerator.gradient_accumulation_steps))
 
 
 def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torch.nn.Module, dict[str, str]]:

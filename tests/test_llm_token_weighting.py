@@ -89,3 +89,13 @@ def test_two_processes_equal_one(tmp_path, llm):
     assert "num_processes                2" in result.stdout + result.stderr
     assert train_network.main(_args(model, data(2), tmp_path / "one")) == 0
     _assert_same(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+
+
+def test_accumulation_equals_one_big_batch(tmp_path, llm):
+    """Batch 1 x accumulation 2 trains the same sequences per step as batch 2 (library/data/sampler.py),
+    and token weighting makes the accumulated gradient the mean over the step's tokens."""
+    model, data = llm
+    assert train_network.main(_args(model, data(1), tmp_path / "accumulated", "--gradient_accumulation_steps",
+                                    "2")) == 0
+    assert train_network.main(_args(model, data(2), tmp_path / "one")) == 0
+    _assert_same(_weights(tmp_path / "one"), _weights(tmp_path / "accumulated"))

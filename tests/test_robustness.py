@@ -282,8 +282,8 @@ def test_sigterm_to_a_two_process_launch_saves_once_and_resumes(tmp_path, tiny_s
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "--quiet", str(ROOT / "train_network.py"),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "--quiet", str(ROOT / "train_network.py"),
            *_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "100000")]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)

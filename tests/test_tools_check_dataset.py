@@ -51,10 +51,11 @@ class_tokens = "sks thing"
     assert "total 10 images, 17 samples per epoch" in out
     square = next(ln for ln in out.splitlines() if ln.strip().startswith("64x64"))
     assert square.split()[-2:] == ["9", "15"]
-    batches = math.ceil(15 / 4) + math.ceil(2 / 4)  # global batch per step of the sampler = 2 x 2 processes
-    assert f"batches per process per epoch: {batches}" in out
-    assert f"optimizer steps per epoch: {math.ceil(batches / 2)}" in out
-    assert f"total: {3 * math.ceil(batches / 2)} steps = 3 epochs" in out
+    # an optimizer step takes 2 per process x 2 processes x 2 accumulation = 8 samples of one bucket
+    steps = math.ceil(15 / 8) + math.ceil(2 / 8)
+    assert f"batches per process per epoch: {2 * steps}" in out  # whole accumulation groups only
+    assert f"optimizer steps per epoch: {steps}" in out
+    assert f"total: {3 * steps} steps = 3 epochs" in out
     assert "global batch: 2 per process x 2 processes x 2 accumulation = 8" in out
 
 

@@ -152,17 +152,19 @@ def step_summary(built: list[ImageCaptionDataset], args: argparse.Namespace, pro
         return []
     batch = batch_sizes.pop()
     buckets = [(i, *b) for i, d in enumerate(built) for b in d.buckets]  # as library/data/image_data.py
-    batches = steps_per_epoch(buckets, batch, args.num_processes)
+    accumulation = args.gradient_accumulation_steps
+    batches = steps_per_epoch(buckets, batch, args.num_processes, accumulation)  # as the trainer's sampler
     try:
-        plan = plan_steps(batches, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs)
+        plan = plan_steps(batches, accumulation, args.max_train_steps, args.max_train_epochs)
     except UserError as e:
         problems.append(str(e))
         return []
-    global_batch = batch * args.num_processes * args.gradient_accumulation_steps
+    global_batch = batch * args.num_processes * accumulation
     return [
         f"global batch: {batch} per process x {args.num_processes} processes x "
-        f"{args.gradient_accumulation_steps} accumulation = {global_batch}",
-        f"batches per process per epoch: {batches} (a bucket's short last batch is filled from the same bucket)",
+        f"{accumulation} accumulation = {global_batch}",
+        f"batches per process per epoch: {batches} (a bucket's short last optimizer step is filled from the "
+        "same bucket)",
         f"optimizer steps per epoch: {plan.steps_per_epoch}",
         f"total: {plan.max_train_steps} steps = {plan.num_epochs} epochs",
     ]

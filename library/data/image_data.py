@@ -225,7 +225,7 @@ def _make_loader(dataset: torch.utils.data.Dataset, sampler: Any, num_workers: i
 
 
 def build_image_data(config: DatasetGroupConfig, *, seed: int, on_bad_image: str, num_processes: int, rank: int,
-                     num_workers: int, persistent_workers: bool) -> ImageData:
+                     num_workers: int, persistent_workers: bool, accumulation: int = 1) -> ImageData:
     """Scan every dataset, build the epoch-order sampler for this process and the DataLoader."""
     datasets = [ImageCaptionDataset(d, seed=seed, on_bad_image=on_bad_image) for d in config.datasets]
     batch_sizes = {d.config.batch_size for d in datasets}
@@ -236,7 +236,7 @@ def build_image_data(config: DatasetGroupConfig, *, seed: int, on_bad_image: str
     concat = _Concat(datasets)
     buckets = [(i, *b) for i, d in enumerate(datasets) for b in d.buckets]
     batch_size = batch_sizes.pop()
-    sampler = EpochBatchSampler(buckets, batch_size, num_processes, rank, seed)
+    sampler = EpochBatchSampler(buckets, batch_size, num_processes, rank, seed, accumulation=accumulation)
     workers = min(num_workers, max((os.cpu_count() or 1) - 1, 0))
     loader = _make_loader(concat, sampler, workers, persistent_workers)
     resolution = max(resolutions, key=lambda r: r[0] * r[1])

@@ -386,7 +386,7 @@ def build_dataset(config: TextDatasetConfig, tokenizer: Any, seed: int) -> TextD
 
 
 def build_text_data(group: TextDatasetGroup, tokenizer: Any, *, seed: int, num_processes: int,
-                    rank: int) -> TextData:
+                    rank: int, accumulation: int = 1) -> TextData:
     """Tokenise and pack every dataset, then the epoch-order sampler for this process and the DataLoader."""
     datasets = [build_dataset(d, tokenizer, seed) for d in group.datasets]
     batch_sizes = {d.config.batch_size for d in datasets}
@@ -396,7 +396,7 @@ def build_text_data(group: TextDatasetGroup, tokenizer: Any, *, seed: int, num_p
     sequences = [seq for d in datasets for seq in d.sequences]
     buckets = [i for i, d in enumerate(datasets) for _ in d.sequences]  # a batch never mixes datasets
     batch_size = batch_sizes.pop()
-    sampler = EpochBatchSampler(buckets, batch_size, num_processes, rank, seed)
+    sampler = EpochBatchSampler(buckets, batch_size, num_processes, rank, seed, accumulation=accumulation)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     # Everything is tokenised in memory already; worker processes would only add start-up time.
     loader = torch.utils.data.DataLoader(TextSequences(sequences), batch_sampler=sampler, collate_fn=_Collate(pad_id))

@@ -36,6 +36,7 @@ class DataRequest:
     vae_batch_size: int = 1
     device: Any = None
     cache_text_encoder_outputs: bool = False  # encode each fixed caption once (frozen text encoders)
+    accumulation: int = 1  # gradient_accumulation_steps: the sampler groups each optimizer step's batches
 
 
 class TrainData(Protocol):

@@ -94,7 +94,8 @@ def build_images(request: DataRequest, config: Any,
 
     data = build_image_data(config, seed=request.seed, on_bad_image=request.on_bad_image,
                             num_processes=request.num_processes, rank=request.rank,
-                            num_workers=request.num_workers, persistent_workers=request.persistent_workers)
+                            num_workers=request.num_workers, persistent_workers=request.persistent_workers,
+                            accumulation=request.accumulation)
     if request.cache_latents or request.cache_latents_to_disk:
         from library.data.image_data import vae_fingerprint
 

@@ -139,7 +139,7 @@ class LLMFamily:
             raise UserError(f"{type(self.model).__name__} lets packed samples attend to each other (it ignores "
                             "position_ids for its attention mask); set packing = false in the dataset TOML.")
         return build_text_data(group, self.tokenizer, seed=request.seed, num_processes=request.num_processes,
-                               rank=request.rank)
+                               rank=request.rank, accumulation=request.accumulation)
 
     @torch.no_grad()
     def packing_is_isolated(self) -> bool:
