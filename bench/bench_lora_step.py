@@ -1,6 +1,6 @@
 """Time one LoRA training step: the frozen floor, PEFT and networks.lora on the same backbone, in one run.
 
-    python bench/bench_lora_step.py --quick                 # CPU: tiny and small SD-UNet and Llama cases
+    python bench/bench_lora_step.py --quick                 # CPU (1 thread, CPU time): tiny and small SD-UNet and Llama
     python bench/bench_lora_step.py --cases sd15,sdxl,llama-1b --compile --json out.json   # a CUDA machine
     python bench/bench_lora_step.py --e2e                   # the real train_network.py on a synthetic dataset
 
@@ -452,10 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="CPU only; CUDA always uses bf16")
     p.add_argument("--e2e", action="store_true", help="time the real train_network.py instead")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+    p.add_argument("--clock", choices=("wall", "cpu"), default=None,
                    help="cpu: process CPU time (CPU device only; use with --threads 1 on a busy machine)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is steadier on a busy machine; --quick on a CPU defaults to 1 with "
+                        "--clock cpu, wall time elsewhere)")
     args = p.parse_args(argv)
+    if args.quick and not torch.cuda.is_available():
+        # CPU time of one thread: on a shared machine wall time swings by ±50%, CPU time by ±5%
+        args.threads = args.threads or 1
+        args.clock = args.clock or "cpu"
+    args.clock = args.clock or "wall"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
