@@ -18,6 +18,7 @@ needs the real module paths (``--model``) or the vocabulary of module names belo
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from library.errors import UserError
+from networks import sgm_names
 from networks.svd import LoRAFactors, relative_difference
 
 LoRAState = dict[str, LoRAFactors]
@@ -80,48 +82,37 @@ def split_kohya_path(mangled: str) -> str:
 
 @dataclass(frozen=True)
 class UNetLayout:
-    """Enough of a UNet config to renumber blocks: layers per block, which levels have attention.
+    """Enough of a UNet config to renumber blocks: layers per level (each its own count), attention per level.
 
     The numbering itself is networks/sgm_names.py's, the one the trainer names SDXL keys with.
     """
 
-    layers_per_block: int = 2
-    down_attention: tuple[bool, ...] = (True, True, True, False)
-    up_attention: tuple[bool, ...] = (False, True, True, True)
+    blocks: sgm_names.UNetLayout = sgm_names.UNetLayout(
+        down_layers=(2, 2, 2, 2), down_attention=(True, True, True, False), up_attention=(False, True, True, True))
 
     @staticmethod
     def from_config(config: Mapping) -> UNetLayout:
-        return UNetLayout(
-            int(config.get("layers_per_block", 2)),
-            tuple("CrossAttn" in t for t in config["down_block_types"]),
-            tuple("CrossAttn" in t for t in config["up_block_types"]),
-        )
-
-    def _table(self):
-        from networks.sgm_names import UNetLayout as Layout
-        from networks.sgm_names import block_table
-
-        layers = (self.layers_per_block,) * len(self.down_attention)
-        return block_table(Layout(layers, tuple(self.down_attention), tuple(self.up_attention)))
+        return UNetLayout(sgm_names.UNetLayout.from_config(config))
 
     def to_ldm(self, path: str) -> str:
         """A diffusers UNet module path in the original SD/SGM numbering (kohya SDXL, ComfyUI)."""
-        from networks.sgm_names import to_sgm
-
         try:
-            return to_sgm(path, self._table())
+            return sgm_names.to_sgm(path, _block_table(self.blocks))
         except ValueError:
             return path  # outside the numbered blocks: the same name in both layouts
 
     def from_ldm(self, path: str) -> str:
         """The inverse of :meth:`to_ldm`."""
-        from networks.sgm_names import from_sgm
+        return sgm_names.from_sgm(path, _block_table(self.blocks))
 
-        return from_sgm(path, self._table())
+
+@functools.cache
+def _block_table(blocks: sgm_names.UNetLayout) -> dict:
+    return sgm_names.block_table(blocks)
 
 
 SD1_LAYOUT = UNetLayout()
-SDXL_LAYOUT = UNetLayout(2, (False, True, True), (True, True, False))
+SDXL_LAYOUT = UNetLayout(sgm_names.SDXL_LAYOUT)
 
 
 # --- families: components and their prefixes per format -----------------------------------

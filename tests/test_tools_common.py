@@ -150,3 +150,21 @@ def test_ldm_names_round_trip_and_known_values(tiny_pipe):
     assert name == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     assert SDXL_LAYOUT.from_ldm("middle_block.1.proj_in") == "mid_block.attentions.0.proj_in"
     assert namer.locate(name) == (comp, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+
+
+def test_ldm_names_with_a_different_layer_count_per_level():
+    # layers_per_block may be a list (one count per level): the numbering must follow each level's count
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=(1, 2), cross_attention_dim=8,
+                                attention_head_dim=2, norm_num_groups=4, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    layout = UNetLayout.from_config(unet.config)
+    paths = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len({layout.to_ldm(p) for p in paths}) == len(paths)
+    assert all(layout.from_ldm(layout.to_ldm(p)) == p for p in paths)
+    # level 0 has one ResNet: input_blocks 1; its downsampler is input_blocks 2; level 1 starts at 3
+    assert layout.to_ldm("down_blocks.0.attentions.0.proj_in") == "input_blocks.1.1.proj_in"
+    assert layout.to_ldm("down_blocks.0.downsamplers.0.conv") == "input_blocks.2.0.op"
+    assert layout.to_ldm("down_blocks.1.attentions.1.proj_in") == "input_blocks.4.1.proj_in"
