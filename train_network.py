@@ -132,6 +132,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         data.sampler.set_epoch(epoch, skip_batches)
         batches_done, skip_batches = skip_batches, 0
         meter, tokens = setup.Throughput(), setup.TokenWeighting()
+        step_losses: list[torch.Tensor] = []  # the micro-batches of this optimizer step
         for batch in data.loader:
             batches_done += 1
             batch = move_batch(batch, accelerator.device)
@@ -158,10 +159,11 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            step_losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            step_loss = loss.detach()
+            step_loss, step_losses = torch.stack(step_losses).mean(), []  # the step's mean, not its last part
             if processes > 1:  # log the mean over all processes, not rank 0's share alone
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
             step_loss = step_loss.item()  # a device sync, once per optimizer step

@@ -56,9 +56,11 @@ class RunSaver:
         return path
 
     def state(self, stem: str, global_step: int, epoch: int, batches_done: int, max_train_steps: int) -> None:
+        accumulation = self.accelerator.gradient_accumulation_steps
         write_state(self.accelerator, self.plan.state_path(stem),
                     {"global_step": global_step, "epoch": epoch, "batches_done_in_epoch": batches_done,
-                     "seed": self.seed, "max_train_steps": max_train_steps, "fingerprint": self.fingerprint})
+                     "gradient_accumulation_steps": accumulation, "seed": self.seed,
+                     "max_train_steps": max_train_steps, "fingerprint": self.fingerprint})
 
     def checkpoint(self, stem: str, name_epoch: int, global_step: int, resume_at: tuple[int, int],
                    max_train_steps: int, stale: str | None = None, force_state: bool = False) -> None:
@@ -82,5 +84,13 @@ class RunSaver:
         for line in check_resume_compatible(state.get("fingerprint"), current, allow_changes, str(state_dir)):
             self.log(f"resuming with a changed setting (--resume_allow_changes):{line}")
         self.accelerator.load_state(str(state_dir))
+        # States are saved after whole optimizer steps, and an optimizer step's samples depend only on
+        # batch x processes x accumulation (library/data/sampler.py), so the split between processes and
+        # accumulation may change: skip the same steps in this run's micro-batches, and start accelerate's
+        # micro-step counter (restored in the old units) at a group boundary.
+        now = self.accelerator.gradient_accumulation_steps
+        then = int(state.get("gradient_accumulation_steps", now))
+        skip = state["batches_done_in_epoch"] // then * now
+        self.accelerator.step = 0
         self.log(f"resumed from {state_dir}: step {state['global_step']}, epoch {state['epoch'] + 1}")
-        return state["global_step"], state["epoch"], state["batches_done_in_epoch"]
+        return state["global_step"], state["epoch"], skip

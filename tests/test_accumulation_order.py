@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import train_network
 from library.data.sampler import EpochBatchSampler, epoch_batches, global_batches, steps_per_epoch
+from library.loss_curve import read_loss_curve
 
 # three buckets of 23, 9 and 2 samples: none is a multiple of the step sizes below
 BUCKETS = [(64, 64)] * 23 + [(96, 48)] * 9 + [(48, 96)] * 2
@@ -138,6 +139,11 @@ def test_accumulation_trains_like_one_big_batch(tmp_path, tiny_sd_dir, mixed_dat
     worst = max((whole[k] - accumulated[k]).abs().max().item() for k in whole)
     assert worst < 1e-6, f"largest difference {worst}"  # 1.5e-8 here; 1.6e-3 with the order of batch 1
     assert any(v.abs().sum() > 0 for k, v in whole.items() if "lora_up" in k)
+    # the logged loss of a step is the mean over its micro-batches, as the batch-2 run logs it
+    curves = [read_loss_curve(tmp_path / name / "lora_loss.csv", up_to=10**9) for name in ("whole", "accumulated")]
+    assert [s for s, _, _ in curves[0]] == [s for s, _, _ in curves[1]] == [1, 2, 3, 4]
+    for (_, a, _), (_, b, _) in zip(*curves, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 def test_resume_inside_an_epoch_with_accumulation_is_exact(tmp_path, tiny_sd_dir, mixed_data):
@@ -153,3 +159,17 @@ def test_resume_inside_an_epoch_with_accumulation_is_exact(tmp_path, tiny_sd_dir
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_resume_may_move_the_batch_into_accumulation(tmp_path, tiny_sd_dir, mixed_data):
+    # Saved with batch 2 (accumulation 1) after step 2 of 3, resumed with batch 1 x accumulation 2: the same
+    # 2 samples per optimizer step, so the same weights as a straight batch-2 run. The saved batches-done
+    # count (2 micro-batches) must become 4 micro-batches of the new run, and accelerate's restored
+    # micro-step counter must start a new accumulation group.
+    straight = _run(tiny_sd_dir, mixed_data(2), tmp_path / "straight", "--max_train_steps", "5")
+    split = tmp_path / "split"
+    _run(tiny_sd_dir, mixed_data(2), split, "--max_train_steps", "2", "--save_state")
+    resumed = _run(tiny_sd_dir, mixed_data(1), split, "--max_train_steps", "5", "--resume", "latest",
+                   "--resume_allow_changes", "--gradient_accumulation_steps", "2")
+    worst = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
+    assert worst < 1e-6, f"largest difference {worst}"
