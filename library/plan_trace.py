@@ -52,10 +52,15 @@ class PlanInput:
 
 @dataclass
 class Traced:
-    """What a trace found: frozen weight bytes on the GPU, LoRA parameter count, saved tensors."""
+    """What a trace found: frozen weight bytes on the GPU, LoRA parameter counts, saved tensors.
+
+    ``trained_count``: the LoRA parameters the loss reaches, the ones that get gradients and optimizer
+    state (SDXL conditions on the penultimate layer of encoder 1, so the LoRA of its last layer gets none).
+    """
 
     weights: int
     lora_count: int
+    trained_count: int
     counter: SavedTensorCounter
     param_counts: dict[str, int] = field(default_factory=dict)  # per model part, for single-file checks
 
@@ -71,13 +76,16 @@ def numel(module: torch.nn.Module) -> int:
 class SavedTensorCounter:
     """Counts the bytes autograd saves for backward, each storage once, parameters excluded.
 
-    Storages are told apart by their C++ identity, which works on the meta device as on real ones.
-    ``unit`` attributes each saved tensor to the innermost checkpoint unit running when it was saved.
+    Storages are told apart by their C++ identity, which works on the meta device as on real ones;
+    each counted tensor is kept alive for the counter's life, so a storage freed during the forward
+    (a graph branch the output does not use) cannot hand its identity to a new one that would then
+    go uncounted. ``unit`` attributes each saved tensor to the innermost checkpoint unit running when it was saved.
     """
 
     def __init__(self, exclude: list[torch.Tensor]) -> None:
         self.exclude = {t.untyped_storage()._cdata for t in exclude}
         self.seen: set[int] = set()
+        self.kept: list[torch.Tensor] = []  # meta tensors: no memory
         self.total = 0
         self.per_unit: dict[int, int] = {}
         self.unit_inputs: dict[int, int] = {}
@@ -87,6 +95,7 @@ class SavedTensorCounter:
         key = t.untyped_storage()._cdata
         if key not in self.exclude and key not in self.seen:
             self.seen.add(key)
+            self.kept.append(t)
             size = t.untyped_storage().nbytes()
             self.total += size
             if self.stack:
@@ -151,6 +160,22 @@ def fused_attention():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
+def reached(output: torch.Tensor, params: list[torch.nn.Parameter]) -> int:
+    """How many elements of ``params`` the backward of ``output`` would give a gradient."""
+    wanted = {id(p): p.numel() for p in params}
+    seen, found, stack = set(), 0, [output.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf tensor
+        if variable is not None:
+            found += wanted.pop(id(variable), 0)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
+
+
 @contextlib.contextmanager
 def counting(counter: SavedTensorCounter, roots: list[torch.nn.Module], classes: tuple[str, ...]):
     handles = [h for root in roots for h in counter.hook_units(root, classes)]
@@ -170,6 +195,10 @@ def _build_diffusion(configs: Path, family: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    parts = ["unet", "vae", "text_encoder", *(["text_encoder_2"] if family == "sdxl" else [])]
+    missing = [f"{part}/config.json" for part in parts if not (configs / part / "config.json").is_file()]
+    if missing:
+        raise UserError(f"{configs}: no {', '.join(missing)}; planning reads the configs of every part of the model.")
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(configs), subfolder="unet"))
     if family == "sdxl" and unet.config.addition_embed_type != "text_time":
         raise UserError(f"{configs}: the UNet has no SDXL size/pooled-text conditioning (addition_embed_type "
@@ -232,12 +261,12 @@ def trace_diffusion(configs: Path, family: str, plan: PlanInput) -> Traced:
     with counting(counter, [unet, *(encoders if plan.train_text_encoder else [])], CHECKPOINT_UNITS):
         if family == "sd":
             ids = torch.zeros(b, encoders[0].config.max_position_embeddings, dtype=torch.long, device="meta")
-            unet(latents, timesteps, encoder_hidden_states=encoders[0](ids).last_hidden_state)
+            pred = unet(latents, timesteps, encoder_hidden_states=encoders[0](ids).last_hidden_state).sample
         else:
             context, pooled = _sdxl_text(encoders, b, plan.cache_text_encoder_outputs, meta)
             conditioning = {"text_embeds": pooled, "time_ids": torch.empty(b, 6, **meta)}
-            unet(latents, timesteps, encoder_hidden_states=context, added_cond_kwargs=conditioning)
-    return Traced(weights, lora_count, counter, counts)
+            pred = unet(latents, timesteps, encoder_hidden_states=context, added_cond_kwargs=conditioning).sample
+    return Traced(weights, lora_count, reached(pred, list(network.parameters())), counter, counts)
 
 
 def _sdxl_text(encoders: list[torch.nn.Module], b: int, cached: bool, meta: dict) -> tuple[torch.Tensor, ...]:
@@ -290,5 +319,6 @@ def trace_llm(folder: Path, plan: PlanInput) -> Traced:
     ids = torch.zeros(plan.batch_size, plan.seq_len, dtype=torch.long, device="meta")
     counter = SavedTensorCounter([*model.parameters(), *(p for m in loras for p in m.parameters())])
     with counting(counter, [model], ()):
-        llm_loss(model, ids)
-    return Traced(nbytes(model), lora_count, counter, {"model": numel(model)})
+        loss = llm_loss(model, ids)
+    trained = reached(loss, [p for m in loras for p in m.parameters()])
+    return Traced(nbytes(model), lora_count, trained, counter, {"model": numel(model)})

@@ -6,9 +6,13 @@
 No weights are read: the models are built on PyTorch's "meta" device (shapes without memory)
 from their config.json files, the LoRA is applied with networks.lora, and one forward pass is
 traced at the requested batch size and resolution, recording every tensor autograd keeps for
-the backward pass. The estimate is the sum of
+the backward pass (library/plan_trace.py). The model is an SD 1.x/2.x or SDXL diffusers folder,
+a transformers causal-LM folder, or a single-file SD/SDXL checkpoint: its kind comes from the key
+names (of a .safetensors only the header is read) and its architecture from the shipped configs
+under configs/architectures/ or --model_config_dir, as train_network.py does. The estimate is the sum of
 - frozen weights (in the --mixed_precision dtype; the VAE stays float32 with --no_half_vae, and
-  is left out with --cache_latents since latents are encoded before training),
+  is left out with --cache_latents since latents are encoded before training; SDXL's text
+  encoders are left out with --cache_text_encoder_outputs, which moves them to the CPU),
 - LoRA parameters and their gradients (float32 unless --full_bf16/--full_fp16),
 - optimizer state (AdamW: 2 float32 tensors per parameter, 8-bit Adam: 2 bytes, Lion: 1 tensor ...),
 - activations saved for backward (with --gradient_checkpointing: the inputs of every checkpointed
@@ -20,8 +24,8 @@ the estimate plus 10%. Process memory on the CPU side is dominated by libraries 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,32 +38,14 @@ import torch  # noqa: E402
 
 from library.dataset_config import parse_resolution  # noqa: E402
 from library.errors import UserError  # noqa: E402
+from library.plan_trace import DTYPES, PlanInput, Traced, trace_diffusion, trace_llm  # noqa: E402
 
 GiB = 2**30
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Optimizer state per trainable parameter, in bytes per parameter byte of a float32 parameter.
 OPTIMIZER_STATE = {"adamw": 2.0, "adam": 2.0, "adamw8bit": 0.5, "pagedadamw8bit": 0.5, "lion": 1.0,
                    "lion8bit": 0.25, "sgd": 0.0, "sgdnesterov": 1.0, "prodigy": 4.0, "adafactor": 0.1,
                    "dadaptadam": 3.0}  # fmt: skip
-CHECKPOINT_UNITS = ("ResnetBlock2D", "Transformer2DModel")  # what diffusers' UNet checkpoints
 SAFETY = 1.1
-
-
-@dataclass(frozen=True)
-class PlanInput:
-    model: str
-    batch_size: int = 1
-    resolution: tuple[int, int] = (512, 512)
-    seq_len: int = 512  # LLM tokens per sample
-    network_dim: int = 4
-    conv_dim: int | None = None
-    mixed_precision: str = "no"
-    full_half: bool = False
-    gradient_checkpointing: bool = False
-    cache_latents: bool = False
-    no_half_vae: bool = False
-    train_text_encoder: bool = True
-    optimizer: str = "AdamW"
 
 
 @dataclass(frozen=True)
@@ -76,211 +62,99 @@ class Estimate:
         return self.weights + self.lora_params + self.gradients + self.optimizer_state + self.activations
 
 
-def model_kind(folder: Path) -> str:
-    if (folder / "unet" / "config.json").is_file():
-        if (folder / "text_encoder_2").is_dir():
-            raise UserError(f"{folder}: SDXL planning is not supported yet (SD 1.x/2.x and LLMs)")
-        return "sd"
-    if (folder / "config.json").is_file():
-        return "llm"
-    raise UserError(f"{folder}: expected a diffusers folder (unet/config.json) or a transformers folder (config.json)")
+@dataclass(frozen=True)
+class ModelSource:
+    """What to trace: the family, the folder whose configs describe it and, for a single file, the file."""
+
+    family: str  # "sd" | "sdxl" | "llm"
+    configs: Path
+    file: Path | None = None
+    title: str = ""  # a single file's kind, e.g. "SDXL base"
+    unet_params: int | None = None  # the UNet parameters the file holds, checked against the configs
+
+    def describe(self) -> str:
+        if self.file is None:
+            return f"{self.configs} ({self.family})"
+        return f"{self.file} ({self.title} single file, architecture from {self.configs})"
+
+    def check(self, traced: Traced) -> None:
+        built = traced.param_counts.get("unet")
+        if self.unet_params is not None and built != self.unet_params:
+            raise UserError(f"{self.file}: its UNet has {self.unet_params:,} parameters, but the {self.title} "
+                            f"architecture in {self.configs} has {built:,}; for a checkpoint of another shape give "
+                            "--model_config_dir (a diffusers folder of the model; configs only, weights not needed).")
 
 
-def _nbytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+def checkpoint_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
+    """Key → shape of a single-file checkpoint; of a .safetensors only the header is read."""
+    from library.single_file import CHECKPOINT_SUFFIXES, read_checkpoint
+
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"{path} is not a model: expected a diffusers or transformers folder, or a single-file "
+                        f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}).")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        from library.weights_check import check_weight_file
+
+        check_weight_file(path)  # git-lfs pointers, truncated files
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    state = read_checkpoint(path, allow_pickle)  # a pickle is refused without --allow_pickle
+    return {key: tuple(value.shape) for key, value in state.items()}
 
 
-class SavedTensorCounter:
-    """Counts the bytes autograd saves for backward, each storage once, parameters excluded.
+def resolve_model(plan: PlanInput) -> ModelSource:
+    """The family and config folder of --pretrained_model_name_or_path, as train_network.py detects them."""
+    from library.families import detect_model_type
 
-    Storages are told apart by their C++ identity, which works on the meta device as on real ones.
-    ``unit`` attributes each saved tensor to the innermost checkpoint unit running when it was saved.
-    """
+    path = Path(plan.model)
+    if not path.is_file():
+        return ModelSource(detect_model_type(path), path)  # a missing path or a non-model folder: a UserError
+    from library.single_file import UNET, config_folder, detect_kind
 
-    def __init__(self, exclude: list[torch.Tensor]) -> None:
-        self.exclude = {t.untyped_storage()._cdata for t in exclude}
-        self.seen: set[int] = set()
-        self.total = 0
-        self.per_unit: dict[int, int] = {}
-        self.unit_inputs: dict[int, int] = {}
-        self.stack: list[int] = []
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage()._cdata
-        if key not in self.exclude and key not in self.seen:
-            self.seen.add(key)
-            size = t.untyped_storage().nbytes()
-            self.total += size
-            if self.stack:
-                self.per_unit[self.stack[-1]] = self.per_unit.get(self.stack[-1], 0) + size
-        return t
-
-    def hook_units(self, root: torch.nn.Module, classes: tuple[str, ...]) -> list:
-        handles = []
-        for module in root.modules():
-            if type(module).__name__ in classes or type(module).__name__.endswith("DecoderLayer"):
-                handles.append(module.register_forward_pre_hook(self._enter))
-                handles.append(module.register_forward_hook(self._leave))
-        return handles
-
-    def _enter(self, module: torch.nn.Module, inputs: tuple) -> None:
-        if self.stack:  # nested units are checkpointed as part of the outer one
-            self.stack.append(self.stack[-1])
-            return
-        self.stack.append(id(module))
-        self.unit_inputs[id(module)] = sum(x.numel() * x.element_size() for x in inputs if torch.is_tensor(x))
-
-    def _leave(self, module: torch.nn.Module, inputs: tuple, output: object) -> None:
-        self.stack.pop()
-
-    def checkpointed(self) -> int:
-        """Saved bytes when every unit is recomputed in backward: outside + unit inputs + the largest unit."""
-        inside = sum(self.per_unit.values())
-        return self.total - inside + sum(self.unit_inputs.values()) + max(self.per_unit.values(), default=0)
+    shapes = checkpoint_shapes(path, plan.allow_pickle)
+    kind = detect_kind(shapes, lambda key: torch.empty(shapes[key], device="meta"), str(path))
+    configs = config_folder(kind, plan.model_config_dir, plan.tokenizer_cache_dir)
+    unet_params = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(UNET))
+    return ModelSource(kind.family, configs, path, kind.title, unet_params)
 
 
-class _FusedAttention(torch.autograd.Function):
-    """Stands in for scaled_dot_product_attention on the meta device.
-
-    Meta tensors take the unfused path, which saves the full attention matrix; the fused kernels
-    that run on GPUs (flash / memory-efficient) and CPUs save q, k, v, the output and one float32
-    log-sum-exp per query row. This function saves exactly that.
-    """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # never run: the trace has no backward
-        raise NotImplementedError
-
-
-def _fused_sdpa(query, key, value, *args, **kwargs):
-    return _FusedAttention.apply(query, key, value)
-
-
-@contextlib.contextmanager
-def fused_attention():
-    original = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-
-
-def _build_sd(folder: Path, plan: PlanInput, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder), subfolder="unet"))
-    te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder), subfolder="vae"))
-    return unet.to(dtype), te.to(dtype), vae
-
-
-def trace_sd(folder: Path, plan: PlanInput) -> tuple[Estimate, SavedTensorCounter]:
-    from networks import lora
-
-    dtype = DTYPES[plan.mixed_precision]
-    with torch.device("meta"):
-        unet, te, vae = _build_sd(folder, plan, dtype)
-        args = {"conv_dim": str(plan.conv_dim), "conv_alpha": "1"} if plan.conv_dim else {}
-        network = lora.create_network(1.0, plan.network_dim, 1.0, None, te, unet, **args)
-    network.apply_to(te, unet, plan.train_text_encoder, True)
-    for m in (unet, te, vae):
-        m.requires_grad_(False)
-    vae_params = sum(p.numel() for p in vae.parameters())
-    vae_bytes = 0 if plan.cache_latents else vae_params * (4 if plan.no_half_vae else dtype.itemsize)
-    weights = _nbytes(unet) + _nbytes(te) + vae_bytes
-    # The forward runs in the compute dtype (autocast); meta kernels need one dtype, so cast a copy.
-    lora_count = sum(p.numel() for p in network.parameters())
-    param_dtype = dtype if plan.full_half else torch.float32
-    network.to(dtype)
-    latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    w, h = plan.resolution
-    b = plan.batch_size
-    latents = torch.empty(b, unet.config.in_channels, h // latent_scale, w // latent_scale, device="meta", dtype=dtype)
-    ids = torch.zeros(b, te.config.max_position_embeddings, dtype=torch.long, device="meta")
-    counter = SavedTensorCounter([*unet.parameters(), *te.parameters(), *network.parameters()])
-    handles = counter.hook_units(unet, CHECKPOINT_UNITS)
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), fused_attention():
-        context = te(ids).last_hidden_state
-        unet(latents, torch.zeros(b, dtype=torch.long, device="meta"), encoder_hidden_states=context)
-    for handle in handles:
-        handle.remove()
-    return _estimate(weights, lora_count, param_dtype, plan, counter), counter
-
-
-def llm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The training loss as train_network.py computes it: the chunked cross-entropy where the model allows it
-    (no logits kept for backward), every token a label; else transformers' loss, which keeps the fp32 logits."""
-    from library.chunked_ce import linear_cross_entropy, why_not_chunked
-
-    if why_not_chunked(model) is not None:
-        return model(ids, labels=ids).loss
-    # (the default KV cache keeps transformers from inspecting position ids, which meta tensors cannot hold)
-    hidden = model.model(input_ids=ids).last_hidden_state
-    head = model.get_output_embeddings()
-    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # the last token has no next one to predict
-    return linear_cross_entropy(rows, head.weight, head.bias, ids[:, 1:].reshape(-1))
-
-
-def trace_llm(folder: Path, plan: PlanInput) -> tuple[Estimate, SavedTensorCounter]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from networks.lora import LoRAModule
-
-    dtype = DTYPES[plan.mixed_precision]
-    config = AutoConfig.from_pretrained(str(folder))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config).to(dtype)
-        loras = [LoRAModule(n, m, 1.0, plan.network_dim, plan.network_dim) for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]  # fmt: skip
-    model.requires_grad_(False)
-    for module in loras:
-        module.to(dtype).apply_to()
-    weights = _nbytes(model)
-    lora_count = sum(p.numel() for m in loras for p in m.parameters())
-    ids = torch.zeros(plan.batch_size, plan.seq_len, dtype=torch.long, device="meta")
-    counter = SavedTensorCounter([*model.parameters(), *(p for m in loras for p in m.parameters())])
-    handles = counter.hook_units(model, ())
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), fused_attention():
-        llm_loss(model, ids)
-    for handle in handles:
-        handle.remove()
-    param_dtype = dtype if plan.full_half else torch.float32
-    return _estimate(weights, lora_count, param_dtype, plan, counter), counter
-
-
-def _estimate(weights: int, lora_count: int, param_dtype: torch.dtype, plan: PlanInput,
-              counter: SavedTensorCounter) -> Estimate:  # fmt: skip
+def _estimate(traced: Traced, plan: PlanInput) -> Estimate:
     key = plan.optimizer.lower().replace("_", "").split(".")[-1] or "adamw"
     if key not in OPTIMIZER_STATE:
         raise UserError(f"--optimizer_type {plan.optimizer}: unknown; known: {', '.join(sorted(OPTIMIZER_STATE))}")
-    lora_bytes = lora_count * param_dtype.itemsize
+    param_dtype = DTYPES[plan.mixed_precision] if plan.full_half else torch.float32
+    counter = traced.counter
     activations = counter.checkpointed() if plan.gradient_checkpointing else counter.total
-    return Estimate(weights, lora_bytes, lora_bytes, int(lora_count * 4 * OPTIMIZER_STATE[key]), activations,
-                    lora_count)  # fmt: skip
+    # Parameters the loss does not reach get no gradient and, in the optimizer, no state.
+    trained = traced.trained_count
+    return Estimate(traced.weights, traced.lora_count * param_dtype.itemsize, trained * param_dtype.itemsize,
+                    int(trained * 4 * OPTIMIZER_STATE[key]), activations, traced.lora_count)  # fmt: skip
 
 
-def estimate(plan: PlanInput) -> Estimate:
+def plan_model(plan: PlanInput) -> tuple[ModelSource, Estimate]:
+    """The model as resolved from --pretrained_model_name_or_path, and the estimate for it."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # casting meta models to half warns about nothing useful
-    folder = Path(plan.model)
-    if not folder.is_dir():
-        raise UserError(f"--pretrained_model_name_or_path {plan.model}: not a folder")
+    source = resolve_model(plan)
     with torch.enable_grad():  # autograd saves tensors only when gradients are wanted
-        return (trace_sd if model_kind(folder) == "sd" else trace_llm)(folder, plan)[0]
+        if source.family == "llm":
+            traced = trace_llm(source.configs, plan)
+        else:
+            traced = trace_diffusion(source.configs, source.family, plan)
+    source.check(traced)
+    return source, _estimate(traced, plan)
 
 
-def suggestions(plan: PlanInput, vram_gib: float) -> list[tuple[str, Estimate]]:
+def estimate(plan: PlanInput) -> Estimate:
+    return plan_model(plan)[1]
+
+
+def suggestions(plan: PlanInput, vram_gib: float, family: str = "sd") -> list[tuple[str, Estimate]]:
     """Switches added one at a time (cheapest in quality first) until the estimate fits."""
+    sdxl = family == "sdxl"
     steps = [
         ("--gradient_checkpointing", lambda p: replace(p, gradient_checkpointing=True)),
         ("--mixed_precision bf16", lambda p: replace(p, mixed_precision="bf16") if p.mixed_precision == "no" else p),
@@ -288,6 +162,7 @@ def suggestions(plan: PlanInput, vram_gib: float) -> list[tuple[str, Estimate]]:
         ("--optimizer_type AdamW8bit", lambda p: replace(p, optimizer="AdamW8bit")
          if p.optimizer.lower() in ("adamw", "adam", "") else p),
         ("--network_train_unet_only", lambda p: replace(p, train_text_encoder=False)),
+        ("--cache_text_encoder_outputs", lambda p: replace(p, cache_text_encoder_outputs=True) if sdxl else p),
         ("--train_batch_size 1 (raise --gradient_accumulation_steps to keep the global batch)",
          lambda p: replace(p, batch_size=1)),
     ]  # fmt: skip
@@ -307,7 +182,8 @@ def suggestions(plan: PlanInput, vram_gib: float) -> list[tuple[str, Estimate]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers or transformers folder")
+    p.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="diffusers (SD 1.x/2.x, SDXL) or transformers folder, or a single-file SD/SDXL checkpoint")
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--resolution", default="512", help='"512" or "768,512" (diffusion)')
     p.add_argument("--max_seq_length", type=int, default=512, help="tokens per sample (LLM)")
@@ -320,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_latents", action="store_true")
     p.add_argument("--no_half_vae", action="store_true")
     p.add_argument("--network_train_unet_only", action="store_true")
+    p.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="SDXL with --network_train_unet_only: encoders run once, then sit on the CPU")
+    p.add_argument("--model_config_dir", default=None,
+                   help="single file: diffusers configs of its architecture (default: configs/architectures/)")
+    p.add_argument("--tokenizer_cache_dir", default=None,
+                   help="as for train_network.py; with unet/config.json it describes a single file's architecture")
+    p.add_argument("--allow_pickle", action="store_true", help="read .ckpt/.pt single files (tensors only)")
     p.add_argument("--optimizer_type", default="AdamW")
     p.add_argument("--vram", type=float, default=None, help="GPU memory in GiB: suggest switches to fit it")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -335,7 +218,9 @@ def plan_from_args(args: argparse.Namespace) -> PlanInput:
         conv_dim=args.conv_dim, mixed_precision=args.mixed_precision, full_half=args.full_bf16 or args.full_fp16,
         gradient_checkpointing=args.gradient_checkpointing, cache_latents=args.cache_latents,
         no_half_vae=args.no_half_vae, train_text_encoder=not args.network_train_unet_only,
-        optimizer=args.optimizer_type or "AdamW",
+        optimizer=args.optimizer_type or "AdamW", cache_text_encoder_outputs=args.cache_text_encoder_outputs,
+        model_config_dir=args.model_config_dir, tokenizer_cache_dir=args.tokenizer_cache_dir,
+        allow_pickle=args.allow_pickle,
     )  # fmt: skip
 
 
@@ -355,17 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = plan_from_args(args)
-        est = estimate(plan)
+        source, est = plan_model(plan)
         fits = None if args.vram is None else est.total * SAFETY <= args.vram * GiB
-        tips = suggestions(plan, args.vram) if fits is False else []
+        tips = suggestions(plan, args.vram, source.family) if fits is False else []
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"input": asdict(plan), "estimate": {**asdict(est), "total": est.total}, "fits": fits,
-                          "suggestions": [{"add": s, "total": e.total} for s, e in tips]}, indent=2))  # fmt: skip
+        model = {"family": source.family, "configs": str(source.configs),
+                 "single_file": str(source.file) if source.file else None}
+        print(json.dumps({"input": asdict(plan), "model": model, "estimate": {**asdict(est), "total": est.total},
+                          "fits": fits, "suggestions": [{"add": s, "total": e.total} for s, e in tips]},
+                         indent=2))  # fmt: skip
         return 0
-    print(f"estimate for {plan.model} ({est.lora_param_count:,} LoRA parameters):")
+    print(f"estimate for {source.describe()}, {est.lora_param_count:,} LoRA parameters:")
     print("\n".join(describe(est)))
     if fits is not None:
         print(f"fits in {args.vram:g} GiB (with 10% margin): {'yes' if fits else 'no'}")
