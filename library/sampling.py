@@ -300,6 +300,24 @@ def save_png(image: Any, path: Path, parameters: str) -> None:
 
 
 @contextlib.contextmanager
+def on_device(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Modules parked off the accelerator during training (a VAE after --cache_latents, SDXL's text encoders
+    after --cache_text_encoder_outputs) come to ``device`` for sampling and go back afterwards."""
+    parked = []
+    for module in modules:
+        first = next(module.parameters(), None)
+        if first is not None and first.device != device:
+            parked.append((module, first.device))
+    try:
+        for module, _ in parked:
+            module.to(device)
+        yield
+    finally:
+        for module, home in parked:
+            module.to(home)
+
+
+@contextlib.contextmanager
 def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
     """Every submodule in eval mode (no dropout), each restored to its own mode afterwards."""
     states = [(m, m.training) for module in modules for m in module.modules()]
@@ -388,7 +406,8 @@ class TrainingSamples:
         images: dict[str, Any] = {}
         # fork_rng: sampling draws no number from the training's random streams (dropout).
         with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-              eval_mode(self.network, *modules), torch.no_grad(), self.accelerator.autocast()):
+              eval_mode(self.network, *modules), torch.no_grad(), self.accelerator.autocast(),
+              on_device(modules, device)):
             for prompt in self.prompts:
                 seed = prompt.seed if prompt.seed is not None else self.seed + prompt.index
                 try:

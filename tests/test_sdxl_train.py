@@ -232,3 +232,42 @@ def test_sample_pipeline_sees_the_network(family):
     finally:
         network.set_multiplier(0.0)  # the module-scoped family stays the base model for any later test
     assert (trained - base).abs().float().mean() > 1.0, "the pipeline did not see the LoRA"
+
+
+def test_cached_latents_and_text_park_the_vae_and_encoders_until_sampling(tmp_path, model_dir, tiny_images,
+                                                                          monkeypatch):
+    from library.sampling import on_device
+
+    fam = load_family("sdxl", str(model_dir), noise=NoiseSettings(), seed=0)
+    fam.prepare(torch.device("cpu"), torch.float32, False, False)
+    moves: list[tuple[str, str]] = []
+
+    def spy(name: str, real):
+        def to(*args, **kwargs):
+            moves.append((name, str(args[0])))
+            return real(*args, **kwargs)
+        return to
+
+    for name, module in (("vae", fam.vae), ("te1", fam.text_encoder), ("te2", fam.text_encoder_2)):
+        monkeypatch.setattr(module, "to", spy(name, module.to))
+    data = data_toml(tmp_path / "data.toml", tiny_images)
+    fam.build_data(_request(data, cache_latents=True, cache_text_encoder_outputs=True))
+    assert {("vae", "cpu"), ("te1", "cpu"), ("te2", "cpu")} <= set(moves)  # nothing left on the accelerator
+    # without a parameter on another device (here everything is on the CPU), sampling moves nothing
+    moves.clear()
+    with on_device([fam.vae, fam.unet], torch.device("cpu")):
+        pass
+    assert moves == []
+
+
+def test_on_device_brings_parked_modules_for_sampling_and_back():
+    from library.sampling import on_device
+
+    parked = torch.nn.Linear(2, 2, device="meta")
+    here = torch.nn.Linear(2, 2)
+    calls: list[str] = []
+    parked.to = lambda device: calls.append(str(device))  # meta tensors cannot really move
+    here.to = lambda device: calls.append("here moved")
+    with on_device([parked, here], torch.device("cpu")):
+        assert calls == ["cpu"]
+    assert calls == ["cpu", "meta"]

@@ -104,6 +104,10 @@ def build_images(request: DataRequest, config: Any,
                            to_disk=request.cache_latents_to_disk,
                            vae_fingerprint=vae_fingerprint(vae) if vae is not None else "",
                            num_processes=request.num_processes, rank=request.rank, barrier=request.barrier)
+        if vae is not None and data.validation_loader is None:
+            # Every training latent is cached and no validation image needs encoding: the VAE leaves the
+            # accelerator (160 MB for SDXL in bf16); sample images bring it back for a moment.
+            vae.to("cpu")
     return data
 
 

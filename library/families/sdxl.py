@@ -187,8 +187,7 @@ class SDXLFamily:
 
         from library.sampling import build_pipeline
 
-        for encoder in self.text_encoders():  # back from the CPU if --cache_text_encoder_outputs parked them
-            encoder.to(self.unet.device)
+        # (encoders parked on the CPU by --cache_text_encoder_outputs visit the GPU for sampling: sampling.on_device)
         return build_pipeline(StableDiffusionXLPipeline, self.prediction_type, self.scheduler, vae=self.vae,
                               text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
                               tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
