@@ -305,3 +305,13 @@ def test_bad_model_path_is_a_clear_error(tmp_path, capsys, name, content, expect
     assert plan.main(["--pretrained_model_name_or_path", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and expected in err, err
+
+
+def test_llm_suggestions_list_only_switches_that_save_memory(llm_dir):
+    est = plan.estimate(plan.PlanInput(str(llm_dir), batch_size=4, seq_len=64, network_dim=8))
+    tips = plan.suggestions(plan.PlanInput(str(llm_dir), batch_size=4, seq_len=64, network_dim=8),
+                            est.total / 2**30 * 0.1, family="llm")
+    labels = [label for label, _ in tips]
+    assert labels and "--cache_latents" not in labels and "--network_train_unet_only" not in labels
+    totals = [e.total for _, e in tips]
+    assert totals == sorted(totals, reverse=True) and totals[0] < est.total

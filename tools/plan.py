@@ -13,7 +13,7 @@ under configs/architectures/ or --model_config_dir, as train_network.py does. Th
 - frozen weights (in the --mixed_precision dtype; the VAE stays float32 with --no_half_vae, and
   is left out with --cache_latents since latents are encoded before training; SDXL's text
   encoders are left out with --cache_text_encoder_outputs, which moves them to the CPU),
-- LoRA parameters and their gradients (float32 unless --full_bf16/--full_fp16),
+- LoRA parameters and their gradients (float32 unless --full_bf16),
 - optimizer state (AdamW: 2 float32 tensors per parameter, 8-bit Adam: 2 bytes, Lion: 1 tensor ...),
 - activations saved for backward (with --gradient_checkpointing: the inputs of every checkpointed
   block plus the largest block's activations, recomputed one block at a time).
@@ -167,13 +167,15 @@ def suggestions(plan: PlanInput, vram_gib: float, family: str = "sd") -> list[tu
          lambda p: replace(p, batch_size=1)),
     ]  # fmt: skip
     out: list[tuple[str, Estimate]] = []
-    current = plan
+    current, total = plan, estimate(plan).total
     for label, change in steps:
         changed = change(current)
         if changed == current:
             continue
-        current = changed
-        est = estimate(current)
+        est = estimate(changed)
+        if est.total >= total:  # a switch that saves nothing here (e.g. --cache_latents for an LLM)
+            continue
+        current, total = changed, est.total
         out.append((label, est))
         if est.total * SAFETY <= vram_gib * GiB:
             break
@@ -191,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conv_dim", type=int, default=None, help="conv LoRA rank (network_args conv_dim)")
     p.add_argument("--mixed_precision", choices=sorted(DTYPES), default="no")
     p.add_argument("--full_bf16", action="store_true")
-    p.add_argument("--full_fp16", action="store_true")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--cache_latents", action="store_true")
     p.add_argument("--no_half_vae", action="store_true")
@@ -215,7 +216,7 @@ def plan_from_args(args: argparse.Namespace) -> PlanInput:
     return PlanInput(
         model=args.pretrained_model_name_or_path, batch_size=args.train_batch_size,
         resolution=parse_resolution(args.resolution), seq_len=args.max_seq_length, network_dim=args.network_dim,
-        conv_dim=args.conv_dim, mixed_precision=args.mixed_precision, full_half=args.full_bf16 or args.full_fp16,
+        conv_dim=args.conv_dim, mixed_precision=args.mixed_precision, full_half=args.full_bf16,
         gradient_checkpointing=args.gradient_checkpointing, cache_latents=args.cache_latents,
         no_half_vae=args.no_half_vae, train_text_encoder=not args.network_train_unet_only,
         optimizer=args.optimizer_type or "AdamW", cache_text_encoder_outputs=args.cache_text_encoder_outputs,
