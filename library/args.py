@@ -21,7 +21,6 @@ ACCELERATE_SETTINGS = ("mixed_precision", "gradient_accumulation_steps", "dynamo
 NOT_IMPLEMENTED_YET: dict[str, str] = {
     "in_json": "fine-tuning metadata datasets are planned; use a DreamBooth-style dataset TOML",
     "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
-    "xformers": "SDPA attention is always used and is as fast; remove --xformers",
 }
 
 
@@ -190,7 +189,8 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
         "--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory"
     )
     g.add_argument("--sdpa", action="store_true", help="accepted for compatibility; SDPA is always used")
-    g.add_argument("--xformers", action="store_true", help="xformers attention")
+    g.add_argument("--xformers", action="store_true",
+                   help="accepted for compatibility: PyTorch SDPA (flash / memory-efficient kernels) is always used")
     g.add_argument("--torch_compile", action="store_true", help="same as --dynamo_backend inductor")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
 
