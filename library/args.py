@@ -19,7 +19,6 @@ ACCELERATE_SETTINGS = ("mixed_precision", "gradient_accumulation_steps", "dynamo
 # kohya arguments this version parses but does not implement yet. Passing one is an error
 # that says so, rather than a silently ignored setting.
 NOT_IMPLEMENTED_YET: dict[str, str] = {
-    "in_json": "fine-tuning metadata datasets are planned; use a DreamBooth-style dataset TOML",
     "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
 }
 
@@ -95,7 +94,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_config", type=str, default=None, help="dataset TOML (kohya schema)")
     g.add_argument("--train_data_dir", type=str, default=None, help="folder of N_name subfolders")
     g.add_argument("--reg_data_dir", type=str, default=None, help="regularisation images, N_name subfolders")
-    g.add_argument("--in_json", type=str, default=None, help="fine-tuning metadata JSON")
+    g.add_argument("--in_json", type=str, default=None,
+                   help="with --train_data_dir: sd-scripts' fine-tuning metadata JSON (image -> caption / tags)")
+    g.add_argument("--dataset_repeats", type=int, default=1, help="repeats of the --in_json dataset")
     g.add_argument("--resolution", type=str, default=None, help='"512" or "768,512" (width,height)')
     g.add_argument("--train_batch_size", type=int, default=1, help="batch size per process")
     g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
@@ -345,6 +346,9 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
         raise UserError("--full_bf16 and --full_fp16 exclude each other.")
     if args.dataset_config and args.train_data_dir:
         raise UserError("Give either --dataset_config or --train_data_dir, not both.")
+    if args.in_json and not args.train_data_dir:
+        raise UserError("--in_json needs --train_data_dir (the folder its image names refer to); with a dataset "
+                        "TOML, set metadata_file in the subset instead.")
     if args.output_dir is None and not args.output_config:
         raise UserError("--output_dir is required: the folder where LoRA files are written.")
     if args.pretrained_model_name_or_path is None and not args.output_config:

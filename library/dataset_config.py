@@ -55,6 +55,8 @@ class DatasetDefaults:
     class_tokens: str | None = None
     train_data_dir: Path | None = None
     reg_data_dir: Path | None = None
+    in_json: Path | None = None  # with train_data_dir: one fine-tuning subset (sd-scripts' fine-tune layout)
+    dataset_repeats: int = 1  # its repeats (sd-scripts' --dataset_repeats)
 
 
 @dataclass(frozen=True)
@@ -385,14 +387,32 @@ def config_from_train_data_dir(defaults: DatasetDefaults) -> DatasetGroupConfig:
     """One dataset from the ``N_name`` subfolders of train_data_dir (and reg_data_dir, is_reg)."""
     if defaults.train_data_dir is None:
         raise UserError("Give --train_data_dir (a folder of N_name subfolders) or --dataset_config.")
-    subsets = _folder_subsets(Path(defaults.train_data_dir), "--train_data_dir", False, defaults)
+    if defaults.in_json is not None:
+        subsets = [_metadata_subset(defaults)]
+    else:
+        subsets = _folder_subsets(Path(defaults.train_data_dir), "--train_data_dir", False, defaults)
     if defaults.reg_data_dir is not None:
+        if defaults.in_json is not None:
+            raise UserError("--reg_data_dir is for DreamBooth folders; a fine-tuning dataset (--in_json) has no "
+                            "regularisation images. Remove one of them.")
         subsets += _folder_subsets(Path(defaults.reg_data_dir), "--reg_data_dir", True, defaults)
     dataset = DatasetConfig(
         subsets=tuple(subsets), name="--train_data_dir", **{k: getattr(defaults, k) for k in DATASET_KEYS}
     )
     _check_buckets(dataset, _Reporter("command line", None))
     return DatasetGroupConfig(datasets=(dataset,), source="--train_data_dir")
+
+
+def _metadata_subset(defaults: DatasetDefaults) -> SubsetConfig:
+    """--train_data_dir + --in_json: every image of the folder captioned by sd-scripts' metadata JSON."""
+    root = Path(defaults.train_data_dir)
+    if not root.is_dir():
+        raise UserError(f"--train_data_dir {root}: folder not found")
+    if defaults.dataset_repeats < 1:
+        raise UserError(f"--dataset_repeats {defaults.dataset_repeats}: expected 1 or more")
+    any_level = {k: getattr(defaults, k) for k in ANY_LEVEL_KEYS}
+    any_level["num_repeats"] = defaults.dataset_repeats
+    return SubsetConfig(image_dir=root, metadata_file=Path(defaults.in_json), name="--in_json", **any_level)
 
 
 def _folder_subsets(root: Path, option: str, is_reg: bool, defaults: DatasetDefaults) -> list[SubsetConfig]:

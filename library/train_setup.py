@@ -94,6 +94,8 @@ def dataset_defaults(args: argparse.Namespace) -> DatasetDefaults:
         random_crop=args.random_crop,
         train_data_dir=Path(args.train_data_dir) if args.train_data_dir else None,
         reg_data_dir=Path(args.reg_data_dir) if args.reg_data_dir else None,
+        in_json=Path(args.in_json) if args.in_json else None,
+        dataset_repeats=args.dataset_repeats,
     )
 
 

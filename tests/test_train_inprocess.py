@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_network
@@ -274,3 +275,24 @@ def test_attention_is_sdpa_by_default(tiny_sd_dir):
     family = SDFamily.load(str(tiny_sd_dir))
     processors = set(type(p) for p in family.unet.attn_processors.values())
     assert processors == {AttnProcessor2_0}  # torch's scaled_dot_product_attention
+
+
+def test_in_json_fine_tuning_layout_trains_with_the_json_captions(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    # sd-scripts' fine-tune layout: --train_data_dir (flat) + --in_json (image name -> caption / tags)
+    import json
+
+    names = sorted(p.stem for p in tiny_images.glob("*.png"))[:5]
+    meta = tmp_path / "md.json"
+    meta.write_text(json.dumps({n: {"caption": "a photo of zqx", "tags": "red, square"} for n in names}))
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--train_data_dir", str(tiny_images),
+            "--in_json", str(meta), "--dataset_repeats", "2", "--resolution", "64", "--output_dir", str(out),
+            "--output_name", "lora", "--network_dim", "4", "--max_train_steps", "1", "--seed", "1"]
+    assert train_network.main(argv) == 0
+    metadata = safe_open(str(out / "lora.safetensors"), "pt").metadata()
+    assert metadata["ss_num_train_images"] == "10"  # the 5 images of the JSON, not the folder's 8, x 2 repeats
+    tags = json.loads(metadata["ss_tag_frequency"])
+    assert tags[tiny_images.name] == {"a photo of zqx": 5, "red": 5, "square": 5}  # keyed by folder
+    # --in_json without the folder it refers to is refused before anything loads
+    assert train_network.main([a for a in argv if a not in ("--train_data_dir", str(tiny_images))]) == 2
+    assert "--in_json needs --train_data_dir" in capsys.readouterr().err

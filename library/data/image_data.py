@@ -87,13 +87,18 @@ class ImageData:
     resolution: tuple[int, int]
     validation_loader: torch.utils.data.DataLoader | None = None  # images held out by validation_split
 
+    def _count(self, reg: bool) -> int:
+        # images x num_repeats, as sd-scripts counts them for ss_num_train_images / ss_num_reg_images
+        return sum(d.config.subsets[r.subset_index].num_repeats for d in self.datasets for r in d.records
+                   if d.config.subsets[r.subset_index].is_reg == reg)
+
     @property
     def num_train_images(self) -> int:
-        return sum(1 for d in self.datasets for r in d.records if not d.config.subsets[r.subset_index].is_reg)
+        return self._count(reg=False)
 
     @property
     def num_reg_images(self) -> int:
-        return sum(1 for d in self.datasets for r in d.records if d.config.subsets[r.subset_index].is_reg)
+        return self._count(reg=True)
 
     def summary(self) -> str:
         return "\n".join(line for d in self.datasets for line in d.summary())
