@@ -29,3 +29,13 @@ def tiny_images(tmp_path_factory) -> Path:
     from library.tiny_models import write_synthetic_images
 
     return write_synthetic_images(tmp_path_factory.mktemp("data") / "images", count=8, size=64)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process launch (a fixed port collides with other runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -77,12 +77,13 @@ def test_accumulated_gradient_is_the_mean_over_all_tokens():
     assert tokens.tokens == 0  # reset for the next step
 
 
-def test_two_processes_equal_one(tmp_path, llm):
+def test_two_processes_equal_one(tmp_path, llm, free_port):
     model, data = llm
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port),
            "--quiet", str(ROOT / "train_network.py"), *_args(model, data(1), tmp_path / "two")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

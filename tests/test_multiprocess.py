@@ -19,7 +19,7 @@ import train_network
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_two_processes_equal_one_with_the_global_batch(tmp_path, tiny_sd_dir, tiny_images):
+def test_two_processes_equal_one_with_the_global_batch(tmp_path, tiny_sd_dir, tiny_images, free_port):
     def data(batch_size: int) -> Path:
         path = tmp_path / f"data{batch_size}.toml"
         path.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = {batch_size}\n"
@@ -34,7 +34,8 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, tiny_sd_dir, ti
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port),
            "--quiet", str(ROOT / "train_network.py"), *common, "--dataset_config", str(data(1)),
            "--output_dir", str(tmp_path / "two")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)

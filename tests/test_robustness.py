@@ -28,15 +28,6 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--output_name", "lora", "--network_dim", "4", "--seed", "1", "--cache_latents", *extra]
 
 
-def _free_port() -> int:
-    """A TCP port nobody listens on now (a fixed one collides with other runs on the same machine)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -270,7 +261,8 @@ def test_a_config_with_zero_steps_is_an_error(tmp_path, tiny_sd_dir, tiny_images
     assert code == 2 and "zero steps" in capsys.readouterr().err
 
 
-def test_sigterm_to_a_two_process_launch_saves_once_and_resumes(tmp_path, tiny_sd_dir, tiny_images):
+def test_sigterm_to_a_two_process_launch_saves_once_and_resumes(tmp_path, tiny_sd_dir, tiny_images,
+                                                                  free_port):
     """Two processes (gloo on CPU, torchrun's agent): a SIGTERM to the launcher stops both at one step.
 
     The agent forwards the signal to its workers (and PR_SET_PDEATHSIG covers a launcher that dies); the
@@ -283,7 +275,7 @@ def test_sigterm_to_a_two_process_launch_saves_once_and_resumes(tmp_path, tiny_s
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "--quiet", str(ROOT / "train_network.py"),
+           "--main_process_port", str(free_port), "--quiet", str(ROOT / "train_network.py"),
            *_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "100000")]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
