@@ -102,7 +102,7 @@ class SamplePrompt:
     negative_prompt: str = ""
     width: int = DEFAULT_SIZE
     height: int = DEFAULT_SIZE
-    sample_steps: int = DEFAULT_STEPS
+    sample_steps: int | None = None  # None: the family's default (DEFAULT_STEPS; text samples: 128 new tokens)
     seed: int | None = None
     scale: float = DEFAULT_SCALE
     sample_sampler: str | None = None  # None: --sample_sampler (load_prompts fills it in)
@@ -275,7 +275,7 @@ def generate_image(pipe: Any, prompt: SamplePrompt, seed: int, scheduler_config:
     pipe.scheduler = make_scheduler(prompt.sample_sampler or "ddim", scheduler_config)
     result = pipe(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
                   width=snap_side(prompt.width, multiple), height=snap_side(prompt.height, multiple),
-                  num_inference_steps=prompt.sample_steps, guidance_scale=prompt.scale,
+                  num_inference_steps=prompt.sample_steps or DEFAULT_STEPS, guidance_scale=prompt.scale,
                   generator=torch.Generator().manual_seed(seed), output_type="pil", **options)
     return result.images[0]
 
@@ -285,8 +285,8 @@ def png_parameters(prompt: SamplePrompt, seed: int, size: tuple[int, int], step:
     lines = [prompt.prompt]
     if prompt.negative_prompt:
         lines.append(f"Negative prompt: {prompt.negative_prompt}")
-    lines.append(f"Steps: {prompt.sample_steps}, Sampler: {prompt.sample_sampler}, CFG scale: {prompt.scale:g}, "
-                 f"Seed: {seed}, Size: {size[0]}x{size[1]}, Training step: {step}")
+    lines.append(f"Steps: {prompt.sample_steps or DEFAULT_STEPS}, Sampler: {prompt.sample_sampler}, "
+                 f"CFG scale: {prompt.scale:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, Training step: {step}")
     return "\n".join(lines)
 
 
@@ -368,9 +368,17 @@ class TrainingSamples:
                             ("--sample_every_n_epochs", schedule.every_n_epochs)):
             if value is not None and value < 1:
                 raise UserError(f"{name} {value}: expected a positive number.")
-        if prompts and not hasattr(family, "sample_pipeline"):
-            raise UserError(f"--sample_prompts: sample images are not available for --model_type {family.name}; "
+        texts = hasattr(family, "generate_sample")  # a language model: sample texts (library/text_samples.py)
+        if prompts and not (texts or hasattr(family, "sample_pipeline")):
+            raise UserError(f"--sample_prompts: samples are not available for --model_type {family.name}; "
                             "remove --sample_prompts.")
+        if texts:
+            from library.text_samples import image_only_options
+
+            for prompt in prompts:
+                if flags := image_only_options(prompt, SamplePrompt(prompt.prompt)):
+                    log(f"note: {prompt.where}: {', '.join(flags)} mean nothing for text samples (only --s, "
+                        "the number of new tokens, applies)")
         if not prompts and (schedule.every_n_steps or schedule.every_n_epochs or schedule.at_first):
             log("note: --sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing "
                 "without --sample_prompts")
@@ -391,7 +399,10 @@ class TrainingSamples:
         self.accelerator.wait_for_everyone()
 
     def sample(self, step: int) -> list[Path]:
-        """Write one PNG per prompt; a failure is logged and the remaining prompts still run."""
+        """Write one PNG per prompt (or one text file for a language model); a failure is logged and the
+        remaining prompts still run."""
+        if hasattr(self.family, "generate_sample"):
+            return self.sample_texts(step)
         self.log(f"sample images at step {step} ({len(self.prompts)} prompts)")
         try:
             pipe = self.family.sample_pipeline()
@@ -430,3 +441,18 @@ class TrainingSamples:
         if written:
             self.log(f"wrote {len(written)} sample images to {self.folder}")
         return written
+
+    def sample_texts(self, step: int) -> list[Path]:
+        """A language model's samples: one greedy answer per prompt, in one text file for this step."""
+        from library.text_samples import write_text_samples
+
+        self.log(f"sample texts at step {step} ({len(self.prompts)} prompts)")
+        device = self.accelerator.device
+        with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+              eval_mode(self.network, self.family.network_inputs()[2]), torch.no_grad(),
+              self.accelerator.autocast()):
+            path = write_text_samples(self.prompts, self.family.generate_sample, self.folder, self.output_name,
+                                      step, lambda values: self.accelerator.log(values, step=step), self.log)
+        if path is not None:
+            self.log(f"wrote sample texts to {path}")
+        return [path] if path is not None else []

@@ -38,9 +38,9 @@ def test_txt_prompt_file_with_every_option(tmp_path):
     assert first == SamplePrompt(prompt="a red square, sks", negative_prompt="blurry, low quality", width=768,
                                  height=512, sample_steps=20, seed=42, scale=5.5, sample_sampler="euler_a",
                                  index=0, where=f"{path}, line 3")
-    # defaults: kohya's size, steps and scale; no seed (run seed + index); the default sampler
+    # defaults: kohya's size and scale; steps None (the family's default: 30 for images); no seed; the sampler
     assert (second.prompt, second.width, second.height, second.sample_steps, second.scale, second.seed,
-            second.sample_sampler, second.index) == ("plain prompt", 512, 512, 30, 7.5, None, "dpmsolver++", 1)
+            second.sample_sampler, second.index) == ("plain prompt", 512, 512, None, 7.5, None, "dpmsolver++", 1)
 
 
 def test_a_line_may_hold_only_options():

@@ -165,6 +165,12 @@ class LLMFamily:
         # No attention mask: transformers derives the block-diagonal mask of packed samples from position_ids.
         return causal_lm_loss(self.model, batch["input_ids"], batch["position_ids"], batch["labels"])
 
+    def generate_sample(self, text: str, max_new_tokens: int) -> str:
+        """The greedy answer to one prompt with the LoRA as trained so far (--sample_prompts)."""
+        from library.text_samples import generate_text
+
+        return generate_text(self.model, self.tokenizer, text, max_new_tokens)
+
     def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
         """The PEFT folder ``{output_dir}/{stem}/``; for a .safetensors path also the kohya-style file."""
         from networks.peft_export import write_peft_adapter

@@ -1,0 +1,79 @@
+"""Sample texts during LLM training: the ``--sample_prompts`` of a causal-LM run.
+
+The same prompt files and schedule as sample images (library/sampling.py). Each prompt is one user turn,
+rendered with the tokenizer's chat template when it has one (a raw continuation otherwise), and answered
+greedily, so the texts of successive sampling points differ only by what the LoRA learned. ``--s`` sets the
+number of new tokens (default 128); image options (``--w``, ``--h``, ``--n``, ``--l``, ``--ss``, ``--d``)
+mean nothing here and are named in the log when a prompt sets them.
+
+Written to ``{sample folder}/{output_name}_{step:06d}.txt`` (atomically) and to the trackers as text
+(tensorboard's text tab, wandb), ``sample/NN`` per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.fileio import atomic_write
+
+DEFAULT_NEW_TOKENS = 128
+_IMAGE_ONLY = {"negative_prompt": "--n", "width": "--w", "height": "--h", "scale": "--l", "sample_sampler": "--ss",
+               "seed": "--d"}
+
+
+def image_only_options(prompt: Any, defaults: Any) -> list[str]:
+    """The image options a prompt sets (differing from ``defaults``, a SamplePrompt with only a prompt)."""
+    return [flag for key, flag in _IMAGE_ONLY.items()
+            if key != "sample_sampler" and getattr(prompt, key) != getattr(defaults, key)]
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of one user turn: the chat template with the assistant's turn opened, or the raw text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+@torch.no_grad()
+def generate_text(model: Any, tokenizer: Any, text: str, max_new_tokens: int) -> str:
+    """The greedy continuation of one prompt (new tokens only, special tokens dropped)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, text)], device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def write_text_samples(prompts: list[Any], generate: Callable[[str, int], str], folder: Path, output_name: str,
+                       step: int, log_values: Callable[[dict[str, str]], None],
+                       log: Callable[[str], None]) -> Path | None:
+    """Generate every prompt, write one text file for this step and log each sample; None when all failed."""
+    sections, values = [f"# samples at training step {step}"], {}
+    for prompt in prompts:
+        new_tokens = prompt.sample_steps or DEFAULT_NEW_TOKENS
+        try:
+            text = generate(prompt.prompt, new_tokens)
+        except Exception as e:  # one bad prompt (length, OOM) must not stop training
+            log(f"sample {prompt.index} failed at step {step} ({prompt.where}: {prompt.prompt!r}): "
+                f"{type(e).__name__}: {e}; training continues")
+            continue
+        sections.append(f"\n## prompt {prompt.index} ({new_tokens} new tokens)\n{prompt.prompt}\n\n## sample\n{text}\n")
+        values[f"sample/{prompt.index:02d}"] = f"{prompt.prompt}\n\n→ {text}"
+    if not values:
+        return None
+    path = folder / f"{output_name}_{step:06d}.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        f.write("\n".join(sections).encode("utf-8"))
+    try:
+        log_values(values)
+    except Exception as e:  # a tracker problem must not stop training either
+        log(f"logging sample texts to the trackers failed: {type(e).__name__}: {e}")
+    return path
