@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from library import train_setup as setup
 from library.accelerator import prepare_accelerator, settings_table
-from library.args import build_parser, check_combinations
+from library.args import build_parser, check_combinations, no_op_notes
 from library.checkpoint import SavePlan, check_output_name, ensure_output_dir
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
 from library.data.image_data import move_batch
@@ -30,6 +30,7 @@ from library.resume_check import training_fingerprint
 from library.run_saver import RunSaver
 from library.sampling import SampleSchedule, TrainingSamples, load_prompts
 from library.signals import Interrupted, StopRequest, stop_when_launcher_dies
+from library.step_controls import TextEncoderStop, max_norm_logs
 
 
 def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
@@ -45,6 +46,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     accumulation = acc_settings.gradient_accumulation_steps
     log("Effective accelerate settings:\n" + settings_table({**resolved, "num_processes": setup.Setting(
         processes, "accelerate launch" if processes > 1 else "single process")}))
+    for note in no_op_notes(vars(args)):
+        log(note)
     output_dir = ensure_output_dir(args.output_dir)
     output_name = check_output_name(args.output_name or "last")
     seed = setup.run_seed(args.seed, args.resume, output_dir, accelerator)
@@ -66,7 +69,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     params, _ = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     optimizer = create_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args)
     lr_scheduler = create_scheduler(optimizer, args.lr_scheduler, plan.max_train_steps, args.lr_warmup_steps,
-                                    args.lr_scheduler_num_cycles, args.lr_scheduler_power)
+                                    args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_type,
+                                    args.lr_scheduler_args)
     compiled, recompile_limit = setup.compile_blocks(family.network_inputs()[2], accelerator)
     if compiled:
         log(f"torch.compile: {compiled} repeated blocks compiled one by one (regional compilation), "
@@ -83,7 +87,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     # --- saving and resuming ------------------------------------------------------------------
     saves = SavePlan(output_dir, output_name, "." + args.save_model_as, args.save_every_n_epochs,
                      args.save_every_n_steps, args.save_last_n_epochs, args.save_last_n_steps,
-                     args.save_state, args.save_state_on_train_end)
+                     args.save_state, args.save_state_on_train_end, args.save_last_n_epochs_state,
+                     args.save_last_n_steps_state)
     info = setup.run_info(args, network=network, family=family, data=data, plan=plan, optimizer=optimizer,
                           mixed_precision=acc_settings.mixed_precision, accumulation=accumulation,
                           num_processes=processes, seed=seed, output_name=output_name, net_kwargs=net_kwargs)
@@ -96,6 +101,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     global_step, start_epoch, skip_batches = 0, 0, 0
     if args.resume:
         global_step, start_epoch, skip_batches = saver.restore(args.resume, args.resume_allow_changes)
+    te_stop = TextEncoderStop(args.stop_text_encoder_training, network, family, processes, log)
+    te_stop.update(global_step)  # before the first step: 0 means never, a resumed run may be past it
 
     if main:
         accelerator.init_trackers(args.log_tracker_name or "network_train",
@@ -113,8 +120,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         accelerator.log({"loss/validation": value}, step=global_step)
         log(f"validation loss at step {global_step}: {value:.6f}")
 
-    def checkpoint(stem: str, name_epoch: int, resume_at: tuple[int, int], stale: str | None = None,
-                   force_state: bool = False) -> None:
+    def checkpoint(stem: str, name_epoch: int, resume_at: tuple[int, int],
+                   stale: tuple[str | None, str | None] = (None, None), force_state: bool = False) -> None:
         saver.checkpoint(stem, name_epoch, global_step, resume_at, plan.max_train_steps, stale, force_state)
         if main and curve:  # the curve so far, so a killed run keeps it too
             write_loss_curve(curve, output_dir / f"{output_name}_loss")
@@ -147,6 +154,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                 # token of all micro-batches and processes (not a mean of means; see TokenWeighting).
                 accelerator.backward(tokens.weigh(loss, batch))
                 if accelerator.sync_gradients:
+                    te_stop.drop_gradients()  # (several processes) after --stop_text_encoder_training
                     tokens.normalise(network.get_trainable_params(), accelerator, accumulation)
                     # The norm of the synced gradients is the same on every process, so a NaN/inf
                     # stops all of them at the same step, before the optimizer applies it.
@@ -163,6 +171,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            te_stop.update(global_step)
+            norm_logs = max_norm_logs(network, args.scale_weight_norms, accelerator.device)
             step_loss, step_losses = torch.stack(step_losses).mean(), []  # the step's mean, not its last part
             if processes > 1:  # log the mean over all processes, not rank 0's share alone
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
@@ -172,11 +182,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss/current": step_loss, "lr/unet": lr, "epoch": epoch + 1,
-                             **meter.rates(processes)}, step=global_step)
+                             **meter.rates(processes), **norm_logs}, step=global_step)
             if saves.due_at_step(global_step) and global_step < plan.max_train_steps:
-                old = saves.stale_step(global_step)
                 checkpoint(saves.step_name(global_step), epoch + 1, (epoch, batches_done),
-                           saves.step_name(old) if old else None)
+                           saves.stale_at_step(global_step))
             if data.validation_loader and args.validate_every_n_steps and \
                     global_step % args.validate_every_n_steps == 0:
                 validate()
@@ -194,9 +203,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             if data.validation_loader and validate_epochs and (epoch + 1) % validate_epochs == 0:
                 validate()
             if saves.due_at_epoch(epoch + 1, plan.num_epochs):
-                old = saves.stale_epoch(epoch + 1)
-                checkpoint(saves.epoch_name(epoch + 1), epoch + 1, resume_point,
-                           saves.epoch_name(old) if old else None)
+                checkpoint(saves.epoch_name(epoch + 1), epoch + 1, resume_point, saves.stale_at_epoch(epoch + 1))
             samples.maybe_sample(global_step, epoch=epoch + 1)
             continue
         resume_point = (epoch, batches_done)

@@ -22,6 +22,16 @@ NOT_IMPLEMENTED_YET: dict[str, str] = {
     "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
 }
 
+# kohya switches that ask for something this project always does (or has no need of): accepted, so that
+# sd-scripts configs run, and each one given is named in the log with what happens instead.
+NO_OP_ARGUMENTS: dict[str, str] = {
+    "xformers": "PyTorch SDPA attention (flash / memory-efficient kernels) is always used instead",
+    "mem_eff_attn": "PyTorch SDPA attention (flash / memory-efficient kernels) is always used instead",
+    "lowram": "models are always read with low RAM use (memory-mapped safetensors, no second copy) and then "
+              "moved to the device; there is no other low-RAM mode",
+    "highvram": "there is no low-VRAM mode to disable (the CUDA cache is not cleared while caching latents)",
+}
+
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -86,6 +96,19 @@ def _add_network(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_train_unet_only", action="store_true", help="train only the UNet LoRA")
     g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text encoder LoRA")
     g.add_argument("--training_comment", type=str, default=None, help="stored as ss_training_comment")
+    g.add_argument(
+        "--scale_weight_norms",
+        type=float,
+        default=None,
+        help="max-norm regularisation: after each step, scale every module whose delta up @ down * alpha/dim has "
+        "a larger norm down to this value (1 is a good start); logs max_norm/*",
+    )
+    g.add_argument(
+        "--stop_text_encoder_training",
+        type=int,
+        default=None,
+        help="the text encoder LoRA stops training after this many optimizer steps (0 or less: never trains)",
+    )
     g.add_argument("--no_metadata", action="store_true", help="store only the minimum metadata")
 
 
@@ -163,6 +186,20 @@ def _add_optimisation(p: argparse.ArgumentParser) -> None:
         default="constant",
         help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
     )
+    g.add_argument(
+        "--lr_scheduler_type",
+        type=str,
+        default="",
+        help="a custom scheduler class instead of --lr_scheduler: a dotted path (e.g. torch.optim.lr_scheduler."
+        "StepLR) or a torch.optim.lr_scheduler name; stepped once per optimizer step",
+    )
+    g.add_argument(
+        "--lr_scheduler_args",
+        type=str,
+        default=None,
+        nargs="*",
+        help='key=value arguments of --lr_scheduler_type (e.g. "step_size=100" "gamma=0.5")',
+    )
     g.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a ratio of total steps when < 1")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
     g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power for polynomial")
@@ -171,6 +208,17 @@ def _add_optimisation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps in total")
     g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
     g.add_argument("--seed", type=int, default=None, help="seed of every random draw (random when unset)")
+    g.add_argument(
+        "--loraplus_lr_ratio",
+        type=float,
+        default=None,
+        help="LoRA+: lora_up learns this many times faster; as --network_args loraplus_lr_ratio (used when "
+        "network_args does not set it; two different values are an error)",
+    )
+    g.add_argument("--loraplus_unet_lr_ratio", type=float, default=None,
+                   help="LoRA+ ratio of the UNet only (as network_args loraplus_unet_lr_ratio)")
+    g.add_argument("--loraplus_text_encoder_lr_ratio", type=float, default=None,
+                   help="LoRA+ ratio of the text encoders only (as network_args loraplus_text_encoder_lr_ratio)")
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
@@ -192,6 +240,12 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sdpa", action="store_true", help="accepted for compatibility; SDPA is always used")
     g.add_argument("--xformers", action="store_true",
                    help="accepted for compatibility: PyTorch SDPA (flash / memory-efficient kernels) is always used")
+    g.add_argument("--mem_eff_attn", action="store_true",
+                   help="accepted for compatibility: PyTorch SDPA (flash / memory-efficient kernels) is always used")
+    g.add_argument("--lowram", action="store_true",
+                   help="accepted for compatibility: models are always loaded with low RAM use (memory-mapped)")
+    g.add_argument("--highvram", action="store_true",
+                   help="accepted for compatibility: there is no low-VRAM behaviour to switch off")
     g.add_argument("--torch_compile", action="store_true", help="same as --dynamo_backend inductor")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
 
@@ -215,7 +269,28 @@ def _add_loss(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"], help="element loss"
     )
-    g.add_argument("--huber_c", type=float, default=0.1, help="huber / smooth_l1 parameter")
+    g.add_argument(
+        "--ip_noise_gamma",
+        type=float,
+        default=None,
+        help="input perturbation noise: the model input is noised with noise + gamma * randn, the target stays "
+        "the noise (e.g. 0.1)",
+    )
+    g.add_argument(
+        "--ip_noise_gamma_random_strength",
+        action="store_true",
+        help="draw the perturbation strength per sample in [0, ip_noise_gamma)",
+    )
+    g.add_argument("--huber_c", type=float, default=0.1,
+                   help="huber / smooth_l1 parameter (over timesteps: --huber_schedule)")
+    g.add_argument(
+        "--huber_schedule",
+        type=str,
+        default="snr",
+        choices=["constant", "exponential", "snr"],
+        help="huber_c over timesteps (huber / smooth_l1): constant; exponential from 1 at t=0 to huber_c at the "
+        "last step; snr: (1 - huber_c) / (1 + sigma_t)^2 + huber_c",
+    )
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
 
 
@@ -234,6 +309,18 @@ def _add_saving(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_every_n_steps", type=int, default=None, help="write {name}-step{step:08d} every N steps")
     g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
     g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only the files of the last N steps")
+    g.add_argument(
+        "--save_last_n_epochs_state",
+        type=int,
+        default=None,
+        help="keep only the last N epoch state folders (default: as --save_last_n_epochs)",
+    )
+    g.add_argument(
+        "--save_last_n_steps_state",
+        type=int,
+        default=None,
+        help="keep only the step state folders of the last N steps (default: as --save_last_n_steps)",
+    )
     g.add_argument("--save_state", action="store_true", help="also write resumable state folders at the same cadence")
     g.add_argument("--save_state_on_train_end", action="store_true", help="write a resumable state folder at the end")
     g.add_argument("--resume", type=str, default=None, help="a state folder, or 'latest'")
@@ -333,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def no_op_notes(values: dict[str, object]) -> list[str]:
+    """One log line for each accepted no-op switch that is on (``values``: the arguments by name)."""
+    return [f"--{name}: accepted for sd-scripts compatibility; {what}." for name, what in NO_OP_ARGUMENTS.items()
+            if values.get(name)]
+
+
 def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
     """Reject arguments that are not implemented yet or that contradict each other."""
     for name, why in NOT_IMPLEMENTED_YET.items():
@@ -344,6 +437,14 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
         raise UserError("--load_in_4bit and --load_in_8bit exclude each other; choose one.")
     if args.full_bf16 and args.full_fp16:
         raise UserError("--full_bf16 and --full_fp16 exclude each other.")
+    if args.lr_scheduler_args and not args.lr_scheduler_type:
+        raise UserError("--lr_scheduler_args are the arguments of --lr_scheduler_type, which is not given (the "
+                        "named --lr_scheduler schedules take --lr_scheduler_num_cycles / --lr_scheduler_power).")
+    if args.scale_weight_norms is not None and args.scale_weight_norms < 0:
+        raise UserError(f"--scale_weight_norms {args.scale_weight_norms}: the largest norm must be > 0 "
+                        "(0 or unset: off).")
+    if args.loss_type in ("huber", "smooth_l1") and not args.huber_c > 0:
+        raise UserError(f"--huber_c {args.huber_c}: the {args.loss_type} loss needs a value > 0 (e.g. 0.1).")
     if args.dataset_config and args.train_data_dir:
         raise UserError("Give either --dataset_config or --train_data_dir, not both.")
     if args.in_json and not args.train_data_dir:

@@ -34,6 +34,8 @@ class SavePlan:
     last_n_steps: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
+    last_n_epochs_state: int | None = None  # state folders' own rotation; default: as the model files
+    last_n_steps_state: int | None = None
 
     def epoch_name(self, epoch: int) -> str:
         return f"{self.output_name}-{epoch:06d}"
@@ -53,18 +55,32 @@ class SavePlan:
     def due_at_epoch(self, epoch: int, last_epoch: int) -> bool:
         return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0 and epoch < last_epoch
 
-    def stale_epoch(self, epoch: int) -> int | None:
-        """The epoch whose files rotation removes after saving ``epoch``, if any."""
-        if not self.last_n_epochs or not self.every_n_epochs:
+    def stale_epoch(self, epoch: int, last_n: int | None = None) -> int | None:
+        """The epoch whose files rotation removes after saving ``epoch`` (keeping ``last_n``, default
+        ``last_n_epochs``), if any."""
+        last_n = last_n or self.last_n_epochs
+        if not last_n or not self.every_n_epochs:
             return None
-        old = epoch - self.every_n_epochs * self.last_n_epochs
+        old = epoch - self.every_n_epochs * last_n
         return old if old > 0 else None
 
-    def stale_step(self, step: int) -> int | None:
-        if not self.last_n_steps or not self.every_n_steps:
+    def stale_step(self, step: int, last_n: int | None = None) -> int | None:
+        last_n = last_n or self.last_n_steps
+        if not last_n or not self.every_n_steps:
             return None
-        old = step - self.every_n_steps * (self.last_n_steps // self.every_n_steps or 1)
+        old = step - self.every_n_steps * (last_n // self.every_n_steps or 1)
         return old if old > 0 else None
+
+    def stale_at_epoch(self, epoch: int) -> tuple[str | None, str | None]:
+        """(model stem, state stem) that rotation removes after saving ``epoch``: the state folders keep
+        ``last_n_epochs_state`` when given (sd-scripts' --save_last_n_epochs_state), else as many as the files."""
+        model, state = self.stale_epoch(epoch), self.stale_epoch(epoch, self.last_n_epochs_state)
+        return (self.epoch_name(model) if model else None), (self.epoch_name(state) if state else None)
+
+    def stale_at_step(self, step: int) -> tuple[str | None, str | None]:
+        """As :meth:`stale_at_epoch`, for step saves (``last_n_steps_state``)."""
+        model, state = self.stale_step(step), self.stale_step(step, self.last_n_steps_state)
+        return (self.step_name(model) if model else None), (self.step_name(state) if state else None)
 
 
 def ensure_output_dir(path: str | Path) -> Path:

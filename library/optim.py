@@ -101,11 +101,37 @@ def warmup_steps(lr_warmup_steps: float, total_steps: int) -> int:
     return int(lr_warmup_steps)
 
 
+def custom_scheduler(optimizer: torch.optim.Optimizer, scheduler_type: str, scheduler_args: list[str] | None,
+                     lr_warmup_steps: float):
+    """``--lr_scheduler_type``: any scheduler class, by dotted path or by its name in torch.optim.lr_scheduler."""
+    if lr_warmup_steps:
+        raise UserError(f"--lr_warmup_steps does not apply to --lr_scheduler_type {scheduler_type}, which makes the "
+                        "whole schedule (as in sd-scripts): remove it, or give the class its own warmup arguments.")
+    module_name, _, class_name = scheduler_type.rpartition(".")
+    try:
+        module = importlib.import_module(module_name) if module_name else torch.optim.lr_scheduler
+    except ImportError as e:
+        raise UserError(f"--lr_scheduler_type {scheduler_type}: cannot import it ({e}).") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        names = [n for n, v in vars(module).items() if isinstance(v, type) and not n.startswith("_")]
+        raise UserError(f"--lr_scheduler_type {scheduler_type}: {module.__name__} has no class {class_name!r}"
+                        f"{did_you_mean(class_name, names)}.")
+    kwargs = parse_key_values(scheduler_args, "--lr_scheduler_args")
+    try:
+        return cls(optimizer, **kwargs)
+    except TypeError as e:
+        raise UserError(f"--lr_scheduler_args {scheduler_args or []}: {cls.__name__} rejects them ({e}).") from None
+
+
 def create_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, lr_warmup_steps: float,
-                     num_cycles: int = 1, power: float = 1.0):
-    """A diffusers LR scheduler stepping once per optimizer step."""
+                     num_cycles: int = 1, power: float = 1.0, scheduler_type: str = "",
+                     scheduler_args: list[str] | None = None):
+    """A diffusers LR scheduler stepping once per optimizer step; ``scheduler_type`` replaces it by any class."""
     from diffusers.optimization import get_scheduler
 
+    if scheduler_type:
+        return custom_scheduler(optimizer, scheduler_type, scheduler_args, lr_warmup_steps)
     if name not in SCHEDULERS:
         raise UserError(f"--lr_scheduler {name!r} is unknown{did_you_mean(name, SCHEDULERS)}; "
                         f"use one of {', '.join(SCHEDULERS)}.")

@@ -23,6 +23,13 @@ _COMPARED_ARGS = (
     "loss_type", "huber_c", "prior_loss_weight", "clip_skip", "v_parameterization", "full_bf16",
     "pretrained_model_name_or_path",
 )  # fmt: skip
+# Added later: stored only when set (huber_schedule: only a non-constant one with a huber loss), so that
+# states saved before these arguments existed still resume; a value set on one side only is a difference.
+_COMPARED_WHEN_SET = (
+    "scale_weight_norms", "stop_text_encoder_training", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+    "lr_scheduler_type", "lr_scheduler_args", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
+)  # fmt: skip
 
 
 def data_digest(records: list[tuple[str, int, str]]) -> str:
@@ -37,6 +44,9 @@ def training_fingerprint(args: argparse.Namespace, *, seed: int, batch_size: int
                          accumulation: int, data: str, datasets: list[dict[str, Any]]) -> dict[str, Any]:
     """The settings a resume compares, as JSON-serialisable values."""
     fingerprint: dict[str, Any] = {name: getattr(args, name) for name in _COMPARED_ARGS}
+    fingerprint.update({name: getattr(args, name) for name in _COMPARED_WHEN_SET if getattr(args, name)})
+    if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule != "constant":  # earlier runs: constant
+        fingerprint["huber_schedule"] = args.huber_schedule
     fingerprint.update({
         "seed": seed, "batch_size": batch_size, "processes x accumulation": num_processes * accumulation,
         "dataset content": data, "datasets": datasets,
@@ -49,8 +59,9 @@ def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any
     """Differences as lines; raises UserError for any unless ``allow_changes``."""
     if saved is None:
         return []
-    lines = [f"  {key}: saved {saved.get(key)!r}, now {value!r}"
-             for key, value in current.items() if saved.get(key) != value]
+    keys = [*current, *(key for key in saved if key not in current)]  # a setting only the saved run had too
+    lines = [f"  {key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
+             for key in keys if saved.get(key) != current.get(key)]
     if lines and not allow_changes:
         raise UserError(f"--resume {state_dir}: these settings differ from the saved run and would change "
                         "training:\n" + "\n".join(lines) + "\nRestore them, or pass --resume_allow_changes.")

@@ -63,18 +63,22 @@ class RunSaver:
                      "max_train_steps": max_train_steps, "fingerprint": self.fingerprint})
 
     def checkpoint(self, stem: str, name_epoch: int, global_step: int, resume_at: tuple[int, int],
-                   max_train_steps: int, stale: str | None = None, force_state: bool = False) -> None:
-        """A model file (and state folder) named ``stem``; rotation removes ``stale`` only afterwards."""
+                   max_train_steps: int, stale: tuple[str | None, str | None] = (None, None),
+                   force_state: bool = False) -> None:
+        """A model file (and state folder) named ``stem``; rotation removes the model files of ``stale[0]``
+        and the state folder of ``stale[1]`` (SavePlan.stale_at_*) only afterwards."""
         with_state = self.plan.save_state or force_state
         self.check_space(stem, with_state)
         self.accelerator.wait_for_everyone()
         self.model(stem, name_epoch, global_step)
         if with_state:
             self.state(stem, global_step, *resume_at, max_train_steps)
-        if self.accelerator.is_main_process and stale:
-            remove_quietly(self.plan.model_path(stale))
-            remove_quietly(self.plan.model_path(stale).with_suffix(""))  # an adapter folder (LLMs: PEFT format)
-            remove_quietly(self.plan.state_path(stale))
+        stale_model, stale_state = stale
+        if self.accelerator.is_main_process and stale_model:
+            remove_quietly(self.plan.model_path(stale_model))
+            remove_quietly(self.plan.model_path(stale_model).with_suffix(""))  # an adapter folder (LLMs: PEFT)
+        if self.accelerator.is_main_process and stale_state:
+            remove_quietly(self.plan.state_path(stale_state))
 
     def restore(self, resume: str, allow_changes: bool) -> tuple[int, int, int]:
         """Load a state folder; returns (global step, epoch, batches already done in that epoch)."""

@@ -20,6 +20,7 @@ from library.accelerator import AcceleratorSettings, LaunchContext, Setting, res
 from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
 from library.families.diffusion import NoiseSettings
+from library.step_controls import check_max_norm_support
 
 
 def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
@@ -68,6 +69,9 @@ def noise_settings(args: argparse.Namespace) -> NoiseSettings:
         min_snr_gamma=args.min_snr_gamma,
         loss_type=args.loss_type,
         huber_c=args.huber_c,
+        huber_schedule=args.huber_schedule,
+        ip_noise_gamma=args.ip_noise_gamma,
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
         prior_loss_weight=args.prior_loss_weight,
     )
 
@@ -295,6 +299,13 @@ def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torc
         network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
                                         neuron_dropout=args.network_dropout, **net_kwargs)
     network.apply_to(text_encoder, unet, not args.network_train_unet_only, not args.network_train_text_encoder_only)
+    plus = loraplus_ratios(net_kwargs, {key: getattr(args, key) for key in LORAPLUS_ARGS})
+    if plus is not None:
+        if not callable(getattr(network, "set_loraplus_lr_ratio", None)):
+            raise UserError(f"--loraplus_*_ratio: the network of --network_module {args.network_module} has no "
+                            "set_loraplus_lr_ratio(); LoRA+ is not supported by it.")
+        network.set_loraplus_lr_ratio(*plus)
+    check_max_norm_support(network, args.scale_weight_norms, args.network_module)
     if args.network_weights:  # continue training from a LoRA file (its shapes must match)
         network.load_weights(args.network_weights)
         log(f"loaded LoRA weights from {args.network_weights}")
@@ -302,6 +313,33 @@ def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torc
         network.to(torch.bfloat16 if args.full_bf16 else torch.float16)
     network.prepare_grad_etc(text_encoder, unet)
     return network, net_kwargs
+
+
+LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+def loraplus_ratios(net_kwargs: dict[str, str], cli: dict[str, float | None]) -> tuple[float | None, ...] | None:
+    """The command line's LoRA+ ratios, each used where ``--network_args`` does not set the same key.
+
+    None when the command line gives none. One key with two different values is an error.
+    """
+    if all(value is None for value in cli.values()):
+        return None
+    merged: list[float | None] = []
+    for key, value in cli.items():
+        given = net_kwargs.get(key, "").strip()
+        if given.lower() in ("", "none"):
+            merged.append(value)
+            continue
+        try:
+            from_args = float(given)
+        except ValueError:
+            raise UserError(f"--network_args {key}={given!r}: expected a number") from None
+        if value is not None and value != from_args:
+            raise UserError(f"The LoRA+ ratio {key} is given twice with different values: --network_args "
+                            f"{key}={given} and --{key} {value}; keep one.")
+        merged.append(from_args)
+    return tuple(merged)
 
 
 def validation_loss(family: Any, network: torch.nn.Module, loader: Any, accelerator: Any,

@@ -46,3 +46,21 @@ def merged_weight(
     if delta.shape != weight.shape:
         raise ValueError(f"LoRA delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
     return (weight.float() + multiplier * delta).to(weight.dtype)
+
+
+def delta_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Frobenius norm of ``scale · (up ⊗ down)`` (a 0-dim float32 tensor), without forming the delta.
+
+    ``‖U D‖² = Σ (UᵀU) ⊙ (D Dᵀ)``: two r × r products instead of an out × in matrix per layer.
+    """
+    u, d = up.detach().flatten(1).float(), down.detach().flatten(1).float()
+    return ((u.T @ u) * (d @ d.T)).sum().clamp(min=0).sqrt() * abs(scale)
+
+
+def max_norm_ratios(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """sd-scripts' max-norm rule: the factor taking each norm above ``max_norm`` down to it, 1 elsewhere.
+
+    Scaling both ``up`` and ``down`` by the square root of the factor scales the delta by the factor.
+    """
+    clamped = norms.clamp(min=max_norm / 2)
+    return clamped.clamp(max=max_norm) / clamped

@@ -21,7 +21,7 @@ from library.errors import UserError
 from library.fileio import atomic_save_safetensors, atomic_torch_save, load_safetensors
 from library.metadata import add_hashes
 from networks.fast_lora import fast_kind, install_compute_copies, lora_forward, plain_delta
-from networks.functional import merged_weight
+from networks.functional import delta_norm, max_norm_ratios, merged_weight
 from networks.lora_args import NETWORK_ARGS, parse_network_args  # noqa: F401  (re-exported)
 from networks.targets import (
     CLIP_TEXT,
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DIM = 4
 DEFAULT_ALPHA = 1.0
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
 class LoRAModule(nn.Module):
@@ -295,6 +296,30 @@ class LoRANetwork(nn.Module):
 
         return param_groups(self, text_encoder_lr, unet_lr, default_lr)
 
+    def set_loraplus_lr_ratio(self, loraplus_lr_ratio: float | None, loraplus_unet_lr_ratio: float | None = None,
+                              loraplus_text_encoder_lr_ratio: float | None = None) -> None:
+        """LoRA+ ratios (kohya's method): a part's own ratio, else the common one; None leaves LoRA+ off."""
+        self.loraplus_ratios = {"unet": loraplus_unet_lr_ratio or loraplus_lr_ratio,
+                                "textencoder": loraplus_text_encoder_lr_ratio or loraplus_lr_ratio}
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device: object = None) -> tuple[int, float, float]:
+        """``--scale_weight_norms`` as sd-scripts: a module whose delta ``scale · up ⊗ down`` has a norm above
+        ``max_norm_value`` gets up and down scaled by ``sqrt(max_norm_value / norm)``. Returns (modules scaled,
+        mean and largest delta norm after it); ``device`` is for kohya compatibility (one sync, where the weights are).
+        """
+        loras = self.all_loras()
+        if not loras:
+            return 0, 0.0, 0.0
+        norms = torch.stack([delta_norm(lo.lora_down.weight, lo.lora_up.weight, lo.scale) for lo in loras])
+        ratios = max_norm_ratios(norms, max_norm_value)
+        scaled_norms, ratios = (norms * ratios).cpu(), ratios.cpu()
+        for lora, ratio in zip(loras, ratios.tolist(), strict=True):
+            if ratio != 1.0:
+                lora.lora_up.weight.mul_(ratio**0.5)
+                lora.lora_down.weight.mul_(ratio**0.5)
+        return int((ratios != 1.0).sum()), scaled_norms.mean().item(), scaled_norms.max().item()
+
     def get_trainable_params(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -415,9 +440,7 @@ def create_network(
         module_class=variant.module_class,
         block_ranks=_block_ranks(args, unet, dim, network_alpha, conv_dim, conv_alpha),
     )
-    plus = args.get("loraplus_lr_ratio")
-    network.loraplus_ratios = {"unet": args.get("loraplus_unet_lr_ratio") or plus,
-                               "textencoder": args.get("loraplus_text_encoder_lr_ratio") or plus}
+    network.set_loraplus_lr_ratio(*(args.get(k) for k in LORAPLUS_KEYS))
     return variant.attach(network)
 
 
@@ -470,7 +493,5 @@ def create_network_from_weights(
         unet_spec=variant.spec(SD_UNET, unet, from_weights=True),
         module_class=variant.module_class,
     )
-    plus = args.get("loraplus_lr_ratio")
-    network.loraplus_ratios = {"unet": args.get("loraplus_unet_lr_ratio") or plus,
-                               "textencoder": args.get("loraplus_text_encoder_lr_ratio") or plus}
+    network.set_loraplus_lr_ratio(*(args.get(k) for k in LORAPLUS_KEYS))
     return variant.attach(network), weights_sd

@@ -113,3 +113,70 @@ def test_conflicting_flags_are_refused():
                       "--pretrained_model_name_or_path", "m"])
     with pytest.raises(UserError, match="exclude each other"):
         check_combinations(args, build_parser().parse_args([]))
+
+
+def test_toml_accepts_the_sd_scripts_arguments_added_later(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("[training]\nscale_weight_norms = 1.0\nip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\n"
+                   'huber_schedule = "exponential"\nsave_last_n_epochs_state = 1\nsave_last_n_steps_state = 100\n'
+                   "stop_text_encoder_training = 50\n"
+                   'lr_scheduler_type = "torch.optim.lr_scheduler.StepLR"\nlr_scheduler_args = ["step_size=10"]\n'
+                   "loraplus_lr_ratio = 16\nloraplus_unet_lr_ratio = 8\nloraplus_text_encoder_lr_ratio = 4\n"
+                   "mem_eff_attn = true\nlowram = true\nhighvram = true\nxformers = true\n")
+    args, sources = _parse(["--config_file", str(cfg)])
+    assert args.scale_weight_norms == 1.0 and args.ip_noise_gamma == 0.1 and args.ip_noise_gamma_random_strength
+    assert args.huber_schedule == "exponential" and args.save_last_n_epochs_state == 1
+    assert args.save_last_n_steps_state == 100 and args.stop_text_encoder_training == 50
+    assert args.lr_scheduler_type.endswith("StepLR") and args.lr_scheduler_args == ["step_size=10"]
+    assert (args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio) == (16, 8, 4)
+    assert args.mem_eff_attn and args.lowram and args.highvram and sources["lowram"].startswith("config file")
+    assert build_parser().parse_args([]).huber_schedule == "snr"  # sd-scripts' default
+    cfg.write_text('huber_schedule = "linear"\n')
+    with pytest.raises(UserError, match="not one of"):
+        _parse(["--config_file", str(cfg)])
+
+
+def test_accepted_no_op_switches_are_named_in_the_log():
+    from library.args import no_op_notes
+
+    args, _ = _parse(["--mem_eff_attn", "--lowram", "--highvram", "--xformers"])
+    notes = no_op_notes(vars(args))
+    assert [n.split(":")[0] for n in notes] == ["--xformers", "--mem_eff_attn", "--lowram", "--highvram"]
+    assert "SDPA" in notes[1] and "low RAM" in notes[2] and "low-VRAM" in notes[3]
+    assert no_op_notes(vars(_parse([])[0])) == []
+
+
+def test_scheduler_args_without_a_type_and_negative_max_norm_are_refused():
+    base = ["--output_dir", "o", "--pretrained_model_name_or_path", "m"]
+    args, _ = _parse([*base, "--lr_scheduler_args", "step_size=2"])
+    with pytest.raises(UserError, match="--lr_scheduler_type, which is not given"):
+        check_combinations(args, build_parser().parse_args([]))
+    args, _ = _parse([*base, "--scale_weight_norms", "-1"])
+    with pytest.raises(UserError, match="must be > 0"):
+        check_combinations(args, build_parser().parse_args([]))
+    args, _ = _parse([*base, "--loss_type", "huber", "--huber_c", "0"])
+    with pytest.raises(UserError, match="needs a value > 0"):
+        check_combinations(args, build_parser().parse_args([]))
+
+
+def test_resume_compares_the_new_arguments_and_still_accepts_older_states():
+    from library.resume_check import check_resume_compatible, training_fingerprint
+
+    def fingerprint(*argv):
+        args, _ = _parse(list(argv))
+        return training_fingerprint(args, seed=1, batch_size=1, num_processes=1, accumulation=1, data="d",
+                                    datasets=[])
+
+    plain = fingerprint()
+    # a state saved before these arguments existed has none of their keys: default settings still resume
+    assert not {"ip_noise_gamma", "huber_schedule", "lr_scheduler_type", "scale_weight_norms"} & plain.keys()
+    assert check_resume_compatible(plain, fingerprint(), False, "s") == []
+    perturbed = fingerprint("--ip_noise_gamma", "0.1")
+    for saved, now in ((perturbed, plain), (plain, perturbed)):  # set on either side only: a difference
+        with pytest.raises(UserError, match="ip_noise_gamma"):
+            check_resume_compatible(saved, now, False, "s")
+    huber = fingerprint("--loss_type", "huber")  # the default snr schedule; earlier runs had a constant one
+    with pytest.raises(UserError, match="huber_schedule"):
+        check_resume_compatible(fingerprint("--loss_type", "huber", "--huber_schedule", "constant"), huber, False, "s")
+    lines = check_resume_compatible(plain, fingerprint("--lr_scheduler_type", "StepLR"), True, "s")
+    assert any("lr_scheduler_type" in line for line in lines)

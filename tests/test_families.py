@@ -139,3 +139,81 @@ def test_max_token_length_encodes_long_prompts_in_chunks(tiny_sd_dir):
         a = long.encode_text([words])
         b = long.encode_text([" ".join(["x"] * 90)])
     assert not torch.allclose(a[:, 76:151], b[:, 76:151])
+
+
+def test_input_perturbation_exact_values_and_the_target_stays_the_noise():
+    from diffusers import DDPMScheduler
+
+    from library.families.diffusion import (
+        DRAW_IP_NOISE,
+        DRAW_IP_STRENGTH,
+        denoising_loss,
+        draw_noise_and_timesteps,
+        perturbed_noise,
+    )
+    from library.rng import sample_generator
+
+    latents, indices = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7])
+    noise, timesteps = draw_noise_and_timesteps(latents, 1, 0, indices, NoiseSettings())
+    extra = torch.stack([torch.randn(4, 8, 8, generator=sample_generator(1, 0, i, DRAW_IP_NOISE)) for i in (3, 7)])
+    fixed = perturbed_noise(noise, 1, 0, indices, NoiseSettings(ip_noise_gamma=0.1))
+    assert torch.equal(fixed, noise + 0.1 * extra)
+    u = [torch.rand(1, generator=sample_generator(1, 0, i, DRAW_IP_STRENGTH)).item() for i in (3, 7)]
+    random_strength = NoiseSettings(ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True)
+    random = perturbed_noise(noise, 1, 0, indices, random_strength)
+    for row, strength in enumerate(u):
+        assert torch.allclose(random[row], noise[row] + 0.1 * strength * extra[row], atol=1e-7)
+    assert u[0] != u[1]  # a strength per sample
+    # keyed per sample: sample 7 alone perturbs as in the batch
+    alone = perturbed_noise(noise[1:], 1, 0, indices[1:], NoiseSettings(ip_noise_gamma=0.1))
+    assert torch.equal(alone[0], fixed[1])
+    assert torch.equal(perturbed_noise(noise, 1, 0, indices, NoiseSettings()), noise)  # off by default
+
+    # in the loss: the model sees latents noised with the perturbed noise, the target is the plain noise
+    scheduler, seen = DDPMScheduler(num_train_timesteps=1000), {}
+
+    def predict(noisy, t):
+        seen["noisy"] = noisy
+        return torch.zeros_like(noisy)
+
+    s = NoiseSettings(ip_noise_gamma=0.1)
+    loss = denoising_loss(predict, latents, indices, torch.tensor([False, False]), 1, 0, scheduler, s)
+    assert torch.allclose(seen["noisy"], scheduler.add_noise(latents, noise + 0.1 * extra, timesteps))
+    assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)  # zero prediction: mean(target^2)
+
+
+def test_huber_schedules_exact_values():
+    from library.families.diffusion import huber_c_at
+
+    alphas = torch.tensor([0.5, 0.8, 0.2, 0.1])  # sigma = sqrt((1 - a) / a): 1, 0.5, 2, 3
+    t = torch.tensor([0, 1, 2])
+    assert huber_c_at(t, alphas, 0.1, "constant").tolist() == pytest.approx([0.1, 0.1, 0.1])
+    # exponential: huber_c ** (t / T), T = 4 training timesteps
+    assert huber_c_at(t, alphas, 0.1, "exponential").tolist() == pytest.approx([1.0, 0.1**0.25, 0.1**0.5])
+    # snr: (1 - c) / (1 + sigma)^2 + c
+    assert huber_c_at(t, alphas, 0.1, "snr").tolist() == pytest.approx([0.9 / 4 + 0.1, 0.9 / 2.25 + 0.1, 0.2])
+    # per-sample parameters in the loss: 2c(sqrt(d^2 + c^2) - c) with each sample's own c
+    pred, target = torch.tensor([[1.0], [1.0]]), torch.zeros(2, 1)
+    c = torch.tensor([1.0, 0.5])
+    expected = [2 * (2**0.5 - 1), 2 * 0.5 * ((1 + 0.25) ** 0.5 - 0.5)]
+    assert per_sample_loss(pred, target, "huber", c).tolist() == pytest.approx(expected)
+    assert per_sample_loss(pred, target, "smooth_l1", c).tolist() == pytest.approx(
+        [2 * (2**0.5 - 1), 2 * ((1 + 0.25) ** 0.5 - 0.5)])
+
+
+def test_huber_schedule_reaches_the_loss():
+    from diffusers import DDPMScheduler
+
+    from library.families.diffusion import denoising_loss, draw_noise_and_timesteps, huber_c_at
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents, indices, no_reg = torch.zeros(2, 4, 8, 8), torch.tensor([0, 1]), torch.tensor([False, False])
+    noise, t = draw_noise_and_timesteps(latents, 2, 0, indices, NoiseSettings())
+    pred, losses = torch.ones_like(latents), set()
+    for schedule in ("constant", "exponential", "snr"):
+        s = NoiseSettings(loss_type="huber", huber_c=0.1, huber_schedule=schedule)
+        got = denoising_loss(lambda noisy, ts: pred, latents, indices, no_reg, 2, 0, scheduler, s)
+        c = huber_c_at(t, scheduler.alphas_cumprod, 0.1, schedule)
+        assert got.item() == pytest.approx(per_sample_loss(pred, noise, "huber", c).mean().item(), rel=1e-6)
+        losses.add(round(got.item(), 6))
+    assert len(losses) == 3  # each schedule gives its own loss

@@ -79,3 +79,56 @@ def test_loraplus_splits_up_weights_into_a_faster_group(tiny_sd_dir):
     assert not ups & {id(p) for p in by_name["unet"]["params"]}
     total = sum(len(g["params"]) for g in groups)
     assert total == len(list(network.parameters()))
+
+
+def test_lr_scheduler_type_by_dotted_path_with_args():
+    optimizer = create_optimizer(_groups(), "SGD", 1.0, None)
+    scheduler = create_scheduler(optimizer, "cosine", 100, 0, scheduler_type="torch.optim.lr_scheduler.StepLR",
+                                 scheduler_args=["step_size=2", "gamma=0.5"])
+    assert type(scheduler).__name__ == "StepLR"  # --lr_scheduler is replaced, not combined
+    lrs = []
+    for _ in range(6):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+    # a bare name is looked up in torch.optim.lr_scheduler, as in sd-scripts
+    bare = create_scheduler(create_optimizer(_groups(), "SGD", 1.0, None), "constant", 10, 0,
+                            scheduler_type="ExponentialLR", scheduler_args=["gamma=0.9"])
+    assert type(bare).__name__ == "ExponentialLR" and bare.gamma == 0.9
+
+
+@pytest.mark.parametrize("scheduler_type, args, warmup, message", [
+    ("torch.optim.lr_scheduler.StepLr", ["step_size=2"], 0, "did you mean 'StepLR'"),
+    ("no_such_module.Scheduler", None, 0, "cannot import"),
+    ("torch.optim.lr_scheduler.StepLR", ["step_sise=2"], 0, "rejects them"),
+    ("torch.optim.lr_scheduler.StepLR", ["step_size=2"], 10, "--lr_warmup_steps does not apply"),
+])
+def test_lr_scheduler_type_errors_are_clear(scheduler_type, args, warmup, message):
+    optimizer = create_optimizer(_groups(), "SGD", 1.0, None)
+    with pytest.raises(UserError, match=message):
+        create_scheduler(optimizer, "constant", 10, warmup, scheduler_type=scheduler_type, scheduler_args=args)
+
+
+def test_loraplus_command_line_ratios_fill_what_network_args_leave(tiny_sd_dir):
+    from library.args import build_parser
+    from library.families.sd import SDFamily
+    from library.train_setup import build_network, loraplus_ratios
+
+    cli = {"loraplus_lr_ratio": 8.0, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": 2.0}
+    assert loraplus_ratios({}, dict.fromkeys(cli)) is None  # none given: the network's own values stand
+    assert loraplus_ratios({"loraplus_unet_lr_ratio": "4"}, cli) == (8.0, 4.0, 2.0)
+    assert loraplus_ratios({"loraplus_lr_ratio": "8"}, cli) == (8.0, None, 2.0)  # the same value twice is fine
+    with pytest.raises(UserError, match="given twice with different values"):
+        loraplus_ratios({"loraplus_lr_ratio": "16"}, cli)
+
+    family = SDFamily.load(str(tiny_sd_dir))
+    args = build_parser().parse_args(["--network_dim", "4", "--loraplus_lr_ratio", "8",
+                                      "--loraplus_text_encoder_lr_ratio", "2", "--network_args",
+                                      "loraplus_unet_lr_ratio=4"])
+    network, _ = build_network(args, family, print)
+    groups, descriptions = network.prepare_optimizer_params(1e-5, 1e-4, 1e-4)
+    by_name = dict(zip(descriptions, groups, strict=True))
+    assert by_name["unet plus"]["lr"] == pytest.approx(4e-4)  # network_args' UNet ratio
+    assert by_name["textencoder plus"]["lr"] == pytest.approx(2e-5)  # the command line's text encoder ratio
+    assert {id(p) for p in by_name["unet plus"]["params"]} == {id(m.lora_up.weight) for m in network.unet_loras}

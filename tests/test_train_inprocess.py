@@ -44,6 +44,22 @@ def test_epoch_cadence_names_and_rotation(tmp_path, tiny_sd_dir, tiny_images):
     assert len(rows) == 1 + 16
 
 
+def test_state_folders_rotate_with_their_own_counts(tmp_path, tiny_sd_dir, tiny_images):
+    data = _data_toml(tmp_path, tiny_images, batch_size=4)  # 8 images, batch 4 -> 2 steps per epoch, 8 in all
+    out = tmp_path / "out"
+    assert _run(tiny_sd_dir, data, out, "--max_train_epochs", "4", "--network_train_unet_only", "--save_state",
+                "--save_every_n_epochs", "1", "--save_last_n_epochs", "2", "--save_last_n_epochs_state", "1",
+                "--save_every_n_steps", "3", "--save_last_n_steps_state", "3") == 0
+    models = sorted(p.name for p in out.glob("*.safetensors"))
+    states = sorted(p.name for p in out.glob("*-state"))
+    # files: epochs 1-3 saved, the last 2 kept; steps 3 and 6 saved, all kept (no --save_last_n_steps)
+    assert models == ["lora-000002.safetensors", "lora-000003.safetensors", "lora-step00000003.safetensors",
+                      "lora-step00000006.safetensors", "lora.safetensors"]
+    # states: only the last epoch state and the step states of the last 3 steps, plus the final one
+    assert states == ["lora-000003-state", "lora-state", "lora-step00000006-state"]
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
+
+
 def test_resume_continues_exactly(tmp_path, tiny_sd_dir, tiny_images):
     data = _data_toml(tmp_path, tiny_images, batch_size=2, repeats=1)
     straight, split = tmp_path / "straight", tmp_path / "split"

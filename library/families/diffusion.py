@@ -5,6 +5,7 @@ Pure functions over tensors; randomness comes from per-sample keys (library/rng.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from library.rng import per_sample_randint, per_sample_randn, sample_generator
 
 # Purposes mixed into the per-sample keys so that each kind of draw is independent.
 DRAW_NOISE, DRAW_TIMESTEP, DRAW_OFFSET, DRAW_LATENT, DRAW_MULTIRES, DRAW_STRENGTH = 1, 2, 3, 4, 5, 6
+DRAW_IP_NOISE, DRAW_IP_STRENGTH = 7, 8
+HUBER_LOSSES = ("huber", "smooth_l1")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class NoiseSettings:
     min_snr_gamma: float | None = None
     loss_type: str = "l2"
     huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
     prior_loss_weight: float = 1.0
     v_parameterization: bool = False
 
@@ -53,15 +59,35 @@ def draw_noise_and_timesteps(
         offset = per_sample_randn((latents.shape[1], 1, 1), sample_keys(seed, epoch, indices, DRAW_OFFSET))
         strength = torch.full((len(indices), 1, 1, 1), s.noise_offset)
         if s.noise_offset_random_strength:
-            u = torch.stack([torch.rand(1, generator=sample_generator(*k))
-                             for k in sample_keys(seed, epoch, indices, DRAW_STRENGTH)])
-            strength = strength * u.view(-1, 1, 1, 1)
+            strength = strength * per_sample_uniform(sample_keys(seed, epoch, indices, DRAW_STRENGTH)).view(-1, 1, 1, 1)
         noise = noise + strength * offset
     if s.multires_noise_iterations:
         noise = multires_noise(noise, s.multires_noise_iterations, s.multires_noise_discount,
                                sample_keys(seed, epoch, indices, DRAW_MULTIRES))
     timesteps = per_sample_randint(s.min_timestep, s.max_timestep, sample_keys(seed, epoch, indices, DRAW_TIMESTEP))
     return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+
+
+def per_sample_uniform(keys: list[tuple[int, ...]]) -> torch.Tensor:
+    """One number in [0, 1) per key tuple (a random strength)."""
+    return torch.stack([torch.rand(1, generator=sample_generator(*k)) for k in keys]).view(-1)
+
+
+def perturbed_noise(noise: torch.Tensor, seed: int, epoch: int, indices: torch.Tensor,
+                    s: NoiseSettings) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023): ``noise + gamma · randn``, its own keyed draw per sample.
+
+    Only the model input is noised with it; the target stays ``noise``. With random strength, gamma
+    is scaled per sample by a uniform draw in [0, 1).
+    """
+    if not s.ip_noise_gamma:
+        return noise
+    extra = per_sample_randn(tuple(noise.shape[1:]), sample_keys(seed, epoch, indices, DRAW_IP_NOISE))
+    strength = torch.full((len(indices),), float(s.ip_noise_gamma))
+    if s.ip_noise_gamma_random_strength:
+        strength = strength * per_sample_uniform(sample_keys(seed, epoch, indices, DRAW_IP_STRENGTH))
+    extra = strength.view(-1, *([1] * (noise.dim() - 1))) * extra
+    return (noise.float() + extra.to(noise.device)).to(noise.dtype)
 
 
 def multires_noise(noise: torch.Tensor, iterations: int, discount: float,
@@ -87,9 +113,34 @@ def multires_noise(noise: torch.Tensor, iterations: int, discount: float,
     return torch.stack(out)
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float) -> torch.Tensor:
-    """Element loss averaged over all but the batch dimension, in float32."""
+def huber_c_at(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+    """sd-scripts' ``--huber_schedule``: the huber / smooth_l1 parameter of each sample at its timestep.
+
+    constant: ``huber_c``; exponential: ``huber_c ** (t / T)`` (1 at t = 0, ``huber_c`` at t = T, T the
+    number of training timesteps); snr: ``(1 - huber_c) / (1 + sigma_t)**2 + huber_c`` with
+    ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` (near 1 at low noise, ``huber_c`` at high noise).
+    """
+    t = timesteps.float()
+    if schedule == "constant":
+        return torch.full_like(t, huber_c)
+    if schedule == "exponential":
+        return torch.exp(math.log(huber_c) / len(alphas_cumprod) * t)
+    if schedule == "snr":
+        a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+        sigmas = ((1.0 - a) / a) ** 0.5
+        return (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
+    raise ValueError(f"unknown huber_schedule {schedule!r}")
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
+                    huber_c: float | torch.Tensor) -> torch.Tensor:
+    """Element loss averaged over all but the batch dimension, in float32.
+
+    ``huber_c`` is one number, or one per sample (a tensor of the batch size, see :func:`huber_c_at`).
+    """
     pred, target = pred.float(), target.float()
+    if isinstance(huber_c, torch.Tensor):
+        huber_c = huber_c.float().to(pred.device).view(-1, *([1] * (pred.dim() - 1)))
     if loss_type == "l2":
         loss = F.mse_loss(pred, target, reduction="none")
     elif loss_type == "l1":
@@ -147,11 +198,14 @@ def denoising_loss(
     """One diffusion training loss: noise the latents at per-sample timesteps, predict, weight.
 
     ``predict(noisy_latents, timesteps)`` is the model call (the families add their conditioning);
-    the target is the noise, or the velocity ``sqrt(a) · noise - sqrt(1 - a) · latents`` for v-prediction.
+    the target is the noise, or the velocity ``sqrt(a) · noise - sqrt(1 - a) · latents`` for v-prediction
+    (with ``ip_noise_gamma`` the input is noised with the perturbed noise, the target keeps the plain one).
     """
     noise, timesteps = draw_noise_and_timesteps(latents, seed, epoch, indices, s)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = scheduler.add_noise(latents, perturbed_noise(noise, seed, epoch, indices, s), timesteps)
     target = scheduler.get_velocity(latents, noise, timesteps) if s.v_parameterization else noise
     pred = predict(noisy, timesteps)
-    losses = per_sample_loss(pred, target, s.loss_type, s.huber_c)
+    huber_c = (huber_c_at(timesteps, scheduler.alphas_cumprod, s.huber_c, s.huber_schedule)
+               if s.loss_type in HUBER_LOSSES else s.huber_c)
+    losses = per_sample_loss(pred, target, s.loss_type, huber_c)
     return weighted_loss(losses, is_reg, timesteps, scheduler.alphas_cumprod, s)
