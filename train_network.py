@@ -77,8 +77,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             f"up to {recompile_limit} graphs per block class")
     # The loss runs inside one module that owns only the network's parameters, so DDP (several
     # processes) sees the forward it wraps and syncs exactly the LoRA gradients.
-    model, optimizer, lr_scheduler = accelerator.prepare(setup.TrainingModule(network, family), optimizer,
-                                                         lr_scheduler)
+    model, optimizer = accelerator.prepare(setup.TrainingModule(network, family), optimizer)
+    # Not prepared: accelerate would step it once per process at each optimizer step (2 GPUs: the warmup
+    # and decay twice as fast). The loop steps it once per optimizer step; the state still saves it.
+    accelerator.register_for_checkpointing(lr_scheduler)
     samples = TrainingSamples(prompts, SampleSchedule(args.sample_every_n_steps, args.sample_every_n_epochs,
                                                       args.sample_at_first),
                               accelerator=accelerator, family=family, network=network, folder=output_dir / "sample",
@@ -165,7 +167,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                                         "the last saved files are intact. Lower the learning rate, or use "
                                         "--no_half_vae / bf16 instead of fp16.")
                 optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step_losses.append(loss.detach())
             if not accelerator.sync_gradients:

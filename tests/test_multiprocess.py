@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 import train_network
+from library.loss_curve import read_loss_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +32,9 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, tiny_sd_dir, ti
               "--learning_rate", "0.5", "--seed", "5",
               # SGD is linear in the gradient, so float reduction-order noise stays small (Adam's
               # g/sqrt(v) would blow it up to the size of a whole step for near-zero gradients).
-              "--optimizer_type", "SGD", "--max_grad_norm", "0", "--max_train_steps", "4", "--cache_latents"]
+              "--optimizer_type", "SGD", "--max_grad_norm", "0", "--max_train_steps", "4", "--cache_latents",
+              # a schedule that moves: accelerate's prepared scheduler would step once per process (2x fast)
+              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -52,3 +56,5 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, tiny_sd_dir, ti
     assert moved > 0
     worst = max((two[k] - one[k]).abs().max().item() for k in one)
     assert worst < 1e-5, f"largest difference {worst}"
+    lrs = [[lr for _, _, lr in read_loss_curve(tmp_path / run / "lora_loss.csv", up_to=10)] for run in ("two", "one")]
+    assert lrs[0] == pytest.approx(lrs[1]) and len(set(lrs[0])) > 2, lrs
