@@ -152,6 +152,29 @@ def check_output_name(name: str) -> str:
     return name
 
 
+def earlier_outputs(output_dir: Path, output_name: str) -> list[Path]:
+    """What an earlier run named ``output_name`` left in ``output_dir``: its LoRA files (final, epoch and step,
+    any format), PEFT adapter folders, state folders and loss curve."""
+    name = re.escape(output_name)
+    pattern = re.compile(rf"^{name}(-\d{{6}}|-step\d{{8}})?(-state|\.safetensors|\.ckpt|\.pt)?$|^{name}_loss\.csv$")
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
+
+
+def refuse_to_replace(output_dir: Path, output_name: str, resume: str | None, overwrite: bool) -> None:
+    """Stop before a new run writes over an earlier run's files (a LoRA can take hours to make).
+
+    A resumed run continues those files, and ``--overwrite`` says replacing them is intended.
+    """
+    found = [] if resume or overwrite else earlier_outputs(output_dir, output_name)
+    if found:
+        listed = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise UserError(f"{output_dir} already holds a run named '{output_name}' ({listed}). To continue it: "
+                        "--resume latest (or a state folder); to keep it and train another: a new --output_name "
+                        "or --output_dir; to replace it: --overwrite.")
+
+
 def free_bytes(folder: Path) -> int:
     """Free space on the file system holding ``folder`` (a function, so tests can patch it)."""
     return shutil.disk_usage(folder).free

@@ -296,3 +296,22 @@ def test_sigterm_to_a_two_process_launch_saves_once_and_resumes(tmp_path, tiny_s
     assert train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--resume", str(states[0]),
                                     "--max_train_steps", str(step + 1), "--resume_allow_changes")) == 0
     assert (out / "lora.safetensors").is_file()
+
+
+def test_a_new_run_does_not_write_over_an_earlier_one(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    data = _data(tmp_path, tiny_images)
+    out = tmp_path / "out"
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "1")) == 0
+    first = (out / "lora.safetensors").read_bytes()
+    capsys.readouterr()
+    # the same command again (e.g. after changing a setting): refused before anything loads
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "2", "--learning_rate", "1")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run named 'lora'" in err and "lora.safetensors" in err
+    assert "--resume latest" in err and "--output_name" in err and "--overwrite" in err
+    assert (out / "lora.safetensors").read_bytes() == first
+    # another name trains beside it; --overwrite replaces it
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "1", "--output_name", "b")) == 0
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "2", "--learning_rate", "1",
+                                    "--overwrite")) == 0
+    assert (out / "lora.safetensors").read_bytes() != first and (out / "b.safetensors").is_file()

@@ -40,6 +40,7 @@ output_dir = "{output}"
 output_name = "demo_lora"
 save_every_n_steps = {save_every}
 save_precision = "fp16"
+overwrite = true                # the demo replaces its own earlier output (a real run is refused instead)
 
 [logging]
 logging_dir = "{logs}"
