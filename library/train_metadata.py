@@ -48,9 +48,20 @@ class RunInfo:
     model_name: str
     training_comment: str | None
     datasets: list[dict[str, Any]] = field(default_factory=list)
+    switches: dict[str, Any] = field(default_factory=dict)  # SWITCHES: argument name -> value
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     training_started_at: float = field(default_factory=time.time)
+
+
+# Training switches sd-scripts records as ``ss_<argument name>`` (one renamed), so tools that show a LoRA's
+# training settings (A1111 / Forge's metadata view, Civitai) find them where they look.
+SWITCHES = ("max_grad_norm", "network_dropout", "multires_noise_iterations", "multires_noise_discount",
+            "zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength", "ip_noise_gamma",
+            "ip_noise_gamma_random_strength", "loss_type", "huber_schedule", "huber_c", "scale_weight_norms",
+            "max_token_length", "cache_latents", "gradient_checkpointing", "full_bf16", "fp8_base",
+            "max_train_epochs", "min_timestep", "max_timestep", "scale_v_pred_loss_like_noise_pred")
+_SWITCH_KEYS = {"debiased_estimation_loss": "ss_debiased_estimation"}
 
 
 def _s(value: Any) -> str:
@@ -97,6 +108,7 @@ def training_metadata(info: RunInfo, epoch: int, step: int) -> dict[str, str]:
         "ss_datasets": json.dumps(info.datasets),
         "ss_tag_frequency": json.dumps(info.tag_frequency),
         "ss_training_comment": _s(info.training_comment),
+        **{_SWITCH_KEYS.get(name, f"ss_{name}"): _s(value) for name, value in info.switches.items()},
     }
 
 

@@ -364,7 +364,7 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
     from pathlib import Path
 
     from library.optim import warmup_steps
-    from library.train_metadata import RunInfo
+    from library.train_metadata import SWITCHES, RunInfo
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     return RunInfo(
@@ -381,6 +381,7 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
         v2=getattr(family, "v2", False), v_parameterization=family.prediction_type == "v",
         resolution=data.resolution, model_name=Path(args.pretrained_model_name_or_path).name,
         training_comment=args.training_comment, datasets=data.metadata(), tag_frequency=data.tag_frequency(),
+        switches={name: getattr(args, name, None) for name in SWITCHES},
     )
 
 
