@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -427,8 +428,15 @@ def compile_blocks(model: torch.nn.Module, accelerator: Any) -> tuple[int, int]:
     regions = compile_regions(model)
     limit = recompile_budget(regions)
     kwargs = plugin.to_kwargs()
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.9: per compiled region
+        kwargs["recompile_limit"] = limit
+    else:  # older torch: the global limit per code object (named cache_size_limit before 2.6)
+        import torch._dynamo.config as dynamo_config
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
     for module in regions:
-        module.compile(**kwargs, recompile_limit=limit)
+        module.compile(**kwargs)
     plugin.backend = DynamoBackend.NO
     return len(regions), limit
 
