@@ -3,7 +3,8 @@
 The math is the plain one, ``y = W x + b + s · B A x`` with ``s = multiplier · alpha / r``, computed so that
 the big tensors (the activations ``x`` and ``y`` and their gradients) are touched as few times as possible:
 
-- ``s`` is folded into the small matrix (``B_s = s · B``, r × out), never applied to the big output;
+- ``s`` never touches a big tensor: it is the ``alpha`` of the products with ``B`` (fp32, no copy of ``B``), or
+  folded into the compute-dtype copy of ``B`` that a cast makes anyway (``B_s = s · B``, r × out);
 - the adapter product is added into the base output in place (``addmm_`` / ``baddbmm_``), and in backward
   into the base input gradient in place, so no separate ``out + delta`` / ``gx + gx_lora`` passes;
 - under autocast the input is cast to the compute dtype once and shared by the base and ``down`` products
@@ -78,12 +79,14 @@ class ComputeCopies:
         self.depth = 0
         self.dtype: torch.dtype | None = None
         self.scales: list[float] = []
+        self.alphas: list[float] = []
         self.downs: list[torch.Tensor] = []
         self.ups: list[torch.Tensor] = []
 
-    def lookup(self, index: int, dtype: torch.dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def lookup(self, index: int, dtype: torch.dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(down, up, alpha): ``alpha`` is the scale still to apply (1.0 where it is folded into ``up``)."""
         if self.depth > 0 and self.dtype == dtype and self.scales[index] == scale:
-            return self.downs[index], self.ups[index]
+            return self.downs[index], self.ups[index], self.alphas[index]
         return None
 
     @torch.no_grad()
@@ -99,9 +102,15 @@ class ComputeCopies:
         else:
             self.downs = [torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format) for p in downs]
             torch._foreach_copy_(self.downs, downs)
-        self.ups = [torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format) for p in ups]
-        torch._foreach_copy_(self.ups, ups)
-        torch._foreach_mul_(self.ups, self.scales)
+        if all(p.dtype == dtype for p in ups):
+            # No cast needed: use the parameters as they are and apply the scale as the products' alpha
+            # (a scaled copy would cost a kernel per module and memory saved for backward, over PEFT's).
+            self.ups, self.alphas = [p.detach() for p in ups], list(self.scales)
+        else:  # the cast copy carries the scale for free
+            self.ups = [torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format) for p in ups]
+            torch._foreach_copy_(self.ups, ups)
+            torch._foreach_mul_(self.ups, self.scales)
+            self.alphas = [1.0] * len(ups)
 
     def _enter(self, _module: nn.Module, _args: object) -> None:
         if torch.compiler.is_compiling():
@@ -151,19 +160,19 @@ class _LinearLoRA(torch.autograd.Function):
     """``F.linear(x, W, b) + (x A^T) B_s^T`` for a frozen ``W`` (see the module docstring for the gradients)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale):  # noqa: ARG004  (down/up route the grads)
+    def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale, alpha):  # noqa: ARG004  (down/up: grads)
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         b = None if bias is None else bias.to(dtype)
         merged = merge_pays(x2.shape[0], x2.shape[1], weight.shape[0], dtype)
         h = torch.mm(x2, down_c.t())
         if merged:
-            out = F.linear(x, torch.addmm(weight.to(dtype), up_s, down_c), b)
+            out = F.linear(x, torch.addmm(weight.to(dtype), up_s, down_c, alpha=alpha), b)
         else:
             out = F.linear(x, weight.to(dtype), b)
-            out.view(-1, out.shape[-1]).addmm_(h, up_s.t())
+            out.view(-1, out.shape[-1]).addmm_(h, up_s.t(), alpha=alpha)
         ctx.save_for_backward(x2, weight, down_c, up_s, h)
-        ctx.scale, ctx.x_shape, ctx.merged = scale, x.shape, merged
+        ctx.scale, ctx.alpha, ctx.x_shape, ctx.merged = scale, alpha, x.shape, merged
         return out
 
     @staticmethod
@@ -171,10 +180,13 @@ class _LinearLoRA(torch.autograd.Function):
         x2, weight, down_c, up_s, h = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gh = torch.mm(g2, up_s)  # dL/dh: small, (tokens, r)
+        if ctx.alpha != 1.0:
+            gh.mul_(ctx.alpha)
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0]:
             if ctx.merged:  # W^T g + A^T (B_s^T g) = (W + B_s A)^T g
-                grad_x = torch.mm(g2, torch.addmm(weight.to(g2.dtype), up_s, down_c)).view(ctx.x_shape)
+                merged = torch.addmm(weight.to(g2.dtype), up_s, down_c, alpha=ctx.alpha)
+                grad_x = torch.mm(g2, merged).view(ctx.x_shape)
             else:
                 gx = torch.mm(g2, weight.to(g2.dtype))
                 grad_x = gx.addmm_(gh, down_c).view(ctx.x_shape)
@@ -182,14 +194,14 @@ class _LinearLoRA(torch.autograd.Function):
             grad_down = torch.mm(gh.t(), x2)
         if ctx.needs_input_grad[4]:
             grad_up = torch.mm(g2.t(), h).mul_(ctx.scale)
-        return grad_x, None, None, grad_down, grad_up, None, None, None
+        return grad_x, None, None, grad_down, grad_up, None, None, None, None
 
 
 class _Conv1x1LoRA(torch.autograd.Function):
     """The same for a frozen 1x1 conv on NCHW: per sample, ``y_n = W x_n + b + B_s (A x_n)`` over H·W columns."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale):  # noqa: ARG004
+    def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale, alpha):  # noqa: ARG004
         dtype = x.dtype
         n, c, o, r = x.shape[0], x.shape[1], weight.shape[0], down_c.shape[0]
         x3 = x.reshape(n, c, -1)
@@ -197,13 +209,13 @@ class _Conv1x1LoRA(torch.autograd.Function):
         merged = merge_pays(n * x3.shape[2], c, o, dtype)
         h = torch.matmul(down_c.reshape(r, c), x3)  # (n, r, H·W)
         if merged:
-            w = torch.addmm(weight.reshape(o, c).to(dtype), up_s.reshape(o, r), down_c.reshape(r, c))
+            w = torch.addmm(weight.reshape(o, c).to(dtype), up_s.reshape(o, r), down_c.reshape(r, c), alpha=alpha)
             out = F.conv2d(x, w.view(o, c, 1, 1), b)
         else:
             out = F.conv2d(x, weight.to(dtype), b).contiguous()
-            out.view(n, o, -1).baddbmm_(up_s.reshape(o, r).expand(n, o, r), h)
+            out.view(n, o, -1).baddbmm_(up_s.reshape(o, r).expand(n, o, r), h, alpha=alpha)
         ctx.save_for_backward(x3, weight, down_c, up_s, h)
-        ctx.scale, ctx.x_shape, ctx.merged = scale, x.shape, merged
+        ctx.scale, ctx.alpha, ctx.x_shape, ctx.merged = scale, alpha, x.shape, merged
         return out
 
     @staticmethod
@@ -214,18 +226,20 @@ class _Conv1x1LoRA(torch.autograd.Function):
         g3 = grad_out.reshape(n, o, -1)
         up2, down2 = up_s.reshape(o, r), down_c.reshape(r, c)
         gh = torch.matmul(up2.t(), g3)  # (n, r, H·W)
+        if ctx.alpha != 1.0:
+            gh.mul_(ctx.alpha)
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0]:
             w = weight.reshape(o, c).to(g3.dtype)
             if ctx.merged:
-                grad_x = torch.matmul(torch.addmm(w, up2, down2).t(), g3).view(ctx.x_shape)
+                grad_x = torch.matmul(torch.addmm(w, up2, down2, alpha=ctx.alpha).t(), g3).view(ctx.x_shape)
             else:
                 grad_x = torch.matmul(w.t(), g3).baddbmm_(down2.t().expand(n, c, r), gh).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             grad_down = torch.matmul(gh, x3.transpose(1, 2)).sum(0).view(r, c, 1, 1)
         if ctx.needs_input_grad[4]:
             grad_up = torch.matmul(g3, h.transpose(1, 2)).sum(0).mul_(ctx.scale).view(o, r, 1, 1)
-        return grad_x, None, None, grad_down, grad_up, None, None, None
+        return grad_x, None, None, grad_down, grad_up, None, None, None, None
 
 
 def fast_forward(lora: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -243,13 +257,14 @@ def fast_forward(lora: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     scale = lora.multiplier * lora.scale
     copies = lora._copies
     cached = copies[0].lookup(copies[1], dtype, scale) if copies is not None else None
-    if cached is None:
-        down_c = down.detach().to(dtype)
-        up_s = up.detach().to(dtype) * scale
+    if cached is not None:
+        down_c, up_c, alpha = cached
+    elif up.dtype == dtype:  # no cast: the scale goes into the products (ComputeCopies.refresh does the same)
+        down_c, up_c, alpha = down.detach().to(dtype), up.detach(), scale
     else:
-        down_c, up_s = cached
+        down_c, up_c, alpha = down.detach().to(dtype), up.detach().to(dtype) * scale, 1.0
     fn = _Conv1x1LoRA if conv else _LinearLoRA
-    return fn.apply(x.to(dtype), weight, org.bias, down, up, down_c, up_s, scale)
+    return fn.apply(x.to(dtype), weight, org.bias, down, up, down_c, up_c, scale, alpha)
 
 
 def lora_forward(lora: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -346,3 +346,17 @@ def test_fp8_stored_base_takes_the_fused_path_with_the_same_result(name):
     for got, want in pairs:
         assert rel_err(got, want) < 3e-2
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.grad is None
+
+
+def test_fp32_uses_the_parameters_and_applies_the_scale_as_alpha():
+    # no cast needed: no scaled copy of lora_up per forward (it would also be saved for backward, over PEFT)
+    model, network, inputs = _network("llm", fast=True)
+    probe = network.all_loras()[0]
+    copies, index = probe._copies
+    seen = []
+    real_lookup = copies.lookup
+    copies.lookup = lambda *a: seen.append(r := real_lookup(*a)) or r
+    _run("llm", model, inputs, autocast=False)
+    down, up, alpha = seen[index]
+    assert up.data_ptr() == probe.lora_up.weight.data_ptr() and down.data_ptr() == probe.lora_down.weight.data_ptr()
+    assert alpha == probe.multiplier * probe.scale != 1.0
