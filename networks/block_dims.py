@@ -48,8 +48,13 @@ def _checked(values: Sequence[float] | None, name: str, total: int, layout_text:
 def block_rank_fn(unet: nn.Module, dim: int, alpha: float, conv_dim: int | None, conv_alpha: float | None,
                   block_dims: Sequence[int] | None, block_alphas: Sequence[float] | None,
                   conv_block_dims: Sequence[int] | None,
-                  conv_block_alphas: Sequence[float] | None) -> Callable[[Target], Rank | None]:
-    """(dim, alpha) per UNet target from the block lists; None leaves a target out."""
+                  conv_block_alphas: Sequence[float] | None,
+                  alpha_of: Callable[[float | None, int], float | None] = lambda a, d: a,
+                  ) -> Callable[[Target], Rank | None]:
+    """(dim, alpha) per UNet target from the block lists; None leaves a target out.
+
+    ``alpha_of(alpha, dim)``: the alpha to store for a module of that dim (rsLoRA folds its sqrt into it).
+    """
     layout = UNetLayout.from_config(unet.config)
     n_in, n_out = block_counts(layout)
     total = n_in + 1 + n_out
@@ -64,14 +69,14 @@ def block_rank_fn(unet: nn.Module, dim: int, alpha: float, conv_dim: int | None,
         index = block_index(to_sgm(target.path, table), n_in)
         if target.is_kxk_conv:
             if conv_block_dims is None or index is None:
-                return (conv_dim, conv_alpha) if conv_dim else None
+                return (conv_dim, alpha_of(conv_alpha, conv_dim)) if conv_dim else None
             d = int(conv_block_dims[index])
             a = conv_block_alphas[index] if conv_block_alphas is not None else (conv_alpha or d)
         else:
             if block_dims is None or index is None:
-                return dim, alpha
+                return dim, alpha_of(alpha, dim)
             d = int(block_dims[index])
             a = block_alphas[index] if block_alphas is not None else alpha
-        return (d, float(a)) if d > 0 else None
+        return (d, alpha_of(float(a), d)) if d > 0 else None
 
     return rank

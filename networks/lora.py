@@ -20,6 +20,7 @@ from torch import nn
 from library.errors import UserError
 from library.fileio import atomic_save_safetensors, atomic_torch_save, load_safetensors
 from library.metadata import add_hashes
+from networks.block_lr import BLOCK_KEYS, LR_KEYS, block_plan, reject_for_weights
 from networks.fast_lora import fast_kind, install_compute_copies, lora_forward, plain_delta
 from networks.functional import delta_norm, max_norm_ratios, merged_weight
 from networks.lora_args import NETWORK_ARGS, parse_network_args  # noqa: F401  (re-exported)
@@ -175,7 +176,7 @@ class LoRANetwork(nn.Module):
         block_ranks: Callable[[Target], tuple[int, float | None] | None] | None = None,
     ) -> None:
         super().__init__()
-        self._block_ranks = block_ranks  # block_dims / block_alphas (networks/block_dims.py)
+        self._block_ranks = block_ranks  # block_dims, block lr weights (networks/block_dims.py, block_lr.py)
         self.module_class, self.multiplier = module_class, multiplier  # module_class: e.g. DoRA (lora_variants.py)
         self.lora_dim, self.alpha = lora_dim, alpha
         self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
@@ -221,7 +222,8 @@ class LoRANetwork(nn.Module):
 
     def _create_modules(self, root: nn.Module, spec: TargetSpec) -> list[LoRAModule]:
         # Loaded files decide for themselves whether they contain conv LoRAs.
-        include_conv = self._modules_dim is not None or bool(self.conv_lora_dim) or self._block_ranks is not None
+        include_conv = self._modules_dim is not None or bool(self.conv_lora_dim) or \
+            getattr(self._block_ranks, "include_conv", self._block_ranks is not None)
         loras = []
         for target in find_targets(root, spec, include_conv):
             rank = self._rank_for(target)
@@ -438,21 +440,11 @@ def create_network(
         unet_spec=variant.spec(SD_UNET, unet),
         text_encoder_spec=variant.spec(CLIP_TEXT),
         module_class=variant.module_class,
-        block_ranks=_block_ranks(args, unet, dim, network_alpha, conv_dim, conv_alpha),
+        block_ranks=block_plan(unet, variant.alpha, dim, network_alpha, conv_dim, conv_alpha,
+                               *map(args.get, BLOCK_KEYS)),
     )
     network.set_loraplus_lr_ratio(*(args.get(k) for k in LORAPLUS_KEYS))
     return variant.attach(network)
-
-
-def _block_ranks(args: Mapping[str, object], unet: nn.Module | None, dim: int, alpha: float | None,
-                 conv_dim: int | None, conv_alpha: float | None):
-    keys = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
-    if unet is None or not any(args.get(k) is not None for k in keys) or not hasattr(unet, "config"):
-        return None
-    from networks.block_dims import block_rank_fn
-
-    return block_rank_fn(unet, dim, alpha if alpha is not None else DEFAULT_ALPHA, conv_dim, conv_alpha,
-                         *(args.get(k) for k in keys))
 
 
 def create_network_from_weights(
@@ -479,6 +471,7 @@ def create_network_from_weights(
 
     neuron_dropout = kwargs.pop("neuron_dropout", None)
     args = parse_network_args(kwargs)
+    reject_for_weights(*map(args.get, LR_KEYS))  # the file decides the modules: refused, not ignored
     variant, lora_sd = Variant.from_weights(args, weights_sd)
     modules_dim, modules_alpha = ranks_from_weights(lora_sd)
     network = LoRANetwork(

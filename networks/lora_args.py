@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 
 from library.errors import UserError, did_you_mean
+from networks.block_lr import parse_lr_weights, parse_mid_lr_weight
 
 
 def _positive_int(value: str) -> int:
@@ -30,6 +32,12 @@ def _float_list(value: str) -> list[float]:
     return [float(v) for v in str(value).split(",") if v.strip()]
 
 
+def _non_negative_float(value: str) -> float:
+    if not 0.0 <= float(value) < float("inf"):
+        raise ValueError("must be >= 0")
+    return float(value)
+
+
 def _probability(value: str) -> float:
     if not 0.0 <= float(value) < 1.0:
         raise ValueError("must be in [0, 1)")
@@ -50,6 +58,9 @@ def _names(value: str) -> tuple[str, ...]:
     return names
 
 
+_LR_WEIGHTS = ("comma-separated numbers, one per UNet %s block (12 for SD 1.x/2.x, 9 for SDXL), one number for "
+               "all of them, or a preset sine, cosine, linear, reverse_linear or zeros, optionally +number")
+
 # key → (parser, what it expects). A later option (block_dims, loraplus_lr_ratio, ...) is one more row.
 NETWORK_ARGS: dict[str, tuple[Callable[[str], object], str]] = {
     "conv_dim": (_positive_int, "an integer >= 1"),
@@ -66,6 +77,11 @@ NETWORK_ARGS: dict[str, tuple[Callable[[str], object], str]] = {
     "loraplus_lr_ratio": (_positive_float, "a number > 0 (LoRA+: lora_up learns this many times faster)"),
     "loraplus_unet_lr_ratio": (_positive_float, "a number > 0 (LoRA+ ratio for the UNet / model only)"),
     "loraplus_text_encoder_lr_ratio": (_positive_float, "a number > 0 (LoRA+ ratio for the text encoders only)"),
+    # block learning rates (networks/block_lr.py); these parsers raise their own, more precise UserErrors
+    "down_lr_weight": (partial(parse_lr_weights, key="down_lr_weight"), _LR_WEIGHTS % "input"),
+    "mid_lr_weight": (parse_mid_lr_weight, "one number (the middle block's weight), or three (middle_block.0/.1/.2)"),
+    "up_lr_weight": (partial(parse_lr_weights, key="up_lr_weight"), _LR_WEIGHTS % "output"),
+    "block_lr_zero_threshold": (_non_negative_float, "a number >= 0 (blocks weighted at or below it get no LoRA)"),
 }
 
 

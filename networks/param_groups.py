@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from library.errors import UserError
+from networks.block_lr import block_lr_groups
 
 
 def param_groups(network: Any, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
@@ -14,7 +15,9 @@ def param_groups(network: Any, text_encoder_lr: float | Sequence[float] | None, 
 
     A None rate falls back to ``default_lr``; a rate of 0 freezes that part and leaves its
     group out. ``text_encoder_lr`` may be a sequence (one rate per encoder, SDXL). With a LoRA+
-    ratio for a part, its up matrices get their own group at ``lr * ratio``.
+    ratio for a part, its up matrices get their own group at ``lr * ratio``. With block learning
+    rates, the UNet gets a group per block ("unet IN01", "unet MID", ...) at ``lr * weight`` (LoRA+
+    up matrices: ``lr * weight * ratio``).
     """
     groups: list[dict] = []
     descriptions: list[str] = []
@@ -55,5 +58,15 @@ def param_groups(network: Any, text_encoder_lr: float | Sequence[float] | None, 
         if isinstance(text_encoder_lr, Sequence):
             text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
         add(network.text_encoder_loras, text_encoder_lr, "textencoder")
-    add(network.unet_loras, unet_lr, "unet")
+    blocks = block_lr_groups(network)
+    if blocks is None:
+        add(network.unet_loras, unet_lr, "unet")
+        return groups, descriptions
+    # block learning rates (networks/block_lr.py): one group (LoRA+: two) per UNet block, at lr × its weight
+    lr = default_lr if unet_lr is None else unet_lr
+    if lr is None and blocks:
+        raise UserError("down_lr_weight / mid_lr_weight / up_lr_weight scale the UNet learning rate: "
+                        "set --unet_lr or --learning_rate")
+    for label, weight, loras in blocks:
+        add(loras, lr * weight, f"unet {label}")
     return groups, descriptions

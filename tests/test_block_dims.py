@@ -48,3 +48,20 @@ def test_wrong_number_of_block_dims_names_the_count(models):
         create_network(1.0, 4, 1.0, None, te, unet, block_dims="1,2,3")
     with pytest.raises(UserError, match="block_dims"):
         create_network(1.0, 4, 1.0, None, te, unet, block_dims="1,x")
+
+
+def test_block_dims_alone_keep_the_plain_module_set(models):
+    te, unet = models
+    # as sd-scripts: without conv_dim / conv_block_dims the ResNets (time_emb_proj, conv_shortcut) get no LoRA
+    plain = create_network(1.0, 4, 1.0, None, te, unet)
+    blocks = create_network(1.0, 4, 1.0, None, te, unet, block_dims="4,4,4,4,4,4,4,4,4")
+    assert [lo.lora_name for lo in blocks.unet_loras] == [lo.lora_name for lo in plain.unet_loras]
+    convs = create_network(1.0, 4, 1.0, None, te, unet, conv_block_dims="0,2,2,2,2,2,2,2,2")
+    assert any("resnets" in lo.lora_name for lo in convs.unet_loras)
+
+
+def test_block_dims_with_rslora_store_the_rslora_alpha(models):
+    te, unet = models
+    network = create_network(1.0, 4, 2.0, None, te, unet, use_rslora="true", block_dims="0,9,4,4,4,4,4,4,4")
+    dims = {lo.lora_dim: float(lo.alpha) for lo in network.unet_loras}
+    assert dims == {9: 2.0 * 3.0, 4: 2.0 * 2.0}  # alpha · sqrt(dim), so alpha / dim = 2 / sqrt(dim)
