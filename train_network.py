@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     data = setup.build_data(args, family, accelerator, seed)
     plan = setup.plan_steps(len(data.sampler), accumulation, args.max_train_steps, args.max_train_epochs)
     network, net_kwargs = setup.build_network(args, family, log)
-    params, _ = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+    params, lr_names = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     optimizer = create_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args)
     lr_scheduler = create_scheduler(optimizer, args.lr_scheduler, plan.max_train_steps, args.lr_warmup_steps,
                                     args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_type,
@@ -181,11 +181,11 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             if processes > 1:  # log the mean over all processes, not rank 0's share alone
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
             step_loss = step_loss.item()  # a device sync, once per optimizer step
-            lr = lr_scheduler.get_last_lr()[0]
+            lr, lr_logs = setup.learning_rates(lr_scheduler.get_last_lr(), lr_names)
             curve.append((global_step, step_loss, lr))
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"loss/current": step_loss, "lr/unet": lr, "epoch": epoch + 1,
+            accelerator.log({"loss/current": step_loss, **lr_logs, "epoch": epoch + 1,
                              **meter.rates(processes), **norm_logs}, step=global_step)
             if saves.due_at_step(global_step) and global_step < plan.max_train_steps:
                 checkpoint(saves.step_name(global_step), epoch + 1, (epoch, batches_done),

@@ -386,6 +386,17 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
     )
 
 
+def learning_rates(lrs: list[float], names: list[str] | None) -> tuple[float, dict[str, float]]:
+    """The step's main learning rate (the UNet's / model's first group) and ``lr/<group>`` for the trackers,
+    as sd-scripts names them (``lr/textencoder``, ``lr/unet``, one per block or LoRA+ group)."""
+    names = list(names or [])
+    if len(names) != len(lrs):  # a network module without group descriptions
+        names = ["unet"] if len(lrs) == 1 else [f"group{i}" for i in range(len(lrs))]
+    logs = {f"lr/{name.replace(' ', '_')}": lr for name, lr in zip(names, lrs, strict=True)}
+    main = next((lr for name, lr in zip(names, lrs, strict=True) if name.startswith("unet")), lrs[0])
+    return main, logs
+
+
 # Repeated blocks compiled one by one ("regional compilation"): each class compiles once and is
 # reused, so start-up stays short, and the Python around them (tokenizers, the loss) is not traced.
 REGION_CLASSES = ("BasicTransformerBlock", "ResnetBlock2D")  # plus every *DecoderLayer of transformers

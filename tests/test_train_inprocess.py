@@ -316,3 +316,20 @@ def test_in_json_fine_tuning_layout_trains_with_the_json_captions(tmp_path, tiny
     # --in_json without the folder it refers to is refused before anything loads
     assert train_network.main([a for a in argv if a not in ("--train_data_dir", str(tiny_images))]) == 2
     assert "--in_json needs --train_data_dir" in capsys.readouterr().err
+
+
+def test_each_parameter_group_logs_its_learning_rate(tmp_path, tiny_sd_dir, tiny_images):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from library.loss_curve import read_loss_curve
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    assert _run(tiny_sd_dir, _data_toml(tmp_path, tiny_images), out, "--max_train_steps", "2", "--unet_lr", "1e-3",
+                "--text_encoder_lr", "1e-5", "--logging_dir", str(logs)) == 0
+    events = EventAccumulator(str(next(logs.rglob("events.out.tfevents.*")).parent)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"lr/textencoder", "lr/unet"} <= scalars
+    assert events.Scalars("lr/unet")[-1].value == pytest.approx(1e-3)
+    assert events.Scalars("lr/textencoder")[-1].value == pytest.approx(1e-5)
+    # the loss curve's learning rate is the UNet's, not the first group's (the text encoder's)
+    assert read_loss_curve(out / "lora_loss.csv", up_to=10)[-1][2] == pytest.approx(1e-3)
