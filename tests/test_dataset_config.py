@@ -353,6 +353,23 @@ def test_legacy_folder_without_repeats_is_named(tmp_path):
     assert "'my images'" in str(info.value) and "N_name" in str(info.value)
 
 
+def test_in_json_layout_and_its_bad_inputs(tmp_path):
+    (tmp_path / "train").mkdir()
+    meta = tmp_path / "md.json"
+    (dataset,) = config_from_train_data_dir(DatasetDefaults(train_data_dir=tmp_path / "train", in_json=meta,
+                                                            dataset_repeats=3)).datasets
+    (subset,) = dataset.subsets
+    assert (subset.image_dir, subset.metadata_file, subset.num_repeats) == (tmp_path / "train", meta, 3)
+    with pytest.raises(UserError, match="--dataset_repeats 0"):
+        config_from_train_data_dir(DatasetDefaults(train_data_dir=tmp_path / "train", in_json=meta,
+                                                   dataset_repeats=0))
+    with pytest.raises(UserError, match="--reg_data_dir"):
+        config_from_train_data_dir(DatasetDefaults(train_data_dir=tmp_path / "train", in_json=meta,
+                                                   reg_data_dir=tmp_path / "train"))
+    with pytest.raises(UserError, match="folder not found"):
+        config_from_train_data_dir(DatasetDefaults(train_data_dir=tmp_path / "nope", in_json=meta))
+
+
 def test_legacy_zero_repeats_missing_dir_and_empty_dir(tmp_path):
     (tmp_path / "train" / "0_x").mkdir(parents=True)
     with pytest.raises(UserError, match="'0_x'"):

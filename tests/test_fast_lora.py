@@ -230,13 +230,19 @@ def test_whole_model_under_bf16_autocast_is_as_close_to_fp32_as_plain(kind):
         assert rel_err(g_fast[name], g_ref[name]) <= max(2 * rel_err(g_plain[name], g_ref[name]), 1e-2), name
 
 
-def test_compute_copies_live_for_one_forward_and_follow_updates():
+def _spied_llm():
+    """A tiny LLM with the fused op; every ComputeCopies lookup of its first LoRA's root is recorded in ``seen``."""
     model, network, inputs = _network("llm", fast=True)
     probe = network.all_loras()[0]
     copies, index = probe._copies
     seen = []
     real_lookup = copies.lookup
     copies.lookup = lambda *a: seen.append(r := real_lookup(*a)) or r
+    return model, network, inputs, probe, copies, index, seen
+
+
+def test_compute_copies_live_for_one_forward_and_follow_updates():
+    model, network, inputs, probe, copies, index, seen = _spied_llm()
     plain_model, plain_net, _ = _network("llm", fast=False)
     opts = [torch.optim.SGD(n.parameters(), lr=0.5) for n in (network, plain_net)]
     for step in range(3):
@@ -350,12 +356,7 @@ def test_fp8_stored_base_takes_the_fused_path_with_the_same_result(name):
 
 def test_fp32_uses_the_parameters_and_applies_the_scale_as_alpha():
     # no cast needed: no scaled copy of lora_up per forward (it would also be saved for backward, over PEFT)
-    model, network, inputs = _network("llm", fast=True)
-    probe = network.all_loras()[0]
-    copies, index = probe._copies
-    seen = []
-    real_lookup = copies.lookup
-    copies.lookup = lambda *a: seen.append(r := real_lookup(*a)) or r
+    model, network, inputs, probe, copies, index, seen = _spied_llm()
     _run("llm", model, inputs, autocast=False)
     down, up, alpha = seen[index]
     assert up.data_ptr() == probe.lora_up.weight.data_ptr() and down.data_ptr() == probe.lora_down.weight.data_ptr()
