@@ -47,12 +47,15 @@ def reference(module: lora.LoRAModule, base: nn.Module, x: torch.Tensor) -> tupl
 
 
 # In fp32, layers with more tokens than about their width run the merged-weight form (fast_lora.merge_pays),
-# the others add the adapter product in place: both forms are covered for Linear and 1x1 conv.
+# the others add the adapter product in place: both forms are covered for Linear and 1x1 conv, and the merged
+# form both with backward merging again and with it reusing forward's merged weight (fast_lora.keep_merged).
 LAYERS = {
     "linear": (lambda: nn.Linear(24, 40), (3, 7, 24), "linear"),
     "linear-merged": (lambda: nn.Linear(24, 40), (3, 17, 24), "linear"),
+    "linear-merged-kept": (lambda: nn.Linear(24, 40), (4, 45, 24), "linear"),
     "linear-2d": (lambda: nn.Linear(24, 40, bias=False), (5, 24), "linear"),
     "conv1x1": (lambda: nn.Conv2d(24, 40, 1), (2, 24, 5, 6), "conv1x1"),
+    "conv1x1-merged-kept": (lambda: nn.Conv2d(24, 40, 1), (2, 24, 10, 10), "conv1x1"),
     "conv1x1-in-place": (lambda: nn.Conv2d(24, 40, 1), (1, 24, 3, 2), "conv1x1"),
     "conv3x3": (lambda: nn.Conv2d(24, 40, 3, padding=1), (2, 24, 5, 6), None),
 }
@@ -71,7 +74,8 @@ def test_layer_forward_and_gradients_match_plain(name, autocast):
     if kind is not None:
         tokens = x.numel() // 24
         merged = fast_lora.merge_pays(tokens, 24, 40, torch.bfloat16 if autocast else torch.float32)
-        assert merged == (not autocast and name in ("linear-merged", "conv1x1"))
+        assert merged == (not autocast and ("merged" in name or name == "conv1x1"))
+        assert fast_lora.keep_merged(tokens, 40) == name.endswith("-kept")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         if kind is not None:  # the fused op really runs (it returns None where it does not apply)
             assert fast_lora.fast_forward(module, x) is not None
