@@ -344,11 +344,15 @@ class LoRANetwork(nn.Module):
         unexpected = sorted(set(weights_sd) - expected)
         missing = sorted(expected - set(weights_sd))
         if unexpected or missing:
+            block_lr = getattr(self._block_ranks, "lr_blocks", None) is not None
             raise UserError(
                 f"{file} does not match this network: {len(unexpected)} unexpected keys {format_keys(unexpected)}, "
                 f"{len(missing)} missing keys {format_keys(missing)}. "
                 "Was it trained with another dim/conv_dim, model or --network_train_*_only setting?"
                 " (--dim_from_weights takes the ranks from the file)"
+                + (" With down/mid/up_lr_weight, blocks weighted at or below block_lr_zero_threshold get no"
+                   " LoRA modules, so a file that has them cannot load: raise those weights above the threshold."
+                   if block_lr and unexpected else "")
             )
         try:
             return self.load_state_dict(weights_sd, strict=True)

@@ -212,6 +212,19 @@ def test_zero_threshold_drops_modules_and_their_keys(models, tmp_path):
     assert any(k.startswith("lora_te_") for k in keys)  # text encoders are unaffected
 
 
+def test_loading_a_file_with_dropped_blocks_names_the_threshold(models, tmp_path):
+    te, unet = models
+    full = create_network(1.0, 4, 1.0, None, te, unet)
+    path = tmp_path / "full.safetensors"
+    full.save_weights(str(path), None, None)
+    dropped = create_network(1.0, 4, 1.0, None, te, unet, down_lr_weight="1,0.05,1,1", block_lr_zero_threshold="0.1")
+    with pytest.raises(UserError, match=r"full\.safetensors does not match.*block_lr_zero_threshold"):
+        dropped.load_weights(str(path))
+    with pytest.raises(UserError) as plain_error:  # no block lr: the hint is not given
+        create_network(1.0, 8, 1.0, None, te, unet).load_weights(str(path))
+    assert "block_lr_zero_threshold" not in str(plain_error.value)
+
+
 def test_zero_weight_drops_a_block_at_the_default_threshold(models):
     te, unet = models
     network = create_network(1.0, 4, 1.0, None, te, unet, mid_lr_weight="0")
