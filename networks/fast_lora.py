@@ -11,7 +11,8 @@ the big tensors (the activations ``x`` and ``y`` and their gradients) are touche
   (autocast alone casts it twice), and the adapter weights are cast once per model forward for all modules
   together (:class:`ComputeCopies`, two multi-tensor kernels) instead of per call;
 - the custom :class:`torch.autograd.Function` saves ``x``, the small ``h = A x`` and references to the
-  weights; it never saves the base output, and the frozen base weight gets no gradient.
+  weights (in fp32 also the merged weight where it is small, :func:`keep_merged`); it never saves the base
+  output, and the frozen base weight gets no gradient.
 
 Gradients: with ``g = dL/dy``, ``dL/dh = B_s^T g``; ``dL/dx = W^T g + A^T (B_s^T g)``; ``dL/dA = (B_s^T g) x^T``;
 ``dL/dB = s · g h^T``. Applies to ``nn.Linear`` and 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) with
