@@ -17,7 +17,7 @@ the big tensors (the activations ``x`` and ``y`` and their gradients) are touche
 Gradients: with ``g = dL/dy``, ``dL/dh = B_s^T g``; ``dL/dx = W^T g + A^T (B_s^T g)``; ``dL/dA = (B_s^T g) x^T``;
 ``dL/dB = s · g h^T``. Applies to ``nn.Linear`` and 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) with
 their own forward, in eager mode, without element/rank dropout; everything else (kxk convs, quantized layers,
-dropouts, ``torch.compile``, a base weight that trains) takes the plain path in networks/lora.py, which
+dropouts, ``torch.compile``, a base weight or bias that trains) takes the plain path in networks/lora.py, which
 ``torch.compile`` traces without graph breaks.
 """
 
@@ -163,29 +163,42 @@ def keep_merged(tokens: int, out_features: int) -> bool:
     return 4 * out_features <= tokens
 
 
-def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
-    return t if factor == 1.0 else t.mul_(factor)
+def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha · a @ b``; the factor goes on the small result."""
+    out = torch.mm(a, b)
+    return out if alpha == 1.0 else out.mul_(alpha)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 class _LinearLoRA(torch.autograd.Function):
-    """``F.linear(x, W, b) + (x A^T) B_s^T`` for a frozen ``W`` (see the module docstring for the gradients)."""
+    """``F.linear(x, W, b) + (x A^T) B_s^T`` for a frozen ``W`` (see the module docstring for the gradients).
+
+    Autograd sees only ``x`` and the two adapter parameters; everything else (the frozen weight and bias, the
+    compute copies, the scales) rides in ``rest``: fewer inputs are fewer per-call checks, which matters when
+    a model has hundreds of adapted layers.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale, alpha):  # noqa: ARG004  (down/up: grads)
+    def forward(ctx, x, down, up, rest):  # noqa: ARG004  (down/up: their gradients are returned)
+        weight, bias, down_c, up_s, scale, alpha = rest
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        b = None if bias is None else bias.to(dtype)
+        b = None if bias is None else _cast(bias, dtype)
+        w = _cast(weight, dtype)
         tokens, out_features = x2.shape[0], weight.shape[0]
         merged = merge_pays(tokens, x2.shape[1], out_features, dtype)
-        h = torch.mm(x2, down_c.t())
+        h = F.linear(x2, down_c)
         kept = None
         if merged:
-            w = torch.addmm(weight.to(dtype), up_s, down_c, alpha=alpha)
+            w = torch.addmm(w, up_s, down_c, alpha=alpha)
             out = F.linear(x, w, b)
             kept = w if keep_merged(tokens, out_features) else None
         else:
-            out = F.linear(x, weight.to(dtype), b)
-            out.view(-1, out.shape[-1]).addmm_(h, up_s.t(), alpha=alpha)
+            out = F.linear(x, w, b)
+            out.view(-1, out_features).addmm_(h, up_s.t(), alpha=alpha)
         ctx.save_for_backward(x2, weight, down_c, up_s, h, kept)
         ctx.scale, ctx.alpha, ctx.x_shape, ctx.merged = scale, alpha, x.shape, merged
         return out
@@ -197,41 +210,43 @@ class _LinearLoRA(torch.autograd.Function):
         alpha = ctx.alpha
         gh = torch.mm(g2, up_s)  # dL/dh / alpha: small, (tokens, r); alpha goes on the small results below
         grad_x = grad_down = grad_up = None
-        if ctx.needs_input_grad[0]:
+        needs = ctx.needs_input_grad
+        if needs[0]:
             if ctx.merged:  # W^T g + A^T (B_s^T g) = (W + B_s A)^T g
-                merged = kept if kept is not None else torch.addmm(weight.to(g2.dtype), up_s, down_c, alpha=alpha)
+                merged = kept if kept is not None else torch.addmm(_cast(weight, g2.dtype), up_s, down_c, alpha=alpha)
                 grad_x = torch.mm(g2, merged).view(ctx.x_shape)
             else:
-                gx = torch.mm(g2, weight.to(g2.dtype))
+                gx = torch.mm(g2, _cast(weight, g2.dtype))
                 grad_x = gx.addmm_(gh, down_c, alpha=alpha).view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_down = _scaled(torch.mm(gh.t(), x2), alpha)
-        if ctx.needs_input_grad[4]:
+        if needs[1]:
+            grad_down = _mm(gh.t(), x2, alpha)
+        if needs[2]:
             # (h^T g)^T rather than g^T h: with g on the right the wide operand streams row-major (1.6-1.9x faster
             # on a CPU for out >> r); autograd lays the transposed result out like the parameter.
-            grad_up = _scaled(torch.mm(h.t(), g2).t(), ctx.scale)
-        return grad_x, None, None, grad_down, grad_up, None, None, None, None
+            grad_up = _mm(h.t(), g2, ctx.scale).t()
+        return grad_x, grad_down, grad_up, None
 
 
 class _Conv1x1LoRA(torch.autograd.Function):
     """The same for a frozen 1x1 conv on NCHW: per sample, ``y_n = W x_n + b + B_s (A x_n)`` over H·W columns."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, down_c, up_s, scale, alpha):  # noqa: ARG004
+    def forward(ctx, x, down, up, rest):  # noqa: ARG004
+        weight, bias, down_c, up_s, scale, alpha = rest
         dtype = x.dtype
         n, c, o, r = x.shape[0], x.shape[1], weight.shape[0], down_c.shape[0]
         x3 = x.reshape(n, c, -1)
-        b = None if bias is None else bias.to(dtype)
+        b = None if bias is None else _cast(bias, dtype)
         tokens = n * x3.shape[2]
         merged = merge_pays(tokens, c, o, dtype)
         h = torch.matmul(down_c.reshape(r, c), x3)  # (n, r, H·W)
         kept = None
         if merged:
-            w = torch.addmm(weight.reshape(o, c).to(dtype), up_s.reshape(o, r), down_c.reshape(r, c), alpha=alpha)
+            w = torch.addmm(_cast(weight.reshape(o, c), dtype), up_s.reshape(o, r), down_c.reshape(r, c), alpha=alpha)
             out = F.conv2d(x, w.view(o, c, 1, 1), b)
             kept = w if keep_merged(tokens, o) else None
         else:
-            out = F.conv2d(x, weight.to(dtype), b).contiguous()
+            out = F.conv2d(x, _cast(weight, dtype), b).contiguous()
             out.view(n, o, -1).baddbmm_(up_s.reshape(o, r).expand(n, o, r), h, alpha=alpha)
         ctx.save_for_backward(x3, weight, down_c, up_s, h, kept)
         ctx.scale, ctx.alpha, ctx.x_shape, ctx.merged = scale, alpha, x.shape, merged
@@ -247,27 +262,28 @@ class _Conv1x1LoRA(torch.autograd.Function):
         up2, down2 = up_s.reshape(o, r), down_c.reshape(r, c)
         gh = torch.matmul(up2.t(), g3)  # (n, r, H·W), without alpha (applied to the small results)
         grad_x = grad_down = grad_up = None
-        if ctx.needs_input_grad[0]:
-            w = weight.reshape(o, c).to(g3.dtype)
+        needs = ctx.needs_input_grad
+        if needs[0]:
+            w = _cast(weight.reshape(o, c), g3.dtype)
             if ctx.merged:
                 merged = kept if kept is not None else torch.addmm(w, up2, down2, alpha=alpha)
                 grad_x = torch.matmul(merged.t(), g3).view(ctx.x_shape)
             else:
                 grad_x = torch.matmul(w.t(), g3).baddbmm_(down2.t().expand(n, c, r), gh, alpha=alpha)
                 grad_x = grad_x.view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_down = _scaled(torch.matmul(gh, x3.transpose(1, 2)).sum(0), alpha).view(r, c, 1, 1)
-        if ctx.needs_input_grad[4]:
-            grad_up = _scaled(torch.matmul(g3, h.transpose(1, 2)).sum(0), ctx.scale).view(o, r, 1, 1)
-        return grad_x, None, None, grad_down, grad_up, None, None, None, None
+        if needs[1]:
+            grad_down = torch.matmul(gh, x3.transpose(1, 2)).sum(0).mul_(alpha).view(r, c, 1, 1)
+        if needs[2]:
+            grad_up = torch.matmul(g3, h.transpose(1, 2)).sum(0).mul_(ctx.scale).view(o, r, 1, 1)
+        return grad_x, grad_down, grad_up, None
 
 
 def fast_forward(lora: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``org(x) + multiplier · scale · up(down(x))`` through the fused op, or None where it does not apply."""
-    org = lora.org_module
-    weight = org.weight
-    if weight.requires_grad or weight.dtype not in FAST_FLOAT_DTYPES:
-        return None
+    org = lora._org[0]
+    weight, bias = org.weight, org.bias
+    if weight.requires_grad or weight.dtype not in FAST_FLOAT_DTYPES or (bias is not None and bias.requires_grad):
+        return None  # a base layer that trains needs autograd's own ops for its gradients
     conv = lora._fast == "conv1x1"
     if conv and (x.dim() != 4 or not x.is_contiguous()):
         return None
@@ -280,11 +296,11 @@ def fast_forward(lora: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if cached is not None:
         down_c, up_c, alpha = cached
     elif up.dtype == dtype:  # no cast: the scale goes into the products (ComputeCopies.refresh does the same)
-        down_c, up_c, alpha = down.detach().to(dtype), up.detach(), scale
+        down_c, up_c, alpha = _cast(down.detach(), dtype), up.detach(), scale
     else:
         down_c, up_c, alpha = down.detach().to(dtype), up.detach().to(dtype) * scale, 1.0
     fn = _Conv1x1LoRA if conv else _LinearLoRA
-    return fn.apply(x.to(dtype), weight, org.bias, down, up, down_c, up_c, scale, alpha)
+    return fn.apply(_cast(x, dtype), down, up, (weight, bias, down_c, up_c, scale, alpha))
 
 
 def lora_forward(lora: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -119,6 +119,13 @@ def test_fallbacks_stay_exact():
     lin.org_module(x).sum().backward()
     assert lin.org_module.weight.grad is not None
 
+    # A bias that trains (the weight frozen) must get its gradient too: the fused op gives none.
+    biased = adapted(nn.Linear(8, 6))
+    biased.org_module.bias.requires_grad_(True)
+    assert fast_lora.fast_forward(biased, x) is None
+    biased.org_module(x).sum().backward()
+    assert torch.allclose(biased.org_module.bias.grad, torch.full((6,), 3.0))
+
     lin.multiplier = 0.0
     assert torch.equal(lin.org_module(x), F.linear(x, lin.org_module.weight, lin.org_module.bias))
 
