@@ -257,6 +257,28 @@ def test_qlora_4bit_trains_and_saves_an_adapter_peft_loads(llm_dir, llm_data, tm
     assert torch.allclose(theirs, mine, atol=1e-4), (theirs - mine).abs().max()
 
 
+def test_qlora_gradients_do_not_change_after_a_no_grad_forward(llm_dir):
+    # bitsandbytes would switch a CPU 4-bit layer to an inference kernel without backward on its first eval
+    # no-grad forward (the packing check, a sample, validation); training must keep exact gradients.
+    def grads(warm: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        family = _family(llm_dir, load_in_4bit=True)
+        if warm:
+            family.model.eval()
+            with torch.no_grad():
+                family.model(IDS)
+        network = lora.create_network(1.0, 4, 4.0, *family.network_inputs())
+        network.apply_to(None, family.model)
+        _randomise(network)
+        family.model(IDS, labels=IDS).loss.backward()
+        return {m.lora_name: m.lora_down.weight.grad for m in network.unet_loras}
+
+    cold, warm = grads(False), grads(True)
+    assert cold.keys() == warm.keys()
+    for name in cold:
+        assert torch.allclose(cold[name], warm[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_8bit_base_and_dequantised_weights(llm_dir):
     from networks.lora_variants import dense_weight
 

@@ -30,6 +30,22 @@ _DIFFUSION_ONLY = {"vae_path": "--vae", "v2": "--v2", "v_parameterization": "--v
                    "clip_skip": "--clip_skip", "max_token_length": "--max_token_length"}
 
 
+def keep_4bit_trainable(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers off their CPU inference path; returns how many layers.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` repacks its weight for an inference-only kernel the first
+    time it runs in eval mode on an input without grad: the packing check, a sample prompt, a validation
+    batch. The repacking stays, and that kernel has no backward, so every later training step would get
+    wrong LoRA gradients through the frozen layers (bitsandbytes only warns). Training never wants it.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
     """bitsandbytes settings for QLoRA: NF4 with double quantization, or LLM.int8(); None for neither."""
     if load_in_4bit and load_in_8bit:
@@ -97,6 +113,8 @@ class LLMFamily:
             raise UserError(f"Cannot load the causal LM from {model_path}: {e}") from None
         model.requires_grad_(False)
         model.config.use_cache = False  # a KV cache only costs memory in training (and hides packing)
+        if load_in_4bit:
+            keep_4bit_trainable(model)
         kind = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
         return LLMFamily(model, tokenizer, str(Path(model_path).resolve()), seed, kind)
 
