@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     family.prepare(accelerator.device, weight_dtype, not args.network_train_unet_only, args.gradient_checkpointing,
                    torch.float32 if args.no_half_vae else weight_dtype)
     if args.fp8_base:  # before the network wraps the modules; the text encoders keep their dtype
-        n = store_in_fp8(family.network_inputs()[2], weight_dtype if weight_dtype != torch.float32 else torch.bfloat16)
+        n = store_in_fp8(family.network_inputs()[2], weight_dtype)  # computes in the model's own dtype
         log(f"--fp8_base: {n} frozen base layers stored in float8")
     data = setup.build_data(args, family, accelerator, seed)
     plan = setup.plan_steps(len(data.sampler), accumulation, args.max_train_steps, args.max_train_epochs)

@@ -266,10 +266,23 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
                          max_token_length=args.max_token_length, weight_dtype=weight_dtype_for(mixed_precision),
                          load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, allow_pickle=args.allow_pickle,
                          model_config_dir=args.model_config_dir)
+    refuse_image_only_arguments(args, getattr(family, "image_only_arguments", ()), model_path)
     for key, value in getattr(family, "network_defaults", {}).items():
         if sources.get(key) == SOURCE_DEFAULT:
             setattr(args, key, value)
     return family
+
+
+def refuse_image_only_arguments(args: argparse.Namespace, names: tuple[str, ...], model_path: str) -> None:
+    """A UserError for every argument in ``names`` set away from its default: it would do nothing for this
+    model (an LLM has no latents, noise schedule or captions) yet be recorded in the metadata as if used."""
+    from library.args import build_parser
+
+    defaults = {action.dest: action.default for action in build_parser()._actions}
+    given = [f"--{name}" for name in names if getattr(args, name, None) != defaults.get(name)]
+    if given:
+        raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to diffusion models, not to "
+                        f"the causal LM {model_path}; remove {'it' if len(given) == 1 else 'them'}.")
 
 
 def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: int):
@@ -382,7 +395,7 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
         v2=getattr(family, "v2", False), v_parameterization=family.prediction_type == "v",
         resolution=data.resolution, model_name=Path(args.pretrained_model_name_or_path).name,
         training_comment=args.training_comment, datasets=data.metadata(), tag_frequency=data.tag_frequency(),
-        switches={name: getattr(args, name, None) for name in SWITCHES},
+        switches={name: getattr(args, name, None) for name in SWITCHES} | getattr(family, "metadata_switches", {}),
     )
 
 

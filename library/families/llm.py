@@ -28,6 +28,20 @@ NETWORK_DEFAULTS = {"network_dim": 16, "network_alpha": 16.0}
 # Options of the diffusion families that mean nothing for a causal LM: a value there is a mistake.
 _DIFFUSION_ONLY = {"vae_path": "--vae", "v2": "--v2", "v_parameterization": "--v_parameterization",
                    "clip_skip": "--clip_skip", "max_token_length": "--max_token_length"}
+# Training arguments of the image trainers that do nothing for a causal LM (no latents, noise schedule,
+# captions, buckets or text encoder): train_setup refuses them when set, rather than record them unused.
+IMAGE_ONLY_ARGUMENTS = (
+    "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+    "train_data_dir", "reg_data_dir", "in_json", "dataset_repeats", "caption_extension", "shuffle_caption",
+    "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs",
+    "flip_aug", "color_aug", "random_crop", "cache_latents", "cache_latents_to_disk", "vae_batch_size",
+    "no_half_vae", "cache_text_encoder_outputs", "text_encoder_lr", "network_train_text_encoder_only",
+    "stop_text_encoder_training", "loraplus_text_encoder_lr_ratio", "prior_loss_weight", "loss_type", "huber_c",
+    "huber_schedule", "noise_offset", "noise_offset_random_strength", "multires_noise_iterations",
+    "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+    "min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "zero_terminal_snr",
+    "min_timestep", "max_timestep", "sample_sampler",
+)  # fmt: skip
 
 
 def keep_4bit_trainable(model: torch.nn.Module) -> int:
@@ -79,6 +93,8 @@ class LLMFamily:
     prediction_type: str | None = None  # no diffusion target: modelspec.prediction_type is left out
     v2: bool = False
     network_defaults: dict[str, Any] = field(default_factory=lambda: dict(NETWORK_DEFAULTS))
+    image_only_arguments: tuple[str, ...] = IMAGE_ONLY_ARGUMENTS
+    metadata_switches: dict[str, Any] = field(default_factory=lambda: {"loss_type": "cross_entropy"})
 
     @staticmethod
     def load(model_path: str, *, tokenizer_path: str | None = None, seed: int = 0, load_in_4bit: bool = False,
@@ -152,7 +168,8 @@ class LLMFamily:
             raise UserError("An LLM run needs --dataset_config: a TOML with jsonl_file or text_file subsets "
                             "(see configs/llm_example_data.toml).")
         group = load_text_dataset_config(request.dataset_config, request.defaults.batch_size)
-        group = replace_max_seq_length(group, self.default_max_seq_length)
+        group = replace_max_seq_length(group, self.default_max_seq_length,
+                                       getattr(self.model.config, "max_position_embeddings", None))
         if any(d.packing for d in group.datasets) and not self.packing_is_isolated():
             raise UserError(f"{type(self.model).__name__} lets packed samples attend to each other (it ignores "
                             "position_ids for its attention mask); set packing = false in the dataset TOML.")

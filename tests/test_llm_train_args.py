@@ -1,0 +1,61 @@
+"""train_network.py on a tiny causal LM: arguments that only make sense for images, and --fp8_base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import train_network
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    from library.tiny_llm import save_tiny_llm
+
+    return save_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-llm", seed=0)
+
+
+@pytest.fixture(scope="module")
+def data_toml(tmp_path_factory) -> Path:
+    from library.tiny_llm import write_tiny_llm_data
+
+    folder = tmp_path_factory.mktemp("llm-data")
+    data = write_tiny_llm_data(folder)
+    path = folder / "data.toml"
+    path.write_text(f'[[datasets]]\nmax_seq_length = 64\nbatch_size = 2\n  [[datasets.subsets]]\n'
+                    f'  jsonl_file = "{data["instruct"]}"\n  prompt_column = "prompt"\n'
+                    f'  response_column = "response"\n')
+    return path
+
+
+def _run(model: Path, data: Path, out: Path, *extra: str) -> int:
+    return train_network.main(["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data),
+                               "--output_dir", str(out), "--output_name", "lora", "--max_train_steps", "2",
+                               "--learning_rate", "1e-3", "--seed", "1", "--save_model_as", "safetensors", *extra])
+
+
+def test_image_only_arguments_are_refused_for_an_llm(llm_dir, data_toml, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(llm_dir, data_toml, out, "--noise_offset", "0.1", "--min_snr_gamma", "5", "--cache_latents") == 2
+    err = capsys.readouterr().err
+    assert "apply to diffusion models, not to the causal LM" in err
+    assert all(name in err for name in ("--noise_offset", "--min_snr_gamma", "--cache_latents"))
+    assert not any(out.glob("lora*")), "a refused run leaves no output"
+
+
+def test_fp8_base_without_mixed_precision_trains_an_llm(llm_dir, data_toml, tmp_path):
+    out = tmp_path / "out"
+    assert _run(llm_dir, data_toml, out, "--fp8_base") == 0
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        metadata = f.metadata()
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_up" in k)
+    # The loss an LLM trains with, not the diffusion default "l2".
+    assert metadata["ss_loss_type"] == "cross_entropy"
+    assert metadata["ss_fp8_base"] == "True"
+    assert json.loads(metadata["ss_network_args"]) is not None
