@@ -289,7 +289,7 @@ def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: in
     """The family's data for this process (sampler, loader, optional validation loader)."""
     from library.families import DataRequest
 
-    return family.build_data(DataRequest(
+    data = family.build_data(DataRequest(
         dataset_config=args.dataset_config, defaults=dataset_defaults(args), seed=seed,
         on_bad_image=args.on_bad_image, num_processes=accelerator.num_processes, rank=accelerator.process_index,
         # On a CPU device, loader processes would only take cores from the step.
@@ -299,6 +299,13 @@ def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: in
         vae_batch_size=args.vae_batch_size, device=accelerator.device,
         cache_text_encoder_outputs=args.cache_text_encoder_outputs,
         accumulation=accelerator.gradient_accumulation_steps))
+    # torch's DataLoader draws its workers' base seed from the global RNG each time an epoch's iterator
+    # starts, unless it has a generator of its own. A resumed run starts one right after the state restore,
+    # which would shift every later draw from that RNG (LoRA dropout) away from the uninterrupted run.
+    for loader in (data.loader, getattr(data, "validation_loader", None)):
+        if loader is not None and getattr(loader, "generator", None) is None:
+            loader.generator = torch.Generator().manual_seed(seed)
+    return data
 
 
 def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torch.nn.Module, dict[str, str]]:
