@@ -162,6 +162,12 @@ def find_targets(root: nn.Module, spec: TargetSpec, include_conv: bool) -> list[
                 continue
             raise ValueError(f"two modules share the LoRA name {name}: '{seen.path}' and '{path}'")
         by_name[name] = Target(name, path, module, is_kxk)
+    if spec.all_linear and not by_name:
+        conv1d = [path for path, module in root.named_modules() if type(module).__name__ == "Conv1D"]
+        if conv1d:  # GPT-2 style: an "optimizer has nothing to train" error later would not say why
+            raise UserError(f"{type(root).__name__} has no nn.Linear layer to put a LoRA on: its projections "
+                            f"({conv1d[0]}, ...) are transformers' Conv1D (GPT-2 style), which this LoRA does "
+                            "not support; use a model with Linear projections (Llama, Qwen, Mistral, Gemma, Phi).")
     return list(by_name.values())
 
 
