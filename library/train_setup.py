@@ -371,11 +371,16 @@ def validation_loss(family: Any, network: torch.nn.Module, loader: Any, accelera
     from library.data.image_data import move_batch
 
     network.eval()
+    total, weight = 0.0, 0.0
     with torch.no_grad(), accelerator.autocast():
-        losses = [family.loss(move_batch(b, accelerator.device), 0).item()
-                  for b in itertools.islice(loader, max_batches)]
+        for batch in itertools.islice(loader, max_batches):
+            # Text batches: weighted by their label tokens, so the value is the mean over every held-out token
+            # whatever the batch size (as training's loss); image batches count one each.
+            count = float(batch.get("num_label_tokens", 1))
+            total += family.loss(move_batch(batch, accelerator.device), 0).item() * count
+            weight += count
     network.train()
-    return sum(losses) / max(len(losses), 1)
+    return total / max(weight, 1.0)
 
 
 def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, plan: StepPlan, optimizer: Any,

@@ -74,3 +74,26 @@ def test_resume_with_network_dropout_is_exact(llm_dir, data_toml, tmp_path):
     a, b = load_file(str(straight / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_validation_loss_is_the_mean_over_label_tokens():
+    import contextlib
+
+    from library.train_setup import validation_loss
+
+    class Family:
+        def loss(self, batch, epoch):
+            return batch["mean"]
+
+    class Accelerator:
+        device = torch.device("cpu")
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+    batches = [{"mean": torch.tensor(1.0), "num_label_tokens": torch.tensor(1)},
+               {"mean": torch.tensor(3.0), "num_label_tokens": torch.tensor(3)}]
+    # (1 * 1 + 3 * 3) / 4 tokens, not the mean of the two batch means (2.0)
+    assert validation_loss(Family(), torch.nn.Linear(1, 1), batches, Accelerator(), None) == pytest.approx(2.5)
+    images = [{"mean": torch.tensor(1.0)}, {"mean": torch.tensor(3.0)}]
+    assert validation_loss(Family(), torch.nn.Linear(1, 1), images, Accelerator(), None) == pytest.approx(2.0)
