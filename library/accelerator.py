@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class LaunchContext:
                 yaml_config = yaml.safe_load(Path(yaml_path).read_text()) or {}
             except (OSError, yaml.YAMLError):
                 yaml_config = {}
+            if not isinstance(yaml_config, dict):  # not accelerate's YAML (e.g. a TOML given by mistake)
+                yaml_config = {}
             yaml_config.update(yaml_config.pop("dynamo_config", {}) or {})
         return LaunchContext(environ, launch_argv, yaml_config, yaml_path)
 
@@ -69,7 +72,19 @@ def _parent_accelerate_argv() -> list[str]:
         return []
     argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
     head = " ".join(argv[:4])
-    return argv if "accelerate" in head and "launch" in head else []
+    return launcher_flags(argv, sys.argv[0]) if "accelerate" in head and "launch" in head else []
+
+
+def launcher_flags(argv: list[str], script: str) -> list[str]:
+    """``argv`` of ``accelerate launch`` up to the training script: the script's own arguments (its
+    ``--config_file train.toml``, ``--mixed_precision``) are not accelerate's and must not be read as such."""
+    start = argv.index("launch") + 1 if "launch" in argv else 0
+    names = {script, os.path.abspath(script), os.path.basename(script)} if script else set()
+    for i in range(start, len(argv)):
+        arg = argv[i]
+        if arg in names or os.path.abspath(arg) in names or (arg.endswith(".py") and not arg.startswith("-")):
+            return argv[:i]
+    return argv
 
 
 def _default_accelerate_yaml() -> str | None:

@@ -112,3 +112,15 @@ def test_prepare_accelerator_refuses_tensorboard_without_dir():
 def test_settings_table_lists_sources():
     table = settings_table({"mixed_precision": Setting("bf16", "command line")})
     assert "mixed_precision" in table and "bf16" in table and "(command line)" in table
+
+
+def test_the_scripts_own_arguments_are_not_read_as_accelerates():
+    from library.accelerator import _flag_value, launcher_flags
+
+    argv = ["/usr/bin/python3", "/venv/bin/accelerate", "launch", "--num_processes", "1", "--mixed_precision", "no",
+            "train_network.py", "--config_file", "train.toml", "--mixed_precision", "bf16"]
+    flags = launcher_flags(argv, "train_network.py")
+    assert flags == argv[:7]
+    assert _flag_value(flags, "--config_file") is None  # the training TOML is not accelerate's YAML
+    assert _flag_value(flags, "--mixed_precision") == "no"
+    assert launcher_flags(argv, "/abs/path/elsewhere/train_network.py") == argv[:7]  # by the .py suffix
