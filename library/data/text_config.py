@@ -238,7 +238,16 @@ def _check_columns(values: dict[str, Any], where: str, report: _Reporter) -> Non
         values["text_column"] = DEFAULT_TEXT_COLUMN
 
 
-def replace_max_seq_length(group: TextDatasetGroup, default: int) -> TextDatasetGroup:
-    """Fill each dataset's unset max_seq_length with the model's default."""
+def replace_max_seq_length(group: TextDatasetGroup, default: int, limit: int | None = None) -> TextDatasetGroup:
+    """Fill each dataset's unset max_seq_length with the model's default; a value above ``limit`` (the
+    model's max_position_embeddings, None when unknown) is an error: positions past it were never trained
+    and, for learned position embeddings, do not exist."""
+    for d in group.datasets:
+        if limit is not None and d.max_seq_length is not None and d.max_seq_length > limit:
+            source = Path(group.source)
+            text = source.read_text(encoding="utf-8") if source.is_file() else None
+            raise _Reporter(group.source, text).error(
+                f"{d.name}.max_seq_length", f"{d.max_seq_length} is more than the model supports "
+                f"(max_position_embeddings = {limit}); set max_seq_length = {limit} or less")
     return dataclasses.replace(group, datasets=tuple(
         d if d.max_seq_length is not None else dataclasses.replace(d, max_seq_length=default) for d in group.datasets))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,7 @@ class SubsetReport:
     skipped: list[str] = field(default_factory=list)  # "file:line: reason"
     truncated: int = 0
     no_labels: int = 0
+    longest: int = 0  # tokens of the longest row before cutting, for the "no usable rows" error
 
 
 class RowError(Exception):
@@ -66,12 +68,34 @@ class RowError(Exception):
 # --- reading rows -----------------------------------------------------------------------------
 
 
+# surrogateescape decodes each byte that is not UTF-8 to one of these (valid UTF-8 never gives them)
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(line: str) -> RowError | None:
+    """The RowError for a line read with ``surrogateescape`` that held bytes which are not UTF-8, else None."""
+    found = _ESCAPED_BYTE.search(line)
+    if found is None:
+        return None
+    byte = ord(found.group()) - 0xDC00
+    return RowError(f"not UTF-8 text (byte 0x{byte:02x} at column {found.start() + 1}); re-save the file as UTF-8")
+
+
 def read_rows(subset: TextSubsetConfig):
-    """(line number, row) pairs: JSON objects for JSONL (bad JSON yields the RowError), text blocks otherwise."""
-    with open(subset.path, encoding="utf-8") as f:
+    """(line number, row) pairs: JSON objects for JSONL, text blocks otherwise; a bad line yields its RowError.
+
+    The file is read as UTF-8 with an optional BOM (Windows tools write one). Bytes that are not UTF-8
+    are escaped rather than raised, so such a line is a bad row like any other (reported or skipped
+    per ``on_bad_row``) instead of ending the read of the whole file.
+    """
+    with open(subset.path, encoding="utf-8-sig", errors="surrogateescape") as f:
         if subset.kind == "jsonl":
             for number, line in enumerate(f, start=1):
                 if not line.strip():
+                    continue
+                bad = _not_utf8(line)
+                if bad is not None:
+                    yield number, bad
                     continue
                 try:
                     row = json.loads(line)
@@ -82,15 +106,18 @@ def read_rows(subset: TextSubsetConfig):
             return
         block: list[str] = []
         start = 0
+        bad_line: tuple[int, RowError] | None = None  # the block's first undecodable line
         for number, line in enumerate(f, start=1):
             if line.strip():
                 start = start or number
                 block.append(line)
+                if bad_line is None and (bad := _not_utf8(line)):
+                    bad_line = (number, bad)
             elif block:
-                yield start, "".join(block).strip("\n")
-                block, start = [], 0
+                yield bad_line or (start, "".join(block).strip("\n"))
+                block, start, bad_line = [], 0, None
         if block:
-            yield start, "".join(block).strip("\n")
+            yield bad_line or (start, "".join(block).strip("\n"))
 
 
 def _column(row: dict, column: str, kind: type) -> Any:
@@ -162,8 +189,12 @@ class Tokenise:
         ids = list(encoded.input_ids)
         if self.subset.train_on_prompt:
             return ids, list(ids)
-        labels = [t if any(a <= start < b for a, b in spans) else IGNORE_INDEX
-                  for t, (start, _) in zip(ids, encoded.offset_mapping, strict=True)]
+        # A token that overlaps an assistant span carries answer text, so it is learnt even when it starts
+        # before the span: with a generation prompt ending in a space ("Assistant: "), the answer's first
+        # word is the token " the", which starts on the prompt's space. A zero-width token counts as one
+        # character wide.
+        labels = [t if any(start < b and max(end, start + 1) > a for a, b in spans) else IGNORE_INDEX
+                  for t, (start, end) in zip(ids, encoded.offset_mapping, strict=True)]
         return ids, labels
 
 
@@ -174,6 +205,9 @@ def _messages(row: dict, column: str) -> list[dict]:
             raise RowError(f"{column}[{i}] is not {{\"role\": str, \"content\": str}}")
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"'{column}' has no assistant message to learn")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():  # as for an empty response_column
+            raise RowError(f"{column}[{i}] is an empty assistant message")
     return messages
 
 
@@ -207,6 +241,7 @@ def tokenise_dataset(config: TextDatasetConfig, tokenizer: Any) -> tuple[list[Sa
                 report.skipped.append(where)
                 continue
             pieces = _fit(ids, labels, config.max_seq_length, chunk=subset.format == "text")
+            report.longest = max(report.longest, len(ids))
             report.truncated += subset.format != "text" and len(ids) > config.max_seq_length
             for piece_ids, piece_labels in pieces:
                 if all(label == IGNORE_INDEX for label in piece_labels[1:]):
@@ -370,12 +405,30 @@ class TextData:
         } for d in self.datasets]
 
 
+def _why_unused(subset: TextSubsetConfig, report: SubsetReport, max_seq_length: int) -> str:
+    """Why a subset gave no sample, and the fix: this is raised before the summary that lists it is printed."""
+    if report.rows == 0:
+        return f"{subset.path} is empty (no rows); add rows or remove the subset"
+    parts = []
+    if report.skipped:
+        parts.append(f"{len(report.skipped)} of {report.rows} rows are bad and skipped (first: {report.skipped[0]})")
+    if report.truncated:
+        count = f"all {report.rows}" if report.truncated == report.rows else f"{report.truncated} of {report.rows}"
+        parts.append(f"{count} rows are longer than max_seq_length={max_seq_length} tokens (longest "
+                     f"{report.longest}), so no response token is left after the cut: raise max_seq_length or "
+                     "shorten the prompts")
+    if report.no_labels > report.truncated:
+        parts.append(f"{report.no_labels - report.truncated} samples have no token to learn (a single token)")
+    return f"{subset.path}: " + ", ".join(parts)
+
+
 def build_dataset(config: TextDatasetConfig, tokenizer: Any, seed: int) -> TextDatasetData:
     samples, reports = tokenise_dataset(config, tokenizer)
+    if not samples:  # checked before the split, which would blame validation_split for it
+        why = [_why_unused(s, r, config.max_seq_length) for s, r in zip(config.subsets, reports, strict=True)]
+        raise UserError(f"{config.name}: no usable rows: " + "; ".join(why))
     train, validation = split_validation(samples, config.validation_split,
                                          config.validation_seed if config.validation_seed is not None else seed)
-    if not train:
-        raise UserError(f"{config.name}: no usable rows (see the skipped rows above or the files' contents).")
     repeats = [s for s in train for _ in range(config.subsets[s.subset].num_repeats)]
     if config.packing:
         bins = pack([len(s.input_ids) for s in repeats], config.max_seq_length)
