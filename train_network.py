@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 from library import train_setup as setup
 from library.accelerator import prepare_accelerator, settings_table
 from library.args import build_parser, check_combinations, no_op_notes
-from library.checkpoint import SavePlan, check_output_name, ensure_output_dir, refuse_to_replace
+from library.checkpoint import (
+    SavePlan,
+    check_output_name,
+    ensure_output_dir,
+    refuse_to_replace,
+    set_aside_earlier_run,
+)
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
 from library.data.image_data import move_batch
 from library.errors import UserError
@@ -51,6 +57,11 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     output_dir = ensure_output_dir(args.output_dir)
     output_name = check_output_name(args.output_name or "last")
     refuse_to_replace(output_dir, output_name, args.resume, args.overwrite)
+    if args.overwrite and not args.resume:
+        aside = set_aside_earlier_run(output_dir, output_name) if main else None
+        if aside:
+            log(f"--overwrite: the earlier run's {aside[1]} files and folders moved to {aside[0]}")
+        accelerator.wait_for_everyone()
     seed = setup.run_seed(args.seed, args.resume, output_dir, accelerator)
     torch.manual_seed(seed)
     # Read now, so that a bad prompt file stops the run before the model loads.

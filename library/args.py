@@ -325,8 +325,9 @@ def _add_saving(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_state_on_train_end", action="store_true", help="write a resumable state folder at the end")
     g.add_argument("--resume", type=str, default=None, help="a state folder, or 'latest'")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the files of an earlier run with the same --output_dir and --output_name "
-                        "(without it such a run is refused, unless it is resumed)")
+                   help="replace an earlier run with the same --output_dir and --output_name: its files (LoRAs, "
+                        "states, loss curve) move to {output_name}.replaced/ first, kept until the next "
+                        "--overwrite (without it such a run is refused, unless it is resumed)")
     g.add_argument(
         "--resume_allow_changes",
         action="store_true",

@@ -156,7 +156,8 @@ def earlier_outputs(output_dir: Path, output_name: str) -> list[Path]:
     """What an earlier run named ``output_name`` left in ``output_dir``: its LoRA files (final, epoch and step,
     any format), PEFT adapter folders, state folders and loss curve."""
     name = re.escape(output_name)
-    pattern = re.compile(rf"^{name}(-\d{{6}}|-step\d{{8}})?(-state|\.safetensors|\.ckpt|\.pt)?$|^{name}_loss\.csv$")
+    pattern = re.compile(rf"^{name}(-\d{{6}}|-step\d{{8}})?(-state|\.safetensors|\.ckpt|\.pt)?$"
+                         rf"|^{name}_loss\.(csv|png)$")
     if not output_dir.is_dir():
         return []
     return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
@@ -173,6 +174,25 @@ def refuse_to_replace(output_dir: Path, output_name: str, resume: str | None, ov
         raise UserError(f"{output_dir} already holds a run named '{output_name}' ({listed}). To continue it: "
                         "--resume latest (or a state folder); to keep it and train another: a new --output_name "
                         "or --output_dir; to replace it: --overwrite.")
+
+
+def set_aside_earlier_run(output_dir: Path, output_name: str) -> tuple[Path, int] | None:
+    """``--overwrite``: move the earlier run's files into ``{output_name}.replaced/`` before training.
+
+    Left in place, its epoch/step files and states would mix with the new run's and ``--resume latest``
+    could pick its state. Moved, not deleted: the replaced run is kept until the next ``--overwrite``.
+    Returns the folder and how many entries moved, or None when there was nothing.
+    """
+    found = earlier_outputs(output_dir, output_name)
+    if not found:
+        return None
+    aside = output_dir / f"{output_name}.replaced"
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    for path in found:
+        os.replace(path, aside / path.name)
+    return aside, len(found)
 
 
 def free_bytes(folder: Path) -> int:

@@ -315,3 +315,17 @@ def test_a_new_run_does_not_write_over_an_earlier_one(tmp_path, tiny_sd_dir, tin
     assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "2", "--learning_rate", "1",
                                     "--overwrite")) == 0
     assert (out / "lora.safetensors").read_bytes() != first and (out / "b.safetensors").is_file()
+
+
+def test_overwrite_sets_the_earlier_run_aside(tmp_path, tiny_sd_dir, tiny_images):
+    data = _data(tmp_path, tiny_images)
+    out = tmp_path / "out"
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "2", "--save_every_n_steps", "1",
+                                    "--save_state")) == 0
+    earlier = sorted(p.name for p in out.iterdir() if p.name.startswith("lora"))
+    assert "lora-step00000001.safetensors" in earlier and "lora-step00000001-state" in earlier
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "1", "--overwrite")) == 0
+    # nothing of the earlier run is left to mix with the new one (or to be found by --resume latest) ...
+    assert not list(out.glob("lora-step*")) and (out / "lora.safetensors").is_file()
+    # ... and nothing is lost: it waits in lora.replaced/ until the next --overwrite
+    assert sorted(p.name for p in (out / "lora.replaced").iterdir()) == earlier
