@@ -32,6 +32,8 @@ from networks import sgm_names
 from networks.svd import LoRAFactors, relative_difference
 
 LoRAState = dict[str, LoRAFactors]
+Magnitudes = dict[str, torch.Tensor]  # DoRA: kohya module name → magnitude (one value per output row)
+KOHYA_MAGNITUDE, PEFT_MAGNITUDES = "magnitude", ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 FORMATS = ("kohya", "diffusers", "peft", "comfyui")
 
 # --- kohya names → module paths ----------------------------------------------------------
@@ -197,28 +199,33 @@ class Namer:
 # --- reading and writing ------------------------------------------------------------------
 
 
-def read_kohya(sd: Mapping[str, torch.Tensor]) -> LoRAState:
-    """kohya tensors → state; a missing alpha means alpha = rank, as every kohya loader does."""
+def read_kohya(sd: Mapping[str, torch.Tensor]) -> tuple[LoRAState, Magnitudes]:
+    """kohya tensors → (state, DoRA magnitudes); a missing alpha means alpha = rank, as every kohya loader does."""
     names = sorted({k.split(".", 1)[0] for k in sd})
     state: LoRAState = {}
+    magnitudes = {n: sd[f"{n}.{KOHYA_MAGNITUDE}"] for n in names if f"{n}.{KOHYA_MAGNITUDE}" in sd}
     for name in names:
         down, up = sd.get(f"{name}.lora_down.weight"), sd.get(f"{name}.lora_up.weight")
         if down is None or up is None:
             raise UserError(f"{name}: needs both lora_down.weight and lora_up.weight (a LyCORIS file?)")
         alpha = sd.get(f"{name}.alpha")
         state[name] = LoRAFactors(down, up, float(alpha) if alpha is not None else float(down.shape[0]))
-    extra = set(sd) - {f"{n}.{k}" for n in names for k in ("lora_down.weight", "lora_up.weight", "alpha")}
+    known = ("lora_down.weight", "lora_up.weight", "alpha", KOHYA_MAGNITUDE)
+    extra = set(sd) - {f"{n}.{k}" for n in names for k in known}
     if extra:
         raise UserError(f"unexpected keys in a kohya LoRA: {sorted(extra)[:5]}")
-    return state
+    return state, magnitudes
 
 
-def write_kohya(state: Mapping[str, LoRAFactors], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def write_kohya(state: Mapping[str, LoRAFactors], dtype: torch.dtype | None = None,
+                magnitudes: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     out: dict[str, torch.Tensor] = {}
     for name, f in state.items():
         out[f"{name}.lora_down.weight"] = _cast(f.down, dtype)
         out[f"{name}.lora_up.weight"] = _cast(f.up, dtype)
         out[f"{name}.alpha"] = torch.tensor(float(f.alpha), dtype=dtype or torch.float32)
+        if magnitudes and name in magnitudes:
+            out[f"{name}.{KOHYA_MAGNITUDE}"] = _cast(magnitudes[name], dtype)
     return out
 
 
@@ -263,29 +270,40 @@ def _pattern_value(path: str, patterns: Mapping[str, float], default: float) -> 
 
 def read_lora_a_b(
     sd: Mapping[str, torch.Tensor], namer: Namer, prefix_attr: str, config: Mapping[str, Mapping]
-) -> LoRAState:
-    """diffusers / PEFT keys → state; ``config`` maps a component name to its LoraConfig values."""
+) -> tuple[LoRAState, Magnitudes]:
+    """diffusers / PEFT keys → (state, DoRA magnitudes); ``config`` maps a component name to its LoraConfig."""
     state: LoRAState = {}
-    for module, (down, up) in _pairs(sd, "lora_A.weight", "lora_B.weight").items():
+    magnitudes: Magnitudes = {}
+    found = {k.rsplit(".lora_magnitude_vector", 1)[0]: v for k, v in sd.items() if k.endswith(PEFT_MAGNITUDES)}
+    rest = {k: v for k, v in sd.items() if not k.endswith(PEFT_MAGNITUDES)}
+    for module, (down, up) in _pairs(rest, "lora_A.weight", "lora_B.weight").items():
         comp, path = _component_of(module, namer.family, prefix_attr)
         cfg = config.get(comp.name, {})
-        if cfg.get("use_dora"):
-            raise UserError("DoRA adapters (use_dora) have a magnitude vector a kohya LoRA cannot hold")
         rank = down.shape[0]
         local = path[len(comp.path_prefix) :] if path.startswith(comp.path_prefix) else path
         alpha = _pattern_value(local, cfg.get("alpha_pattern") or {}, float(cfg.get("lora_alpha") or rank))
         if cfg.get("use_rslora"):
             alpha = alpha * rank**0.5  # rsLoRA scales by alpha/√r; kohya always by alpha/r
         canonical = path if path.startswith(comp.path_prefix) else comp.path_prefix + path
-        state[namer.kohya_name(comp, canonical)] = LoRAFactors(down, up, alpha)
-    return state
+        name = namer.kohya_name(comp, canonical)
+        state[name] = LoRAFactors(down, up, alpha)
+        if module in found:
+            magnitudes[name] = found.pop(module)
+    if found:
+        raise UserError(f"DoRA magnitude vectors without lora_A / lora_B, e.g. {next(iter(found))}")
+    return state, magnitudes
 
 
 def write_lora_a_b(  # fmt: skip
     state: Mapping[str, LoRAFactors], namer: Namer, prefix_attr: str, fold_alpha: bool,
     dtype: torch.dtype | None = None, strip_path_prefix: bool = False,
+    magnitudes: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """state → (tensors, component name → LoraConfig values). Folding puts alpha/r into lora_B."""
+    """state → (tensors, component name → LoraConfig values). Folding puts alpha/r into lora_B.
+
+    DoRA magnitudes become ``lora_magnitude_vector`` and ``use_dora: true``; folding is exact for
+    DoRA too, since its norm uses the same scaled ``B A`` as the update.
+    """
     tensors: dict[str, torch.Tensor] = {}
     by_comp: dict[str, list[tuple[str, LoRAFactors]]] = {}
     for name, f in state.items():
@@ -298,8 +316,13 @@ def write_lora_a_b(  # fmt: skip
         up = f.up.float() * f.scale if fold_alpha else f.up
         tensors[f"{prefix}.{path}.lora_A.weight"] = _cast(f.down, dtype)
         tensors[f"{prefix}.{path}.lora_B.weight"] = _cast(up, dtype)
+        if magnitudes and name in magnitudes:
+            tensors[f"{prefix}.{path}.{PEFT_MAGNITUDES[0]}"] = _cast(magnitudes[name], dtype)
         by_comp.setdefault(comp.name, []).append((path, f))
-    return tensors, {c: _lora_config(items, fold_alpha) for c, items in by_comp.items()}
+    configs = {c: _lora_config(items, fold_alpha) for c, items in by_comp.items()}
+    for cfg in configs.values():
+        cfg["use_dora"] = bool(magnitudes)
+    return tensors, configs
 
 
 def _lora_config(items: list[tuple[str, LoRAFactors]], fold_alpha: bool) -> dict:
@@ -409,6 +432,11 @@ class LoRAFile:
     metadata: dict[str, str]
     format: str
     tensors: dict[str, torch.Tensor]  # as stored (for hashes)
+    magnitudes: Magnitudes = field(default_factory=dict)  # DoRA; empty for a plain LoRA
+
+    @property
+    def is_dora(self) -> bool:
+        return bool(self.magnitudes)
 
 
 def read_metadata(path: str) -> dict[str, str]:
@@ -421,8 +449,11 @@ def read_metadata(path: str) -> dict[str, str]:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_lora(path: str, namer: Namer | None = None) -> LoRAFile:
-    """Read a kohya / diffusers / ComfyUI ``.safetensors`` file or a PEFT folder (format detected)."""
+def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -> LoRAFile:
+    """Read a kohya / diffusers / ComfyUI ``.safetensors`` file or a PEFT folder (format detected).
+
+    DoRA is refused unless ``allow_dora``: a tool working on ΔW alone would silently drop the magnitudes.
+    """
     from pathlib import Path
 
     from library.fileio import load_safetensors
@@ -434,23 +465,32 @@ def load_lora(path: str, namer: Namer | None = None) -> LoRAFile:
         tensors = load_safetensors(p / PEFT_WEIGHTS, "adapter weights")
         config = json.loads((p / PEFT_CONFIG).read_text(encoding="utf-8"))
         namer = namer or Namer(FAMILIES["llm"])
-        comp = next(c for c in namer.family.components if c.peft_prefix)
-        state = read_lora_a_b(tensors, namer, "peft_prefix", {comp.name: config})
-        return LoRAFile(state, read_metadata(str(p / PEFT_WEIGHTS)), "peft", tensors)
-    tensors = load_safetensors(p, "LoRA")
-    metadata = read_metadata(str(p))
-    fmt = detect_format(tensors)
-    if fmt == "kohya":
-        state = read_kohya(tensors)
-    elif fmt == "diffusers":
-        configs = configs_from_diffusers_metadata(metadata)
-        state = read_lora_a_b(tensors, namer or Namer(FAMILIES["sd1"]), "diffusers_prefix", configs)
-    elif fmt == "comfyui":
-        state = read_comfy(tensors, namer or Namer(FAMILIES["sd1"]))
+        comp = next((c for c in namer.family.components if c.peft_prefix), None)
+        if comp is None:
+            raise UserError(f"{p} is a PEFT adapter folder (an LLM adapter), but the {namer.family.name} family "
+                            "has no PEFT naming; use --family llm")  # fmt: skip
+        state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {comp.name: config})
+        lora = LoRAFile(state, read_metadata(str(p / PEFT_WEIGHTS)), "peft", tensors, magnitudes)
     else:
-        namer = namer or Namer(FAMILIES["llm"])
-        state = read_lora_a_b(tensors, namer, "peft_prefix", {})
-    return LoRAFile(state, metadata, fmt, tensors)
+        tensors = load_safetensors(p, "LoRA")
+        metadata = read_metadata(str(p))
+        fmt = detect_format(tensors)
+        magnitudes: Magnitudes = {}
+        if fmt == "kohya":
+            state, magnitudes = read_kohya(tensors)
+        elif fmt == "diffusers":
+            configs = configs_from_diffusers_metadata(metadata)
+            state, magnitudes = read_lora_a_b(tensors, namer or Namer(FAMILIES["sd1"]), "diffusers_prefix", configs)
+        elif fmt == "comfyui":
+            state = read_comfy(tensors, namer or Namer(FAMILIES["sd1"]))
+        else:
+            state, magnitudes = read_lora_a_b(tensors, namer or Namer(FAMILIES["llm"]), "peft_prefix", {})
+        lora = LoRAFile(state, metadata, fmt, tensors, magnitudes)
+    if lora.is_dora and not allow_dora:
+        raise UserError(f"{path} is a DoRA adapter ({len(lora.magnitudes)} modules with a magnitude vector); "
+                        "this tool handles plain LoRAs only (tools/show.py and convert.py read DoRA, "
+                        "merge.py bakes it into a model)")  # fmt: skip
+    return lora
 
 
 def check_new_output(path: str, overwrite: bool) -> None:
@@ -465,13 +505,14 @@ def check_new_output(path: str, overwrite: bool) -> None:
 
 
 def save_kohya_file(
-    path: str, state: Mapping[str, LoRAFactors], metadata: Mapping[str, str] | None, dtype: torch.dtype | None
+    path: str, state: Mapping[str, LoRAFactors], metadata: Mapping[str, str] | None, dtype: torch.dtype | None,
+    magnitudes: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a kohya file atomically; with metadata, the sshs hashes are recomputed for these tensors."""
     from library.fileio import atomic_save_safetensors
     from library.metadata import add_hashes
 
-    tensors = write_kohya(state, dtype)
+    tensors = write_kohya(state, dtype, magnitudes)
     meta = None
     if metadata is not None:
         clean = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}

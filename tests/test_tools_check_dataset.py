@@ -88,3 +88,44 @@ def test_bad_toml_key_is_a_usage_error(tmp_path, capsys):
     toml = write_toml(tmp_path / "bad.toml", '[[datasets]]\nbatch_sise = 2\n[[datasets.subsets]]\nimage_dir = "x"\n')
     assert check_dataset.main(["--dataset_config", str(toml)]) == 2
     assert "batch_size" in capsys.readouterr().err  # the did-you-mean hint
+
+
+def llm_toml(tmp_path, extra_subset: str = "") -> tuple:
+    from library.tiny_llm import save_tiny_llm, write_tiny_llm_data
+
+    files = write_tiny_llm_data(tmp_path / "data")
+    chat = tmp_path / "data" / "chat.jsonl"
+    assert chat.is_file(), files
+    body = f"""
+[general]
+max_seq_length = 64
+[[datasets]]
+batch_size = 2
+  [[datasets.subsets]]
+  jsonl_file = "{chat}"
+  messages_column = "messages"
+  [[datasets.subsets]]
+  text_file = "{tmp_path / "data" / "corpus.txt"}"
+{extra_subset}"""
+    return write_toml(tmp_path / "llm.toml", body), save_tiny_llm(tmp_path / "model")
+
+
+def test_llm_dataset_toml_is_checked_with_the_llm_schema(tmp_path, capsys):
+    toml, model = llm_toml(tmp_path)
+    assert check_dataset.main(["--dataset_config", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "LLM text data" in out and "(chat, 1 repeats): 5 rows, 0 bad" in out
+    assert check_dataset.main(["--dataset_config", str(toml), "--pretrained_model_name_or_path", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "sequences of <= 64 tokens packed" in out and "optimizer steps per epoch:" in out
+
+
+def test_llm_dataset_bad_rows_and_keys(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    toml, _ = llm_toml(tmp_path, f'  [[datasets.subsets]]\n  jsonl_file = "{bad}"\n  messages_column = "messages"\n')
+    assert check_dataset.main(["--dataset_config", str(toml)]) == 1
+    assert f"{bad}:1: 'messages' has no assistant message" in capsys.readouterr().err
+    toml.write_text(toml.read_text(encoding="utf-8").replace("max_seq_length", "max_seq_len"), encoding="utf-8")
+    assert check_dataset.main(["--dataset_config", str(toml)]) == 2
+    assert "did you mean 'max_seq_length'" in capsys.readouterr().err

@@ -168,3 +168,28 @@ def test_ldm_names_with_a_different_layer_count_per_level():
     assert layout.to_ldm("down_blocks.0.attentions.0.proj_in") == "input_blocks.1.1.proj_in"
     assert layout.to_ldm("down_blocks.0.downsamplers.0.conv") == "input_blocks.2.0.op"
     assert layout.to_ldm("down_blocks.1.attentions.1.proj_in") == "input_blocks.4.1.proj_in"
+
+
+def llm_adapter(folder, use_dora: bool, seed: int = 0) -> dict:
+    """A tiny Llama folder and a trained-looking LoRA (or DoRA) on it, written as the trainer writes both
+    outputs: the PEFT folder and the kohya file. The network stays applied to ``model`` (our forward)."""
+    from transformers import AutoModelForCausalLM
+
+    from library.tiny_llm import save_tiny_llm
+    from networks.peft_export import write_peft_adapter
+
+    base = save_tiny_llm(folder / "base")
+    model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    args = {"use_dora": "true"} if use_dora else {}
+    network = lora.create_network(1.0, 4, 2.0, None, None, model, **args)
+    network.apply_to(None, model, apply_text_encoder=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network.unet_loras:
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=gen) * 0.05)
+            if use_dora:  # a magnitude away from ‖W‖_row, as after training
+                module.magnitude.mul_(1 + 0.2 * torch.rand(module.magnitude.shape, generator=gen))
+    peft_dir = write_peft_adapter(network, model, folder / "adapter", str(base))
+    kohya = folder / "adapter.safetensors"
+    network.save_weights(kohya, None, {"ss_network_dim": "4"})
+    return {"base": base, "model": model, "network": network, "peft": peft_dir, "kohya": kohya}

@@ -143,3 +143,40 @@ def test_llm_kohya_to_peft_loads_in_peft_and_round_trips(llama, capsys):
     assert convert.main(["--model", str(adapter), "--to", "kohya", "--save_to", str(back)]) == 0
     src, dst = state_deltas(sd), state_deltas(safetensors.torch.load_file(back))
     assert set(src) == set(dst) and all(torch.allclose(dst[n], src[n], atol=1e-6) for n in src)
+
+
+@pytest.fixture(scope="module")
+def dora(tmp_path_factory):
+    from test_tools_common import llm_adapter
+
+    return llm_adapter(tmp_path_factory.mktemp("convert_dora"), use_dora=True)
+
+
+def test_dora_kohya_to_peft_loads_in_peft_and_round_trips(dora, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "peft"
+    assert convert.main(["--model", str(dora["kohya"]), "--to", "peft", "--save_to", str(adapter),
+                         "--base_model_name_or_path", str(dora["base"])]) == 0  # fmt: skip
+    assert "DoRA magnitude verified" in capsys.readouterr().out
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(dora["base"])), str(adapter))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        want, got = dora["model"](ids).logits, peft_model.eval()(ids).logits  # our DoRA forward vs PEFT's
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+    back = tmp_path / "back.safetensors"
+    assert convert.main(["--model", str(adapter), "--to", "kohya", "--save_to", str(back)]) == 0
+    src, dst = safetensors.torch.load_file(dora["kohya"]), safetensors.torch.load_file(back)
+    assert set(src) == set(dst) and any(k.endswith(".magnitude") for k in dst)
+    assert all(torch.allclose(dst[k], src[k]) for k in src)
+
+
+@pytest.mark.parametrize("target", ["diffusers", "comfyui"])
+def test_dora_to_a_format_without_magnitudes_is_refused(dora, target, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    assert convert.main(["--model", str(dora["kohya"]), "--family", "llm", "--to", target, "--save_to", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "DoRA" in err and "--to kohya or --to peft" in err and not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -45,3 +46,60 @@ def test_llm_merge_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     code = merge.main(["--llm_model", str(tmp_path), "--models", str(tmp_path / "adapter"), "--save_to",
                        str(tmp_path / "out")])
     assert code == 2 and "not a transformers model folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dora(tmp_path_factory):
+    from test_tools_common import llm_adapter
+
+    return llm_adapter(tmp_path_factory.mktemp("merge_dora"), use_dora=True)
+
+
+@pytest.mark.parametrize("which,ratio", [("peft", 1.0), ("kohya", 0.5)])
+def test_dora_is_baked_exactly_as_the_trainer_computes_it(dora, which, ratio, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from tools import merge
+
+    out = tmp_path / "merged"
+    assert merge.main(["--llm_model", str(dora["base"]), "--models", str(dora[which]), "--ratios", str(ratio),
+                       "--save_to", str(out)]) == 0  # fmt: skip
+    assert "DoRA modules" in capsys.readouterr().out
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    dora["network"].set_multiplier(ratio)  # networks/lora_variants.py's DoRA forward, the reference
+    try:
+        with torch.no_grad():
+            want = dora["model"](ids).logits
+            got = AutoModelForCausalLM.from_pretrained(str(out))(ids).logits
+    finally:
+        dora["network"].set_multiplier(1.0)
+    assert torch.allclose(got, want, atol=2e-5), (got - want).abs().max()
+
+
+def test_dora_cannot_be_combined_into_one_lora(dora, tmp_path, capsys):
+    from tools import merge
+
+    out = tmp_path / "ab.safetensors"
+    assert merge.main(["--models", str(dora["kohya"]), str(dora["kohya"]), "--save_to", str(out)]) == 2
+    assert "DoRA" in capsys.readouterr().err and not out.exists()
+
+
+def test_llm_merge_keeps_the_model_dtype(tmp_path):
+    from safetensors import safe_open
+    from test_tools_common import llm_adapter
+    from transformers import AutoModelForCausalLM
+
+    from tools import merge
+
+    plain = llm_adapter(tmp_path, use_dora=False)
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(plain["base"]), dtype=torch.bfloat16).save_pretrained(bf16)
+    out = tmp_path / "merged"
+    assert merge.main(["--llm_model", str(bf16), "--models", str(plain["peft"]), "--save_to", str(out)]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    out32 = tmp_path / "merged32"
+    assert merge.main(["--llm_model", str(bf16), "--models", str(plain["peft"]), "--save_to", str(out32),
+                       "--save_precision", "float"]) == 0  # fmt: skip
+    with safe_open(str(out32 / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}

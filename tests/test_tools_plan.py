@@ -315,3 +315,16 @@ def test_llm_suggestions_list_only_switches_that_save_memory(llm_dir):
     assert labels and "--cache_latents" not in labels and "--network_train_unet_only" not in labels
     totals = [e.total for _, e in tips]
     assert totals == sorted(totals, reverse=True) and totals[0] < est.total
+
+
+def test_llm_default_rank_is_the_trainers(llm_dir, capsys):
+    from library.families.llm import NETWORK_DEFAULTS
+
+    args = ["--pretrained_model_name_or_path", str(llm_dir), "--max_seq_length", "32", "--json"]
+    assert plan.main(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["input"]["network_dim"] == NETWORK_DEFAULTS["network_dim"] == 16
+    expected = plan.estimate(plan.PlanInput(str(llm_dir), seq_len=32, network_dim=16)).lora_param_count
+    assert info["estimate"]["lora_param_count"] == expected
+    assert plan.main([*args, "--network_dim", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["input"]["network_dim"] == 4

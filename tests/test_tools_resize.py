@@ -106,3 +106,12 @@ def test_bad_dynamic_param_is_a_user_error(source, tmp_path, capsys):
                         "--dynamic_method", "sv_fro", "--dynamic_param", "2"])  # fmt: skip
     assert code == 2 and "fraction" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_dora_file_is_refused_not_stripped(tmp_path, capsys):
+    from test_tools_common import llm_adapter
+
+    dora = llm_adapter(tmp_path, use_dora=True)
+    out = tmp_path / "small.safetensors"
+    assert resize.main(["--model", str(dora["kohya"]), "--save_to", str(out), "--new_rank", "2"]) == 2
+    assert "DoRA adapter" in capsys.readouterr().err and not out.exists()

@@ -58,3 +58,43 @@ def test_tampered_tensor_fails_hash_check(lora_file, tmp_path, capsys):
 def test_missing_file_is_a_user_error(tmp_path, capsys):
     assert show.main(["--model", str(tmp_path / "nope.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dora(tmp_path_factory):
+    from test_tools_common import llm_adapter
+
+    return llm_adapter(tmp_path_factory.mktemp("show_dora"), use_dora=True)
+
+
+def test_peft_folder_is_read_as_an_llm_adapter_without_family(dora, capsys):
+    # README writes the path positionally; --model is the same thing
+    assert show.main([str(dora["peft"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "peft" and info["modules"] == len(dora["network"].unet_loras)
+    assert show.main(["--model", str(dora["peft"]), "--no_modules"]) == 0
+    assert "format: peft (DoRA)" in capsys.readouterr().out
+
+
+def test_peft_folder_with_a_family_without_peft_names_is_a_user_error(dora, capsys):
+    assert show.main(["--model", str(dora["peft"]), "--family", "sd1"]) == 2
+    assert "use --family llm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["kohya", "peft"])
+def test_dora_files_list_their_magnitudes(dora, which, capsys):
+    assert show.main([str(dora[which]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dora"] is True
+    module = dora["network"].unet_loras[0]
+    row = next(r for r in info["module_table"] if r["name"] == module.lora_name)
+    assert row["magnitude_norm"] == pytest.approx(float(module.magnitude.detach().norm()), rel=1e-6)
+    assert show.main([str(dora[which])]) == 0
+    assert "|m|" in capsys.readouterr().out
+
+
+def test_path_is_needed_once(capsys):
+    with pytest.raises(SystemExit):
+        show.main([])
+    with pytest.raises(SystemExit):
+        show.main(["a.safetensors", "--model", "b.safetensors"])

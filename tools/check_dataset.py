@@ -10,6 +10,14 @@ extensions that do exist next to the images), corrupt files; then the bucket tab
 per epoch for the given batch size, accumulation and process count. Exit status 0 when the
 trainer would start, 1 when it would stop (the reasons are printed), 2 for a bad command line
 or TOML.
+
+An LLM dataset TOML (jsonl_file / text_file subsets, max_seq_length, ...; see README "LLMs") is
+recognised by its keys and checked with the LLM schema: every row is read and its columns
+checked. With --pretrained_model_name_or_path (only the tokenizer and config.json are read,
+no weights) the rows are also tokenised and packed as in training, giving samples, tokens
+and steps:
+
+    python tools/check_dataset.py --dataset_config llm_data.toml --pretrained_model_name_or_path my-llm
 """
 
 from __future__ import annotations
@@ -23,10 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from library.data import text_config  # noqa: E402
 from library.data.captions import caption_path  # noqa: E402
 from library.data.images import IMAGE_EXTENSIONS, ImageCaptionDataset, list_images  # noqa: E402
 from library.data.sampler import steps_per_epoch  # noqa: E402
 from library.dataset_config import (  # noqa: E402
+    ANY_LEVEL_KEYS,
+    DATASET_KEYS,
+    SUBSET_KEYS,
     DatasetDefaults,
     DatasetGroupConfig,
     SubsetConfig,
@@ -58,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on_bad_image", choices=("error", "skip"), default="error",
                    help="as the trainer: corrupt images stop the run (error) or are left out (skip)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (decides a validation split, as in training)")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="LLM datasets: the model folder whose tokenizer tokenises and packs the rows")  # fmt: skip
     return p
 
 
@@ -150,8 +164,12 @@ def step_summary(built: list[ImageCaptionDataset], args: argparse.Namespace, pro
     if len(batch_sizes) > 1:
         problems.append(f"datasets with different batch_size ({sorted(batch_sizes)}) are not supported")
         return []
-    batch = batch_sizes.pop()
     buckets = [(i, *b) for i, d in enumerate(built) for b in d.buckets]  # as library/data/image_data.py
+    return steps_lines(buckets, batch_sizes.pop(), args, problems)
+
+
+def steps_lines(buckets: list, batch: int, args: argparse.Namespace, problems: list[str]) -> list[str]:
+    """Batches and optimizer steps per epoch as the trainer's sampler counts them."""
     accumulation = args.gradient_accumulation_steps
     batches = steps_per_epoch(buckets, batch, args.num_processes, accumulation)  # as the trainer's sampler
     try:
@@ -170,14 +188,132 @@ def step_summary(built: list[ImageCaptionDataset], args: argparse.Namespace, pro
     ]
 
 
+# --- LLM dataset TOMLs (library/data/text_config.py) ---------------------------------------
+
+# Keys only the LLM schema has: one of them anywhere means the TOML is an LLM dataset.
+TEXT_ONLY_KEYS = frozenset(
+    (set(text_config.DATASET_KEYS) | set(text_config.ANY_LEVEL_KEYS) | set(text_config.SUBSET_KEYS))
+    - (set(DATASET_KEYS) | set(ANY_LEVEL_KEYS) | set(SUBSET_KEYS))
+)
+
+
+def is_text_dataset_toml(path: str) -> bool:
+    """Whether a dataset TOML uses LLM keys (jsonl_file, max_seq_length, ...); unreadable files are not
+    decided here, the image loader reports them."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    tables = [data.get("general")] if isinstance(data.get("general"), dict) else []
+    for dataset in data.get("datasets") or []:
+        if isinstance(dataset, dict):
+            tables.append(dataset)
+            tables += [t for t in dataset.get("subsets") or [] if isinstance(t, dict)]
+    return any(key in TEXT_ONLY_KEYS for table in tables for key in table)
+
+
+def row_problem(subset: text_config.TextSubsetConfig, row: object) -> str | None:
+    """What the trainer would say about a row before tokenising it (None: a usable row)."""
+    from library.data.text_data import RowError, _column, _messages
+
+    try:
+        if isinstance(row, RowError):
+            raise row
+        if subset.format == "chat":
+            _messages(row, subset.messages_column)
+        elif subset.format == "instruct":
+            _column(row, subset.prompt_column, str), _column(row, subset.response_column, str)
+        elif not isinstance(row, str):
+            _column(row, subset.text_column, str)
+    except RowError as e:
+        return str(e)
+    return None
+
+
+def survey_text_subset(subset: text_config.TextSubsetConfig, problems: list[str]) -> list[str]:
+    """Rows and bad rows of one file, with the trainer's messages; bad rows stop it unless on_bad_row = "skip"."""
+    from library.data.text_data import read_rows
+
+    rows, bad = 0, []
+    for line, row in read_rows(subset):
+        rows += 1
+        why = row_problem(subset, row)
+        if why is not None:
+            bad.append(f"{subset.path}:{line}: {why}")
+    lines = [f"  {subset.name}: {subset.path} ({subset.format}, {subset.num_repeats} repeats): {rows} rows, "
+             f"{len(bad)} bad"]  # fmt: skip
+    lines += [f"    bad row {where}" for where in bad[:10]]
+    if len(bad) > 10:
+        lines.append(f"    ... and {len(bad) - 10} more bad rows")
+    if rows == 0:
+        problems.append(f"{subset.name}: {subset.path} is empty (no rows)")
+    elif bad and subset.on_bad_row == "error":
+        problems.append(f"{bad[0]} ({subset.name}; set on_bad_row = \"skip\" to skip such rows)")
+    return lines
+
+
+def check_text(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The LLM schema, every row, and with a tokenizer the samples, packing and steps the trainer would get."""
+    group = text_config.load_text_dataset_config(args.dataset_config, args.train_batch_size)
+    lines, problems = [f"dataset config: {group.source} (LLM text data)"], []
+    for dataset in group.datasets:
+        lines.append(f"{dataset.name}: max_seq_length {dataset.max_seq_length or 'model default'}, "
+                     f"packing {'on' if dataset.packing else 'off'}, batch size {dataset.batch_size}")  # fmt: skip
+        for subset in dataset.subsets:
+            lines += survey_text_subset(subset, problems)
+    if problems:
+        return lines, problems
+    if not args.pretrained_model_name_or_path:
+        lines.append("rows not tokenised: pass --pretrained_model_name_or_path (the model folder; only its tokenizer "
+                     "and config are read) for samples, tokens, packing and steps")  # fmt: skip
+        return lines, problems
+    return lines + tokenised_summary(group, args, problems), problems
+
+
+def tokenised_summary(group: text_config.TextDatasetGroup, args: argparse.Namespace, problems: list[str]) -> list[str]:
+    """Tokenise and pack as library/families/llm.py's build_data does, then count steps like the sampler."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from library.data.text_data import build_dataset
+    from library.families.llm import DEFAULT_MAX_SEQ_LENGTH
+
+    model = args.pretrained_model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        positions = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--pretrained_model_name_or_path {model}: cannot read its tokenizer / config.json "
+                        f"({e}); give the model folder") from None
+    # the LLM family's default_max_seq_length, from config.json instead of the loaded model
+    default = min(DEFAULT_MAX_SEQ_LENGTH, positions) if positions else DEFAULT_MAX_SEQ_LENGTH
+    try:
+        group = text_config.replace_max_seq_length(group, default, positions)
+        datasets = [build_dataset(d, tokenizer, args.seed) for d in group.datasets]
+    except UserError as e:
+        problems.append(str(e))
+        return []
+    lines = [line for d in datasets for line in d.summary()]
+    batch_sizes = {d.config.batch_size for d in datasets}
+    if len(batch_sizes) > 1:
+        problems.append(f"datasets with different batch_size ({sorted(batch_sizes)}) are not supported")
+        return lines
+    buckets = [i for i, d in enumerate(datasets) for _ in d.sequences]  # as build_text_data: one per dataset
+    return lines + steps_lines(buckets, batch_sizes.pop(), args, problems)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args)
+        if args.dataset_config and is_text_dataset_toml(args.dataset_config):
+            lines, problems = check_text(args)
+        else:
+            config = load_config(args)
+            lines, problems = check(config, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    lines, problems = check(config, args)
     print("\n".join(lines))
     if problems:
         print("\nthe trainer would stop:", file=sys.stderr)

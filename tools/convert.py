@@ -13,6 +13,8 @@ otherwise), and the module sets must be equal: a file that would load "without e
 with no effect" is never written silently. Alpha: --alpha fold multiplies alpha/r into lora_B
 (every consumer gets the right scale), --alpha keep stores it in the diffusers
 ``lora_adapter_metadata`` / PEFT ``adapter_config.json`` (default: fold for diffusers, keep for peft).
+DoRA adapters convert between kohya (``.magnitude``) and PEFT (``lora_magnitude_vector``,
+``use_dora``), magnitudes checked too; diffusers and ComfyUI output is refused for them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from library.lora_formats import (  # noqa: E402
     PEFT_WEIGHTS,
     PRECISIONS,
     Family,
-    LoRAState,
+    LoRAFile,
     Namer,
     UNetLayout,
     check_new_output,
@@ -51,6 +53,7 @@ from library.lora_formats import (  # noqa: E402
     write_comfy,
     write_lora_a_b,
 )
+from networks.svd import relative_difference  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -148,11 +151,14 @@ def _clip_probe() -> torch.nn.Module:
                                             num_hidden_layers=1, vocab_size=10))  # fmt: skip
 
 
-def write_output(state: LoRAState, meta: dict[str, str], args: argparse.Namespace, namer: Namer,
-                 dtype: torch.dtype) -> None:  # fmt: skip
-    kept = {k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec."))}
+def write_output(source: LoRAFile, args: argparse.Namespace, namer: Namer, dtype: torch.dtype) -> None:
+    state, magnitudes = source.state, source.magnitudes
+    kept = {k: v for k, v in source.metadata.items() if k.startswith(("ss_", "modelspec."))}
+    if magnitudes and args.to in ("diffusers", "comfyui"):
+        raise UserError(f"{args.model} is a DoRA adapter and the {args.to} format has no place for its magnitude "
+                        "vectors (dropping them would change what it does); use --to kohya or --to peft")  # fmt: skip
     if args.to == "kohya":
-        save_kohya_file(args.save_to, state, kept, dtype)
+        save_kohya_file(args.save_to, state, kept, dtype, magnitudes)
     elif args.to == "comfyui":
         atomic_save_safetensors(write_comfy(state, namer, dtype), args.save_to, kept)
     elif args.to == "diffusers":
@@ -164,7 +170,7 @@ def write_output(state: LoRAState, meta: dict[str, str], args: argparse.Namespac
         atomic_save_safetensors(tensors, args.save_to, {**kept, **diffusers_metadata(configs)})
     else:
         fold = (args.alpha or "keep") == "fold"
-        tensors, configs = write_lora_a_b(state, namer, "peft_prefix", fold, dtype)
+        tensors, configs = write_lora_a_b(state, namer, "peft_prefix", fold, dtype, magnitudes=magnitudes)
         if len(configs) != 1:
             raise UserError("a PEFT folder holds one model's adapter; this LoRA spans several models")
         write_peft_folder(Path(args.save_to), tensors, peft_config(next(iter(configs.values())), args), kept,
@@ -181,21 +187,33 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--to peft writes a folder; give --save_to a folder name")
         check_new_output(args.save_to, args.overwrite)
         namer = make_namer(family, args.base_model)
-        source = load_lora(args.model, namer)
+        source = load_lora(args.model, namer, allow_dora=True)
         dtype = PRECISIONS[args.save_precision] if args.save_precision else next(iter(source.tensors.values())).dtype
-        write_output(source.state, source.metadata, args, namer, dtype)
-        result = load_lora(args.save_to, namer)
+        write_output(source, args, namer, dtype)
+        result = load_lora(args.save_to, namer, allow_dora=True)
         try:
             worst = compare_states(source.state, result.state, TOLERANCE.get(dtype, 1e-5))
+            compare_magnitudes(source.magnitudes, result.magnitudes, TOLERANCE.get(dtype, 1e-5))
         except UserError:
             _remove(Path(args.save_to))
             raise
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{source.format} -> {args.to}: {len(result.state)} modules, every ΔW verified "
+    dora = " and DoRA magnitude" if source.is_dora else ""
+    print(f"{source.format} -> {args.to}: {len(result.state)} modules, every ΔW{dora} verified "
           f"(max relative difference {worst:.1e}); saved {args.save_to}")  # fmt: skip
     return 0
+
+
+def compare_magnitudes(source: dict[str, torch.Tensor], result: dict[str, torch.Tensor],
+                       rtol: float = 1e-5) -> None:  # fmt: skip
+    """The DoRA magnitude vectors of a conversion must survive it (same modules, same values)."""
+    if set(source) != set(result):
+        raise UserError(f"conversion check failed: DoRA magnitudes of {len(source)} modules in, {len(result)} out")
+    bad = [n for n, m in source.items() if relative_difference(result[n].float(), m.float()) > rtol]
+    if bad:
+        raise UserError(f"conversion check failed: DoRA magnitudes differ in {len(bad)} modules: {bad[:5]}")
 
 
 def _remove(path: Path) -> None:

@@ -7,14 +7,17 @@
     python tools/merge.py --models a.safetensors b.safetensors --ratios 1 0.5 --save_to ab.safetensors
     python tools/merge.py --models a.safetensors b.safetensors --ratios 1 0.5 --new_rank 16 --save_to ab16.safetensors
 
-Baking adds ``ratio · (alpha/r) · up ⊗ down`` to each adapted weight, computed in float32;
+Baking adds ``ratio · (alpha/r) · up ⊗ down`` to each adapted weight, computed in float32; a
+DoRA module then rescales each output row to its magnitude, ``W' = m · (W + ΔW) / ‖W + ΔW‖_row``,
+which is exactly the trainer's DoRA forward (files are baked in the order given);
 SDXL LoRAs name the UNet with the original SGM blocks and the encoders ``lora_te1_`` /
 ``lora_te2_``, as networks.lora writes them (diffusers and ComfyUI files are read too). Every
 module of every file must exist in the model: a file for another architecture is an error, not
 a silent no-op. Combining LoRAs never averages up and down matrices separately
 (which is not the sum of the deltas): without --new_rank the ranks are concatenated, so the
 result's ΔW is exactly Σ ratio_i · ΔW_i (checked before saving); with --new_rank each
-module's sum is re-factorised by SVD and the retained energy is reported.
+module's sum is re-factorised by SVD and the retained energy is reported. DoRA files can be
+baked into a model but not combined into one LoRA (no ΔW holds the row rescaling).
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ import torch  # noqa: E402
 
 from library.diffusion_models import load_pipeline, lora_namer, pipeline_text_encoders, target_modules  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from library.lora_formats import PRECISIONS, LoRAState, check_new_output, load_lora, save_kohya_file  # noqa: E402
+from library.lora_formats import (  # noqa: E402
+    PRECISIONS,
+    LoRAState,
+    Magnitudes,
+    check_new_output,
+    load_lora,
+    save_kohya_file,
+)
 from networks.functional import merged_weight  # noqa: E402
 from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference  # noqa: E402
 
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bake into this causal LM (transformers folder) and write a full model folder")
     p.add_argument("--save_to", required=True, help="output: a folder (with --sd_model) or a .safetensors LoRA")
     p.add_argument("--save_precision", choices=sorted(PRECISIONS), default=None,
-                   help="dtype of the output (default: the model's / the first LoRA's)")  # fmt: skip
+                   help="dtype of the output (default: the model's as stored / the first LoRA's)")  # fmt: skip
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="float",
                    help="dtype the deltas are computed in (default float)")  # fmt: skip
     p.add_argument("--new_rank", type=int, default=None, help="LoRA merge: SVD to this rank instead of concatenating")
@@ -74,7 +84,8 @@ def ratios_for(args: argparse.Namespace) -> list[float]:
 
 @torch.no_grad()
 def bake(modules: dict[str, torch.nn.Module], state: LoRAState, ratio: float, source: str, device: str,
-         dtype: torch.dtype) -> int:  # fmt: skip
+         dtype: torch.dtype, magnitudes: Magnitudes | None = None) -> int:  # fmt: skip
+    """Add each module's ΔW to its weight; a DoRA module's rows are then rescaled to its magnitude."""
     missing = sorted(set(state) - set(modules))
     if missing:
         raise UserError(f"{source}: {len(missing)} modules are not in the model, e.g. {missing[:3]}; "
@@ -83,8 +94,23 @@ def bake(modules: dict[str, torch.nn.Module], state: LoRAState, ratio: float, so
         weight = modules[name].weight
         merged = merged_weight(weight.to(device, dtype), f.down.to(device, dtype), f.up.to(device, dtype),
                                f.scale, ratio)  # fmt: skip
+        if magnitudes and name in magnitudes:
+            merged = dora_rescale(merged, magnitudes[name].to(device), name, source)
         weight.copy_(merged.to(weight.device, weight.dtype))
     return len(state)
+
+
+def dora_rescale(merged: torch.Tensor, magnitude: torch.Tensor, name: str, source: str) -> torch.Tensor:
+    """``m · W' / ‖W'‖_row`` in float32: networks/lora_variants.py's DoRA forward as one weight.
+
+    The trainer computes ``m / ‖W + s·BA‖_row · (W x + s·B A x)``; a ratio scales s, as its
+    multiplier does, and the norm is taken of the weight being baked into.
+    """
+    if merged.dim() != 2 or magnitude.shape != merged.shape[:1]:
+        raise UserError(f"{source}: {name}: DoRA magnitude of shape {tuple(magnitude.shape)} does not fit "
+                        f"the weight {tuple(merged.shape)} (DoRA is defined for Linear layers)")  # fmt: skip
+    full = merged.float()
+    return full * (magnitude.float() / torch.linalg.norm(full, dim=1)).unsqueeze(1)
 
 
 def save_folder_atomically(pipe, target: Path, overwrite: bool) -> None:
@@ -116,8 +142,9 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
     namer = lora_namer(pipe.unet, text_encoders)  # diffusers / ComfyUI files are read into this model's kohya names
     dtype = PRECISIONS[args.precision]
     for path, ratio in zip(args.models, ratios, strict=True):
-        n = bake(modules, load_lora(path, namer).state, ratio, path, args.device, dtype)
-        print(f"{path}: merged {n} modules with ratio {ratio}")
+        lora = load_lora(path, namer, allow_dora=True)
+        n = bake(modules, lora.state, ratio, path, args.device, dtype, lora.magnitudes)
+        print(f"{path}: merged {n} {'DoRA ' if lora.is_dora else ''}modules with ratio {ratio}")
     if args.save_precision:
         pipe.to(PRECISIONS[args.save_precision])
     save_folder_atomically(pipe, Path(args.save_to), args.overwrite)
@@ -133,18 +160,16 @@ def merge_into_llm(args: argparse.Namespace, ratios: list[float]) -> None:
     root = Path(args.llm_model)
     if not (root / "config.json").is_file():
         raise UserError(f"--llm_model {root}: not a transformers model folder (no config.json)")
-    dtype = PRECISIONS[args.precision]
-    model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype)
+    # "auto": the dtype the model is stored in, which is also what is saved unless --save_precision
+    # says otherwise (loading a bf16 model as float32 would double the output's size).
+    model = AutoModelForCausalLM.from_pretrained(str(root), dtype="auto")
     # every Linear by its kohya name (the causal LM is passed as `unet`, so the prefix is lora_unet)
     modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)}
     for path, ratio in zip(args.models, ratios, strict=True):
-        lora = load_lora(path)
-        if any(k.endswith((".magnitude", "lora_magnitude_vector.weight")) for k in lora.tensors):
-            raise UserError(f"{path}: DoRA adapters cannot be baked by a plain weight sum yet; "
-                            "use PEFT's merge_and_unload for them")
-        n = bake(modules, lora.state, ratio, path, args.device, torch.float32)
-        print(f"{path}: merged {n} modules with ratio {ratio}")
+        lora = load_lora(path, allow_dora=True)
+        n = bake(modules, lora.state, ratio, path, args.device, PRECISIONS[args.precision], lora.magnitudes)
+        print(f"{path}: merged {n} {'DoRA ' if lora.is_dora else ''}modules with ratio {ratio}")
     if args.save_precision:
         model.to(PRECISIONS[args.save_precision])
 
@@ -236,7 +261,12 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
     if args.new_rank is not None and args.new_rank < 1:
         raise UserError("--new_rank must be at least 1")
     check_new_output(args.save_to, args.overwrite)
-    files = [load_lora(p) for p in args.models]
+    files = [load_lora(p, allow_dora=True) for p in args.models]
+    dora = [p for p, f in zip(args.models, files, strict=True) if f.is_dora]
+    if dora:
+        raise UserError(f"{dora[0]} is a DoRA adapter: its magnitude rescales each whole weight row, which no "
+                        "LoRA (a ΔW) can hold, so it cannot be combined into one; bake it into the model "
+                        "with --llm_model (or --sd_model) instead")  # fmt: skip
     states = [f.state for f in files]
     with torch.no_grad():
         merged, retained = merge_states(states, ratios, args.new_rank, args.new_conv_rank, args.device)

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--resolution", default="512", help='"512" or "768,512" (diffusion)')
     p.add_argument("--max_seq_length", type=int, default=512, help="tokens per sample (LLM)")
-    p.add_argument("--network_dim", type=int, default=4)
+    p.add_argument("--network_dim", type=int, default=None,
+                   help="LoRA rank (default: the trainer's for the model: 16 for LLMs, 4 otherwise)")
     p.add_argument("--conv_dim", type=int, default=None, help="conv LoRA rank (network_args conv_dim)")
     p.add_argument("--mixed_precision", choices=sorted(DTYPES), default="no")
     p.add_argument("--full_bf16", action="store_true")
@@ -210,12 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_network_dim(family: str) -> int:
+    """The rank train_network.py uses without --network_dim: the family's network_defaults, else networks.lora's."""
+    from networks.lora import DEFAULT_DIM
+
+    if family == "llm":
+        from library.families.llm import NETWORK_DEFAULTS
+
+        return int(NETWORK_DEFAULTS.get("network_dim", DEFAULT_DIM))
+    return DEFAULT_DIM
+
+
 def plan_from_args(args: argparse.Namespace) -> PlanInput:
-    if args.train_batch_size < 1 or args.network_dim < 1:
+    if args.train_batch_size < 1 or (args.network_dim is not None and args.network_dim < 1):
         raise UserError("--train_batch_size and --network_dim must be at least 1")
-    return PlanInput(
+    plan = PlanInput(
         model=args.pretrained_model_name_or_path, batch_size=args.train_batch_size,
-        resolution=parse_resolution(args.resolution), seq_len=args.max_seq_length, network_dim=args.network_dim,
+        resolution=parse_resolution(args.resolution), seq_len=args.max_seq_length,
+        network_dim=args.network_dim or 1,  # replaced below when not given
         conv_dim=args.conv_dim, mixed_precision=args.mixed_precision, full_half=args.full_bf16,
         gradient_checkpointing=args.gradient_checkpointing, cache_latents=args.cache_latents,
         no_half_vae=args.no_half_vae, train_text_encoder=not args.network_train_unet_only,
@@ -223,6 +236,9 @@ def plan_from_args(args: argparse.Namespace) -> PlanInput:
         model_config_dir=args.model_config_dir, tokenizer_cache_dir=args.tokenizer_cache_dir,
         allow_pickle=args.allow_pickle,
     )  # fmt: skip
+    if args.network_dim is None:  # the model's family decides, as in training
+        plan = replace(plan, network_dim=default_network_dim(resolve_model(plan).family))
+    return plan
 
 
 def describe(est: Estimate) -> list[str]:
@@ -254,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                           "fits": fits, "suggestions": [{"add": s, "total": e.total} for s, e in tips]},
                          indent=2))  # fmt: skip
         return 0
-    print(f"estimate for {source.describe()}, {est.lora_param_count:,} LoRA parameters:")
+    print(f"estimate for {source.describe()}, rank {plan.network_dim}, {est.lora_param_count:,} LoRA parameters:")
     print("\n".join(describe(est)))
     if fits is not None:
         print(f"fits in {args.vram:g} GiB (with 10% margin): {'yes' if fits else 'no'}")

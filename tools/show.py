@@ -1,11 +1,13 @@
 """Show what is inside a LoRA file: metadata, verified hashes, modules, ranks, alphas and norms.
 
-    python tools/show.py --model my_lora.safetensors
+    python tools/show.py my_lora.safetensors
     python tools/show.py --model my_lora.safetensors --json > info.json
+    python tools/show.py output/my_llm_lora          # a PEFT adapter folder (read as an LLM adapter)
 
 The sshs hashes are recomputed from the tensors and compared with the stored ones, so a file
-whose tensors were changed after hashing (or a copy truncated on the way) shows up. Exit
-status: 0, or 1 when a stored hash does not match the tensors.
+whose tensors were changed after hashing (or a copy truncated on the way) shows up. DoRA files
+list each module's magnitude vector as well. Exit status: 0, 1 when a stored hash does not
+match the tensors, 2 for an unreadable input.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from networks.svd import LoRAFactors  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True, help="LoRA file (.safetensors: kohya, diffusers, ComfyUI) or PEFT folder")
-    p.add_argument("--family", default="sd1", choices=sorted(FAMILIES), help="model family for non-kohya names")
+    p.add_argument("path", nargs="?", default=None, help="the LoRA (the same as --model)")
+    p.add_argument("--model", default=None, help="LoRA file (.safetensors: kohya, diffusers, ComfyUI) or PEFT folder")
+    p.add_argument("--family", default=None, choices=sorted(FAMILIES),
+                   help="family for non-kohya names (default: llm for PEFT folders and files, else sd1)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--no_modules", action="store_true", help="leave the per-module table out")
     return p
@@ -43,9 +47,10 @@ def delta_norm(f: LoRAFactors) -> float:
     return float(((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt()) * abs(f.scale)
 
 
-def module_rows(state: dict[str, LoRAFactors]) -> list[dict]:
+def module_rows(state: dict[str, LoRAFactors], magnitudes: dict[str, torch.Tensor] | None = None) -> list[dict]:
     rows = []
     for name, f in sorted(state.items()):
+        magnitude = (magnitudes or {}).get(name)
         kind = "conv" if f.down.dim() == 4 else "linear"
         shape = [int(f.up.shape[0]), *map(int, f.down.shape[1:])]
         if kind == "conv" and f.down.shape[2:] == (1, 1):
@@ -54,6 +59,8 @@ def module_rows(state: dict[str, LoRAFactors]) -> list[dict]:
             "name": name, "kind": kind, "shape": shape, "rank": f.rank, "alpha": f.alpha, "scale": f.scale,
             "delta_norm": delta_norm(f), "up_norm": float(f.up.float().norm()),
             "down_norm": float(f.down.float().norm()), "dtype": str(f.down.dtype).replace("torch.", ""),
+            # DoRA: the trained row norms of the merged weight (|dW| alone does not describe the change)
+            "magnitude_norm": None if magnitude is None else float(magnitude.float().norm()),
         })  # fmt: skip
     return rows
 
@@ -79,13 +86,14 @@ def metadata_checks(metadata: dict[str, str], rows: list[dict]) -> list[str]:
 
 
 def summarize(path: str, lora: LoRAFile) -> dict:
-    rows = module_rows(lora.state)
+    rows = module_rows(lora.state, lora.magnitudes)
     prefixes = Counter(r["name"].split("_")[1] if r["name"].startswith("lora_") else "?" for r in rows)
     params = sum(t.numel() for t in lora.tensors.values())
     bytes_ = sum(t.numel() * t.element_size() for t in lora.tensors.values())
     return {
         "file": path,
         "format": lora.format,
+        "dora": lora.is_dora,
         "modules": len(rows),
         "modules_by_prefix": dict(prefixes),
         "ranks": dict(sorted(Counter(r["rank"] for r in rows).items())),
@@ -108,7 +116,8 @@ def _short(value: str, limit: int = 100) -> str:
 def format_text(info: dict, with_modules: bool) -> str:
     lines = [
         f"file: {info['file']}",
-        f"format: {info['format']}, {info['modules']} modules {info['modules_by_prefix']}, "
+        f"format: {info['format']}{' (DoRA)' if info['dora'] else ''}, {info['modules']} modules "
+        f"{info['modules_by_prefix']}, "
         f"{info['parameters']:,} parameters ({info['tensor_bytes'] / 2**20:.2f} MiB, {', '.join(info['dtypes'])})",
         f"ranks: {info['ranks']}   alphas: {info['alphas']}",
     ]
@@ -129,21 +138,30 @@ def format_text(info: dict, with_modules: bool) -> str:
         lines.append("hashes: none stored")
     lines += [f"note: {n}" for n in info["notes"]]
     if with_modules:
-        lines.append(f"{'module':<72} {'kind':<7} {'shape':<16} {'rank':>4} {'alpha':>7} {'|dW|':>10}")
+        dora = f" {'|m|':>10}" if info["dora"] else ""
+        lines.append(f"{'module':<72} {'kind':<7} {'shape':<16} {'rank':>4} {'alpha':>7} {'|dW|':>10}{dora}")
         for r in info["module_table"]:
             shape = "x".join(map(str, r["shape"]))
-            lines.append(
-                f"{r['name']:<72} {r['kind']:<7} {shape:<16} {r['rank']:>4} {r['alpha']:>7g} {r['delta_norm']:>10.4g}"
-            )
+            mag = r["magnitude_norm"]
+            dora = "" if not info["dora"] else f" {'-':>10}" if mag is None else f" {mag:>10.4g}"
+            lines.append(f"{r['name']:<72} {r['kind']:<7} {shape:<16} {r['rank']:>4} {r['alpha']:>7g} "
+                         f"{r['delta_norm']:>10.4g}{dora}")  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.path is None) == (args.model is None):
+        parser.error("give the LoRA file or PEFT folder once, as a path or as --model")
+    path = args.model or args.path
     try:
-        lora = load_lora(args.model, Namer(FAMILIES[args.family]))
+        # Without --family, load_lora names by format: a PEFT folder or PEFT-named file is an LLM
+        # adapter (as in convert.py), diffusers and ComfyUI files are sd1.
+        namer = Namer(FAMILIES[args.family]) if args.family else None
+        lora = load_lora(path, namer, allow_dora=True)
         with torch.no_grad():
-            info = summarize(args.model, lora)
+            info = summarize(path, lora)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
