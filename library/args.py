@@ -305,8 +305,10 @@ def _add_saving(p: argparse.ArgumentParser) -> None:
         choices=["safetensors", "ckpt", "pt"],
         help="file format of the LoRA",
     )
-    g.add_argument("--save_every_n_epochs", type=int, default=None, help="write {name}-{epoch:06d} every N epochs")
-    g.add_argument("--save_every_n_steps", type=int, default=None, help="write {name}-step{step:08d} every N steps")
+    g.add_argument("--save_every_n_epochs", type=int, default=None,
+                   help="write {name}-{epoch:06d} every N epochs (not after the last: the final {name} file is it)")
+    g.add_argument("--save_every_n_steps", type=int, default=None,
+                   help="write {name}-step{step:08d} every N steps (not at the last: the final {name} file is it)")
     g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
     g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only the files of the last N steps")
     g.add_argument(
