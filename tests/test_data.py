@@ -280,8 +280,9 @@ def test_collate_and_summary_and_tag_frequency(tmp_path):
     assert batch["captions"] == ["sks red square", "dog"] and batch["indices"] == [0, 20]
     text = "\n".join(ds.summary())
     assert "4 training images x 5 repeats = 20 samples" in text
-    assert "1 regularisation images x 1 repeats = 1 samples" in text
-    assert "total: 5 images, 21 samples per epoch" in text and "bucket 32x32: 21 samples" in text
+    # the reg image is repeated to match the 20 training samples, as sd-scripts does
+    assert "1 regularisation images x 1 repeats = 1 samples -> 20" in text
+    assert "total: 5 images, 40 samples per epoch" in text and "bucket 32x32: 40 samples" in text
     assert ds.tag_frequency() == {
         "5_sks": {"sks blue square": 1, "sks green circle": 1, "sks red square": 1, "sks yellow circle": 1},
         "reg": {"dog": 1},

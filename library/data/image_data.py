@@ -2,8 +2,8 @@
 
 Datasets are concatenated; a sample's bucket key includes its dataset, so a batch never
 mixes datasets or buckets. Sample indices are global across datasets, and they key every
-per-sample random draw (CONTRACTS.md §3). Optional in-memory latent caching encodes every
-image once (on its owning process's share, no process waits on another).
+per-sample random draw (CONTRACTS.md §3). Optional latent caching encodes every image once
+(with flip_aug also its mirror image, as sd-scripts does), in memory or in files next to the images.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class _Concat(torch.utils.data.Dataset):
             self.offsets.append(total)
             total += len(part)
         self.total = total
+        # (dataset, image) -> latent, and its mirror image's latent for flip_aug subsets
         self.latents: dict[tuple[int, int], torch.Tensor] | None = None
+        self.flipped_latents: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return self.total
@@ -54,7 +56,9 @@ class _Concat(torch.utils.data.Dataset):
         part = self.parts[part_index]
         if self.latents is not None:
             item = part.caption_item((epoch, local))
-            item["latents"] = self.latents[(part_index, part.record_of(local))]
+            job = (part_index, part.record_of(local))
+            # the same per-sample flip decision as the pixel path (caption_item draws it)
+            item["latents"] = self.flipped_latents[job] if item["flipped"] else self.latents[job]
         else:
             item = part[(epoch, local)]
         item["index"] = index
@@ -87,18 +91,15 @@ class ImageData:
     resolution: tuple[int, int]
     validation_loader: torch.utils.data.DataLoader | None = None  # images held out by validation_split
 
-    def _count(self, reg: bool) -> int:
-        # images x num_repeats, as sd-scripts counts them for ss_num_train_images / ss_num_reg_images
-        return sum(d.config.subsets[r.subset_index].num_repeats for d in self.datasets for r in d.records
-                   if d.config.subsets[r.subset_index].is_reg == reg)
-
     @property
     def num_train_images(self) -> int:
-        return self._count(reg=False)
+        """ss_num_train_images: training images x num_repeats, reg excluded (as sd-scripts)."""
+        return sum(d.num_train_images for d in self.datasets)
 
     @property
     def num_reg_images(self) -> int:
-        return self._count(reg=True)
+        """ss_num_reg_images: reg images x their configured num_repeats, before balancing (as sd-scripts)."""
+        return sum(d.num_reg_images for d in self.datasets)
 
     def summary(self) -> str:
         return "\n".join(line for d in self.datasets for line in d.summary())
@@ -120,7 +121,9 @@ class ImageData:
         """ss_datasets: per dataset its resolution, batch size and subsets (no absolute paths)."""
         return [{
             "resolution": list(d.config.resolution), "batch_size_per_device": d.config.batch_size,
-            "enable_bucket": d.config.enable_bucket, "num_train_images": len(d.records),
+            "enable_bucket": d.config.enable_bucket,
+            # the same counts sd-scripts writes here and in ss_num_train_images / ss_num_reg_images
+            "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
             "subsets": [{"image_dir": s.image_dir.name, "num_repeats": s.num_repeats, "is_reg": s.is_reg,
                          "class_tokens": s.class_tokens} for s in d.config.subsets],
         } for d in self.datasets]
@@ -129,43 +132,74 @@ class ImageData:
     def cache_latents(self, encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
                       device: torch.device, *, to_disk: bool = False, vae_fingerprint: str = "",
                       num_processes: int = 1, rank: int = 0, barrier: Callable[[], None] | None = None) -> None:
-        """Encode every image once; augmentations that change pixels per epoch are refused.
+        """Encode every used image once (and its mirror image for flip_aug, as sd-scripts does).
 
-        In memory, every process encodes every image (no process waits on another). With
-        ``to_disk``, each process encodes its share into per-image files next to the images,
-        which are reused until the image, its bucket or the VAE changes; then all load them.
+        random_crop and color_aug change the pixels every epoch and are refused. In memory, every
+        process encodes every image (no process waits on another). With ``to_disk``, each process
+        encodes its share into per-image files next to the images, which are reused until the image,
+        its bucket or the VAE changes (a file holds the flipped latent too once flip_aug asked for
+        it, so one file serves runs with and without flip_aug); then all load them.
         """
         for part in self.datasets:
             for subset in part.config.subsets:
-                if subset.flip_aug or subset.random_crop or subset.color_aug:
-                    raise UserError(f"{subset.name}: --cache_latents cannot be combined with flip_aug, random_crop "
-                                    "or color_aug (they change the pixels every epoch); drop one of them.")
-        jobs = [(p, r) for p, part in enumerate(self.datasets) for r in range(len(part.records))]
+                if subset.random_crop or subset.color_aug:
+                    raise UserError(f"{subset.name}: --cache_latents cannot be combined with random_crop or "
+                                    "color_aug (they change the pixels every epoch); drop one of them "
+                                    "(flip_aug works: a flipped latent is cached too).")
+        # regularisation images that balancing left unused are never read, so never encoded
+        jobs = [(p, r) for p, part in enumerate(self.datasets) for r in range(len(part.records)) if part.repeats_of(r)]
         cache: dict[tuple[int, int], torch.Tensor] = {}
+        flipped: dict[tuple[int, int], torch.Tensor] = {}
         if to_disk:
             mine = [job for i, job in enumerate(jobs) if i % num_processes == rank]
-            todo = [job for job in mine if self._load_cached(job, vae_fingerprint) is None]
-            self._encode(todo, encode, batch_size, device, cache)
-            for job in todo:
-                self._save_cached(job, cache[job], vae_fingerprint)
+            stored = {job: self._load_cached(job, vae_fingerprint) or {} for job in mine}
+            for job, tensors in stored.items():
+                if "latent" in tensors:
+                    cache[job] = tensors["latent"]
+                if "latent_flipped" in tensors and self._flips(job):
+                    flipped[job] = tensors["latent_flipped"]
+            todo = [job for job in mine if job not in cache]
+            todo_flip = [job for job in mine if self._flips(job) and job not in flipped]
+            self._encode(todo, encode, batch_size, device, cache, flip=False)
+            self._encode(todo_flip, encode, batch_size, device, flipped, flip=True)
+            for job in dict.fromkeys(todo + todo_flip):
+                # a flipped latent already in the file is kept for later runs with flip_aug
+                both = {"latent": cache[job], **({"latent_flipped": flipped[job]} if job in flipped else {})}
+                self._save_cached(job, {**stored[job], **both}, vae_fingerprint)
             if barrier is not None:
                 barrier()  # every share is on disk before anyone reads the others'
             for job in jobs:
-                latent = cache.get(job)
-                cache[job] = latent if latent is not None else self._load_cached(job, vae_fingerprint)
-                if cache[job] is None:
+                if job in cache and (job in flipped or not self._flips(job)):
+                    continue  # this process's share, already in memory
+                tensors = self._load_cached(job, vae_fingerprint) or {}
+                if "latent" not in tensors or (self._flips(job) and "latent_flipped" not in tensors):
                     raise UserError(f"latent cache of {self._record(job).path} is missing after caching; "
                                     "is the image folder writable and shared by every process?")
+                cache[job] = tensors["latent"]
+                if self._flips(job):
+                    flipped[job] = tensors["latent_flipped"]
         else:
-            self._encode(jobs, encode, batch_size, device, cache)
+            self._encode(jobs, encode, batch_size, device, cache, flip=False)
+            self._encode([job for job in jobs if self._flips(job)], encode, batch_size, device, flipped, flip=True)
         self.concat.latents = cache
+        self.concat.flipped_latents = flipped
         self.loader = _make_loader(self.concat, self.sampler, 0, False)
 
     def _record(self, job: tuple[int, int]):
         return self.datasets[job[0]].records[job[1]]
 
+    def _flips(self, job: tuple[int, int]) -> bool:
+        return self.datasets[job[0]].config.subsets[self._record(job).subset_index].flip_aug
+
+    @staticmethod
+    def _seed_key(job: tuple[int, int], flip: bool) -> int:
+        # keyed on (dataset, image), so a cached latent is the same whatever the epoch; the mirror
+        # image gets its own (negative) key so its VAE sample is drawn independently
+        key = job[1] + 1_000_000 * job[0]
+        return -(key + 1) if flip else key
+
     def _encode(self, jobs: list[tuple[int, int]], encode: Callable, batch_size: int, device: torch.device,
-                cache: dict[tuple[int, int], torch.Tensor]) -> None:
+                cache: dict[tuple[int, int], torch.Tensor], *, flip: bool) -> None:
         by_bucket: dict[tuple, list[tuple[int, int]]] = {}
         for job in jobs:
             by_bucket.setdefault((job[0], self._record(job).bucket), []).append(job)
@@ -173,11 +207,12 @@ class ImageData:
         for group in by_bucket.values():
             for start in range(0, len(group), step):
                 chunk = group[start:start + step]
-                images = torch.stack([self.datasets[p].record_image(r) for p, r in chunk]).to(device)
-                # keyed on (dataset, image), so a cached latent is the same whatever the epoch
-                keys = torch.tensor([r + 1_000_000 * p for p, r in chunk])
+                images = torch.stack([self.datasets[p].record_image(r) for p, r in chunk])
+                if flip:
+                    images = images.flip(-1)  # exactly the pixels the uncached path feeds for a flipped sample
+                keys = torch.tensor([self._seed_key(job, flip) for job in chunk])
                 try:
-                    latents = encode(images, keys).cpu()
+                    latents = encode(images.to(device), keys).cpu()
                 except UserError as e:
                     if hasattr(e, "with_paths"):  # name the images, not batch positions
                         raise e.with_paths([str(self._record(job).path) for job in chunk]) from None
@@ -191,12 +226,15 @@ class ImageData:
         return record.path.with_name(f"{record.path.stem}_{w}x{h}.latent.safetensors")
 
     def _cache_key(self, job: tuple[int, int], vae_fingerprint: str) -> dict[str, str]:
+        # Whether the file holds a flipped latent is told by its tensor names, not by this key, so a
+        # file written with flip_aug stays valid without it, and one written without gets the flip added.
         record = self._record(job)
         digest = hashlib.sha256(record.path.read_bytes()).hexdigest()[:32]
         return {"image_sha256": digest, "bucket": f"{record.bucket[0]}x{record.bucket[1]}", "vae": vae_fingerprint,
-                "seed_key": str(job[1] + 1_000_000 * job[0]), "seed": str(self.datasets[job[0]].seed)}
+                "seed_key": str(self._seed_key(job, False)), "seed": str(self.datasets[job[0]].seed)}
 
-    def _load_cached(self, job: tuple[int, int], vae_fingerprint: str) -> torch.Tensor | None:
+    def _load_cached(self, job: tuple[int, int], vae_fingerprint: str) -> dict[str, torch.Tensor] | None:
+        """The file's tensors ("latent", and "latent_flipped" if cached), or None when absent or stale."""
         path = self._cache_file(job)
         if not path.is_file():
             return None
@@ -204,12 +242,12 @@ class ImageData:
             with safe_open(str(path), "pt") as f:
                 if f.metadata() != self._cache_key(job, vae_fingerprint):
                     return None  # the image, its bucket, the seed or the VAE changed: encode again
-                return f.get_tensor("latent")
+                return {name: f.get_tensor(name) for name in f.keys() if name in ("latent", "latent_flipped")}
         except (OSError, SafetensorError):
             return None  # a damaged cache file is rebuilt, never trusted
 
-    def _save_cached(self, job: tuple[int, int], latent: torch.Tensor, vae_fingerprint: str) -> None:
-        atomic_save_safetensors({"latent": latent.contiguous()}, self._cache_file(job),
+    def _save_cached(self, job: tuple[int, int], tensors: dict[str, torch.Tensor], vae_fingerprint: str) -> None:
+        atomic_save_safetensors({name: t.contiguous() for name, t in tensors.items()}, self._cache_file(job),
                                 self._cache_key(job, vae_fingerprint))
 
 

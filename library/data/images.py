@@ -5,8 +5,9 @@ loaded: a missing folder, a subset without images, captions that do not exist (w
 extensions that *do* exist next to the images), unreadable or truncated image files.
 
 Sample ``i`` of an epoch is an image repeated ``num_repeats`` times: subsets in order, images
-sorted by name, each image's repeats next to each other. Every random draw for a sample
-(caption shuffle/dropout, crop, flip, colour) comes from generators seeded from
+sorted by name, each image's repeats next to each other; regularisation images are repeated
+to match the dataset's training samples, as sd-scripts does (``balance_reg_repeats``). Every
+random draw for a sample (caption shuffle/dropout, crop, flip, colour) comes from generators seeded from
 (seed, dataset name, epoch, i), so a sample is the same in every process and after a resume.
 """
 
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps
 
 from library.data.buckets import BucketSettings, Size, assign_buckets
 from library.data.captions import caption_path, count_tags, process_caption, read_caption_file
+from library.data.reg_balance import balance_reg_repeats
 from library.data.sampler import derive_seed
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
@@ -205,10 +207,23 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.skipped: list[tuple[Path, str]] = []
         self.records = self._scan(on_bad_image)
-        self._repeats = [
-            1 if split == "validation" else dataset.subsets[r.subset_index].num_repeats for r in self.records
-        ]
+        if split == "validation":
+            self._repeats = [1] * len(self.records)  # every held-out image once, reg or not
+        else:
+            self._repeats = self._train_repeats()
         self._sample_record = [i for i, n in enumerate(self._repeats) for _ in range(n)]
+
+    def _train_repeats(self) -> list[int]:
+        subsets = [self.config.subsets[r.subset_index] for r in self.records]
+        is_reg = [s.is_reg for s in subsets]
+        if is_reg and all(is_reg):
+            names = ", ".join(s.name for s in self.config.subsets)
+            raise UserError(
+                f"{self.config.name}: every subset ({names}) has is_reg = true. Regularisation images are repeated "
+                "to match the training images of the same dataset (as in sd-scripts), so with none they would "
+                "never be used; add a training subset to this dataset or set is_reg = false."
+            )
+        return balance_reg_repeats([s.num_repeats for s in subsets], is_reg)
 
     def _scan(self, on_bad_image: str) -> list[ImageRecord]:
         records: list[ImageRecord] = []
@@ -268,6 +283,24 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """The index in ``records`` (the image) of sample ``index``."""
         return self._sample_record[index]
 
+    def repeats_of(self, record_index: int) -> int:
+        """Samples per epoch of an image (0 for a regularisation image left unused by balancing)."""
+        return self._repeats[record_index]
+
+    def _configured_samples(self, reg: bool) -> int:
+        return sum(self.config.subsets[r.subset_index].num_repeats for r in self.records
+                   if self.config.subsets[r.subset_index].is_reg == reg)
+
+    @property
+    def num_train_images(self) -> int:
+        """Training images x num_repeats (reg excluded): sd-scripts' ``num_train_images``."""
+        return self._configured_samples(reg=False)
+
+    @property
+    def num_reg_images(self) -> int:
+        """Reg images x their configured num_repeats, before balancing: sd-scripts' ``num_reg_images``."""
+        return self._configured_samples(reg=True)
+
     def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         index = int(index)
@@ -288,7 +321,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         record = self.records[self._sample_record[index]]
         subset = self.config.subsets[record.subset_index]
         rng = random.Random(derive_seed(self.seed, self.config.name, epoch, index, "caption"))
-        _, u_x, u_y, _ = self._uniforms(epoch, index)
+        u_flip, u_x, u_y, _ = self._uniforms(epoch, index)
         return {
             "caption": process_caption(record.caption, subset.caption_options, rng, epoch + 1),
             "is_reg": subset.is_reg,
@@ -297,6 +330,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "bucket": record.bucket,
             "original_size": record.size,
             "crop_top_left": crop_position(record.size, record.bucket, subset.random_crop, (u_x, u_y)),
+            # one decision for pixels and cached latents alike (the latent cache holds a flipped copy)
+            "flipped": subset.flip_aug and u_flip < 0.5,
         }
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
@@ -304,12 +339,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         epoch, index = self._key(key)
         record = self.records[self._sample_record[index]]
         subset = self.config.subsets[record.subset_index]
-        u_flip, u_x, u_y, u_hue = self._uniforms(epoch, index)
+        _, u_x, u_y, u_hue = self._uniforms(epoch, index)
         image, _ = load_image(record.path, record.bucket, subset.random_crop, (u_x, u_y))
         if subset.color_aug:
             image = shift_hue(image, round((2 * u_hue - 1) * _HUE_SHIFT))
         tensor = to_tensor(image)
-        if subset.flip_aug and u_flip < 0.5:
+        if item["flipped"]:
             tensor = tensor.flip(-1)
         return {"image": tensor, **item}
 
@@ -333,12 +368,22 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             f"batch size {c.batch_size} per process, buckets {bucketing}"
         ]
         per_subset = Counter(r.subset_index for r in self.records)
+        samples_of: Counter[int] = Counter()
+        unused: Counter[int] = Counter()
+        for r, n in zip(self.records, self._repeats, strict=True):
+            samples_of[r.subset_index] += n
+            unused[r.subset_index] += n == 0
         for i, subset in enumerate(c.subsets):
             n, repeats = per_subset[i], 1 if self.split == "validation" else subset.num_repeats
             kind = "regularisation" if subset.is_reg else "training"
             tokens = f", class_tokens {subset.class_tokens!r}" if subset.class_tokens else ""
+            balanced = ""
+            if subset.is_reg and self.split == "train":
+                balanced = (f" -> {samples_of[i]} (reg samples balanced to the dataset's {self.num_train_images} "
+                            "training samples, as sd-scripts"
+                            + (f"; {unused[i]} images unused)" if unused[i] else ")"))
             lines.append(
-                f"  {subset.name}: {n} {kind} images x {repeats} repeats = {n * repeats} samples "
+                f"  {subset.name}: {n} {kind} images x {repeats} repeats = {n * repeats} samples{balanced} "
                 f"({subset.image_dir}{tokens})"
             )
         lines.append(f"  total: {len(self.records)} images, {len(self)} samples per epoch")
