@@ -423,6 +423,8 @@ def _folder_subsets(root: Path, option: str, is_reg: bool, defaults: DatasetDefa
         raise UserError(
             f"{option} {root} has no subfolders; put the images in a subfolder named N_name "
             "(N = repeats, name = class tokens), e.g. 10_sks dog"
+            + ("; or, for images captioned by sd-scripts' fine-tuning metadata JSON, pass it as --in_json"
+               if not is_reg else "")
         )
     subsets = []
     for folder in folders:

@@ -14,6 +14,7 @@ written from one. Module names differ only by a component prefix and a module pa
 A family lists its components (UNet, text encoders, LLM) with each format's prefix; adding
 SDXL or another model is a new table row. kohya names replace ``.`` by ``_``; reading them back
 needs the real module paths (``--model``) or the vocabulary of module names below.
+Reading files from disk (and which family a file is for) is library/lora_files.py.
 """
 
 from __future__ import annotations
@@ -416,105 +417,3 @@ def compare_states(source: Mapping[str, LoRAFactors], result: Mapping[str, LoRAF
     if bad:
         raise UserError(f"conversion check failed: ΔW differs by more than {rtol:g} in {len(bad)} modules: {bad[:5]}")
     return worst
-
-
-# --- files ----------------------------------------------------------------------------------
-
-PRECISIONS: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-
-
-@dataclass
-class LoRAFile:
-    """A LoRA read from disk: its modules in kohya naming, its metadata and the format it was in."""
-
-    state: LoRAState
-    metadata: dict[str, str]
-    format: str
-    tensors: dict[str, torch.Tensor]  # as stored (for hashes)
-    magnitudes: Magnitudes = field(default_factory=dict)  # DoRA; empty for a plain LoRA
-
-    @property
-    def is_dora(self) -> bool:
-        return bool(self.magnitudes)
-
-
-def read_metadata(path: str) -> dict[str, str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -> LoRAFile:
-    """Read a kohya / diffusers / ComfyUI ``.safetensors`` file or a PEFT folder (format detected).
-
-    DoRA is refused unless ``allow_dora``: a tool working on ΔW alone would silently drop the magnitudes.
-    """
-    from pathlib import Path
-
-    from library.fileio import load_safetensors
-
-    p = Path(path)
-    if p.is_dir():
-        if not (p / PEFT_WEIGHTS).is_file() or not (p / PEFT_CONFIG).is_file():
-            raise UserError(f"{p}: a PEFT adapter folder needs {PEFT_WEIGHTS} and {PEFT_CONFIG}")
-        tensors = load_safetensors(p / PEFT_WEIGHTS, "adapter weights")
-        config = json.loads((p / PEFT_CONFIG).read_text(encoding="utf-8"))
-        namer = namer or Namer(FAMILIES["llm"])
-        comp = next((c for c in namer.family.components if c.peft_prefix), None)
-        if comp is None:
-            raise UserError(f"{p} is a PEFT adapter folder (an LLM adapter), but the {namer.family.name} family "
-                            "has no PEFT naming; use --family llm")  # fmt: skip
-        state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {comp.name: config})
-        lora = LoRAFile(state, read_metadata(str(p / PEFT_WEIGHTS)), "peft", tensors, magnitudes)
-    else:
-        tensors = load_safetensors(p, "LoRA")
-        metadata = read_metadata(str(p))
-        fmt = detect_format(tensors)
-        magnitudes: Magnitudes = {}
-        if fmt == "kohya":
-            state, magnitudes = read_kohya(tensors)
-        elif fmt == "diffusers":
-            configs = configs_from_diffusers_metadata(metadata)
-            state, magnitudes = read_lora_a_b(tensors, namer or Namer(FAMILIES["sd1"]), "diffusers_prefix", configs)
-        elif fmt == "comfyui":
-            state = read_comfy(tensors, namer or Namer(FAMILIES["sd1"]))
-        else:
-            state, magnitudes = read_lora_a_b(tensors, namer or Namer(FAMILIES["llm"]), "peft_prefix", {})
-        lora = LoRAFile(state, metadata, fmt, tensors, magnitudes)
-    if lora.is_dora and not allow_dora:
-        raise UserError(f"{path} is a DoRA adapter ({len(lora.magnitudes)} modules with a magnitude vector); "
-                        "this tool handles plain LoRAs only (tools/show.py and convert.py read DoRA, "
-                        "merge.py bakes it into a model)")  # fmt: skip
-    return lora
-
-
-def check_new_output(path: str, overwrite: bool) -> None:
-    """Refuse to replace an existing output unless asked; the folder must exist."""
-    import os
-
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"output folder {parent} does not exist")
-
-
-def save_kohya_file(
-    path: str, state: Mapping[str, LoRAFactors], metadata: Mapping[str, str] | None, dtype: torch.dtype | None,
-    magnitudes: Mapping[str, torch.Tensor] | None = None,
-) -> None:
-    """Write a kohya file atomically; with metadata, the sshs hashes are recomputed for these tensors."""
-    from library.fileio import atomic_save_safetensors
-    from library.metadata import add_hashes
-
-    tensors = write_kohya(state, dtype, magnitudes)
-    meta = None
-    if metadata is not None:
-        clean = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-        meta = add_hashes(tensors, clean)
-    atomic_save_safetensors(tensors, path, meta)

@@ -129,3 +129,28 @@ def test_llm_dataset_bad_rows_and_keys(tmp_path, capsys):
     toml.write_text(toml.read_text(encoding="utf-8").replace("max_seq_length", "max_seq_len"), encoding="utf-8")
     assert check_dataset.main(["--dataset_config", str(toml)]) == 2
     assert "did you mean 'max_seq_length'" in capsys.readouterr().err
+
+
+def test_fine_tuning_layout_with_in_json(tmp_path, capsys):
+    import json
+
+    folder = write_synthetic_images(tmp_path / "ft", count=3, size=64, seed=0)
+    for cap in folder.glob("*.caption"):
+        cap.unlink()  # captions come from the JSON only
+    stems = sorted(p.stem for p in folder.glob("*.png"))
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({s: {"caption": f"image {s}", "tags": "a, b"} for s in stems}), encoding="utf-8")
+    code = check_dataset.main(["--train_data_dir", str(folder), "--in_json", str(meta), "--dataset_repeats", "2",
+                               "--resolution", "64", "--max_train_epochs", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"captions: from {meta}" in out and "(training, 2 repeats)" in out
+    assert "total 3 images, 6 samples per epoch" in out and "total: 6 steps = 1 epochs" in out
+
+    # without --in_json the flat folder is refused, and the message names the other layout
+    assert check_dataset.main(["--train_data_dir", str(folder), "--resolution", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "has no subfolders" in err and "--in_json" in err
+    # --in_json alone is refused as the trainer refuses it
+    assert check_dataset.main(["--in_json", str(meta)]) == 2
+    assert "--in_json needs --train_data_dir" in capsys.readouterr().err

@@ -193,3 +193,25 @@ def llm_adapter(folder, use_dora: bool, seed: int = 0) -> dict:
     kohya = folder / "adapter.safetensors"
     network.save_weights(kohya, None, {"ss_network_dim": "4"})
     return {"base": base, "model": model, "network": network, "peft": peft_dir, "kohya": kohya}
+
+
+# --- families -------------------------------------------------------------------------------
+
+
+def test_detect_family_from_keys_then_metadata():
+    from library.lora_files import detect_family
+
+    sd1 = ["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha", "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"]
+    assert detect_family(sd1, {"ss_base_model_version": "sdxl_base_v1-0"}) == (
+        "sd1", "key lora_te_text_model_encoder_layers_0_mlp_fc1")  # the names win over a wrong label
+    assert detect_family(["lora_unet_input_blocks_4_1_proj_in.lora_up.weight"], {})[0] == "sdxl"
+    assert detect_family(["lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"], {})[0] == "sdxl"
+    assert detect_family(["text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight"], {})[0] == "sdxl"
+    assert detect_family(["lora_unet_model_layers_0_self_attn_q_proj.alpha"], {})[0] == "llm"
+    assert detect_family(["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], {})[0] == "llm"
+    # a diffusers / ComfyUI UNet-only file: the names fit SD1 and SDXL, the metadata decides
+    unet_only = ["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"]
+    assert detect_family(unet_only, {}) == (None, "")
+    assert detect_family(unet_only, {"ss_base_model_version": "sdxl_base_v1-0"}) == (
+        "sdxl", "ss_base_model_version sdxl_base_v1-0")
+    assert detect_family(unet_only, {"modelspec.architecture": "stable-diffusion-v1/lora"})[0] == "sd1"

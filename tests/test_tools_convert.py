@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
 
-from library.lora_formats import read_metadata
+from library.lora_files import read_metadata
 from library.tiny_models import save_tiny_sd
 from tools import convert
 

@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
 
-from library.lora_formats import read_metadata
+from library.lora_files import read_metadata
 from library.tiny_models import save_tiny_sd
 from tools import merge
 
@@ -116,3 +116,23 @@ def test_ratio_count_must_match(loras, tmp_path, capsys):
     _, a, b = loras
     assert merge.main(["--models", str(a), str(b), "--ratios", "1", "--save_to", str(tmp_path / "x.safetensors")]) == 2
     assert "one ratio per file" in capsys.readouterr().err
+
+
+def test_refuses_loras_for_different_base_models(loras, tmp_path, capsys):
+    # same key names (SD 1.x and 2.x share them), different declared base models: not combined
+    _, a, b = loras
+    v2 = tmp_path / "v2.safetensors"
+    meta = {**KOHYA_META, "ss_base_model_version": "sd_v2"}
+    safetensors.torch.save_file(safetensors.torch.load_file(b), str(v2), meta)
+    out = tmp_path / "x.safetensors"
+    assert merge.main(["--models", str(a), str(v2), "--save_to", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{a} was trained on sd_v1 but {v2} on sd_v2" in err and not out.exists()
+    # a .ckpt (no metadata) of the same family merges with either
+    ckpt = tmp_path / "b.ckpt"
+    torch.save(safetensors.torch.load_file(b), ckpt)
+    assert merge.main(["--models", str(a), str(ckpt), "--save_to", str(out)]) == 0, capsys.readouterr().err
+    da, db = (state_deltas(safetensors.torch.load_file(p)) for p in (a, b))
+    got = state_deltas(safetensors.torch.load_file(out))
+    assert set(got) == set(da) | set(db)
+    assert all(torch.allclose(got[k], da.get(k, 0) + db.get(k, 0), atol=1e-6) for k in got)

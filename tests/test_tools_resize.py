@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
 
-from library.lora_formats import read_metadata
+from library.lora_files import read_metadata
 from library.metadata import compute_sshs_hashes
 from tools import resize
 
@@ -115,3 +115,15 @@ def test_dora_file_is_refused_not_stripped(tmp_path, capsys):
     out = tmp_path / "small.safetensors"
     assert resize.main(["--model", str(dora["kohya"]), "--save_to", str(out), "--new_rank", "2"]) == 2
     assert "DoRA adapter" in capsys.readouterr().err and not out.exists()
+
+
+
+def test_resizes_a_ckpt_as_its_safetensors(source, tmp_path, capsys):
+    folder, path = source
+    ckpt = tmp_path / "src.ckpt"
+    torch.save(safetensors.torch.load_file(path), ckpt)  # as train_network.py --save_model_as ckpt writes it
+    outs = [tmp_path / "from_ckpt.safetensors", tmp_path / "from_st.safetensors"]
+    for src, out in zip((ckpt, path), outs, strict=True):
+        assert resize.main(["--model", str(src), "--save_to", str(out), "--new_rank", "2"]) == 0, capsys.readouterr()
+    got, want = (state_deltas(safetensors.torch.load_file(o)) for o in outs)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

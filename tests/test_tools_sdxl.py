@@ -15,12 +15,12 @@ import safetensors.torch
 import torch
 from test_sdxl_lora import merge_into, tiny_sdxl, unet_and_text_outputs
 from test_sdxl_lora import module_table as sgm_table
-from test_tools_common import random_network, state_deltas
+from test_tools_common import KOHYA_META, pristine_pipe, random_network, state_deltas
 
-from library.lora_formats import read_metadata
+from library.lora_files import read_metadata
 from library.tiny_models import save_tiny_sd
 from networks import lora
-from tools import extract, merge
+from tools import convert, extract, merge
 
 SDXL_META = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
 
@@ -232,3 +232,44 @@ def test_extract_refuses_sd1_against_sdxl(sdxl, tmp_path, capsys):
                          str(tmp_path / "x.safetensors")])  # fmt: skip
     assert code == 2 and "same model type" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- families: convert detects SDXL, merge refuses to mix families ------------------------------
+
+
+def test_convert_detects_sdxl_without_family(sdxl, sdxl_loras, tmp_path, capsys):
+    base_dir, pristine = sdxl
+    folder, a, _ = sdxl_loras
+    out = tmp_path / "a_diffusers.safetensors"
+    assert convert.main(["--model", str(a), "--to", "diffusers", "--save_to", str(out)]) == 0, capsys.readouterr()
+    assert "family: sdxl" in capsys.readouterr().out
+    assert any(k.startswith("text_encoder_2.") for k in safetensors.torch.load_file(out))
+    got, want = copy.deepcopy(pristine), copy.deepcopy(pristine)
+    got.load_lora_weights(str(tmp_path), weight_name=out.name)
+    want.load_lora_weights(str(folder), weight_name=a.name)  # diffusers reading the kohya file itself
+    assert_outputs_close(got, want, pristine)
+    comfy = tmp_path / "a_comfy.safetensors"
+    assert convert.main(["--model", str(a), "--to", "comfyui", "--base_model", str(base_dir),
+                         "--save_to", str(comfy)]) == 0  # fmt: skip
+    assert any(k.startswith("text_encoders.clip_g.") for k in safetensors.torch.load_file(comfy))
+    # an explicit --family still wins (here wrongly: refused, nothing written)
+    wrong = tmp_path / "wrong.safetensors"
+    assert convert.main(["--model", str(a), "--family", "sd1", "--to", "diffusers", "--save_to", str(wrong)]) == 2
+    assert "not a sd1 module name" in capsys.readouterr().err and not wrong.exists()
+
+
+def test_merge_refuses_sd1_with_sdxl(sdxl, sdxl_loras, tmp_path, capsys):
+    base_dir, _ = sdxl
+    _, a, _ = sdxl_loras
+    sd1 = tmp_path / "sd1.safetensors"
+    random_network(pristine_pipe(), dim=4, alpha=2.0).save_weights(sd1, None, KOHYA_META)
+    out = tmp_path / "mixed.safetensors"
+    for extra in ([], ["--new_rank", "2"]):
+        assert merge.main(["--models", str(sd1), str(a), "--ratios", "1", "1", "--save_to", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{sd1} is a LoRA for sd1" in err and f"{a} is one for sdxl" in err, err
+        assert not out.exists()
+    # baking: the SD1 file is named against the SDXL model before anything is merged
+    baked = tmp_path / "baked"
+    assert merge.main(["--sd_model", str(base_dir), "--models", str(a), str(sd1), "--save_to", str(baked)]) == 2
+    assert f"{sd1} is a LoRA for sd1" in capsys.readouterr().err and not baked.exists()

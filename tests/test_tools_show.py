@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 from test_tools_common import KOHYA_META, pristine_pipe, random_network
 
-from library.lora_formats import read_metadata
+from library.lora_files import read_metadata
 from library.metadata import add_hashes
 from tools import show
 
@@ -98,3 +98,46 @@ def test_path_is_needed_once(capsys):
         show.main([])
     with pytest.raises(SystemExit):
         show.main(["a.safetensors", "--model", "b.safetensors"])
+
+
+# --- .ckpt / .pt files (the trainer's --save_model_as ckpt / pt) ----------------------------
+
+
+def test_reads_the_trainers_ckpt_and_a_nested_pt(lora_file, tmp_path, capsys):
+    import torch
+
+    path, network = lora_file
+    assert show.main(["--model", str(path), "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    ckpt = tmp_path / "last.ckpt"
+    network.save_weights(ckpt, torch.float16, None)  # what train_network.py --save_model_as ckpt writes
+    nested = tmp_path / "nested.pt"
+    torch.save({"state_dict": safetensors.torch.load_file(path), "epoch": 3}, nested)  # sd-scripts' nesting
+    for file, rel in ((ckpt, 2e-3), (nested, 1e-6)):
+        assert show.main(["--model", str(file), "--json"]) == 0, capsys.readouterr().err
+        info = json.loads(capsys.readouterr().out)
+        assert info["format"] == "kohya" and info["modules"] == want["modules"] and info["hashes"] == {}
+        got = {r["name"]: r["delta_norm"] for r in info["module_table"]}
+        assert got == pytest.approx({r["name"]: r["delta_norm"] for r in want["module_table"]}, rel=rel)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("PICKLE CODE RAN",))
+
+
+def test_pickled_code_in_a_ckpt_is_not_run(tmp_path, capsys):
+    import torch
+
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"lora_te_x.alpha": torch.tensor(1.0), "payload": _RunsCode()}, bad)
+    assert show.main(["--model", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert "PICKLE CODE RAN" not in captured.out + captured.err
+    assert str(bad) in captured.err and "weights only" in captured.err
+    not_a_lora = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], not_a_lora)
+    assert show.main(["--model", str(not_a_lora)]) == 2
+    assert "expected a dict of LoRA tensors" in capsys.readouterr().err
+    assert show.main(["--model", str(tmp_path / "x.bin")]) == 2
+    assert ".ckpt/.pt" in capsys.readouterr().err

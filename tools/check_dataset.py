@@ -3,7 +3,8 @@
     python tools/check_dataset.py --dataset_config data.toml --train_batch_size 2 \\
         --gradient_accumulation_steps 2 --num_processes 2
 
-The same library code as train_network.py reads the TOML (or the --train_data_dir layout),
+The same library code as train_network.py reads the TOML (or the --train_data_dir layout: N_name
+subfolders, or with --in_json sd-scripts' fine-tuning metadata JSON),
 scans and decodes every image, assigns buckets and counts steps, so what this prints is what
 the trainer will see. Per subset: images, repeats, captions found / missing (with the caption
 extensions that do exist next to the images), corrupt files; then the bucket table and steps
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_config", default=None, help="dataset TOML (kohya schema)")
     p.add_argument("--train_data_dir", default=None, help="legacy layout: a folder of N_name subfolders")
     p.add_argument("--reg_data_dir", default=None, help="legacy layout: regularisation images")
+    p.add_argument("--in_json", default=None,
+                   help="with --train_data_dir: sd-scripts' fine-tuning metadata JSON (image -> caption / tags)")
+    p.add_argument("--dataset_repeats", type=int, default=1, help="repeats of the --in_json dataset")
     p.add_argument("--train_batch_size", type=int, default=1, help="batch size per process (TOML batch_size wins)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--num_processes", type=int, default=1, help="processes (GPUs) the run will use")
@@ -83,6 +87,7 @@ def defaults_from(args: argparse.Namespace) -> DatasetDefaults:
         bucket_no_upscale=args.bucket_no_upscale, caption_extension=args.caption_extension,
         train_data_dir=Path(args.train_data_dir) if args.train_data_dir else None,
         reg_data_dir=Path(args.reg_data_dir) if args.reg_data_dir else None,
+        in_json=Path(args.in_json) if args.in_json else None, dataset_repeats=args.dataset_repeats,
     )  # fmt: skip
 
 
@@ -90,6 +95,12 @@ def load_config(args: argparse.Namespace) -> DatasetGroupConfig:
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_processes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    # the trainer's own rules for these options (library/args.py)
+    if args.dataset_config and args.train_data_dir:
+        raise UserError("Give either --dataset_config or --train_data_dir, not both.")
+    if args.in_json and not args.train_data_dir:
+        raise UserError("--in_json needs --train_data_dir (the folder its image names refer to); with a dataset "
+                        "TOML, set metadata_file in the subset instead.")
     if args.dataset_config:
         return load_dataset_config(args.dataset_config, defaults_from(args))
     return config_from_train_data_dir(defaults_from(args))

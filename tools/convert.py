@@ -35,21 +35,24 @@ import torch  # noqa: E402
 
 from library.errors import UserError  # noqa: E402
 from library.fileio import atomic_save_safetensors, atomic_write  # noqa: E402
-from library.lora_formats import (  # noqa: E402
-    FAMILIES,
-    FORMATS,
+from library.lora_files import (  # noqa: E402
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     PRECISIONS,
-    Family,
     LoRAFile,
-    Namer,
-    UNetLayout,
     check_new_output,
-    compare_states,
-    diffusers_metadata,
+    file_family,
     load_lora,
     save_kohya_file,
+)
+from library.lora_formats import (  # noqa: E402
+    FAMILIES,
+    FORMATS,
+    Family,
+    Namer,
+    UNetLayout,
+    compare_states,
+    diffusers_metadata,
     write_comfy,
     write_lora_a_b,
 )
@@ -60,11 +63,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True, help="input LoRA (.safetensors file or PEFT folder)")
+    p.add_argument("--model", required=True, help="input LoRA (.safetensors, .ckpt/.pt state dict or PEFT folder)")
     p.add_argument("--save_to", required=True, help="output file (kohya, diffusers, comfyui) or folder (peft)")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                   help="model family (default: llm for PEFT folders / --to peft, else sd1)")  # fmt: skip
+                   help="model family (default: detected from the key names and ss_base_model_version / "
+                        "modelspec.architecture; if undecided, llm for --to peft, else sd1)")  # fmt: skip
     p.add_argument(
         "--alpha",
         choices=("fold", "keep"),
@@ -177,10 +181,21 @@ def write_output(source: LoRAFile, args: argparse.Namespace, namer: Namer, dtype
                           args.overwrite)  # fmt: skip
 
 
+def choose_family(args: argparse.Namespace) -> str:
+    """--family if given, else what the file's keys / metadata say (the same detection every tool uses)."""
+    if args.family:
+        return args.family
+    detected, why = file_family(args.model)
+    if detected is not None:
+        print(f"family: {detected} ({why}); --family overrides")
+        return detected
+    return "llm" if args.to == "peft" else "sd1"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        family = args.family or ("llm" if args.to == "peft" or Path(args.model).is_dir() else "sd1")
+        family = choose_family(args)
         if args.to == "peft" and family != "llm":
             raise UserError("--to peft writes an LLM adapter folder; for SD LoRAs use --to diffusers")
         if args.to == "peft" and args.save_to.endswith(".safetensors"):

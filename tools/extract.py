@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from library.diffusion_models import DiffusionModels, load_models, matched_targets  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from library.lora_formats import PRECISIONS, check_new_output, save_kohya_file  # noqa: E402
+from library.lora_files import PRECISIONS, check_new_output, save_kohya_file  # noqa: E402
 from library.metadata import minimal_metadata, modelspec_architecture, modelspec_metadata  # noqa: E402
 from networks.svd import LoRAFactors, RankReport, factorize  # noqa: E402
 

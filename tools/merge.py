@@ -13,7 +13,9 @@ which is exactly the trainer's DoRA forward (files are baked in the order given)
 SDXL LoRAs name the UNet with the original SGM blocks and the encoders ``lora_te1_`` /
 ``lora_te2_``, as networks.lora writes them (diffusers and ComfyUI files are read too). Every
 module of every file must exist in the model: a file for another architecture is an error, not
-a silent no-op. Combining LoRAs never averages up and down matrices separately
+a silent no-op. LoRAs for different families (SD 1.x/2.x, SDXL, LLM) or declared base models
+are never combined (library/lora_files.py's detect_family, from the keys and metadata).
+Combining LoRAs never averages up and down matrices separately
 (which is not the sum of the deltas): without --new_rank the ranks are concatenated, so the
 result's ΔW is exactly Σ ratio_i · ΔW_i (checked before saving); with --new_rank each
 module's sum is re-factorised by SVD and the retained energy is reported. DoRA files can be
@@ -39,21 +41,22 @@ import torch  # noqa: E402
 
 from library.diffusion_models import load_pipeline, lora_namer, pipeline_text_encoders, target_modules  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from library.lora_formats import (  # noqa: E402
+from library.lora_files import (  # noqa: E402
     PRECISIONS,
-    LoRAState,
-    Magnitudes,
     check_new_output,
+    check_same_family,
     load_lora,
     save_kohya_file,
 )
+from library.lora_formats import LoRAState, Magnitudes  # noqa: E402
 from networks.functional import merged_weight  # noqa: E402
 from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="LoRA files (kohya, diffusers or ComfyUI naming)")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="LoRA files (kohya, diffusers or ComfyUI naming; .safetensors or .ckpt/.pt)")
     p.add_argument("--ratios", nargs="+", type=float, default=None, help="one multiplier per file (default 1.0 each)")
     p.add_argument("--sd_model", default=None,
                    help="bake into this SD 1.x/2.x or SDXL model (diffusers folder); omit to merge LoRAs")
@@ -141,8 +144,9 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
     modules = target_modules(pipe.unet, text_encoders)
     namer = lora_namer(pipe.unet, text_encoders)  # diffusers / ComfyUI files are read into this model's kohya names
     dtype = PRECISIONS[args.precision]
-    for path, ratio in zip(args.models, ratios, strict=True):
-        lora = load_lora(path, namer, allow_dora=True)
+    files = [load_lora(path, namer, allow_dora=True) for path in args.models]
+    check_same_family(args.models, files, (f"--sd_model {args.sd_model}", namer.family.name))
+    for path, ratio, lora in zip(args.models, ratios, files, strict=True):
         n = bake(modules, lora.state, ratio, path, args.device, dtype, lora.magnitudes)
         print(f"{path}: merged {n} {'DoRA ' if lora.is_dora else ''}modules with ratio {ratio}")
     if args.save_precision:
@@ -166,8 +170,9 @@ def merge_into_llm(args: argparse.Namespace, ratios: list[float]) -> None:
     # every Linear by its kohya name (the causal LM is passed as `unet`, so the prefix is lora_unet)
     modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)}
-    for path, ratio in zip(args.models, ratios, strict=True):
-        lora = load_lora(path, allow_dora=True)
+    files = [load_lora(path, allow_dora=True) for path in args.models]
+    check_same_family(args.models, files, (f"--llm_model {args.llm_model}", "llm"))
+    for path, ratio, lora in zip(args.models, ratios, files, strict=True):
         n = bake(modules, lora.state, ratio, path, args.device, PRECISIONS[args.precision], lora.magnitudes)
         print(f"{path}: merged {n} {'DoRA ' if lora.is_dora else ''}modules with ratio {ratio}")
     if args.save_precision:
@@ -262,6 +267,7 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
         raise UserError("--new_rank must be at least 1")
     check_new_output(args.save_to, args.overwrite)
     files = [load_lora(p, allow_dora=True) for p in args.models]
+    check_same_family(args.models, files)
     dora = [p for p, f in zip(args.models, files, strict=True) if f.is_dora]
     if dora:
         raise UserError(f"{dora[0]} is a DoRA adapter: its magnitude rescales each whole weight row, which no "

@@ -26,13 +26,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from library.errors import UserError  # noqa: E402
-from library.lora_formats import PRECISIONS, check_new_output, load_lora, save_kohya_file  # noqa: E402
+from library.lora_files import PRECISIONS, check_new_output, load_lora, save_kohya_file  # noqa: E402
 from networks.svd import DYNAMIC_METHODS, LoRAFactors, RankReport, refactorize, with_scale  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True, help="LoRA file to resize (kohya .safetensors)")
+    p.add_argument("--model", required=True, help="LoRA file to resize (.safetensors or .ckpt/.pt)")
     p.add_argument("--save_to", required=True, help="output .safetensors file")
     p.add_argument("--new_rank", type=int, default=4, help="rank of the output (the cap for dynamic methods)")
     p.add_argument("--new_conv_rank", type=int, default=None, help="rank of conv 3x3 modules (default: --new_rank)")

@@ -3,6 +3,7 @@
     python tools/show.py my_lora.safetensors
     python tools/show.py --model my_lora.safetensors --json > info.json
     python tools/show.py output/my_llm_lora          # a PEFT adapter folder (read as an LLM adapter)
+    python tools/show.py output/last.ckpt            # the trainer's --save_model_as ckpt / pt output
 
 The sshs hashes are recomputed from the tensors and compared with the stored ones, so a file
 whose tensors were changed after hashing (or a copy truncated on the way) shows up. DoRA files
@@ -25,7 +26,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from library.errors import UserError  # noqa: E402
-from library.lora_formats import FAMILIES, LoRAFile, Namer, load_lora  # noqa: E402
+from library.lora_files import LoRAFile, detect_family, load_lora  # noqa: E402
+from library.lora_formats import FAMILIES, Namer  # noqa: E402
 from library.metadata import compute_sshs_hashes  # noqa: E402
 from networks.svd import LoRAFactors  # noqa: E402
 
@@ -33,9 +35,11 @@ from networks.svd import LoRAFactors  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("path", nargs="?", default=None, help="the LoRA (the same as --model)")
-    p.add_argument("--model", default=None, help="LoRA file (.safetensors: kohya, diffusers, ComfyUI) or PEFT folder")
+    p.add_argument("--model", default=None,
+                   help="LoRA file (.safetensors: kohya, diffusers, ComfyUI; .ckpt/.pt state dict) or PEFT folder")
     p.add_argument("--family", default=None, choices=sorted(FAMILIES),
-                   help="family for non-kohya names (default: llm for PEFT folders and files, else sd1)")  # fmt: skip
+                   help="family for non-kohya names (default: detected from the names and metadata, "
+                        "sd1 if undecided)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--no_modules", action="store_true", help="leave the per-module table out")
     return p
@@ -93,6 +97,7 @@ def summarize(path: str, lora: LoRAFile) -> dict:
     return {
         "file": path,
         "format": lora.format,
+        "family": detect_family(lora.tensors, lora.metadata)[0] if lora.format != "peft" else "llm",
         "dora": lora.is_dora,
         "modules": len(rows),
         "modules_by_prefix": dict(prefixes),
@@ -116,7 +121,8 @@ def _short(value: str, limit: int = 100) -> str:
 def format_text(info: dict, with_modules: bool) -> str:
     lines = [
         f"file: {info['file']}",
-        f"format: {info['format']}{' (DoRA)' if info['dora'] else ''}, {info['modules']} modules "
+        f"format: {info['format']}{' (DoRA)' if info['dora'] else ''}, family {info['family'] or 'unknown'}, "
+        f"{info['modules']} modules "
         f"{info['modules_by_prefix']}, "
         f"{info['parameters']:,} parameters ({info['tensor_bytes'] / 2**20:.2f} MiB, {', '.join(info['dtypes'])})",
         f"ranks: {info['ranks']}   alphas: {info['alphas']}",
@@ -156,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the LoRA file or PEFT folder once, as a path or as --model")
     path = args.model or args.path
     try:
-        # Without --family, load_lora names by format: a PEFT folder or PEFT-named file is an LLM
-        # adapter (as in convert.py), diffusers and ComfyUI files are sd1.
+        # Without --family, load_lora names diffusers / ComfyUI files by the detected family (as convert.py).
         namer = Namer(FAMILIES[args.family]) if args.family else None
         lora = load_lora(path, namer, allow_dora=True)
         with torch.no_grad():

@@ -1,0 +1,270 @@
+"""LoRA files on disk: the one place the tools read them, the family a file is for, and writing kohya files.
+
+Every tool reads LoRAs through :func:`load_lora`, so a format or file type added here reaches them
+all: ``.safetensors`` (kohya, diffusers, ComfyUI naming), PEFT adapter folders, and the trainer's
+``--save_model_as ckpt`` / ``pt`` output (a torch state dict, loaded with ``weights_only=True`` so
+that no pickled code runs). :func:`detect_family` tells from the keys and metadata which model a
+file is for (sd1, sdxl, llm); convert names modules by it and merge refuses to combine families.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from library.errors import UserError
+from library.lora_formats import (
+    FAMILIES,
+    LoRAState,
+    Magnitudes,
+    Namer,
+    configs_from_diffusers_metadata,
+    detect_format,
+    read_comfy,
+    read_kohya,
+    read_lora_a_b,
+    write_kohya,
+)
+from networks.svd import LoRAFactors
+
+PRECISIONS: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")  # the trainer's --save_model_as ckpt / pt, and sd-scripts' .pth
+
+
+@dataclass
+class LoRAFile:
+    """A LoRA read from disk: its modules in kohya naming, its metadata and the format it was in."""
+
+    state: LoRAState
+    metadata: dict[str, str]
+    format: str
+    tensors: dict[str, torch.Tensor]  # as stored (for hashes)
+    magnitudes: Magnitudes = field(default_factory=dict)  # DoRA; empty for a plain LoRA
+
+    @property
+    def is_dora(self) -> bool:
+        return bool(self.magnitudes)
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.ckpt`` / ``.pt`` LoRA: a dict of tensors, possibly under ``"state_dict"`` (as sd-scripts nests it).
+
+    ``weights_only=True`` refuses any pickled object that is not plain tensors and containers, so
+    a crafted file cannot run code here (KOHYA_COMPAT.md §6).
+    """
+    import pickle
+
+    if not path.is_file():
+        raise UserError(f"LoRA file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not loadable as weights only ({first}); a .ckpt/.pt LoRA must be a plain "
+                        "state dict of tensors (nothing else is unpickled, so no code in a file runs)") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{path}: expected a dict of LoRA tensors (a state dict), found {type(data).__name__}")
+    bad = [k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{path}: entries that are not named tensors, e.g. {bad[0]!r}; is this a LoRA state dict?")
+    return data
+
+
+def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of one LoRA file; ``.ckpt`` / ``.pt`` files carry no metadata."""
+    from library.fileio import load_safetensors
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return load_torch_state_dict(path), {}
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"{path}: a LoRA is a .safetensors file, a .ckpt/.pt state dict or a PEFT adapter folder")
+    return load_safetensors(path, "LoRA"), read_metadata(str(path))
+
+
+# --- which model a file is for ---------------------------------------------------------------
+
+_SGM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+_DIFFUSERS_BLOCKS = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
+
+
+def _family_from_keys(keys: Iterable[str]) -> tuple[str | None, str]:
+    """(family, the key that decided it), or (None, "") when the names fit several families."""
+    keys = list(keys)
+    for raw in keys:
+        key = raw.split(".", 1)[0] if raw.startswith("lora_") else raw  # kohya: the module name, for messages
+        if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")):
+            return "sdxl", key  # a second text encoder: only SDXL has one
+        if key.startswith(_SGM_BLOCKS):
+            return "sdxl", key  # networks.lora names only the SDXL UNet by its original SGM blocks
+        if key.startswith(("lora_te_", *_DIFFUSERS_BLOCKS)):
+            return "sd1", key
+        if key.startswith("base_model.model."):
+            return "llm", key
+    if keys and all(k.startswith("lora_unet_") for k in keys):
+        return "llm", keys[0]  # kohya names, no UNet block and no text encoder: an LLM through networks.lora
+    return None, ""
+
+
+def _family_from_metadata(metadata: Mapping[str, str]) -> tuple[str | None, str]:
+    version = metadata.get("ss_base_model_version") or ""
+    architecture = metadata.get("modelspec.architecture") or ""
+    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
+        return "sdxl", f"ss_base_model_version {version}" if version else f"modelspec.architecture {architecture}"
+    if version.startswith("sd_v") or architecture.startswith("stable-diffusion-v"):
+        return "sd1", f"ss_base_model_version {version}" if version else f"modelspec.architecture {architecture}"
+    if version == "llm" or architecture.startswith("llm"):
+        return "llm", f"ss_base_model_version {version}" if version else f"modelspec.architecture {architecture}"
+    return None, ""
+
+
+def detect_family(keys: Iterable[str], metadata: Mapping[str, str]) -> tuple[str | None, str]:
+    """The FAMILIES name a LoRA is for and why ("sdxl", "key lora_te1_..."), or (None, "") if undecided.
+
+    Key names win (they are what a loader matches); the ``ss_base_model_version`` /
+    ``modelspec.architecture`` metadata decides where the names fit several families (a
+    diffusers or ComfyUI file with UNet modules only). sd1 stands for SD 1.x and 2.x alike.
+    """
+    family, key = _family_from_keys(keys)
+    if family is not None:
+        return family, f"key {key}"
+    return _family_from_metadata(metadata)
+
+
+def file_family(path: str) -> tuple[str | None, str]:
+    """:func:`detect_family` of a file or PEFT folder (a PEFT folder is an LLM adapter)."""
+    p = Path(path)
+    if p.is_dir():
+        return "llm", "a PEFT adapter folder"
+    if p.suffix.lower() == ".safetensors" and p.is_file():
+        from safetensors import safe_open
+
+        metadata = read_metadata(str(p))
+        with safe_open(str(p), framework="pt") as f:  # the header only: no tensor is read
+            return detect_family(list(f.keys()), metadata)
+    tensors, metadata = read_lora_tensors(p)
+    return detect_family(tensors, metadata)
+
+
+def base_model_of(lora: LoRAFile) -> str | None:
+    """The base model a file declares (``ss_base_model_version``, else the ModelSpec architecture)."""
+    version = lora.metadata.get("ss_base_model_version")
+    return version or (lora.metadata.get("modelspec.architecture") or "").removesuffix("/lora") or None
+
+
+def check_same_family(paths: list[str], files: list[LoRAFile], model: tuple[str, str] | None = None) -> None:
+    """Refuse to combine LoRAs made for different models: their ΔW would land on unrelated weights.
+
+    Families come from :func:`detect_family`; files that both declare a base model must declare
+    the same one (sd_v1 and sd_v2 share key names but not weights). ``model``: (how the model
+    was given, its family) when the LoRAs are baked into one.
+    """
+    seen: list[tuple[str, str, str]] = []  # (path, family, why)
+    for path, lora in zip(paths, files, strict=True):
+        family, why = detect_family(lora.tensors, lora.metadata)
+        if family is None:
+            continue
+        if model is not None and family != model[1]:
+            raise UserError(f"{path} is a LoRA for {family} ({why}) but {model[0]} is a {model[1]} model; "
+                            "give the model the LoRA was trained on")  # fmt: skip
+        other = next((s for s in seen if s[1] != family), None)
+        if other is not None:
+            raise UserError(f"{other[0]} is a LoRA for {other[1]} ({other[2]}) but {path} is one for {family} "
+                            f"({why}); LoRAs for different model families cannot be combined: use files made "
+                            "for the same base model")  # fmt: skip
+        seen.append((path, family, why))
+    declared = [(p, base_model_of(f)) for p, f in zip(paths, files, strict=True) if base_model_of(f)]
+    for path, base in declared[1:]:
+        if base != declared[0][1]:
+            raise UserError(f"{declared[0][0]} was trained on {declared[0][1]} but {path} on {base} "
+                            "(ss_base_model_version / modelspec.architecture); LoRAs for different base "
+                            "models cannot be combined")  # fmt: skip
+
+
+# --- reading and writing ------------------------------------------------------------------
+
+
+def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -> LoRAFile:
+    """Read a LoRA file or PEFT folder (format detected); module names in kohya naming.
+
+    Without ``namer``, diffusers and ComfyUI names are mapped with the family :func:`detect_family`
+    finds (sd1 when undecided). DoRA is refused unless ``allow_dora``: a tool working on ΔW alone
+    would silently drop the magnitudes.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if not (p / PEFT_WEIGHTS).is_file() or not (p / PEFT_CONFIG).is_file():
+            raise UserError(f"{p}: a PEFT adapter folder needs {PEFT_WEIGHTS} and {PEFT_CONFIG}")
+        tensors, metadata = read_lora_tensors(p / PEFT_WEIGHTS)
+        config = json.loads((p / PEFT_CONFIG).read_text(encoding="utf-8"))
+        namer = namer or Namer(FAMILIES["llm"])
+        comp = next((c for c in namer.family.components if c.peft_prefix), None)
+        if comp is None:
+            raise UserError(f"{p} is a PEFT adapter folder (an LLM adapter), but the {namer.family.name} family "
+                            "has no PEFT naming; use --family llm")  # fmt: skip
+        state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {comp.name: config})
+        lora = LoRAFile(state, metadata, "peft", tensors, magnitudes)
+    else:
+        tensors, metadata = read_lora_tensors(p)
+        fmt = detect_format(tensors)
+        if namer is None:
+            family = detect_family(tensors, metadata)[0]
+            namer = Namer(FAMILIES[family or ("llm" if fmt == "peft" else "sd1")])
+        magnitudes: Magnitudes = {}
+        if fmt == "kohya":
+            state, magnitudes = read_kohya(tensors)
+        elif fmt == "diffusers":
+            configs = configs_from_diffusers_metadata(metadata)
+            state, magnitudes = read_lora_a_b(tensors, namer, "diffusers_prefix", configs)
+        elif fmt == "comfyui":
+            state = read_comfy(tensors, namer)
+        else:
+            state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {})
+        lora = LoRAFile(state, metadata, fmt, tensors, magnitudes)
+    if lora.is_dora and not allow_dora:
+        raise UserError(f"{path} is a DoRA adapter ({len(lora.magnitudes)} modules with a magnitude vector); "
+                        "this tool handles plain LoRAs only (tools/show.py and convert.py read DoRA, "
+                        "merge.py bakes it into a model)")  # fmt: skip
+    return lora
+
+
+def check_new_output(path: str, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked; the folder must exist."""
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"output folder {parent} does not exist")
+
+
+def save_kohya_file(
+    path: str, state: Mapping[str, LoRAFactors], metadata: Mapping[str, str] | None, dtype: torch.dtype | None,
+    magnitudes: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a kohya file atomically; with metadata, the sshs hashes are recomputed for these tensors."""
+    from library.fileio import atomic_save_safetensors
+    from library.metadata import add_hashes
+
+    tensors = write_kohya(state, dtype, magnitudes)
+    meta = None
+    if metadata is not None:
+        clean = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+        meta = add_hashes(tensors, clean)
+    atomic_save_safetensors(tensors, path, meta)
