@@ -291,6 +291,8 @@ def _add_loss(p: argparse.ArgumentParser) -> None:
         help="huber_c over timesteps (huber / smooth_l1): constant; exponential from 1 at t=0 to huber_c at the "
         "last step; snr: (1 - huber_c) / (1 + sigma_t)^2 + huber_c",
     )
+    g.add_argument("--huber_scale", type=float, default=1.0,
+                   help="multiplies the constant and exponential huber schedules (as sd-scripts; not snr)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
 
 
@@ -451,6 +453,8 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
                         "(0 or unset: off).")
     if args.loss_type in ("huber", "smooth_l1") and not args.huber_c > 0:
         raise UserError(f"--huber_c {args.huber_c}: the {args.loss_type} loss needs a value > 0 (e.g. 0.1).")
+    if args.loss_type in ("huber", "smooth_l1") and not args.huber_scale > 0:
+        raise UserError(f"--huber_scale {args.huber_scale}: the {args.loss_type} loss needs a value > 0 (default 1).")
     if args.dataset_config and args.train_data_dir:
         raise UserError("Give either --dataset_config or --train_data_dir, not both.")
     if args.in_json and not args.train_data_dir:

@@ -47,6 +47,8 @@ def training_fingerprint(args: argparse.Namespace, *, seed: int, batch_size: int
     fingerprint.update({name: getattr(args, name) for name in _COMPARED_WHEN_SET if getattr(args, name)})
     if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule != "constant":  # earlier runs: constant
         fingerprint["huber_schedule"] = args.huber_schedule
+    if args.loss_type in ("huber", "smooth_l1") and args.huber_scale != 1.0:  # earlier runs: 1
+        fingerprint["huber_scale"] = args.huber_scale
     fingerprint.update({
         "seed": seed, "batch_size": batch_size, "processes x accumulation": num_processes * accumulation,
         "dataset content": data, "datasets": datasets,

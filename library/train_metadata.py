@@ -58,9 +58,9 @@ class RunInfo:
 # training settings (A1111 / Forge's metadata view, Civitai) find them where they look.
 SWITCHES = ("max_grad_norm", "network_dropout", "multires_noise_iterations", "multires_noise_discount",
             "zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength", "ip_noise_gamma",
-            "ip_noise_gamma_random_strength", "loss_type", "huber_schedule", "huber_c", "scale_weight_norms",
-            "max_token_length", "cache_latents", "gradient_checkpointing", "full_bf16", "fp8_base",
-            "max_train_epochs", "min_timestep", "max_timestep", "scale_v_pred_loss_like_noise_pred")
+            "ip_noise_gamma_random_strength", "loss_type", "huber_schedule", "huber_scale", "huber_c",
+            "scale_weight_norms", "max_token_length", "cache_latents", "gradient_checkpointing", "full_bf16",
+            "fp8_base", "max_train_epochs", "min_timestep", "max_timestep", "scale_v_pred_loss_like_noise_pred")
 _SWITCH_KEYS = {"debiased_estimation_loss": "ss_debiased_estimation"}
 
 

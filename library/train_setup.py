@@ -71,6 +71,7 @@ def noise_settings(args: argparse.Namespace) -> NoiseSettings:
         loss_type=args.loss_type,
         huber_c=args.huber_c,
         huber_schedule=args.huber_schedule,
+        huber_scale=args.huber_scale,
         ip_noise_gamma=args.ip_noise_gamma,
         ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
         prior_loss_weight=args.prior_loss_weight,

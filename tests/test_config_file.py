@@ -157,6 +157,9 @@ def test_scheduler_args_without_a_type_and_negative_max_norm_are_refused():
     args, _ = _parse([*base, "--loss_type", "huber", "--huber_c", "0"])
     with pytest.raises(UserError, match="needs a value > 0"):
         check_combinations(args, build_parser().parse_args([]))
+    args, _ = _parse([*base, "--loss_type", "smooth_l1", "--huber_scale", "-2"])
+    with pytest.raises(UserError, match="--huber_scale -2.0: .* needs a value > 0"):
+        check_combinations(args, build_parser().parse_args([]))
 
 
 def test_resume_compares_the_new_arguments_and_still_accepts_older_states():
@@ -178,5 +181,8 @@ def test_resume_compares_the_new_arguments_and_still_accepts_older_states():
     huber = fingerprint("--loss_type", "huber")  # the default snr schedule; earlier runs had a constant one
     with pytest.raises(UserError, match="huber_schedule"):
         check_resume_compatible(fingerprint("--loss_type", "huber", "--huber_schedule", "constant"), huber, False, "s")
+    assert "huber_scale" not in huber  # the default scale: states from before --huber_scale still resume
+    with pytest.raises(UserError, match="huber_scale"):
+        check_resume_compatible(huber, fingerprint("--loss_type", "huber", "--huber_scale", "2"), False, "s")
     lines = check_resume_compatible(plain, fingerprint("--lr_scheduler_type", "StepLR"), True, "s")
     assert any("lr_scheduler_type" in line for line in lines)

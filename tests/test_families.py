@@ -217,3 +217,24 @@ def test_huber_schedule_reaches_the_loss():
         assert got.item() == pytest.approx(per_sample_loss(pred, noise, "huber", c).mean().item(), rel=1e-6)
         losses.add(round(got.item(), 6))
     assert len(losses) == 3  # each schedule gives its own loss
+
+
+def test_huber_scale_as_sd_scripts():
+    """--huber_scale multiplies the constant and exponential schedules; snr ignores it (as sd-scripts)."""
+    from diffusers import DDPMScheduler
+
+    from library.families.diffusion import denoising_loss, draw_noise_and_timesteps, huber_c_at
+
+    alphas, t = torch.tensor([0.5, 0.8, 0.2, 0.1]), torch.tensor([0, 1, 2])
+    assert huber_c_at(t, alphas, 0.1, "constant", 3.0).tolist() == pytest.approx([0.3, 0.3, 0.3])
+    assert huber_c_at(t, alphas, 0.1, "exponential", 3.0).tolist() == pytest.approx(
+        [3.0, 3 * 0.1**0.25, 3 * 0.1**0.5])
+    assert huber_c_at(t, alphas, 0.1, "snr", 3.0).tolist() == huber_c_at(t, alphas, 0.1, "snr").tolist()
+    # and the value reaches the loss the trainer computes
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents, indices, no_reg = torch.zeros(2, 4, 8, 8), torch.tensor([0, 1]), torch.tensor([False, False])
+    noise, t = draw_noise_and_timesteps(latents, 2, 0, indices, NoiseSettings())
+    pred = torch.ones_like(latents)
+    s = NoiseSettings(loss_type="huber", huber_c=0.1, huber_schedule="constant", huber_scale=2.0)
+    got = denoising_loss(lambda noisy, ts: pred, latents, indices, no_reg, 2, 0, scheduler, s)
+    assert got.item() == pytest.approx(per_sample_loss(pred, noise, "huber", 0.2).mean().item(), rel=1e-6)

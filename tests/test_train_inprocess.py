@@ -309,8 +309,8 @@ def test_in_json_fine_tuning_layout_trains_with_the_json_captions(tmp_path, tiny
     assert metadata["ss_num_train_images"] == "10"  # the 5 images of the JSON, not the folder's 8, x 2 repeats
     # training switches under sd-scripts' names
     keys = ("ss_max_grad_norm", "ss_loss_type", "ss_gradient_checkpointing", "ss_debiased_estimation",
-            "ss_ip_noise_gamma")
-    assert [metadata[k] for k in keys] == ["1.0", "l2", "False", "False", "None"]
+            "ss_ip_noise_gamma", "ss_huber_scale")
+    assert [metadata[k] for k in keys] == ["1.0", "l2", "False", "False", "None", "1.0"]
     tags = json.loads(metadata["ss_tag_frequency"])
     assert tags[tiny_images.name] == {"a photo of zqx": 5, "red": 5, "square": 5}  # keyed by folder
     # --in_json without the folder it refers to is refused before anything loads

@@ -38,6 +38,7 @@ class NoiseSettings:
     loss_type: str = "l2"
     huber_c: float = 0.1
     huber_schedule: str = "snr"
+    huber_scale: float = 1.0
     ip_noise_gamma: float | None = None
     ip_noise_gamma_random_strength: bool = False
     prior_loss_weight: float = 1.0
@@ -113,18 +114,20 @@ def multires_noise(noise: torch.Tensor, iterations: int, discount: float,
     return torch.stack(out)
 
 
-def huber_c_at(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+def huber_c_at(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, huber_c: float, schedule: str,
+               scale: float = 1.0) -> torch.Tensor:
     """sd-scripts' ``--huber_schedule``: the huber / smooth_l1 parameter of each sample at its timestep.
 
-    constant: ``huber_c``; exponential: ``huber_c ** (t / T)`` (1 at t = 0, ``huber_c`` at t = T, T the
-    number of training timesteps); snr: ``(1 - huber_c) / (1 + sigma_t)**2 + huber_c`` with
-    ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` (near 1 at low noise, ``huber_c`` at high noise).
+    constant: ``huber_c · scale``; exponential: ``huber_c ** (t / T) · scale`` (``scale`` at t = 0,
+    ``huber_c · scale`` at t = T, T the number of training timesteps); snr: ``(1 - huber_c) / (1 + sigma_t)**2
+    + huber_c`` with ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` (near 1 at low noise, ``huber_c`` at
+    high noise). ``scale`` is ``--huber_scale``, which sd-scripts applies to the first two schedules only.
     """
     t = timesteps.float()
     if schedule == "constant":
-        return torch.full_like(t, huber_c)
+        return torch.full_like(t, huber_c * scale)
     if schedule == "exponential":
-        return torch.exp(math.log(huber_c) / len(alphas_cumprod) * t)
+        return torch.exp(math.log(huber_c) / len(alphas_cumprod) * t) * scale
     if schedule == "snr":
         a = alphas_cumprod.to(timesteps.device)[timesteps].float()
         sigmas = ((1.0 - a) / a) ** 0.5
@@ -205,7 +208,7 @@ def denoising_loss(
     noisy = scheduler.add_noise(latents, perturbed_noise(noise, seed, epoch, indices, s), timesteps)
     target = scheduler.get_velocity(latents, noise, timesteps) if s.v_parameterization else noise
     pred = predict(noisy, timesteps)
-    huber_c = (huber_c_at(timesteps, scheduler.alphas_cumprod, s.huber_c, s.huber_schedule)
+    huber_c = (huber_c_at(timesteps, scheduler.alphas_cumprod, s.huber_c, s.huber_schedule, s.huber_scale)
                if s.loss_type in HUBER_LOSSES else s.huber_c)
     losses = per_sample_loss(pred, target, s.loss_type, huber_c)
     return weighted_loss(losses, is_reg, timesteps, scheduler.alphas_cumprod, s)

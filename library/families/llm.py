@@ -37,7 +37,7 @@ IMAGE_ONLY_ARGUMENTS = (
     "flip_aug", "color_aug", "random_crop", "cache_latents", "cache_latents_to_disk", "vae_batch_size",
     "no_half_vae", "cache_text_encoder_outputs", "text_encoder_lr", "network_train_text_encoder_only",
     "stop_text_encoder_training", "loraplus_text_encoder_lr_ratio", "prior_loss_weight", "loss_type", "huber_c",
-    "huber_schedule", "noise_offset", "noise_offset_random_strength", "multires_noise_iterations",
+    "huber_schedule", "huber_scale", "noise_offset", "noise_offset_random_strength", "multires_noise_iterations",
     "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength",
     "min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "zero_terminal_snr",
     "min_timestep", "max_timestep", "sample_sampler",
