@@ -23,7 +23,9 @@ from library.checkpoint import (
     SavePlan,
     check_output_name,
     ensure_output_dir,
+    missing_folders,
     refuse_to_replace,
+    remove_if_empty,
     set_aside_earlier_run,
 )
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
@@ -41,8 +43,13 @@ from library.step_controls import TextEncoderStop, max_norm_logs
 
 def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     """Run one training; returns the path of the final LoRA file."""
+    created = missing_folders(args.output_dir) if args.output_dir else []
     with contextlib.ExitStack() as stack:
-        return _train(args, sources, stack)
+        try:
+            return _train(args, sources, stack)
+        except BaseException:
+            remove_if_empty(created)  # a run that stopped before writing anything leaves no empty folder
+            raise
 
 
 def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.ExitStack) -> Path:

@@ -96,6 +96,29 @@ def ensure_output_dir(path: str | Path) -> Path:
     return out
 
 
+def missing_folders(path: str | Path) -> list[Path]:
+    """The folders of ``path`` (itself first, then its parents) that do not exist yet."""
+    missing = []
+    for folder in [Path(path), *Path(path).parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, where they are still empty.
+
+    A run that stops on bad input must not leave an empty output folder behind; anything with a file in it
+    is kept (``rmdir`` refuses a folder that is not empty, so nothing can be lost here).
+    """
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def remove_quietly(path: Path) -> None:
     """Delete an old checkpoint file or state folder; rotation must never fail a run."""
     if path.is_dir():

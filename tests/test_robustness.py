@@ -256,9 +256,19 @@ def test_sigkill_at_any_moment_leaves_a_resumable_run(tmp_path, tiny_sd_dir, tin
 
 
 def test_a_config_with_zero_steps_is_an_error(tmp_path, tiny_sd_dir, tiny_images, capsys):
-    code = train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), tmp_path / "out",
+    code = train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), tmp_path / "out" / "sub",
                                     "--max_train_steps", "0"))
     assert code == 2 and "zero steps" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # the folders the failed run created are gone again
+
+
+def test_a_failed_run_keeps_a_folder_the_user_made(tmp_path, tiny_images, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code = train_network.main(_args(tmp_path / "no_model", _data(tmp_path, tiny_images), out / "run"))
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # run/ removed, the user's file untouched
 
 
 def test_sigterm_to_a_two_process_launch_saves_once_and_resumes(tmp_path, tiny_sd_dir, tiny_images,
