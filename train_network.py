@@ -64,11 +64,6 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     output_dir = ensure_output_dir(args.output_dir)
     output_name = check_output_name(args.output_name or "last")
     refuse_to_replace(output_dir, output_name, args.resume, args.overwrite)
-    if args.overwrite and not args.resume:
-        aside = set_aside_earlier_run(output_dir, output_name) if main else None
-        if aside:
-            log(f"--overwrite: the earlier run's {aside[1]} files and folders moved to {aside[0]}")
-        accelerator.wait_for_everyone()
     seed = setup.run_seed(args.seed, args.resume, output_dir, accelerator)
     torch.manual_seed(seed)
     # Read now, so that a bad prompt file stops the run before the model loads.
@@ -122,8 +117,14 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     global_step, start_epoch, skip_batches = 0, 0, 0
     if args.resume:
         global_step, start_epoch, skip_batches = saver.restore(args.resume, args.resume_allow_changes)
+        plan = plan.resumed(start_epoch, skip_batches // accumulation, global_step)
     te_stop = TextEncoderStop(args.stop_text_encoder_training, network, family, processes, log)
     te_stop.update(global_step)  # before the first step: 0 means never, a resumed run may be past it
+    if args.overwrite and not args.resume:  # only now: a run that fails while loading leaves the earlier one be
+        aside = set_aside_earlier_run(output_dir, output_name) if main else None
+        if aside:
+            log(f"--overwrite: the earlier run's {aside[1]} files and folders moved to {aside[0]}")
+        accelerator.wait_for_everyone()
 
     if main:
         accelerator.init_trackers(args.log_tracker_name or "network_train",

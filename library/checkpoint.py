@@ -128,10 +128,17 @@ def remove_quietly(path: Path) -> None:
 
 
 def write_state(accelerator: Any, folder: Path, train_state: dict[str, Any]) -> None:
-    """accelerate's save_state into a temporary folder, plus our marker, then an atomic rename."""
+    """accelerate's save_state into a temporary folder, plus our marker, then an atomic rename.
+
+    Every process writes its own files into the folder (its random states), so the main process alone
+    clears a leftover before anyone writes, and renames only after everyone has written.
+    """
     tmp = folder.with_name(folder.name + ".tmp")
-    remove_quietly(tmp)
+    if accelerator.is_main_process:
+        remove_quietly(tmp)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / STATE_MARKER, "w", encoding="utf-8") as f:
             json.dump(train_state, f, indent=2)

@@ -91,10 +91,17 @@ class RunSaver:
         # States are saved after whole optimizer steps, and an optimizer step's samples depend only on
         # batch x processes x accumulation (library/data/sampler.py), so the split between processes and
         # accumulation may change: skip the same steps in this run's micro-batches, and start accelerate's
-        # micro-step counter (restored in the old units) at a group boundary.
+        # micro-step counter (restored in the old units) at a group boundary. When the step itself holds
+        # another number of samples (--resume_allow_changes), skip the samples the epoch has already seen.
         now = self.accelerator.gradient_accumulation_steps
         then = int(state.get("gradient_accumulation_steps", now))
-        skip = state["batches_done_in_epoch"] // then * now
+        steps_done = state["batches_done_in_epoch"] // then
+        saved = state.get("fingerprint") or {}
+        step_then, step_now = (fp.get("batch_size", 1) * fp.get("processes x accumulation", 1)
+                               for fp in (saved, self.fingerprint))
+        if saved and step_then != step_now:
+            steps_done = steps_done * step_then // step_now
+        skip = steps_done * now
         self.accelerator.step = 0
         self.log(f"resumed from {state_dir}: step {state['global_step']}, epoch {state['epoch'] + 1}")
         return state["global_step"], state["epoch"], skip

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,12 @@ class StepPlan:
     steps_per_epoch: int  # optimizer steps
     max_train_steps: int
     num_epochs: int
+
+    def resumed(self, start_epoch: int, skipped_steps: int, global_step: int) -> StepPlan:
+        """The plan of a resumed run: enough epochs to reach max_train_steps from where the state left off
+        (more than planned when --resume_allow_changes made the epochs hold more steps than before)."""
+        remaining = max(0, self.max_train_steps - global_step + skipped_steps)
+        return replace(self, num_epochs=max(self.num_epochs, start_epoch + math.ceil(remaining / self.steps_per_epoch)))
 
 
 def plan_steps(batches_per_epoch: int, accumulation: int, max_train_steps: int,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_network
@@ -173,3 +174,17 @@ def test_resume_may_move_the_batch_into_accumulation(tmp_path, tiny_sd_dir, mixe
                    "--resume_allow_changes", "--gradient_accumulation_steps", "2")
     worst = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
     assert worst < 1e-6, f"largest difference {worst}"
+
+
+def test_resume_with_a_smaller_step_still_trains_to_max_train_steps(tmp_path, tiny_sd_dir, mixed_data):
+    # Saved at the end of a 3-step epoch of 2 samples per step, resumed with 1 sample per step
+    # (--resume_allow_changes): the epoch now holds 5 steps, so the run needs a second epoch to reach step 5,
+    # and the samples the first epoch already saw are not trained again.
+    split = tmp_path / "split"
+    _run(tiny_sd_dir, mixed_data(1), split, "--max_train_steps", "3", "--save_state_on_train_end",
+         "--gradient_accumulation_steps", "2")
+    _run(tiny_sd_dir, mixed_data(1), split, "--max_train_steps", "5", "--resume", "latest", "--resume_allow_changes")
+    steps = [s for s, _, _ in read_loss_curve(split / "lora_loss.csv", up_to=10**9)]
+    assert steps == [1, 2, 3, 4, 5]
+    metadata = safe_open(str(split / "lora.safetensors"), "pt").metadata()
+    assert metadata["ss_steps"] == "5"

@@ -41,12 +41,16 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, tiny_sd_dir, ti
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port),
            "--quiet", str(ROOT / "train_network.py"), *common, "--dataset_config", str(data(1)),
-           "--output_dir", str(tmp_path / "two")]
+           "--output_dir", str(tmp_path / "two"), "--save_state", "--save_every_n_steps", "2"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "num_processes                2" in output, "two processes did not really run"
     assert "global batch           2 = 1 per process x 2 processes" in output
+    # each process's random states reach the state folder, and no temporary folder is left beside it
+    state = tmp_path / "two" / "lora-step00000002-state"
+    assert (state / "random_states_0.pkl").is_file() and (state / "random_states_1.pkl").is_file()
+    assert not list((tmp_path / "two").glob("*.tmp"))
 
     assert train_network.main([*common, "--dataset_config", str(data(2)), "--output_dir", str(tmp_path / "one")]) == 0
     two = load_file(str(tmp_path / "two" / "lora.safetensors"))

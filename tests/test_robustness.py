@@ -334,6 +334,11 @@ def test_overwrite_sets_the_earlier_run_aside(tmp_path, tiny_sd_dir, tiny_images
                                     "--save_state")) == 0
     earlier = sorted(p.name for p in out.iterdir() if p.name.startswith("lora"))
     assert "lora-step00000001.safetensors" in earlier and "lora-step00000001-state" in earlier
+    # an --overwrite run that stops on bad input leaves the earlier run where it was
+    bad = tmp_path / "bad.toml"
+    bad.write_text(data.read_text().replace("batch_size", "batch_sise"))
+    assert train_network.main(_args(tiny_sd_dir, bad, out, "--max_train_steps", "1", "--overwrite")) == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("lora")) == earlier
     assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "1", "--overwrite")) == 0
     # nothing of the earlier run is left to mix with the new one (or to be found by --resume latest) ...
     assert not list(out.glob("lora-step*")) and (out / "lora.safetensors").is_file()
