@@ -34,7 +34,7 @@ from library.errors import UserError
 from library.fp8 import store_in_fp8
 from library.loss_curve import read_loss_curve, write_loss_curve
 from library.optim import create_optimizer, create_scheduler
-from library.resume_check import training_fingerprint
+from library.resume_check import dataset_settings, training_fingerprint
 from library.run_saver import RunSaver
 from library.sampling import SampleSchedule, TrainingSamples, load_prompts
 from library.signals import Interrupted, StopRequest, stop_when_launcher_dies
@@ -110,7 +110,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                           num_processes=processes, seed=seed, output_name=output_name, net_kwargs=net_kwargs)
     fingerprint = training_fingerprint(args, seed=seed, batch_size=data.batch_size, num_processes=processes,
                                        accumulation=accumulation, data=data.content_digest(),
-                                       datasets=data.metadata())
+                                       datasets=data.metadata(),
+                                       settings=dataset_settings(d.config for d in data.datasets))
     saver = RunSaver(accelerator, saves, family, network, info, setup.save_dtype_for(args.save_precision,
                      torch.float32), args.no_metadata, data.resolution, fingerprint, seed, log)
     saver.check_space("the LoRA files")

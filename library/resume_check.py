@@ -9,7 +9,11 @@ number of steps or epochs are free to change.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import hashlib
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
@@ -32,6 +36,36 @@ _COMPARED_WHEN_SET = (
 )  # fmt: skip
 
 
+# Added later still, with defaults that are not "unset": stored only when changed from these defaults.
+_COMPARED_WHEN_CHANGED = {
+    "zero_terminal_snr": False, "multires_noise_iterations": None, "multires_noise_discount": 0.3,
+    "noise_offset_random_strength": False, "debiased_estimation_loss": False,
+    "scale_v_pred_loss_like_noise_pred": False, "max_token_length": None,
+}  # fmt: skip
+# Keys a state saved before they existed does not hold: compared only when the saved fingerprint has them.
+_NEWER_KEYS = ("dataset settings",)
+# Only their product (the samples of one optimizer step) decides what a step trains (library/data/sampler.py).
+_STEP_SPLIT = ("batch_size", "processes x accumulation")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.name  # a moved folder is not a change; its content is compared by the data digest
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dataset_settings(configs: Iterable[Any]) -> list[dict[str, Any]]:
+    """Every option of each dataset config and its subsets (captions, augmentation, buckets, sequence layout),
+    without the names used in messages and the per-process batch size (compared as samples per step)."""
+    def fields(obj: Any, skip: set[str]) -> dict[str, Any]:
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skip}
+
+    return [{**fields(d, {"subsets", "batch_size", "name"}),
+             "subsets": [fields(s, {"name"}) for s in d.subsets]} for d in configs]
+
+
 def data_digest(records: list[tuple[str, int, str]]) -> str:
     """A digest of (image name, file size, caption) for every image, in order."""
     h = hashlib.sha256()
@@ -41,10 +75,15 @@ def data_digest(records: list[tuple[str, int, str]]) -> str:
 
 
 def training_fingerprint(args: argparse.Namespace, *, seed: int, batch_size: int, num_processes: int,
-                         accumulation: int, data: str, datasets: list[dict[str, Any]]) -> dict[str, Any]:
-    """The settings a resume compares, as JSON-serialisable values."""
+                         accumulation: int, data: str, datasets: list[dict[str, Any]],
+                         settings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The settings a resume compares, as JSON-serialisable values (``settings``: :func:`dataset_settings`)."""
     fingerprint: dict[str, Any] = {name: getattr(args, name) for name in _COMPARED_ARGS}
     fingerprint.update({name: getattr(args, name) for name in _COMPARED_WHEN_SET if getattr(args, name)})
+    fingerprint.update({name: getattr(args, name, default) for name, default in _COMPARED_WHEN_CHANGED.items()
+                        if getattr(args, name, default) != default})
+    if settings is not None:
+        fingerprint["dataset settings"] = settings
     if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule != "constant":  # earlier runs: constant
         fingerprint["huber_schedule"] = args.huber_schedule
     if args.loss_type in ("huber", "smooth_l1") and args.huber_scale != 1.0:  # earlier runs: 1
@@ -61,6 +100,18 @@ def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any
     """Differences as lines; raises UserError for any unless ``allow_changes``."""
     if saved is None:
         return []
+    saved, current = copy.deepcopy(saved), copy.deepcopy(current)
+    for key in _NEWER_KEYS:
+        if key not in saved:
+            current.pop(key, None)
+    if all(key in saved for key in _STEP_SPLIT):
+        step_then, step_now = (fp["batch_size"] * fp["processes x accumulation"] for fp in (saved, current))
+        if step_then == step_now:  # batch, processes and accumulation may trade places (README, "Steps")
+            for fp in (saved, current):
+                for key in _STEP_SPLIT:
+                    fp.pop(key)
+                for entry in fp.get("datasets") or []:
+                    entry.pop("batch_size_per_device", None)
     keys = [*current, *(key for key in saved if key not in current)]  # a setting only the saved run had too
     lines = [f"  {key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
              for key in keys if saved.get(key) != current.get(key)]

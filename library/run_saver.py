@@ -22,6 +22,7 @@ from library.checkpoint import (
     remove_quietly,
     write_state,
 )
+from library.errors import UserError
 from library.metadata import modelspec_metadata
 from library.resume_check import check_resume_compatible
 from library.train_metadata import RunInfo, minimal_training_metadata, training_metadata
@@ -87,7 +88,14 @@ class RunSaver:
         current = json.loads(json.dumps(self.fingerprint))  # compare as stored: tuples become lists
         for line in check_resume_compatible(state.get("fingerprint"), current, allow_changes, str(state_dir)):
             self.log(f"resuming with a changed setting (--resume_allow_changes):{line}")
-        self.accelerator.load_state(str(state_dir))
+        try:
+            self.accelerator.load_state(str(state_dir))
+        except FileNotFoundError as e:
+            raise UserError(f"--resume {state_dir}: the state folder is incomplete, {Path(e.filename or '?').name} "
+                            "is missing; resume from another state (or train without --resume).") from None
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. tensors of another shape
+            raise UserError(f"--resume {state_dir}: the state does not fit this run ({str(e).splitlines()[0]}); "
+                            "network_dim, network_args and the optimizer must match the saved run.") from None
         # States are saved after whole optimizer steps, and an optimizer step's samples depend only on
         # batch x processes x accumulation (library/data/sampler.py), so the split between processes and
         # accumulation may change: skip the same steps in this run's micro-batches, and start accelerate's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import toml
 
@@ -184,5 +186,31 @@ def test_resume_compares_the_new_arguments_and_still_accepts_older_states():
     assert "huber_scale" not in huber  # the default scale: states from before --huber_scale still resume
     with pytest.raises(UserError, match="huber_scale"):
         check_resume_compatible(huber, fingerprint("--loss_type", "huber", "--huber_scale", "2"), False, "s")
+    # options added later with a non-empty default: stored only when changed, so older states still resume
+    assert "multires_noise_discount" not in plain
+    with pytest.raises(UserError, match="multires_noise_discount"):
+        check_resume_compatible(plain, fingerprint("--multires_noise_discount", "0.5"), False, "s")
     lines = check_resume_compatible(plain, fingerprint("--lr_scheduler_type", "StepLR"), True, "s")
     assert any("lr_scheduler_type" in line for line in lines)
+
+
+def test_resume_compares_dataset_options_and_only_the_samples_per_step():
+    from library.dataset_config import DatasetConfig, SubsetConfig
+    from library.resume_check import check_resume_compatible, dataset_settings, training_fingerprint
+
+    def fingerprint(batch: int, accumulation: int, flip: bool, settings: bool = True) -> dict:
+        args, _ = _parse([])
+        config = DatasetConfig((SubsetConfig(Path("/data/a"), flip_aug=flip),), batch_size=batch)
+        return training_fingerprint(args, seed=1, batch_size=batch, num_processes=1, accumulation=accumulation,
+                                    data="d", datasets=[{"batch_size_per_device": batch}],
+                                    settings=dataset_settings([config]) if settings else None)
+
+    # batch 2 = batch 1 x accumulation 2: the same samples at every step, so not a change
+    assert check_resume_compatible(fingerprint(2, 1, False), fingerprint(1, 2, False), False, "s") == []
+    with pytest.raises(UserError, match="batch_size: saved 2, now 1"):
+        check_resume_compatible(fingerprint(2, 1, False), fingerprint(1, 1, False), False, "s")
+    # an augmentation switched on changes training
+    with pytest.raises(UserError, match="dataset settings"):
+        check_resume_compatible(fingerprint(2, 1, False), fingerprint(2, 1, True), False, "s")
+    # a state saved before dataset settings were stored still resumes
+    assert check_resume_compatible(fingerprint(2, 1, False, settings=False), fingerprint(2, 1, True), False, "s") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,6 +92,14 @@ def test_resume_refuses_changed_settings(tmp_path, tiny_sd_dir, tiny_images, cap
                                     "--learning_rate", "5e-3"))
     err = capsys.readouterr().err
     assert code == 2 and "learning_rate" in err and "--resume_allow_changes" in err
+    # a state folder with a file missing is named, with the file, instead of a traceback
+    broken = tmp_path / "broken-state"
+    shutil.copytree(out / "lora-state", broken)
+    (broken / "optimizer.bin").unlink()
+    code = train_network.main(_args(tiny_sd_dir, data, tmp_path / "other", "--max_train_steps", "2",
+                                    "--resume", str(broken)))
+    err = capsys.readouterr().err
+    assert code == 2 and "incomplete, optimizer.bin is missing" in err
     assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "2", "--resume", "latest",
                                     "--learning_rate", "5e-3", "--resume_allow_changes")) == 0
 
