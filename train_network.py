@@ -23,9 +23,11 @@ from library.checkpoint import (
     SavePlan,
     check_output_name,
     ensure_output_dir,
+    find_resume_state,
     missing_folders,
     refuse_to_replace,
     remove_if_empty,
+    saved_loss_curve,
     set_aside_earlier_run,
 )
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
@@ -152,7 +154,9 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     # --- the loop -----------------------------------------------------------------------------
     progress = tqdm(total=plan.max_train_steps, initial=global_step, disable=not main, desc="steps")
     # the loss curve continues the saved one on resume, so no earlier step disappears from it
-    curve = read_loss_curve(output_dir / f"{output_name}_loss.csv", up_to=global_step) if args.resume else []
+    # (the saved run's own CSV, which may lie in another --output_dir or carry another --output_name)
+    curve = read_loss_curve(saved_loss_curve(find_resume_state(args.resume, output_dir)),
+                            up_to=global_step) if args.resume else []
     stop = stack.enter_context(StopRequest())
     stop_when_launcher_dies()
     resume_point = (start_epoch, skip_batches)

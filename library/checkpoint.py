@@ -166,6 +166,12 @@ def find_resume_state(resume: str, output_dir: Path) -> Path:
     return max(candidates, key=lambda p: read_state(p)["global_step"])
 
 
+def saved_loss_curve(state_dir: Path) -> Path:
+    """The loss CSV of the run that wrote ``state_dir``: beside it, named after its output name."""
+    name = re.sub(r"(-step\d{8}|-\d{6})?-state$", "", state_dir.name)
+    return state_dir.parent / f"{name}_loss.csv"
+
+
 def read_state(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / STATE_MARKER).read_text(encoding="utf-8"))

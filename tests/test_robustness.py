@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 import train_network
+from library.loss_curve import read_loss_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,11 @@ def test_resume_refuses_changed_settings(tmp_path, tiny_sd_dir, tiny_images, cap
                                     "--resume", str(broken)))
     err = capsys.readouterr().err
     assert code == 2 and "incomplete, optimizer.bin is missing" in err
+    # resumed into another folder under another name, the loss curve still starts at step 1
+    moved = tmp_path / "moved"
+    assert train_network.main([*_args(tiny_sd_dir, data, moved, "--max_train_steps", "2", "--resume",
+                                      str(out / "lora-state")), "--output_name", "other"]) == 0
+    assert [s for s, _, _ in read_loss_curve(moved / "other_loss.csv", up_to=10)] == [1, 2]
     assert train_network.main(_args(tiny_sd_dir, data, out, "--max_train_steps", "2", "--resume", "latest",
                                     "--learning_rate", "5e-3", "--resume_allow_changes")) == 0
 
