@@ -166,7 +166,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         data.sampler.set_epoch(epoch, skip_batches)
         batches_done, skip_batches = skip_batches, 0
         meter, tokens = setup.Throughput(), setup.TokenWeighting()
-        step_losses: list[torch.Tensor] = []  # the micro-batches of this optimizer step
+        step_losses: list[torch.Tensor] = []  # (loss x weight, weight) of each micro-batch of this optimizer step
         for batch in data.loader:
             batches_done += 1
             batch = move_batch(batch, accelerator.device)
@@ -195,16 +195,19 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                 if accelerator.sync_gradients and not optimizer.step_was_skipped:
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_losses.append(loss.detach())
+            # text: weighted by label tokens, as the gradient is; images: each micro-batch alike
+            count = batch.get("num_label_tokens")
+            weight = loss.new_tensor(1.0 if count is None else float(count), dtype=torch.float)
+            step_losses.append(torch.stack([loss.detach().float() * weight, weight]))
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             te_stop.update(global_step)
             norm_logs = max_norm_logs(network, args.scale_weight_norms, accelerator.device)
-            step_loss, step_losses = torch.stack(step_losses).mean(), []  # the step's mean, not its last part
-            if processes > 1:  # log the mean over all processes, not rank 0's share alone
-                step_loss = accelerator.reduce(step_loss, reduction="mean")
-            step_loss = step_loss.item()  # a device sync, once per optimizer step
+            step_sum, step_losses = torch.stack(step_losses).sum(0), []  # the whole step, not its last part
+            if processes > 1:  # over all processes, not rank 0's share alone
+                step_sum = accelerator.reduce(step_sum, reduction="sum")
+            step_loss = (step_sum[0] / step_sum[1].clamp_min(1e-12)).item()  # a device sync, once per optimizer step
             lr, lr_logs = setup.learning_rates(lr_scheduler.get_last_lr(), lr_names)
             curve.append((global_step, step_loss, lr))
             progress.update(1)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_network
+from library.loss_curve import read_loss_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,11 @@ def test_accumulation_equals_one_big_batch(tmp_path, llm):
                                     "2")) == 0
     assert train_network.main(_args(model, data(2), tmp_path / "one")) == 0
     _assert_same(_weights(tmp_path / "one"), _weights(tmp_path / "accumulated"))
+    # the logged loss is token-weighted like the gradient, so the two runs log the same curve
+    curves = [read_loss_curve(next((tmp_path / run).glob("*_loss.csv")), up_to=10**9) for run in ("one", "accumulated")]
+    assert [s for s, _, _ in curves[0]] == [s for s, _, _ in curves[1]] and curves[0]
+    for (_, a, _), (_, b, _) in zip(*curves, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, llm, monkeypatch):
