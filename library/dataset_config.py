@@ -63,7 +63,9 @@ class DatasetDefaults:
 class SubsetConfig:
     """One folder of images and how its samples are captioned and augmented."""
 
-    image_dir: Path
+    # None only for a fine-tuning subset whose metadata JSON names the images by path (as in
+    # sd-scripts); with it, the JSON's relative names are looked up in image_dir.
+    image_dir: Path | None
     num_repeats: int = 1
     is_reg: bool = False
     class_tokens: str | None = None
@@ -250,23 +252,60 @@ def _toml_repr(value: Any) -> str:
     return repr(value)
 
 
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY_LINE = re.compile(r"^\s*(?:\"([^\"]+)\"|'([^']+)'|([A-Za-z0-9_-]+))\s*=")
+
+
+def _line_numbers(text: str) -> dict[str, int]:
+    """Line of every table header and key, by the key path used in messages.
+
+    A key name such as ``num_repeats`` is normally written once per subset, so a plain text
+    search cannot tell which occurrence a message is about; walking the headers in order gives
+    each ``[[datasets]]`` / ``[[datasets.subsets]]`` its index, as tomllib numbers them.
+    """
+    lines: dict[str, int] = {}
+    table, datasets, subsets = "", -1, -1
+    in_string = False  # inside a multi-line string, where "key = ..." is text, not a key
+    for number, line in enumerate(text.splitlines(), start=1):
+        was_in_string = in_string
+        in_string ^= (line.count('"""') + line.count("'''")) % 2 == 1
+        if was_in_string:
+            continue
+        if header := _HEADER.match(line):
+            name = re.sub(r"\s*\.\s*", ".", header.group(2)).replace('"', "").replace("'", "")
+            if name == "datasets" and header.group(1) == "[[":
+                datasets, subsets = datasets + 1, -1
+                table = f"datasets[{datasets}]"
+            elif name == "datasets.subsets" and header.group(1) == "[[":
+                subsets += 1
+                table = f"datasets[{datasets}].subsets[{subsets}]"
+            else:
+                table = name
+            lines.setdefault(table, number)
+        elif key := _KEY_LINE.match(line):
+            name = next(group for group in key.groups() if group)
+            lines.setdefault(f"{table}.{name}" if table else name, number)
+    return lines
+
+
 class _Reporter:
-    """Builds error messages that name the file, the key path and (when unambiguous) the line."""
+    """Builds error messages that name the file, the key path and (when known) the line."""
 
     def __init__(self, source: str, text: str | None) -> None:
         self.source = source
-        self.text = text
+        self.lines = _line_numbers(text) if text is not None else {}
 
-    def _line(self, key: str) -> str:
-        if self.text is None:
-            return ""
-        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=", re.MULTILINE)
-        lines = [self.text.count("\n", 0, m.start()) + 1 for m in pattern.finditer(self.text)]
-        return f" (line {lines[0]})" if len(lines) == 1 else ""
+    def _line(self, key_path: str) -> int | None:
+        # A value a dataset or subset inherits is written in an enclosing table or in [general].
+        key = key_path.rpartition(".")[2]
+        paths, table = [key_path], key_path.rpartition(".")[0]
+        while table := table.rpartition(".")[0]:
+            paths.append(f"{table}.{key}")
+        return next((self.lines[p] for p in [*paths, f"general.{key}"] if p in self.lines), None)
 
     def error(self, key_path: str, message: str) -> UserError:
-        key = key_path.rsplit(".", 1)[-1]
-        return UserError(f"{self.source}: {key_path}{self._line(key)}: {message}")
+        line = self._line(key_path)
+        return UserError(f"{self.source}: {key_path}{f' (line {line})' if line else ''}: {message}")
 
     def unknown_key(self, where: str, level: str, key: str) -> UserError:
         path = f"{where}.{key}"
@@ -353,13 +392,21 @@ def _dataset(table: Any, i: int, general: dict, cli: dict, report: _Reporter) ->
     return dataset
 
 
+# Written in a metadata_file subset, these would be ignored (its captions come from the JSON);
+# sd-scripts' fine-tuning subset schema refuses them too. Inherited values are harmless.
+_DREAMBOOTH_ONLY = ("class_tokens", "caption_extension")
+
+
 def _subset(table: Any, where: str, inherited: dict, report: _Reporter) -> SubsetConfig:
     values = _checked_table(table, where, "subset", report)
-    if "image_dir" not in values:
-        raise report.error(where, 'missing image_dir; every subset needs image_dir = "path/to/images"')
-    if values.get("metadata_file") is not None and values.get("is_reg"):
-        raise report.error(f"{where}.is_reg", "is_reg applies to DreamBooth subsets, not to metadata_file subsets")
-    merged = {k: inherited[k] for k in ANY_LEVEL_KEYS} | values
+    dreambooth_only = [k for k in _DREAMBOOTH_ONLY if k in values] + (["is_reg"] if values.get("is_reg") else [])
+    if "metadata_file" in values and dreambooth_only:
+        raise report.error(f"{where}.{dreambooth_only[0]}", f"{dreambooth_only[0]} applies to DreamBooth subsets, "
+                           "not to metadata_file subsets (their captions come from the JSON); remove it")
+    if "metadata_file" not in values and "image_dir" not in values:
+        raise report.error(where, 'missing image_dir; a DreamBooth subset needs image_dir = "path/to/images" '
+                           "(only a metadata_file subset whose JSON names the images by path may leave it out)")
+    merged = {k: inherited[k] for k in ANY_LEVEL_KEYS} | {"image_dir": None} | values
     return SubsetConfig(name=where, **merged)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,30 @@ def test_unused_reg_images_are_not_encoded(tmp_path):
     encoder = CountingEncoder()
     _data(SubsetConfig(train), SubsetConfig(reg, is_reg=True)).cache_latents(encoder, 2, torch.device("cpu"))
     assert encoder.images == 2  # the training image and the one reg image balancing uses
+
+
+def test_an_image_in_two_subsets_caches_to_disk_across_processes(tmp_path):
+    # Two records of one image draw their own VAE samples (their seed keys differ), so they need a file each;
+    # sharing one made two processes reject each other's file, and one process rewrite it every run.
+    folder = write_synthetic_images(tmp_path / "a", count=2, size=32)
+    subsets = (SubsetConfig(folder), SubsetConfig(folder, num_repeats=2))
+    barrier, errors = threading.Barrier(2), []
+
+    def process(rank: int) -> None:
+        try:
+            _data(*subsets).cache_latents(CountingEncoder(), 2, torch.device("cpu"), to_disk=True,
+                                          num_processes=2, rank=rank, barrier=barrier.wait)
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(list(folder.glob("*.latent.safetensors"))) == 4
+    again = CountingEncoder()
+    _data(*subsets).cache_latents(again, 2, torch.device("cpu"), to_disk=True)
+    assert again.images == 0  # every record finds its own file on the next run

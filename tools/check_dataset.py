@@ -109,7 +109,9 @@ def load_config(args: argparse.Namespace) -> DatasetGroupConfig:
 def survey_subset(subset: SubsetConfig) -> list[str]:
     """Images and caption files as found on disk (before the trainer's own checks)."""
     kind = "regularisation" if subset.is_reg else "training"
-    head = f"  {subset.name}: {subset.image_dir} ({kind}, {subset.num_repeats} repeats)"
+    head = f"  {subset.name}: {subset.image_dir or subset.metadata_file} ({kind}, {subset.num_repeats} repeats)"
+    if subset.image_dir is None:  # a fine-tuning subset whose metadata file names the images by path
+        return [head, f"    images and captions: from {subset.metadata_file}"]
     if not subset.image_dir.is_dir():
         return [head, "    folder not found"]
     images = list_images(subset.image_dir)

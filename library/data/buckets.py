@@ -6,11 +6,15 @@ With bucketing off every image goes to the one bucket ``resolution``. With bucke
   ``min_bucket_reso`` and ``max_bucket_reso`` and area ≤ the resolution's area (for each
   width, the tallest such height), plus the largest square;
 - an image goes to the bucket with the closest aspect ratio, compared on a log scale so that
-  2:1 and 1:2 are equally far from 1:1 (sd-scripts compares w/h linearly, which favours
-  landscape buckets);
+  2:1 and 1:2 are equally far from 1:1 and an image and its 90°-rotated copy get mirrored
+  buckets (sd-scripts compares w/h linearly: an image whose ratio lies just below the
+  arithmetic mean of two neighbouring buckets' ratios goes to the narrower one there, to the
+  wider one here);
 - with ``bucket_no_upscale`` the bucket is derived from the image itself instead: the image is
   scaled down (never up) until its area fits the resolution's area and both sides fit
-  ``max_bucket_reso``, then each side is floored to a multiple of ``bucket_reso_steps``.
+  ``max_bucket_reso``, then each side is floored to a multiple of ``bucket_reso_steps``, as
+  sd-scripts floors (rounding up would make the bucket larger than the image, i.e. upscale it).
+  A side under one step still becomes one step (the image is enlarged; ``images.py`` warns).
 
 Every image is later resized to cover its bucket and cropped (see ``images.py``).
 """
@@ -75,3 +79,27 @@ def assign_buckets(sizes: Sequence[Size], settings: BucketSettings) -> list[Size
         settings.resolution, settings.min_bucket_reso, settings.max_bucket_reso, settings.bucket_reso_steps
     )
     return [closest_bucket(s, candidates) for s in sizes]
+
+
+def cover_size(size: Size, target: Size) -> Size:
+    """The smallest size with the image's aspect ratio that covers ``target``."""
+    scale = max(target[0] / size[0], target[1] / size[1])
+    return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
+
+
+def crop_position(size: Size, target: Size, random_crop: bool, uniforms: tuple[float, float]) -> tuple[int, int]:
+    """(top, left) of the ``target`` crop in the image of ``size`` scaled to cover it.
+
+    Centred, or placed by ``uniforms`` (two numbers in [0, 1)) with ``random_crop``.
+    """
+    width, height = cover_size(size, target)
+    if not random_crop:
+        return (height - target[1]) // 2, (width - target[0]) // 2
+    left = min(width - target[0], int(uniforms[0] * (width - target[0] + 1)))
+    top = min(height - target[1], int(uniforms[1] * (height - target[1] + 1)))
+    return top, left
+
+
+def upscaled(size: Size, bucket: Size) -> bool:
+    """Whether an image of ``size`` is enlarged to cover ``bucket``."""
+    return bucket[0] > size[0] or bucket[1] > size[1]

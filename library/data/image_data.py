@@ -124,8 +124,10 @@ class ImageData:
             "enable_bucket": d.config.enable_bucket,
             # the same counts sd-scripts writes here and in ss_num_train_images / ss_num_reg_images
             "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
-            "subsets": [{"image_dir": s.image_dir.name, "num_repeats": s.num_repeats, "is_reg": s.is_reg,
-                         "class_tokens": s.class_tokens} for s in d.config.subsets],
+            "subsets": [{"image_dir": s.image_dir.name if s.image_dir else None, "num_repeats": s.num_repeats,
+                         "is_reg": s.is_reg, "class_tokens": s.class_tokens,
+                         **({"metadata_file": s.metadata_file.name} if s.metadata_file else {})}
+                        for s in d.config.subsets],
         } for d in self.datasets]
 
     @torch.no_grad()
@@ -223,7 +225,24 @@ class ImageData:
     def _cache_file(self, job: tuple[int, int]) -> Path:
         record = self._record(job)
         w, h = record.bucket
-        return record.path.with_name(f"{record.path.stem}_{w}x{h}.latent.safetensors")
+        # An image listed twice (two subsets or datasets) is two samples with their own VAE draws (seed_key):
+        # the later ones get a numbered file, or the two would take turns writing one file (and, with several
+        # processes, each reject the other's).
+        copy = self._copy_number(job)
+        return record.path.with_name(f"{record.path.stem}_{w}x{h}{f'.{copy}' if copy else ''}.latent.safetensors")
+
+    def _copy_number(self, job: tuple[int, int]) -> int:
+        """0 for the first record of an image and bucket, 1, 2, ... for later records of the same."""
+        numbers = getattr(self, "_copy_numbers", None)
+        if numbers is None:
+            numbers, seen = {}, {}
+            for p, part in enumerate(self.datasets):
+                for r, record in enumerate(part.records):
+                    key = (record.path, record.bucket)
+                    numbers[(p, r)] = seen.get(key, 0)
+                    seen[key] = numbers[(p, r)] + 1
+            self._copy_numbers = numbers
+        return numbers[job]
 
     def _cache_key(self, job: tuple[int, int], vae_fingerprint: str) -> dict[str, str]:
         # Whether the file holds a flipped latent is told by its tensor names, not by this key, so a

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from library.data.buckets import BucketSettings, Size, assign_buckets
+from library.data.buckets import BucketSettings, Size, assign_buckets, cover_size, crop_position, upscaled
 from library.data.captions import caption_path, count_tags, process_caption, read_caption_file
 from library.data.reg_balance import balance_reg_repeats
 from library.data.sampler import derive_seed
@@ -63,6 +63,7 @@ def _names(paths: Sequence[Path]) -> str:
 
 def _subset_images(subset: SubsetConfig) -> list[Path]:
     folder = subset.image_dir
+    assert folder is not None  # only metadata_file subsets may leave image_dir out
     if not folder.is_dir():
         raise UserError(
             f"{subset.name}: image_dir {folder} does not exist (resolved to {folder.absolute()}; "
@@ -96,7 +97,7 @@ def _missing_captions_message(subset: SubsetConfig, images: list[Path], missing:
     stems = {p.stem for p in missing}
     found = Counter(
         p.suffix
-        for p in subset.image_dir.iterdir()
+        for p in missing[0].parent.iterdir()
         if p.stem in stems and p.suffix and p.suffix.lower() not in IMAGE_EXTENSIONS and p.suffix != ext
     )
     message = (
@@ -138,9 +139,11 @@ def _metadata_images(subset: SubsetConfig) -> tuple[list[Path], list[str]]:
             images.append(image)
             captions.append(caption)
     if missing_image:
+        where = f"in {subset.image_dir}" if subset.image_dir is not None else (
+            f"(without image_dir, a name must be an image path, absolute or relative to {Path.cwd()})"
+        )  # fmt: skip
         raise UserError(
-            f"{path}: {len(missing_image)} entries name no image in {subset.image_dir}: "
-            f"{', '.join(missing_image[:_LIST_LIMIT])}"
+            f"{path}: {len(missing_image)} entries name no image {where}: {', '.join(missing_image[:_LIST_LIMIT])}"
         )
     if missing_caption:
         raise UserError(
@@ -150,15 +153,28 @@ def _metadata_images(subset: SubsetConfig) -> tuple[list[Path], list[str]]:
     return images, captions
 
 
-def _locate_image(key: str, image_dir: Path) -> Path | None:
-    candidates = [Path(key), image_dir / key]
-    candidates += [image_dir / (key + ext) for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)]
+def _locate_image(key: str, image_dir: Path | None) -> Path | None:
+    """As sd-scripts: the key as a path (absolute or from the current directory), then a name in image_dir."""
+    candidates = [Path(key)]
+    if image_dir is not None:
+        candidates.append(image_dir / key)
+        candidates += [image_dir / (key + ext) for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)]
     return next((c for c in candidates if c.suffix.lower() in IMAGE_EXTENSIONS and c.is_file()), None)
 
 
 def probe_image(path: Path) -> Size:
-    """Decode the whole file (so truncation shows now, not mid-training); (w, h) as displayed."""
+    """Decode the whole file (so truncation shows now, not mid-training); (w, h) as displayed.
+
+    An image over PIL's decompression-bomb limit is an error here, like a corrupt file: PIL only
+    refuses those over twice the limit and merely warns (without naming the file) below that.
+    """
     with Image.open(path) as image:
+        limit, (width, height) = Image.MAX_IMAGE_PIXELS, image.size
+        if limit is not None and width * height > limit:  # checked before decoding: that is the bomb
+            raise Image.DecompressionBombWarning(
+                f"oversized image: {width}x{height} = {width * height} pixels is over PIL's decompression-bomb limit "
+                f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale it"
+            )
         image.load()
         width, height = image.size
         # EXIF orientations 5-8 rotate by 90°: the displayed image is height × width.
@@ -177,6 +193,11 @@ def _probe_all(paths: list[Path]) -> list[Size | str]:
     # Decoding releases the GIL, so threads help on large datasets.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(probe, paths))
+
+
+def _source(subset: SubsetConfig) -> Path:
+    """Where a subset's images come from, for messages."""
+    return subset.image_dir if subset.image_dir is not None else subset.metadata_file or Path()
 
 
 def _validation_part(count: int, split: float, seed: int, subset_index: int) -> set[int]:
@@ -253,13 +274,20 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 if not isinstance(s, str)
             ]
             if not good and keep:
-                raise UserError(f"{subset.name}: every image in {subset.image_dir} is unreadable")
+                raise UserError(f"{subset.name}: every image in {_source(subset)} is unreadable")
             records += good
         settings = BucketSettings(
             self.config.resolution, self.config.enable_bucket, self.config.min_bucket_reso,
             self.config.max_bucket_reso, self.config.bucket_reso_steps, self.config.bucket_no_upscale,
         )  # fmt: skip
         buckets = assign_buckets([r.size for r in records], settings)
+        if settings.enable_bucket and settings.bucket_no_upscale:
+            # A bucket side is at least one step, so a side under it is enlarged despite no_upscale.
+            small = [r.path for r, b in zip(records, buckets, strict=True) if upscaled(r.size, b)]
+            if small:
+                logger.warning("%s: bucket_no_upscale, but %d image(s) have a side under bucket_reso_steps (%d px) "
+                               "and are upscaled to one step: %s", self.config.name, len(small),
+                               settings.bucket_reso_steps, _names(small))  # fmt: skip
         return [
             ImageRecord(r.path, r.caption, r.size, r.subset_index, bucket)
             for r, bucket in zip(records, buckets, strict=True)
@@ -384,7 +412,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                             + (f"; {unused[i]} images unused)" if unused[i] else ")"))
             lines.append(
                 f"  {subset.name}: {n} {kind} images x {repeats} repeats = {n * repeats} samples{balanced} "
-                f"({subset.image_dir}{tokens})"
+                f"({_source(subset)}{tokens})"
             )
         lines.append(f"  total: {len(self.records)} images, {len(self)} samples per epoch")
         samples = Counter(self.buckets)
@@ -400,8 +428,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         separators: dict[str, str] = {}
         for record in self.records:
             subset = self.config.subsets[record.subset_index]
-            captions.setdefault(subset.image_dir.name, []).append(record.caption)
-            separators.setdefault(subset.image_dir.name, subset.caption_separator)
+            # sd-scripts names a subset without image_dir by its metadata file
+            name = (subset.image_dir or subset.metadata_file or Path()).name
+            captions.setdefault(name, []).append(record.caption)
+            separators.setdefault(name, subset.caption_separator)
         return {name: count_tags(caps, separators[name]) for name, caps in captions.items()}
 
 
@@ -422,30 +452,11 @@ def open_rgb(path: Path) -> Image.Image:
         raise UserError(f"{path}: cannot read image ({exc}); it was readable when the dataset was built") from None
 
 
-def _cover_size(size: Size, target: Size) -> Size:
-    """The smallest size with the image's aspect ratio that covers ``target``."""
-    scale = max(target[0] / size[0], target[1] / size[1])
-    return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
-
-
-def crop_position(size: Size, target: Size, random_crop: bool, uniforms: tuple[float, float]) -> tuple[int, int]:
-    """(top, left) of the ``target`` crop in the image of ``size`` scaled to cover it.
-
-    Centred, or placed by ``uniforms`` (two numbers in [0, 1)) with ``random_crop``.
-    """
-    width, height = _cover_size(size, target)
-    if not random_crop:
-        return (height - target[1]) // 2, (width - target[0]) // 2
-    left = min(width - target[0], int(uniforms[0] * (width - target[0] + 1)))
-    top = min(height - target[1], int(uniforms[1] * (height - target[1] + 1)))
-    return top, left
-
-
 def resize_and_crop(
     image: Image.Image, target: Size, random_crop: bool, uniforms: tuple[float, float]
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Scale so the image covers ``target`` (aspect kept), then crop to it; returns (image, (top, left))."""
-    cover = _cover_size(image.size, target)
+    cover = cover_size(image.size, target)
     if cover != image.size:
         image = image.resize(cover, Image.Resampling.LANCZOS)
     top, left = crop_position(image.size, target, random_crop, uniforms)
