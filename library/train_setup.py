@@ -262,11 +262,13 @@ def describe_run(lines: dict[str, Any]) -> str:
 def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precision: str, seed: int):
     """Load the model family; its network defaults (LLMs: dim 16, alpha 16) replace argparse defaults only."""
     from library.config_file import SOURCE_DEFAULT
-    from library.families import detect_model_type, load_family
+    from library.families import check_dataset_config, detect_model_type, load_family
 
     model_path = args.pretrained_model_name_or_path
     model_type = (args.model_type if args.model_type != "auto"
                   else detect_model_type(model_path, allow_pickle=args.allow_pickle))
+    if args.dataset_config:
+        check_dataset_config(model_type, args.dataset_config, dataset_defaults(args))
     family = load_family(model_type, model_path, vae_path=args.vae, tokenizer_path=args.tokenizer_cache_dir,
                          v2=args.v2 or None, v_parameterization=args.v_parameterization or None,
                          noise=noise_settings(args), seed=seed, clip_skip=args.clip_skip,

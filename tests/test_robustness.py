@@ -359,3 +359,17 @@ def test_overwrite_sets_the_earlier_run_aside(tmp_path, tiny_sd_dir, tiny_images
     assert not list(out.glob("lora-step*")) and (out / "lora.safetensors").is_file()
     # ... and nothing is lost: it waits in lora.replaced/ until the next --overwrite
     assert sorted(p.name for p in (out / "lora.replaced").iterdir()) == earlier
+
+
+def test_a_dataset_toml_typo_is_reported_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys,
+                                                                 monkeypatch):
+    import library.families
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dataset TOML was checked")
+
+    monkeypatch.setattr(library.families, "load_family", no_load)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_data(tmp_path, tiny_images).read_text().replace("batch_size", "batch_sise"))
+    assert train_network.main(_args(tiny_sd_dir, bad, tmp_path / "out", "--max_train_steps", "1")) == 2
+    assert "batch_sise" in capsys.readouterr().err

@@ -126,6 +126,19 @@ def detect_model_type(model_path: str | Path, allow_pickle: bool = False) -> str
 LLM_OPTIONS = ("load_in_4bit", "load_in_8bit")
 
 
+def check_dataset_config(model_type: str, path: str | Path, defaults: Any) -> None:
+    """Parse and check the dataset TOML the way ``model_type``'s build_data will, before the model loads:
+    a typo then costs a second, not a model load (SDXL: a minute). The family parses it again later."""
+    if model_type == "llm":
+        from library.data.text_config import load_text_dataset_config
+
+        load_text_dataset_config(path, defaults.batch_size)
+    else:
+        from library.dataset_config import load_dataset_config
+
+        load_dataset_config(Path(path), defaults)
+
+
 def load_family(model_type: str, model_path: str, **options: Any) -> ModelFamily:
     """Build the family object for ``model_type`` (already resolved from auto)."""
     if model_type == "llm":
