@@ -130,6 +130,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_extension", type=str, default=".caption", help="caption side-file extension")
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated tags each epoch")
     g.add_argument("--keep_tokens", type=int, default=0, help="keep the first N tags in place when shuffling")
+    g.add_argument("--keep_tokens_separator", type=str, default="",
+                   help="tags before it stay in place (a tail after a second one too); removed from the caption")
+    g.add_argument("--caption_separator", type=str, default=",", help="separator of the tags in a caption")
+    g.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
+    g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
     g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="probability of an empty caption")
     g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0, help="probability of dropping each tag")
     g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0, help="drop all captions every N epochs")

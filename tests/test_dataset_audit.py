@@ -208,3 +208,20 @@ def test_readme_states_the_differences_from_sd_scripts():
     for phrase in ("different `batch_size`", "log", "floor", "`keep_tokens_separator`", "empty tags",
                    "`metadata_file`", "smaller than `bucket_reso_steps`"):  # fmt: skip
         assert phrase in section, phrase
+
+
+def test_sd_scripts_caption_arguments_on_the_command_line(tmp_path):
+    """--caption_prefix/--caption_suffix/--keep_tokens_separator/--caption_separator, as sd-scripts has them,
+    are the command-line level of the dataset precedence (a TOML value still wins)."""
+    from library.args import build_parser
+    from library.train_setup import dataset_defaults
+
+    args = build_parser().parse_args(["--caption_prefix", "pre", "--caption_suffix", "post",
+                                      "--keep_tokens_separator", "|||", "--caption_separator", ";"])
+    folder = write_synthetic_images(tmp_path / "imgs", count=1, size=32)
+    path = tmp_path / "dataset.toml"
+    path.write_text(f"[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = '{folder.as_posix()}'\n"
+                    "caption_suffix = 'toml'\n", encoding="utf-8")
+    (subset,) = load_dataset_config(path, dataset_defaults(args)).datasets[0].subsets
+    assert (subset.caption_prefix, subset.caption_suffix) == ("pre", "toml")
+    assert (subset.keep_tokens_separator, subset.caption_separator) == ("|||", ";")
