@@ -118,6 +118,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                      torch.float32), args.no_metadata, data.resolution, fingerprint, seed, log)
     saver.check_space("the LoRA files")
     global_step, start_epoch, skip_batches = 0, 0, 0
+    if processes > 1:  # LoRA's own dropouts draw from the global generator: one stream per process, not one mask
+        torch.manual_seed(seed + accelerator.process_index)  # for all (a resume restores each process's state)
     if args.resume:
         global_step, start_epoch, skip_batches = saver.restore(args.resume, args.resume_allow_changes)
         plan = plan.resumed(start_epoch, skip_batches // accumulation, global_step)
