@@ -107,10 +107,9 @@ class ComputeCopies:
             # No cast needed: use the parameters as they are and apply the scale as the products' alpha
             # (a scaled copy would cost a kernel per module and memory saved for backward, over PEFT's).
             self.ups, self.alphas = [p.detach() for p in ups], list(self.scales)
-        else:  # the cast copy carries the scale for free
+        else:  # the cast copy carries the scale: scaled in the parameters' precision, then rounded once
             self.ups = [torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format) for p in ups]
-            torch._foreach_copy_(self.ups, ups)
-            torch._foreach_mul_(self.ups, self.scales)
+            torch._foreach_copy_(self.ups, torch._foreach_mul([p.detach() for p in ups], self.scales))
             self.alphas = [1.0] * len(ups)
 
     def _enter(self, _module: nn.Module, _args: object) -> None:
@@ -298,7 +297,7 @@ def fast_forward(lora: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     elif up.dtype == dtype:  # no cast: the scale goes into the products (ComputeCopies.refresh does the same)
         down_c, up_c, alpha = _cast(down.detach(), dtype), up.detach(), scale
     else:
-        down_c, up_c, alpha = down.detach().to(dtype), up.detach().to(dtype) * scale, 1.0
+        down_c, up_c, alpha = down.detach().to(dtype), (up.detach() * scale).to(dtype), 1.0
     fn = _Conv1x1LoRA if conv else _LinearLoRA
     return fn.apply(_cast(x, dtype), down, up, (weight, bias, down_c, up_c, scale, alpha))
 

@@ -230,15 +230,22 @@ def test_whole_model_matches_plain_fp32(kind):
 
 @pytest.mark.parametrize("kind", ["unet", "llm"])
 def test_whole_model_under_bf16_autocast_is_as_close_to_fp32_as_plain(kind):
-    # bf16 tolerance, measured: against an fp32 run, the fused path errs no more than the plain one (x2).
+    # bf16 tolerance, measured against an fp32 run: over all gradients together the fused path errs about as
+    # much as the plain one (measured 0.98-1.25x); a single small tensor's error is bf16 noise that moves with
+    # the CPU's bf16 kernels (1-4x either way), so it only has to stay within a few times plain's.
     runs = {}
     for name, fast, autocast in (("fast", True, True), ("plain", False, True), ("fp32", False, False)):
         model, network, inputs = _network(kind, fast)
         runs[name] = (_run(kind, model, inputs, autocast), _grads(network))
     (out_fast, g_fast), (out_plain, g_plain), (out_ref, g_ref) = runs["fast"], runs["plain"], runs["fp32"]
     assert rel_err(out_fast, out_ref) <= max(2 * rel_err(out_plain, out_ref), 1e-2)
+
+    def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([grads[name].flatten() for name in g_ref])
+
+    assert rel_err(flat(g_fast), flat(g_ref)) <= 1.5 * rel_err(flat(g_plain), flat(g_ref))
     for name in g_ref:
-        assert rel_err(g_fast[name], g_ref[name]) <= max(2 * rel_err(g_plain[name], g_ref[name]), 1e-2), name
+        assert rel_err(g_fast[name], g_ref[name]) <= max(5 * rel_err(g_plain[name], g_ref[name]), 2e-2), name
 
 
 def _spied_llm():
@@ -271,6 +278,16 @@ def test_compute_copies_live_for_one_forward_and_follow_updates():
         assert rel_err(model(**inputs).logits, plain_model(**inputs).logits) < 3e-2
     # Outside the model's forward a LoRA casts for itself.
     assert copies.lookup(index, torch.bfloat16, probe.multiplier * probe.scale) is None
+    # The scaled bf16 copy of up is s·B rounded once, as the plain path's autocast cast of (B·s) is (scaling
+    # after the cast would round twice). 0.3 x alpha/dim is no power of two, so the two differ.
+    network.set_multiplier(0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        copies.depth = 1
+        copies.refresh()
+        _, up_s, alpha = copies.lookup(index, torch.bfloat16, probe.multiplier * probe.scale)
+        copies.depth = 0
+    assert alpha == 1.0
+    assert torch.equal(up_s, (probe.lora_up.weight.detach() * (probe.multiplier * probe.scale)).to(torch.bfloat16))
 
 
 # --- torch.compile --------------------------------------------------------------------------------
