@@ -378,22 +378,37 @@ def loraplus_ratios(net_kwargs: dict[str, str], cli: dict[str, float | None]) ->
 
 def validation_loss(family: Any, network: torch.nn.Module, loader: Any, accelerator: Any,
                     max_batches: int | None) -> float:
-    """Mean loss over held-out samples with fixed draws (epoch-0 keys), so values compare over time."""
+    """Mean loss over held-out samples with fixed draws (epoch-0 keys), so values compare over time.
+
+    Each process evaluates every num_processes-th batch and the sums are added up, so N GPUs share the
+    work and report the value one process would."""
+    network.eval()
+    sums = validation_sums(family, loader, accelerator, max_batches, accelerator.process_index,
+                           accelerator.num_processes)
+    network.train()
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    return (sums[0] / sums[1].clamp_min(1.0)).item()
+
+
+def validation_sums(family: Any, loader: Any, accelerator: Any, max_batches: int | None, rank: int,
+                    world: int) -> torch.Tensor:
+    """(loss x weight, weight) summed over this process's share of the first ``max_batches`` batches."""
     import itertools
 
     from library.data.image_data import move_batch
 
-    network.eval()
-    total, weight = 0.0, 0.0
+    sums = torch.zeros(2, device=accelerator.device)
     with torch.no_grad(), accelerator.autocast():
-        for batch in itertools.islice(loader, max_batches):
+        for index, batch in enumerate(itertools.islice(loader, max_batches)):
+            if index % world != rank:
+                continue
             # Text batches: weighted by their label tokens, so the value is the mean over every held-out token
             # whatever the batch size (as training's loss); image batches count one each.
             count = float(batch.get("num_label_tokens", 1))
-            total += family.loss(move_batch(batch, accelerator.device), 0).item() * count
-            weight += count
-    network.train()
-    return total / max(weight, 1.0)
+            loss = family.loss(move_batch(batch, accelerator.device), 0).float()
+            sums += torch.stack([loss * count, loss.new_tensor(count)])  # no device sync per batch
+    return sums
 
 
 def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, plan: StepPlan, optimizer: Any,

@@ -87,6 +87,7 @@ def test_validation_loss_is_the_mean_over_label_tokens():
 
     class Accelerator:
         device = torch.device("cpu")
+        process_index, num_processes = 0, 1
 
         def autocast(self):
             return contextlib.nullcontext()
@@ -97,3 +98,10 @@ def test_validation_loss_is_the_mean_over_label_tokens():
     assert validation_loss(Family(), torch.nn.Linear(1, 1), batches, Accelerator(), None) == pytest.approx(2.5)
     images = [{"mean": torch.tensor(1.0)}, {"mean": torch.tensor(3.0)}]
     assert validation_loss(Family(), torch.nn.Linear(1, 1), images, Accelerator(), None) == pytest.approx(2.0)
+    # two processes share the batches (every other one) and their sums add up to the one-process sums
+    from library.train_setup import validation_sums
+
+    three = [*batches, {"mean": torch.tensor(5.0), "num_label_tokens": torch.tensor(2)}]
+    shares = [validation_sums(Family(), three, Accelerator(), None, rank, 2) for rank in (0, 1)]
+    assert shares[1].tolist() == [9.0, 3.0]  # only the second batch
+    assert (shares[0] + shares[1]).tolist() == validation_sums(Family(), three, Accelerator(), None, 0, 1).tolist()
