@@ -42,6 +42,10 @@ from library.sampling import SampleSchedule, TrainingSamples, load_prompts
 from library.signals import Interrupted, StopRequest, stop_when_launcher_dies
 from library.step_controls import TextEncoderStop, max_norm_logs
 
+# From its default 2**16 the fp16 loss scaler reaches 2**-14 after 30 halvings: gradients that still overflow
+# there are not a scaling problem.
+MAX_SCALER_SKIPS = 30
+
 
 def train(args: argparse.Namespace, sources: dict[str, str]) -> Path:
     """Run one training; returns the path of the final LoRA file."""
@@ -162,12 +166,14 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     stop = stack.enter_context(StopRequest())
     stop_when_launcher_dies()
     resume_point = (start_epoch, skip_batches)
+    overflows = 0  # optimizer steps the fp16 loss scaler skipped in a row
     samples.maybe_sample(global_step, first=True)
     for epoch in range(start_epoch, plan.num_epochs):
         network.on_epoch_start(*family.network_inputs()[1:])
         data.sampler.set_epoch(epoch, skip_batches)
         batches_done, skip_batches = skip_batches, 0
-        meter, tokens = setup.Throughput(), setup.TokenWeighting()
+        # text: resolution is (max_seq_length, 1), so the unit is the most label tokens of a micro-batch
+        meter, tokens = setup.Throughput(), setup.TokenWeighting(data.batch_size * data.resolution[0])
         step_losses: list[torch.Tensor] = []  # (loss x weight, weight) of each micro-batch of this optimizer step
         for batch in data.loader:
             batches_done += 1
@@ -188,12 +194,18 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                     # The norm of the synced gradients is the same on every process, so a NaN/inf
                     # stops all of them at the same step, before the optimizer applies it.
                     norm = accelerator.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm or inf)
-                    if not torch.isfinite(norm):
+                    # fp16: the loss scaler starts high on purpose; an overflow skips the step and lowers the
+                    # scale. Only a non-finite loss, or a scaler that keeps overflowing, is a real failure.
+                    scaler_skips = accelerator.scaler is not None and torch.isfinite(loss).item() and \
+                        overflows < MAX_SCALER_SKIPS
+                    if not torch.isfinite(norm) and not scaler_skips:
                         raise UserError(f"The loss or its gradients became non-finite at step {global_step + 1} "
                                         f"(loss {loss.item():.4g}): training stopped before a bad file was written; "
                                         "the last saved files are intact. Lower the learning rate, or use "
                                         "--no_half_vae / bf16 instead of fp16.")
                 optimizer.step()
+                if accelerator.sync_gradients:
+                    overflows = overflows + 1 if optimizer.step_was_skipped else 0
                 if accelerator.sync_gradients and not optimizer.step_was_skipped:
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

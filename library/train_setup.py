@@ -184,18 +184,21 @@ class TokenWeighting:
     processes, which the factor processes x accumulation / tokens undoes. Without this, batches
     with few label tokens would weigh as much as full ones, and 2 processes (or accumulation)
     would not equal one process with the whole batch. Image batches carry no token count and
-    pass through unchanged.
+    pass through unchanged. The weights are token counts over ``unit`` (the most label tokens a
+    micro-batch can hold), so they stay at most 1: an fp16 loss scaler does not have to back off
+    by the token count first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, unit: float = 1.0) -> None:
         self.tokens = 0
+        self.unit = float(unit)
 
     def weigh(self, loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         count = batch.get("num_label_tokens")
         if count is None:
             return loss
         self.tokens += int(count)
-        return loss * count
+        return loss * (count / self.unit)
 
     def normalise(self, params: list[torch.nn.Parameter], accelerator: Any, accumulation: int) -> None:
         if not self.tokens:
@@ -203,7 +206,7 @@ class TokenWeighting:
         total = torch.tensor([float(self.tokens)], device=accelerator.device)
         if accelerator.num_processes > 1:
             total = accelerator.reduce(total, reduction="sum")
-        factor = accelerator.num_processes * accumulation / max(total.item(), 1.0)
+        factor = accelerator.num_processes * accumulation * self.unit / max(total.item(), 1.0)
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(factor)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import train_network
@@ -373,3 +374,27 @@ def test_a_dataset_toml_typo_is_reported_before_the_model_loads(tmp_path, tiny_s
     bad.write_text(_data(tmp_path, tiny_images).read_text().replace("batch_size", "batch_sise"))
     assert train_network.main(_args(tiny_sd_dir, bad, tmp_path / "out", "--max_train_steps", "1")) == 2
     assert "batch_sise" in capsys.readouterr().err
+
+
+def test_fp16_loss_scaler_overflows_skip_steps_instead_of_stopping(tmp_path, tiny_sd_dir, tiny_images, monkeypatch):
+    """On CUDA, fp16 brings a GradScaler that starts high on purpose: its first steps overflow and are skipped.
+    accelerate builds one only on CUDA, so one is attached here as accelerate does (same wiring)."""
+    import library.accelerator
+
+    real = library.accelerator.prepare_accelerator
+    scalers = []
+
+    def with_scaler(settings):
+        accelerator = real(settings)
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows the first steps
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    monkeypatch.setattr(train_network, "prepare_accelerator", with_scaler)
+    out = tmp_path / "out"
+    assert train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "4",
+                                    "--mixed_precision", "fp16", "--network_train_unet_only")) == 0
+    assert scalers[0].get_scale() < 2.0**40  # it backed off instead of the run stopping
+    weights = load_file(str(out / "lora.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
