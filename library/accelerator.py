@@ -170,6 +170,10 @@ class AcceleratorSettings:
     ddp_timeout_minutes: int | None = None
     ddp_gradient_as_bucket_view: bool = False
     ddp_static_graph: bool = False
+    # Some LoRA parameters may get no gradient in a step (a text encoder's layers past the one the model reads,
+    # SDXL's encoder 1 and --clip_skip; module_dropout): DDP must then look for them, or it stops with
+    # "Expected to have finished reduction in the prior iteration".
+    ddp_find_unused_parameters: bool = False
     dynamo_backend: str = "no"
     dynamo_mode: str | None = None
     dynamo_fullgraph: bool = False
@@ -192,9 +196,11 @@ def _kwargs_handlers(s: AcceleratorSettings, num_processes: int, cuda: bool) -> 
     if num_processes > 1:
         timeout = datetime.timedelta(minutes=s.ddp_timeout_minutes) if s.ddp_timeout_minutes else None
         handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout))
-    if s.ddp_gradient_as_bucket_view or s.ddp_static_graph:
+    find_unused = s.ddp_find_unused_parameters and not s.ddp_static_graph  # a static graph knows them already
+    if s.ddp_gradient_as_bucket_view or s.ddp_static_graph or find_unused:
         handlers.append(DistributedDataParallelKwargs(
-            gradient_as_bucket_view=s.ddp_gradient_as_bucket_view, static_graph=s.ddp_static_graph))
+            gradient_as_bucket_view=s.ddp_gradient_as_bucket_view, static_graph=s.ddp_static_graph,
+            find_unused_parameters=find_unused))
     return handlers
 
 

@@ -48,6 +48,9 @@ def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
         ddp_timeout_minutes=args.ddp_timeout,
         ddp_gradient_as_bucket_view=args.ddp_gradient_as_bucket_view,
         ddp_static_graph=args.ddp_static_graph,
+        # text-encoder LoRAs (some layers unread) or module_dropout (modules skipped at random)
+        ddp_find_unused_parameters=not args.network_train_unet_only or any(
+            a.replace(" ", "").startswith("module_dropout=") for a in args.network_args or []),
         dynamo_backend=resolved["dynamo_backend"].value,
         dynamo_mode=args.dynamo_mode,
         dynamo_fullgraph=args.dynamo_fullgraph,

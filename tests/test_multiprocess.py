@@ -62,3 +62,23 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, tiny_sd_dir, ti
     assert worst < 1e-5, f"largest difference {worst}"
     lrs = [[lr for _, _, lr in read_loss_curve(tmp_path / run / "lora_loss.csv", up_to=10)] for run in ("two", "one")]
     assert lrs[0] == pytest.approx(lrs[1]) and len(set(lrs[0])) > 2, lrs
+
+
+def test_two_processes_with_parameters_that_get_no_gradient(tmp_path, tiny_sd_dir, tiny_images, free_port):
+    """--clip_skip 2 leaves the text encoder's last layer unread and module_dropout skips modules at random
+    (differently per process): DDP must be told to look for unused parameters, or the second step stops with
+    'Expected to have finished reduction in the prior iteration'."""
+    data = tmp_path / "data.toml"
+    data.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 1\n"
+                    f"[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port), "--quiet", str(ROOT / "train_network.py"),
+           "--pretrained_model_name_or_path", str(tiny_sd_dir), "--dataset_config", str(data),
+           "--output_dir", str(tmp_path / "out"), "--output_name", "lora", "--network_dim", "4", "--seed", "2",
+           "--max_train_steps", "3", "--cache_latents", "--clip_skip", "2", "--network_args", "module_dropout=0.5"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert (tmp_path / "out" / "lora.safetensors").is_file()
