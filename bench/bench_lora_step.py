@@ -421,7 +421,9 @@ def bench_e2e(steps: int, device: torch.device) -> dict:
             argv = ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data),
                     "--output_dir", str(tmp / f"out{n}"), "--output_name", "lora", "--network_dim", str(RANK),
                     "--network_alpha", str(RANK), "--learning_rate", "1e-4", "--seed", "0", "--cache_latents",
-                    "--network_train_unet_only", "--max_train_steps", str(n), "--optimizer_type", "AdamW"]
+                    "--network_train_unet_only", "--max_train_steps", str(n), "--optimizer_type", "AdamW",
+                    # the pure step below runs under bf16 autocast on CUDA: the e2e run must too
+                    "--mixed_precision", "bf16" if device.type == "cuda" else "no"]
             t0 = time.perf_counter()
             if train_network.main(argv) != 0:
                 raise SystemExit("train_network failed")
