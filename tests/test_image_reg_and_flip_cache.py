@@ -224,3 +224,12 @@ def test_an_image_in_two_subsets_caches_to_disk_across_processes(tmp_path):
     again = CountingEncoder()
     _data(*subsets).cache_latents(again, 2, torch.device("cpu"), to_disk=True)
     assert again.images == 0  # every record finds its own file on the next run
+
+
+def test_move_batch_keeps_the_sample_indices_on_the_cpu():
+    from library.data.image_data import move_batch
+
+    batch = {"indices": torch.tensor([3, 4]), "latents": torch.zeros(2, 4, 8, 8), "captions": ["a", "b"]}
+    moved = move_batch(batch, torch.device("meta"))  # stands in for a GPU: anything moved lands there
+    assert moved["latents"].device.type == "meta" and moved["indices"].device.type == "cpu"
+    assert moved["captions"] == ["a", "b"]

@@ -323,6 +323,12 @@ def _validation_loader(config: DatasetGroupConfig, seed: int, on_bad_image: str,
     return _make_loader(concat, batches, 0, False)
 
 
+# Stay on the CPU: the sample indices only key the per-sample random draws, which are made on the CPU; on a
+# GPU each draw would copy them back (a device sync per draw, stalling the queue of kernels).
+_CPU_KEYS = frozenset({"indices"})
+
+
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors to the device (non-blocking from pinned memory where possible)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Tensors to the device (non-blocking from pinned memory where possible), the sample indices excepted."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in _CPU_KEYS else v
+            for k, v in batch.items()}
