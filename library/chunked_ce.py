@@ -155,7 +155,9 @@ def causal_lm_loss_from_hidden(hidden_states: torch.Tensor, lm_head: torch.nn.Li
         raise RuntimeError(f"hidden states are {hidden.dtype} but lm_head is {weight.dtype}")
     with torch.autocast(device_type, enabled=False):
         if use_liger is None:
-            use_liger = liger_available(hidden.device)
+            # fp16: liger scales (softmax - onehot) by 1/tokens in its fp16 buffer before the loss scaler
+            # multiplies it, so small gradients underflow to zero; the PyTorch chunks keep them (fp32 logits)
+            use_liger = liger_available(hidden.device) and hidden.dtype != torch.float16
         if use_liger and targets.numel():
             return _liger_loss(hidden, weight, bias, targets)
         return linear_cross_entropy(hidden, weight, bias, targets, chunk_size)
