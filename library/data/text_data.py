@@ -452,7 +452,8 @@ def build_text_data(group: TextDatasetGroup, tokenizer: Any, *, seed: int, num_p
     sampler = EpochBatchSampler(buckets, batch_size, num_processes, rank, seed, accumulation=accumulation)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     # Everything is tokenised in memory already; worker processes would only add start-up time.
-    loader = torch.utils.data.DataLoader(TextSequences(sequences), batch_sampler=sampler, collate_fn=_Collate(pad_id))
+    loader = torch.utils.data.DataLoader(TextSequences(sequences), batch_sampler=sampler, collate_fn=_Collate(pad_id),
+                                         pin_memory=torch.cuda.is_available())  # async copies to the GPU
     longest = max(d.config.max_seq_length for d in datasets)
     held_out = [[s] for d in datasets for s in d.validation]
     validation = None
