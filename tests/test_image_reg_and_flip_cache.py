@@ -233,3 +233,15 @@ def test_move_batch_keeps_the_sample_indices_on_the_cpu():
     moved = move_batch(batch, torch.device("meta"))  # stands in for a GPU: anything moved lands there
     assert moved["latents"].device.type == "meta" and moved["indices"].device.type == "cpu"
     assert moved["captions"] == ["a", "b"]
+
+
+def test_vae_fingerprint_is_exact_and_follows_the_weights():
+    from library.data.image_data import vae_fingerprint
+
+    vae = torch.nn.Linear(3, 2)
+    first = vae_fingerprint(vae)
+    assert vae_fingerprint(vae) == first  # the same bytes, wherever they are summed or hashed
+    with torch.no_grad():
+        vae.weight[0, 0] = torch.nextafter(vae.weight[0, 0], torch.tensor(2.0))  # one ulp: a float sum can miss it
+    assert vae_fingerprint(vae) != first
+    assert vae_fingerprint(vae.to(torch.bfloat16)) != vae_fingerprint(vae.float())  # latents differ by dtype

@@ -271,12 +271,15 @@ class ImageData:
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """Identifies a VAE by its config and a checksum of its weights (cached latents depend on both)."""
+    """Identifies a VAE by its config and the bytes of its weights (cached latents depend on both).
+
+    Bytes, not float sums: a sum's rounding depends on the device and its kernels, so processes on different
+    GPUs (or a CPU) would disagree about the same VAE and reject each other's cache files."""
     h = hashlib.sha256(json.dumps(dict(getattr(vae, "config", {})), sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in sorted(vae.state_dict().items()):
-            h.update(name.encode())
-            h.update(f"{tensor.float().sum().item():.6e}".encode())
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
