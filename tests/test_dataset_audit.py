@@ -225,3 +225,27 @@ def test_sd_scripts_caption_arguments_on_the_command_line(tmp_path):
     (subset,) = load_dataset_config(path, dataset_defaults(args)).datasets[0].subsets
     assert (subset.caption_prefix, subset.caption_suffix) == ("pre", "toml")
     assert (subset.keep_tokens_separator, subset.caption_separator) == ("|||", ";")
+
+
+def test_sdxl_crop_condition_describes_the_flipped_image(tmp_path):
+    """With random_crop and flip_aug, crop_top_left's left is measured in the image the model sees (the
+    mirrored one), as sd-scripts and diffusers' SDXL script do; it was the unflipped crop's."""
+    import numpy as np
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (64, 1, 3))  # pixel value = its column
+    Image.fromarray(ramp).save(folder / "ramp.png")
+    (folder / "ramp.caption").write_text("ramp")
+    config = DatasetConfig((SubsetConfig(folder, num_repeats=40, random_crop=True, flip_aug=True),),
+                           resolution=(64, 64))
+    ds = ImageCaptionDataset(config, seed=0)
+    flips = set()
+    for i in range(len(ds)):
+        item = ds[(0, i)]
+        top, left = item["crop_top_left"]
+        first_column = round((item["image"][0, 0, 0].item() + 1) * 127.5)
+        # the cover image is the 256x64 original: column j of the seen image holds j, or 255 - j when mirrored
+        assert first_column == (255 - left if item["flipped"] else left), (i, item["flipped"], left, first_column)
+        flips.add(item["flipped"])
+    assert flips == {True, False}

@@ -350,6 +350,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         subset = self.config.subsets[record.subset_index]
         rng = random.Random(derive_seed(self.seed, self.config.name, epoch, index, "caption"))
         u_flip, u_x, u_y, _ = self._uniforms(epoch, index)
+        # one decision for pixels and cached latents alike (the latent cache holds a flipped copy)
+        flipped = subset.flip_aug and u_flip < 0.5
+        top, left = crop_position(record.size, record.bucket, subset.random_crop, (u_x, u_y))
+        if flipped:  # SDXL's crop condition describes the image the model sees: the mirrored one
+            left = cover_size(record.size, record.bucket)[0] - record.bucket[0] - left
         return {
             "caption": process_caption(record.caption, subset.caption_options, rng, epoch + 1),
             "is_reg": subset.is_reg,
@@ -357,9 +362,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "image_path": str(record.path),
             "bucket": record.bucket,
             "original_size": record.size,
-            "crop_top_left": crop_position(record.size, record.bucket, subset.random_crop, (u_x, u_y)),
-            # one decision for pixels and cached latents alike (the latent cache holds a flipped copy)
-            "flipped": subset.flip_aug and u_flip < 0.5,
+            "crop_top_left": (top, left),
+            "flipped": flipped,
         }
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
