@@ -181,7 +181,9 @@ def _add_optimisation(p: argparse.ArgumentParser) -> None:
         "--text_encoder_lr",
         type=float,
         default=None,
-        help="learning rate of the text-encoder LoRA (default: --learning_rate; 0 freezes it)",
+        nargs="*",
+        help="learning rate of the text-encoder LoRA (default: --learning_rate; 0 freezes it); SDXL: one value "
+        "for both encoders or two, encoder 1 then 2",
     )
     g.add_argument("--optimizer_type", type=str, default="", help='"" = AdamW, AdamW8bit, SGD, or a dotted path')
     g.add_argument("--optimizer_args", type=str, default=None, nargs="*", help="key=value optimizer options")
@@ -440,7 +442,10 @@ def no_op_notes(values: dict[str, object]) -> list[str]:
 
 
 def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
-    """Reject arguments that are not implemented yet or that contradict each other."""
+    """Reject arguments that are not implemented yet or that contradict each other (and normalise a few)."""
+    if isinstance(args.text_encoder_lr, list):  # nargs="*", as sd-scripts: one value is a plain number
+        lrs = args.text_encoder_lr
+        args.text_encoder_lr = None if not lrs else lrs[0] if len(lrs) == 1 else lrs
     for name, why in NOT_IMPLEMENTED_YET.items():
         if getattr(args, name) != getattr(defaults, name):
             raise UserError(f"--{name} is not supported in this version: {why}.")

@@ -214,3 +214,18 @@ def test_resume_compares_dataset_options_and_only_the_samples_per_step():
         check_resume_compatible(fingerprint(2, 1, False), fingerprint(2, 1, True), False, "s")
     # a state saved before dataset settings were stored still resumes
     assert check_resume_compatible(fingerprint(2, 1, False, settings=False), fingerprint(2, 1, True), False, "s") == []
+
+
+def test_text_encoder_lr_takes_one_value_or_one_per_encoder(tmp_path):
+    base = ["--output_dir", "o", "--pretrained_model_name_or_path", "m"]
+    args, _ = _parse([*base, "--text_encoder_lr", "1e-5", "2e-5"])
+    check_combinations(args, build_parser().parse_args([]))
+    assert args.text_encoder_lr == [1e-5, 2e-5]  # SDXL: encoder 1, encoder 2 (as sd-scripts' nargs="*")
+    args, _ = _parse([*base, "--text_encoder_lr", "3e-5"])
+    check_combinations(args, build_parser().parse_args([]))
+    assert args.text_encoder_lr == 3e-5
+    cfg = tmp_path / "train.toml"
+    cfg.write_text("text_encoder_lr = [1e-5, 2e-5]\n")
+    args, _ = _parse([*base, "--config_file", str(cfg)])
+    check_combinations(args, build_parser().parse_args([]))
+    assert args.text_encoder_lr == [1e-5, 2e-5]

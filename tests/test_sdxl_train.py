@@ -271,3 +271,20 @@ def test_on_device_brings_parked_modules_for_sampling_and_back():
     with on_device([parked, here], torch.device("cpu")):
         assert calls == ["cpu"]
     assert calls == ["cpu", "meta"]
+
+
+def test_one_text_encoder_learning_rate_per_encoder(tmp_path, model_dir, tiny_images):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    data = data_toml(tmp_path / "data.toml", tiny_images)
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(model_dir), "--dataset_config", str(data), "--output_dir",
+            str(out), "--output_name", "xl", "--max_train_steps", "1", "--learning_rate", "1e-2", "--seed", "9",
+            "--text_encoder_lr", "0", "1e-2", "--optimizer_type", "SGD"]
+    assert train_network.main(argv) == 0
+    weights = load_file(str(out / "xl.safetensors"))
+    moved = {prefix: any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith(prefix) and "lora_up" in k)
+             for prefix in ("lora_te1_", "lora_te2_")}
+    assert moved == {"lora_te1_": False, "lora_te2_": True}  # encoder 1 frozen at 0, encoder 2 trained
+    assert safe_open(str(out / "xl.safetensors"), "pt").metadata()["ss_text_encoder_lr"] == "[0.0, 0.01]"
