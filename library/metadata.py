@@ -86,12 +86,15 @@ def modelspec_architecture(base_model_version: str, adapter: str | None = "lora"
     return f"{arch}/{adapter}" if adapter else arch
 
 
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
 def modelspec_metadata(
     architecture: str,
     title: str,
     resolution: tuple[int, int],
     prediction_type: str | None,
-    implementation: str = "diffusers",
+    implementation: str | None = None,
     date: str | None = None,
     description: str | None = None,
     author: str | None = None,
@@ -107,7 +110,9 @@ def modelspec_metadata(
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": architecture,
-        "modelspec.implementation": implementation,
+        # as sd-scripts: SDXL files name Stability's reference code, the others diffusers
+        "modelspec.implementation": implementation or (
+            SGM_IMPLEMENTATION if architecture.startswith("stable-diffusion-xl") else "diffusers"),
         "modelspec.title": title,
         "modelspec.resolution": f"{int(width)}x{int(height)}",
         "modelspec.date": date,

@@ -77,6 +77,7 @@ def test_launched_run_writes_an_sdxl_file(launched):
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"  # as sd-scripts
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["ss_steps"] == "4"
     names = {k.split(".")[0] for k in load_file(str(launched))}
     assert {n.split("_")[1] for n in names} == {"unet", "te1", "te2"}
