@@ -238,3 +238,24 @@ def test_huber_scale_as_sd_scripts():
     s = NoiseSettings(loss_type="huber", huber_c=0.1, huber_schedule="constant", huber_scale=2.0)
     got = denoising_loss(lambda noisy, ts: pred, latents, indices, no_reg, 2, 0, scheduler, s)
     assert got.item() == pytest.approx(per_sample_loss(pred, noise, "huber", 0.2).mean().item(), rel=1e-6)
+
+
+def test_long_prompt_chunks_follow_sd_scripts_when_pad_is_not_eos():
+    """SDXL's second tokenizer pads with "!": a chunk keeps the sequence's <pad> end unless its text runs up to
+    it, and a chunk without text starts <bos> <eos> (sd-scripts' layout, what its LoRAs were trained on)."""
+    from library.families.diffusion_parts import token_chunks
+    from library.tiny_models import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.pad_token = "!"
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert pad != eos
+    encoder = type("Encoder", (), {"device": torch.device("cpu")})()  # only its device is read
+    short = tokenizer(["a b"]).input_ids[0][1:-1]  # the caption's own tokens
+    first, second = token_chunks(tokenizer, encoder, ["a b"], 150)
+    assert first[0].tolist() == [bos, *short, eos] + [pad] * (75 - len(short) - 1) + [pad]
+    assert second[0].tolist() == [bos, eos] + [pad] * 74 + [pad]
+    # text that fills the first chunk to its end gets an <eos> there
+    long = " ".join(["a"] * 80)
+    first, second = token_chunks(tokenizer, encoder, [long], 150)
+    assert first[0, -1].item() == eos and second[0, 1].item() != eos

@@ -176,15 +176,25 @@ def token_chunks(tokenizer: Any, encoder: torch.nn.Module, captions: list[str],
                  max_token_length: int | None) -> list[torch.Tensor]:
     """Token ids as CLIP-sized chunks: one chunk normally, 2 or 3 for --max_token_length 150 / 225.
 
-    Each chunk is <bos> + 75 tokens + <eos>, so every encoder call sees the context length it was
-    trained on (kohya's scheme; A1111 splits long prompts the same way at inference).
+    Each chunk is <bos> + 75 tokens + an end token, so every encoder call sees the context length it was
+    trained on (kohya's scheme; A1111 splits long prompts the same way at inference). The end token is the
+    long sequence's last one (<pad> or <eos>), made <eos> where the chunk's text runs up to it, and a chunk
+    with no text at all starts <bos> <eos> <pad>...: sd-scripts' layout, which matters where the tokenizer
+    pads with something other than <eos> (SDXL's second tokenizer pads with "!").
     """
     if not max_token_length or max_token_length <= 75:
         return [tokenize(tokenizer, encoder, captions)]
     ids = tokenizer(captions, padding="max_length", truncation=True, max_length=max_token_length + 2,
-                    return_tensors="pt").input_ids.to(encoder.device)
-    bos, eos = ids[:, :1], torch.full_like(ids[:, :1], tokenizer.eos_token_id)
-    return [torch.cat([bos, ids[:, 1 + 75 * i:1 + 75 * (i + 1)], eos], dim=1) for i in range(max_token_length // 75)]
+                    return_tensors="pt").input_ids
+    eos = tokenizer.eos_token_id
+    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    chunks = []
+    for i in range(max_token_length // 75):
+        chunk = torch.cat([ids[:, :1], ids[:, 1 + 75 * i:1 + 75 * (i + 1)], ids[:, -1:]], dim=1)
+        chunk[(chunk[:, -2] != eos) & (chunk[:, -2] != pad), -1] = eos  # text up to the end: close it
+        chunk[chunk[:, 1] == pad, 1] = eos  # no text in this chunk: <bos> <eos> <pad>...
+        chunks.append(chunk.to(encoder.device))
+    return chunks
 
 
 def merge_chunks(states: list[torch.Tensor]) -> torch.Tensor:
