@@ -20,6 +20,7 @@ import torch
 from library.accelerator import AcceleratorSettings, LaunchContext, Setting, resolve_accelerate_settings
 from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
+from library.families import some_parameters_may_go_unused
 from library.families.diffusion import NoiseSettings
 from library.step_controls import check_max_norm_support
 
@@ -48,15 +49,25 @@ def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
         ddp_timeout_minutes=args.ddp_timeout,
         ddp_gradient_as_bucket_view=args.ddp_gradient_as_bucket_view,
         ddp_static_graph=args.ddp_static_graph,
-        # text-encoder LoRAs (some layers unread) or module_dropout (modules skipped at random)
-        ddp_find_unused_parameters=not args.network_train_unet_only or any(
-            a.replace(" ", "").startswith("module_dropout=") for a in args.network_args or []),
+        ddp_find_unused_parameters=some_parameters_may_go_unused(
+            _model_type_or_sd(args), not args.network_train_unet_only, args.clip_skip, args.network_args or []),
         dynamo_backend=resolved["dynamo_backend"].value,
         dynamo_mode=args.dynamo_mode,
         dynamo_fullgraph=args.dynamo_fullgraph,
         dynamo_dynamic=args.dynamo_dynamic,
     )
     return settings, resolved
+
+
+def _model_type_or_sd(args: argparse.Namespace) -> str:
+    from library.families import detect_model_type
+
+    if args.model_type != "auto":
+        return args.model_type
+    try:
+        return detect_model_type(args.pretrained_model_name_or_path, allow_pickle=args.allow_pickle)
+    except (UserError, TypeError):  # no or no valid model: the run stops on it later, with its own message
+        return "sd"
 
 
 def noise_settings(args: argparse.Namespace) -> NoiseSettings:

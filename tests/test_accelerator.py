@@ -124,3 +124,14 @@ def test_the_scripts_own_arguments_are_not_read_as_accelerates():
     assert _flag_value(flags, "--config_file") is None  # the training TOML is not accelerate's YAML
     assert _flag_value(flags, "--mixed_precision") == "no"
     assert launcher_flags(argv, "/abs/path/elsewhere/train_network.py") == argv[:7]  # by the .py suffix
+
+
+def test_ddp_looks_for_unused_parameters_only_where_a_step_can_leave_some():
+    from library.families import some_parameters_may_go_unused as unused
+
+    assert unused("sdxl", True, None, [])  # encoder 1's last layer is never read
+    assert unused("sd", True, 2, [])  # --clip_skip 2: the last layer is not read
+    assert unused("llm", False, None, ["module_dropout=0.1"])  # modules skipped at random
+    assert not unused("sd", True, None, [])  # every LoRA reaches the loss: DDP keeps its cheaper default
+    assert not unused("sdxl", False, None, [])  # --network_train_unet_only
+    assert not unused("llm", True, None, ["dropout=0.1"])

@@ -122,6 +122,17 @@ def detect_model_type(model_path: str | Path, allow_pickle: bool = False) -> str
                     "or config.json naming a causal LM (transformers).")
 
 
+def some_parameters_may_go_unused(model_type: str, train_text_encoder: bool, clip_skip: int | None,
+                                  network_args: list[str]) -> bool:
+    """Whether a step can leave LoRA parameters without a gradient (several processes: DDP must look for them).
+
+    module_dropout skips modules at random; a trained text encoder has layers past the one the model reads
+    (SDXL's encoder 1 always, SD with --clip_skip 2 or more). Elsewhere DDP is left its cheaper default."""
+    if any(a.replace(" ", "").startswith("module_dropout=") for a in network_args):
+        return True
+    return train_text_encoder and (model_type == "sdxl" or (model_type == "sd" and (clip_skip or 1) >= 2))
+
+
 # Options only the LLM family reads; the diffusion families refuse a set value and never see them.
 LLM_OPTIONS = ("load_in_4bit", "load_in_8bit")
 
