@@ -103,3 +103,43 @@ def test_llm_merge_keeps_the_model_dtype(tmp_path):
                        "--save_precision", "float"]) == 0  # fmt: skip
     with safe_open(str(out32 / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_lm_head_lora_of_a_tied_model_is_baked_into_lm_head_only(tmp_path, capsys):
+    """tie_word_embeddings: lm_head and embed_tokens share one tensor; the adapter changes the output layer
+    only (in training and in PEFT), so the merge must not move the input embeddings with it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from library.tiny_llm import tiny_bpe_tokenizer, tiny_llama
+    from networks.lora import create_network
+    from networks.peft_export import write_peft_adapter
+    from tools import merge
+
+    tokenizer = tiny_bpe_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    network = create_network(1.0, 4, 8.0, None, None, model, target_modules="q_proj,lm_head")
+    network.apply_to(None, model, apply_text_encoder=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for lora in network.unet_loras:
+            lora.lora_up.weight.normal_(0, 0.05)
+    adapter = write_peft_adapter(network, model, tmp_path / "adapter", str(base_dir))
+
+    out = tmp_path / "merged"
+    assert merge.main(["--llm_model", str(base_dir), "--models", str(adapter), "--save_to", str(out)]) == 0
+    assert "tied embeddings" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)

@@ -172,6 +172,10 @@ def merge_into_llm(args: argparse.Namespace, ratios: list[float]) -> None:
                if isinstance(m, torch.nn.Linear)}
     files = [load_lora(path, allow_dora=True) for path in args.models]
     check_same_family(args.models, files, (f"--llm_model {args.llm_model}", "llm"))
+    untied = untie_adapted(model, modules, {name for lora in files for name in lora.state})
+    if untied:
+        print(f"note: {', '.join(untied)} shared its weight with another layer (tied embeddings); it gets its own "
+              "copy, so the adapter changes only that layer, as it did in training")
     for path, ratio, lora in zip(args.models, ratios, files, strict=True):
         n = bake(modules, lora.state, ratio, path, args.device, PRECISIONS[args.precision], lora.magnitudes)
         print(f"{path}: merged {n} {'DoRA ' if lora.is_dora else ''}modules with ratio {ratio}")
@@ -187,6 +191,28 @@ def merge_into_llm(args: argparse.Namespace, ratios: list[float]) -> None:
                 print(f"note: no tokenizer found in {root}; copy it next to the merged model yourself")
 
     save_folder_atomically(_Both(), Path(args.save_to), args.overwrite)
+
+
+def untie_adapted(model: torch.nn.Module, modules: dict[str, torch.nn.Module], adapted: set[str]) -> list[str]:
+    """Give each adapted layer whose weight is shared (``lm_head`` of a tied-embedding model) a weight of its
+    own, and mark the config untied so it is saved and loaded that way; baking into the shared tensor would
+    change the input embeddings too. Returns the untied layers' names."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter):
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    untied = []
+    for name in sorted(adapted & modules.keys()):
+        module = modules[name]
+        if owners.get(id(module.weight), 0) > 1:
+            module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+            untied.append(name)
+    if untied:
+        for config in (model.config, getattr(model.config, "text_config", None)):
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+    return untied
 
 
 # --- merging LoRAs --------------------------------------------------------------------------
