@@ -448,7 +448,7 @@ def create_network(
                                *map(args.get, BLOCK_KEYS)),
     )
     network.set_loraplus_lr_ratio(*(args.get(k) for k in LORAPLUS_KEYS))
-    return variant.attach(network)
+    return variant.attach(network, unet)
 
 
 def create_network_from_weights(
@@ -491,4 +491,4 @@ def create_network_from_weights(
         module_class=variant.module_class,
     )
     network.set_loraplus_lr_ratio(*(args.get(k) for k in LORAPLUS_KEYS))
-    return variant.attach(network), weights_sd
+    return variant.attach(network, unet), weights_sd

@@ -128,12 +128,16 @@ class Variant:
             return unet_spec_for(model, base, self.target_modules, from_weights)
         return dataclasses.replace(base, target_modules=self.target_modules) if self.target_modules else base
 
-    def attach(self, network: nn.Module) -> nn.Module:
+    def attach(self, network: nn.Module, model: nn.Module | None = None) -> nn.Module:
         """Record the options on the network (the PEFT export reads them) and check the targets."""
         network.use_rslora, network.use_dora = self.use_rslora, self.use_dora
         network.target_modules = self.target_modules
         if self.target_modules and not network.all_loras():
+            # the model's own Linear names, so a Phi-3 (qkv_proj) or GPT-NeoX (query_key_value) user sees theirs
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in (model.named_modules() if model is not None else [])
+                            if isinstance(m, nn.Linear)} - {"lm_head"})
+            example = ",".join(names) if names else "q_proj,k_proj,v_proj,o_proj"
             raise UserError(f"--network_args target_modules={','.join(self.target_modules)} matched no Linear "
-                            "layer of the model; use module names such as q_proj,k_proj,v_proj,o_proj "
+                            f"layer of the model; this model's Linear layers are named {example} "
                             "(a name matches a module path that equals it or ends with '.name').")
         return network
