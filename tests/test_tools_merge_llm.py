@@ -6,24 +6,32 @@ import pytest
 import torch
 
 
-def test_llm_adapter_baked_into_a_model_folder(tmp_path):
-    from peft import PeftModel
+def _random_adapter(base_dir, folder, **network_args):
+    """A PEFT adapter folder for the model in ``base_dir`` with random (non-zero) up weights."""
     from transformers import AutoModelForCausalLM
 
-    from library.tiny_llm import save_tiny_llm
     from networks.lora import create_network
     from networks.peft_export import write_peft_adapter
-    from tools import merge
 
-    base_dir = save_tiny_llm(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    network = create_network(1.0, 4, 8.0, None, None, model)
+    network = create_network(1.0, 4, 8.0, None, None, model, **network_args)
     network.apply_to(None, model, apply_text_encoder=False)
     torch.manual_seed(0)
     with torch.no_grad():
         for lora in network.unet_loras:
             lora.lora_up.weight.normal_(0, 0.05)
-    adapter = write_peft_adapter(network, model, tmp_path / "adapter", str(base_dir))
+    return write_peft_adapter(network, model, folder, str(base_dir))
+
+
+def test_llm_adapter_baked_into_a_model_folder(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from library.tiny_llm import save_tiny_llm
+    from tools import merge
+
+    base_dir = save_tiny_llm(tmp_path / "base")
+    adapter = _random_adapter(base_dir, tmp_path / "adapter")
 
     out = tmp_path / "merged"
     assert merge.main(["--llm_model", str(base_dir), "--models", str(adapter), "--save_to", str(out)]) == 0
@@ -112,8 +120,6 @@ def test_lm_head_lora_of_a_tied_model_is_baked_into_lm_head_only(tmp_path, capsy
     from transformers import AutoModelForCausalLM
 
     from library.tiny_llm import tiny_bpe_tokenizer, tiny_llama
-    from networks.lora import create_network
-    from networks.peft_export import write_peft_adapter
     from tools import merge
 
     tokenizer = tiny_bpe_tokenizer()
@@ -124,14 +130,7 @@ def test_lm_head_lora_of_a_tied_model_is_baked_into_lm_head_only(tmp_path, capsy
     base_dir = tmp_path / "base"
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    network = create_network(1.0, 4, 8.0, None, None, model, target_modules="q_proj,lm_head")
-    network.apply_to(None, model, apply_text_encoder=False)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for lora in network.unet_loras:
-            lora.lora_up.weight.normal_(0, 0.05)
-    adapter = write_peft_adapter(network, model, tmp_path / "adapter", str(base_dir))
+    adapter = _random_adapter(base_dir, tmp_path / "adapter", target_modules="q_proj,lm_head")
 
     out = tmp_path / "merged"
     assert merge.main(["--llm_model", str(base_dir), "--models", str(adapter), "--save_to", str(out)]) == 0
