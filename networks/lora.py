@@ -225,10 +225,16 @@ class LoRANetwork(nn.Module):
         include_conv = self._modules_dim is not None or bool(self.conv_lora_dim) or \
             getattr(self._block_ranks, "include_conv", self._block_ranks is not None)
         loras = []
+        shared = _input_embedding_weight(root)
         for target in find_targets(root, spec, include_conv):
             rank = self._rank_for(target)
             if rank is None:
                 continue
+            if shared is not None and getattr(target.module, "weight", None) is shared:
+                logger.warning(
+                    "%s shares its weight with the input embeddings (tie_word_embeddings): its LoRA changes the "
+                    "output projection only (as in PEFT); tools/merge.py gives it a weight of its own when it "
+                    "bakes the LoRA in", target.path)
             dim, alpha = rank
             dropouts = (self.dropout, self.rank_dropout, self.module_dropout)
             loras.append(self.module_class(target.lora_name, target.module, self.multiplier, dim, alpha, *dropouts))
@@ -398,6 +404,16 @@ class LoRANetwork(nn.Module):
             lora.merge_weights(down, up, alpha, device)
             merged += 1
         logger.info("merged %d LoRA modules into the model weights", merged)
+
+
+def _input_embedding_weight(root: nn.Module) -> torch.Tensor | None:
+    """The input embedding matrix of a transformers model (None for anything else)."""
+    get = getattr(root, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return getattr(embedding, "weight", None)
 
 
 def _as_list(text_encoder: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:

@@ -148,6 +148,18 @@ def test_llm_defaults_target_every_linear_of_attention_and_mlp(llm_dir):
         lora.create_network(1.0, 4, 4.0, None, None, _base(llm_dir), target_modules="qproj")
 
 
+
+def test_lm_head_lora_on_tied_embeddings_is_warned_about(llm_dir, caplog):
+    model = _base(llm_dir)
+    with caplog.at_level("WARNING", logger="networks.lora"):
+        lora.create_network(1.0, 4, 4.0, None, None, model, target_modules="lm_head")
+    assert not caplog.records  # this tiny model has its own lm_head weight
+    model.lm_head.weight = model.get_input_embeddings().weight  # what tie_word_embeddings does
+    with caplog.at_level("WARNING", logger="networks.lora"):
+        lora.create_network(1.0, 4, 4.0, None, None, model, target_modules="lm_head,q_proj")
+    assert [r.getMessage().split(" ")[0] for r in caplog.records] == ["lm_head"]
+    assert "input embeddings" in caplog.records[0].getMessage()
+
 VARIANTS = {
     "lora": {},
     "rslora": {"use_rslora": "true"},

@@ -229,17 +229,10 @@ def is_text_dataset_toml(path: str) -> bool:
 
 def row_problem(subset: text_config.TextSubsetConfig, row: object) -> str | None:
     """What the trainer would say about a row before tokenising it (None: a usable row)."""
-    from library.data.text_data import RowError, _column, _messages
+    from library.data.text_data import RowError, check_row
 
     try:
-        if isinstance(row, RowError):
-            raise row
-        if subset.format == "chat":
-            _messages(row, subset.messages_column)
-        elif subset.format == "instruct":
-            _column(row, subset.prompt_column, str), _column(row, subset.response_column, str)
-        elif not isinstance(row, str):
-            _column(row, subset.text_column, str)
+        check_row(subset, row)
     except RowError as e:
         return str(e)
     return None

@@ -131,6 +131,20 @@ def _column(row: dict, column: str, kind: type) -> Any:
     return value
 
 
+def check_row(subset: TextSubsetConfig, row: Any) -> None:
+    """Raise :class:`RowError` for a row the tokeniser would refuse (missing/empty columns, malformed chat),
+    without tokenising; tools/check_dataset.py reports with it what training would say."""
+    if isinstance(row, RowError):
+        raise row
+    if subset.format == "chat":
+        _messages(row, subset.messages_column)
+    elif subset.format == "instruct":
+        _column(row, subset.prompt_column, str)
+        _column(row, subset.response_column, str)
+    elif not isinstance(row, str):
+        _column(row, subset.text_column, str)
+
+
 # --- tokenising -------------------------------------------------------------------------------
 
 
