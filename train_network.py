@@ -20,6 +20,7 @@ from library import train_setup as setup
 from library.accelerator import prepare_accelerator, settings_table
 from library.args import build_parser, check_combinations, no_op_notes
 from library.checkpoint import (
+    SAMPLE_FOLDER,
     SavePlan,
     check_output_name,
     ensure_output_dir,
@@ -38,7 +39,7 @@ from library.loss_curve import read_loss_curve, write_loss_curve
 from library.optim import create_optimizer, create_scheduler
 from library.resume_check import dataset_settings, training_fingerprint
 from library.run_saver import RunSaver
-from library.sampling import SampleSchedule, TrainingSamples, load_prompts
+from library.sampling import PromptSource, SampleSchedule, TrainingSamples
 from library.signals import Interrupted, StopRequest, stop_when_launcher_dies
 from library.step_controls import TextEncoderStop, max_norm_logs
 
@@ -73,7 +74,9 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     seed = setup.run_seed(args.seed, args.resume, output_dir, accelerator)
     torch.manual_seed(seed)
     # Read now, so that a bad prompt file stops the run before the model loads.
-    prompts = load_prompts(args.sample_prompts, args.sample_sampler) if args.sample_prompts else []
+    prompt_source = (PromptSource(Path(args.sample_prompts), args.sample_sampler, args.zero_terminal_snr)
+                     if args.sample_prompts else None)
+    prompts = prompt_source.load() if prompt_source else []
 
     # --- model, data, network, optimizer -------------------------------------------------------
     family = setup.build_family(args, sources, acc_settings.mixed_precision, seed)
@@ -101,10 +104,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     # Not prepared: accelerate would step it once per process at each optimizer step (2 GPUs: the warmup
     # and decay twice as fast). The loop steps it once per optimizer step; the state still saves it.
     accelerator.register_for_checkpointing(lr_scheduler)
-    samples = TrainingSamples(prompts, SampleSchedule(args.sample_every_n_steps, args.sample_every_n_epochs,
-                                                      args.sample_at_first),
-                              accelerator=accelerator, family=family, network=network, folder=output_dir / "sample",
-                              output_name=output_name, seed=seed, log=log)
+    samples = TrainingSamples(prompt_source, SampleSchedule(args.sample_every_n_steps, args.sample_every_n_epochs,
+                                                            args.sample_at_first),
+                              accelerator=accelerator, family=family, network=network, prompts=prompts,
+                              folder=output_dir / SAMPLE_FOLDER, output_name=output_name, seed=seed, log=log)
 
     # --- saving and resuming ------------------------------------------------------------------
     saves = SavePlan(output_dir, output_name, "." + args.save_model_as, args.save_every_n_epochs,

@@ -233,7 +233,9 @@ def build_impl(name: str, case: Case, base: nn.Module, paths: list[str], device:
     run every step (what ``--cache_text_encoder_outputs`` saves), ``ce`` the chunked LLM cross-entropy that
     train_network.py uses (floor and PEFT keep transformers' loss), ``compile`` regional torch.compile.
     """
-    model = copy.deepcopy(base).to(device, base_dtype)
+    model = copy.deepcopy(base).to(device)
+    if next(model.parameters()).dtype != base_dtype:  # diffusers warns on every .to(dtype), even a no-op one
+        model.to(base_dtype)
     model.requires_grad_(False)
     kind, *features = name.split("+")
     if unknown := set(features) - set(FEATURES):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from library.errors import UserError
-from library.sampling import SAMPLER_NAMES
+from library.sample_prompts import SAMPLER_NAMES
 
 # Arguments whose default is "unset": the value may also come from accelerate (launch flags,
 # its config YAML or ACCELERATE_* variables), and a default must never override those.
@@ -465,6 +465,9 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
         raise UserError(f"--huber_c {args.huber_c}: the {args.loss_type} loss needs a value > 0 (e.g. 0.1).")
     if args.loss_type in ("huber", "smooth_l1") and not args.huber_scale > 0:
         raise UserError(f"--huber_scale {args.huber_scale}: the {args.loss_type} loss needs a value > 0 (default 1).")
+    for name in ("sample_every_n_steps", "sample_every_n_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: expected a positive number (leave it out for none).")
     if args.dataset_config and args.train_data_dir:
         raise UserError("Give either --dataset_config or --train_data_dir, not both.")
     if args.in_json and not args.train_data_dir:

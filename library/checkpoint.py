@@ -19,6 +19,7 @@ from typing import Any
 from library.errors import UserError
 
 STATE_MARKER = "train_state.json"
+SAMPLE_FOLDER = "sample"  # under --output_dir: the images / texts sampled during training
 
 
 @dataclass(frozen=True)
@@ -190,13 +191,19 @@ def check_output_name(name: str) -> str:
 
 def earlier_outputs(output_dir: Path, output_name: str) -> list[Path]:
     """What an earlier run named ``output_name`` left in ``output_dir``: its LoRA files (final, epoch and step,
-    any format), PEFT adapter folders, state folders and loss curve."""
+    any format), PEFT adapter folders, state folders, loss curve and the images / texts it sampled (in
+    ``sample/``, listed as ``sample/<file>``)."""
     name = re.escape(output_name)
     pattern = re.compile(rf"^{name}(-\d{{6}}|-step\d{{8}})?(-state|\.safetensors|\.ckpt|\.pt)?$"
                          rf"|^{name}_loss\.(csv|png)$")
+    sample = re.compile(rf"^{name}_\d{{6}}(_\d{{2}}_\d+\.png|\.txt)$")  # library/sampling.py, text_samples.py
     if not output_dir.is_dir():
         return []
-    return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
+    found = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
+    samples = output_dir / SAMPLE_FOLDER
+    if samples.is_dir():
+        found += sorted(p for p in samples.iterdir() if sample.match(p.name) and p.is_file())
+    return found
 
 
 def refuse_to_replace(output_dir: Path, output_name: str, resume: str | None, overwrite: bool) -> None:
@@ -206,7 +213,8 @@ def refuse_to_replace(output_dir: Path, output_name: str, resume: str | None, ov
     """
     found = [] if resume or overwrite else earlier_outputs(output_dir, output_name)
     if found:
-        listed = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        listed = ", ".join(str(p.relative_to(output_dir)) for p in found[:4])
+        listed += f" and {len(found) - 4} more" if len(found) > 4 else ""
         raise UserError(f"{output_dir} already holds a run named '{output_name}' ({listed}). To continue it: "
                         "--resume latest (or a state folder); to keep it and train another: a new --output_name "
                         "or --output_dir; to replace it: --overwrite.")
@@ -227,7 +235,9 @@ def set_aside_earlier_run(output_dir: Path, output_name: str) -> tuple[Path, int
         shutil.rmtree(aside)
     aside.mkdir()
     for path in found:
-        os.replace(path, aside / path.name)
+        target = aside / path.relative_to(output_dir)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
     return aside, len(found)
 
 

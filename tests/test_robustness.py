@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_network
+from library.errors import UserError
 from library.loss_curve import read_loss_curve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,6 +362,22 @@ def test_overwrite_sets_the_earlier_run_aside(tmp_path, tiny_sd_dir, tiny_images
     # ... and nothing is lost: it waits in lora.replaced/ until the next --overwrite
     assert sorted(p.name for p in (out / "lora.replaced").iterdir()) == earlier
 
+
+
+def test_the_earlier_runs_samples_are_refused_and_set_aside_with_it(tmp_path):
+    """A run that crashed after --sample_at_first left only samples; they are that run's output too."""
+    from library.checkpoint import refuse_to_replace, set_aside_earlier_run
+
+    out = tmp_path / "out"
+    (out / "sample").mkdir(parents=True)
+    made = ["lora_000000_00_7.png", "lora_000004_01_8.png", "lora_000004.txt"]
+    for name in [*made, "lora2_000000_00_7.png", "my_notes.txt"]:  # another run's sample, a user's file
+        (out / "sample" / name).write_text("x")
+    with pytest.raises(UserError, match=r"already holds a run named 'lora' \(sample/lora_000000_00_7.png, "):
+        refuse_to_replace(out, "lora", None, False)
+    aside, moved = set_aside_earlier_run(out, "lora")
+    assert moved == 3 and sorted(p.name for p in (aside / "sample").iterdir()) == sorted(made)
+    assert sorted(p.name for p in (out / "sample").iterdir()) == ["lora2_000000_00_7.png", "my_notes.txt"]
 
 def test_a_dataset_toml_typo_is_reported_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys,
                                                                  monkeypatch):

@@ -14,16 +14,8 @@ from PIL import Image
 
 import train_network
 from library.errors import UserError
-from library.sampling import (
-    SAMPLER_NAMES,
-    SamplePrompt,
-    SampleSchedule,
-    check_sampler,
-    load_prompts,
-    make_scheduler,
-    parse_prompt_line,
-    snap_side,
-)
+from library.sample_prompts import SAMPLER_NAMES, SamplePrompt, check_sampler, load_prompts, parse_prompt_line
+from library.sampling import SampleSchedule, make_scheduler, snap_side
 
 # --- prompt files ---------------------------------------------------------------------------------
 
@@ -276,3 +268,125 @@ def test_sample_images_with_fp8_base(tmp_path, tiny_sd_dir, tiny_images, capsys)
     names = sorted(p.name for p in (out / "sample").iterdir())
     assert names == ["lora_000000_00_7.png", "lora_000002_00_7.png"]
     assert Image.open(out / "sample" / names[1]).size == (64, 64)
+
+
+# --- prompts encoded as in training; the prompt file read again; zero terminal SNR ---------------------
+
+
+def test_long_prompts_are_encoded_like_training_captions_not_cut_at_77_tokens(tiny_sd_dir):
+    """80 one-letter words of shared text push the difference past
+    the 77-token window that the pipeline's own encoding keeps."""
+    from library.families.sd import SDFamily
+    from library.sampling import generate_image
+
+    family = SDFamily.load(str(tiny_sd_dir), max_token_length=225)
+    family.prepare(torch.device("cpu"), torch.float32, False, False)
+    shared = "a " * 80
+    first, second = (SamplePrompt(shared + tail, width=64, height=64, sample_steps=1, sample_sampler="euler")
+                     for tail in ("red square", "blue circle"))
+    embeds = family.sample_embeds(first.prompt, "")
+    assert embeds["prompt_embeds"].shape == embeds["negative_prompt_embeds"].shape == (1, 227, 32)
+    expected = family.encode_text([first.prompt])  # exactly what training computes for this caption
+    assert torch.allclose(embeds["prompt_embeds"], expected, atol=1e-5)
+
+    def image(prompt: SamplePrompt, embeds: dict | None) -> torch.Tensor:
+        pipe = family.sample_pipeline()
+        with torch.no_grad():
+            return torch.tensor(list(generate_image(pipe, prompt, 1, pipe.scheduler.config, embeds).getdata()))
+
+    with torch.no_grad():
+        ours = [image(p, family.sample_embeds(p.prompt, "")) for p in (first, second)]
+    assert (ours[0] - ours[1]).abs().sum() > 0, "the words after token 77 were lost"
+    assert torch.equal(image(first, None), image(second, None))  # control: the pipeline's encoding cuts them
+
+
+def test_samplers_that_ignore_zero_terminal_snr_are_refused_and_the_others_start_from_pure_noise(tmp_path):
+    from diffusers import DDPMScheduler
+
+    path = tmp_path / "p.txt"
+    path.write_text("a --ss euler\nb --ss heun\n")
+    with pytest.raises(UserError, match=r"p.txt, line 2: sampler 'heun' ignores the --zero_terminal_snr .* choose "
+                                        r"one of ddim, euler, euler_a, dpmsolver, dpmsolver\+\+"):
+        load_prompts(path, zero_terminal_snr=True)
+    assert len(load_prompts(path)) == 2  # without zero terminal SNR heun is fine
+    path.write_text("a --ss euler\nb\n")
+    with pytest.raises(UserError, match="--sample_sampler: sampler 'pndm' ignores"):
+        load_prompts(path, "pndm", zero_terminal_snr=True)
+    config = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           rescale_betas_zero_snr=True).config
+    for name in ("ddim", "euler", "dpmsolver++"):
+        scheduler = make_scheduler(name, config)
+        scheduler.set_timesteps(4)
+        assert float(scheduler.alphas_cumprod[-1]) < 1e-4 and int(scheduler.timesteps[0]) == 999, name
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("a cat --w 64 --w 128", "--w is given twice"),
+    ("a cat --w 5_12", "--w expects a whole number, got '5_12'"),
+    ("a cat --l 7_5", "--l expects a number"),
+])
+def test_ambiguous_prompt_lines_are_refused(line, message):
+    with pytest.raises(UserError, match=message):
+        parse_prompt_line(line)
+
+
+def test_a_tab_starts_an_option_and_json_null_means_unset(tmp_path):
+    assert parse_prompt_line("a cat\t--w 64\t--h\t72") == SamplePrompt("a cat", width=64, height=72, where="prompt")
+    path = tmp_path / "p.json"
+    path.write_text('[{"prompt": "a", "negative_prompt": null, "seed": null, "width": 64}]')
+    (prompt,) = load_prompts(path)
+    assert (prompt.negative_prompt, prompt.seed, prompt.width) == ("", None, 64)
+
+
+def test_unreadable_prompt_files_are_named(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 --w 64\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.txt is not UTF-8 text \(byte 3\)"):
+        load_prompts(path)
+    with pytest.raises(UserError, match="is a folder"):
+        load_prompts(tmp_path)
+
+
+class _OneProcess:
+    is_main_process, device, trackers = True, torch.device("cpu"), []
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_the_prompt_file_is_read_again_when_it_changes_and_a_broken_edit_keeps_the_prompts(tmp_path):
+    import os
+
+    from library.sampling import PromptSource, TrainingSamples
+
+    path = tmp_path / "p.txt"
+    path.write_text("first --d 1\n")
+    logged: list[str] = []
+    family = type("Family", (), {"sample_pipeline": None, "name": "sd"})()
+    samples = TrainingSamples(PromptSource(path), SampleSchedule(every_n_steps=1), accelerator=_OneProcess(),
+                              family=family, network=torch.nn.Linear(1, 1), folder=tmp_path / "s",
+                              output_name="x", seed=0, log=logged.append)
+    sampled: list[list[str]] = []
+    samples.sample = lambda step: sampled.append([p.prompt for p in samples.prompts])
+
+    samples.maybe_sample(1)
+    path.write_text("second --d 2\nthird\n")
+    os.utime(path, ns=(1, 1))  # a different stamp even on a file system with coarse times
+    samples.maybe_sample(2)
+    path.write_text("broken --q 1\n")
+    samples.maybe_sample(3)
+    assert sampled == [["first"], ["second", "third"], ["second", "third"]]
+    assert any("2 prompts read again" in line for line in logged)
+    assert any("has an error, so the previous 2 prompts are used" in line and "'--q'" in line for line in logged)
+
+
+def test_prompts_without_a_cadence_are_noted(tmp_path):
+    from library.sampling import PromptSource, TrainingSamples
+
+    path = tmp_path / "p.txt"
+    path.write_text("a\n")
+    logged: list[str] = []
+    family = type("Family", (), {"sample_pipeline": None, "name": "sd"})()
+    TrainingSamples(PromptSource(path), SampleSchedule(), accelerator=_OneProcess(), family=family,
+                    network=torch.nn.Linear(1, 1), folder=tmp_path, output_name="x", seed=0, log=logged.append)
+    assert any("--sample_prompts samples nothing without --sample_every_n_steps" in line for line in logged)

@@ -211,7 +211,8 @@ def test_cache_needs_frozen_text_encoders(tmp_path, model_dir, tiny_images, caps
 
 
 def test_sample_pipeline_sees_the_network(family):
-    from library.sampling import SamplePrompt, generate_image
+    from library.sample_prompts import SamplePrompt
+    from library.sampling import generate_image
     from networks.lora import create_network
 
     prompt = SamplePrompt("sks red square", width=64, height=64, sample_steps=1, sample_sampler="euler")
@@ -234,6 +235,23 @@ def test_sample_pipeline_sees_the_network(family):
         network.set_multiplier(0.0)  # the module-scoped family stays the base model for any later test
     assert (trained - base).abs().float().mean() > 1.0, "the pipeline did not see the LoRA"
 
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_sample_embeds_match_the_pipelines_own_encoding_of_a_short_prompt(family, negative):
+    """The embeddings training computes (penultimate layers, encoder 2's pooled output, zeros for an empty
+    negative prompt) are the ones the SDXL pipeline would compute itself: the images are the same."""
+    from library.sample_prompts import SamplePrompt
+    from library.sampling import generate_image
+
+    prompt = SamplePrompt("sks red square", negative, width=64, height=64, sample_steps=1, sample_sampler="euler")
+    with torch.no_grad():
+        embeds = family.sample_embeds(prompt.prompt, prompt.negative_prompt)
+        images = [torch.tensor(list(generate_image(pipe, prompt, 1, pipe.scheduler.config, e).getdata())).float()
+                  for pipe, e in ((family.sample_pipeline(), embeds), (family.sample_pipeline(), None))]
+    assert embeds["prompt_embeds"].shape == (1, 77, 64) and embeds["pooled_prompt_embeds"].shape == (1, 32)
+    assert bool(embeds["negative_pooled_prompt_embeds"].any()) == bool(negative)
+    assert (images[0] - images[1]).abs().max() <= 1  # equal up to rounding to 8-bit pixels
 
 def test_cached_latents_and_text_park_the_vae_and_encoders_until_sampling(tmp_path, model_dir, tiny_images,
                                                                           monkeypatch):

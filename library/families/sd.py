@@ -120,9 +120,11 @@ class SDFamily:
                               text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
                               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-    def sample_options(self) -> dict[str, Any]:
-        """kohya's --clip_skip 2 (penultimate layer) is diffusers' clip_skip 1."""
-        return {"clip_skip": self.clip_skip - 1} if self.clip_skip and self.clip_skip > 1 else {}
+    def sample_embeds(self, prompt: str, negative: str) -> dict[str, torch.Tensor]:
+        """The pipeline's prompt embeddings, encoded as training encodes captions (--max_token_length chunks,
+        --clip_skip), so a long prompt is not cut at 77 tokens as the pipeline's own encoding would."""
+        context = self.encode_text([prompt, negative])
+        return {"prompt_embeds": context[:1], "negative_prompt_embeds": context[1:]}
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]

@@ -193,6 +193,16 @@ class SDXLFamily:
                               tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
                               add_watermarker=False)
 
+    def sample_embeds(self, prompt: str, negative: str) -> dict[str, torch.Tensor]:
+        """The pipeline's prompt embeddings, encoded as training encodes captions (--max_token_length chunks);
+        an empty negative prompt is zeros, as the SDXL pipeline's ``force_zeros_for_empty_prompt`` makes it."""
+        context, pooled = self.encode_text([prompt, negative])
+        if not negative:
+            context[1:].zero_()
+            pooled[1:].zero_()
+        return {"prompt_embeds": context[:1], "negative_prompt_embeds": context[1:],
+                "pooled_prompt_embeds": pooled[:1], "negative_pooled_prompt_embeds": pooled[1:]}
+
     def encode_images(self, images: torch.Tensor, indices: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         return encode_latents(self.vae, images, self.seed, epoch, indices)
 
