@@ -24,7 +24,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -133,6 +133,7 @@ class Component:
     kohya_uses_ldm: bool = False  # kohya names use the original block numbering (SDXL UNet)
     comfy_uses_ldm: bool = False  # ComfyUI names do (every SD UNet)
     path_prefix: str = ""  # part of every canonical path, e.g. "text_model." for CLIP
+    comfy_v2_prefix: str | None = None  # ComfyUI's name for this model in SD 2.x (its OpenCLIP-H text encoder)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ def _clip(name: str, kohya: str, diffusers: str, comfy: str) -> Component:
 FAMILIES: dict[str, Family] = {
     "sd1": Family("sd1", (
         Component("unet", "lora_unet", "unet", "diffusion_model", comfy_uses_ldm=True),
-        _clip("text_encoder", "lora_te", "text_encoder", "clip_l"),
+        replace(_clip("text_encoder", "lora_te", "text_encoder", "clip_l"),
+                comfy_v2_prefix="text_encoders.clip_h.transformer"),
     ), SD1_LAYOUT),
     "sdxl": Family("sdxl", (
         Component("unet", "lora_unet", "unet", "diffusion_model", kohya_uses_ldm=True, comfy_uses_ldm=True),
@@ -252,8 +254,10 @@ def _pairs(sd: Mapping[str, torch.Tensor], a: str, b: str) -> dict[str, tuple[to
 
 
 def _component_of(key: str, family: Family, attr: str) -> tuple[Component, str]:
-    for comp in sorted(family.components, key=lambda c: -len(getattr(c, attr) or "")):
-        prefix = getattr(comp, attr)
+    named = [(comp, getattr(comp, attr)) for comp in family.components]
+    if attr == "comfy_prefix":  # ComfyUI names SD 2.x's text encoder differently
+        named += [(comp, comp.comfy_v2_prefix) for comp in family.components]
+    for comp, prefix in sorted(named, key=lambda c: -len(c[1] or "")):
         if prefix is not None and key.startswith(prefix + "."):
             return comp, key[len(prefix) + 1 :]
     known = [getattr(c, attr) for c in family.components if getattr(c, attr)]
@@ -367,13 +371,16 @@ def read_comfy(sd: Mapping[str, torch.Tensor], namer: Namer) -> LoRAState:
     return state
 
 
-def write_comfy(state: Mapping[str, LoRAFactors], namer: Namer, dtype: torch.dtype | None = None) -> dict:
+def write_comfy(state: Mapping[str, LoRAFactors], namer: Namer, dtype: torch.dtype | None = None,
+                v2: bool = False) -> dict:
+    """ComfyUI's names; ``v2``: an SD 2.x LoRA, whose text encoder ComfyUI calls ``clip_h`` (not ``clip_l``)."""
     out: dict[str, torch.Tensor] = {}
     for name, f in state.items():
         comp, path = namer.locate(name)
-        if comp.comfy_prefix is None:
+        prefix = comp.comfy_v2_prefix if v2 and comp.comfy_v2_prefix else comp.comfy_prefix
+        if prefix is None:
             raise UserError(f"{name}: ComfyUI naming is not defined for the {namer.family.name} {comp.name}")
-        key = f"{comp.comfy_prefix}.{namer.family.layout.to_ldm(path) if comp.comfy_uses_ldm else path}"
+        key = f"{prefix}.{namer.family.layout.to_ldm(path) if comp.comfy_uses_ldm else path}"
         out[f"{key}.lora_down.weight"] = _cast(f.down, dtype)
         out[f"{key}.lora_up.weight"] = _cast(f.up, dtype)
         out[f"{key}.alpha"] = torch.tensor(float(f.alpha), dtype=dtype or torch.float32)

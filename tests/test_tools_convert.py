@@ -79,12 +79,27 @@ def test_comfyui_names_use_original_block_numbers(kohya, tmp_path_factory, capsy
     assert set(safetensors.torch.load_file(back)) == set(safetensors.torch.load_file(path))
 
 
+
+def test_sd2_text_encoder_is_clip_h_in_comfyui_names(kohya, tmp_path):
+    """ComfyUI calls SD 2.x's text encoder clip_h; under clip_l its LoRA would be skipped with a warning."""
+    folder, path, _ = kohya
+    tensors = safetensors.torch.load_file(path)
+    sd2 = tmp_path / "sd2.safetensors"
+    safetensors.torch.save_file(tensors, sd2, {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"})
+    out = tmp_path / "comfy.safetensors"
+    assert convert.main(["--model", str(sd2), "--to", "comfyui", "--save_to", str(out)]) == 0
+    te = {k.split(".")[1] for k in safetensors.torch.load_file(out) if k.startswith("text_encoders.")}
+    assert te == {"clip_h"}
+    back = tmp_path / "back.safetensors"  # and ComfyUI's clip_h names read back
+    assert convert.main(["--model", str(out), "--to", "kohya", "--family", "sd1", "--save_to", str(back)]) == 0
+    assert set(safetensors.torch.load_file(back)) == set(tensors)
+
 def test_a_dropped_module_fails_loudly(kohya, monkeypatch, capsys):
     folder, path, _ = kohya
     real = convert.write_comfy
 
-    def lossy(state, namer, dtype=None):
-        out = real(state, namer, dtype)
+    def lossy(state, namer, dtype=None, v2=False):
+        out = real(state, namer, dtype, v2=v2)
         victim = sorted(k for k in out if k.endswith(".lora_up.weight"))[0][: -len(".lora_up.weight")]
         return {k: v for k, v in out.items() if not k.startswith(victim + ".")}
 

@@ -164,7 +164,8 @@ def write_output(source: LoRAFile, args: argparse.Namespace, namer: Namer, dtype
     if args.to == "kohya":
         save_kohya_file(args.save_to, state, kept, dtype, magnitudes)
     elif args.to == "comfyui":
-        atomic_save_safetensors(write_comfy(state, namer, dtype), args.save_to, kept)
+        v2 = is_sd2(source.metadata, args.base_model)
+        atomic_save_safetensors(write_comfy(state, namer, dtype, v2=v2), args.save_to, kept)
     elif args.to == "diffusers":
         fold = (args.alpha or "fold") == "fold"
         # Paths as the installed transformers names the modules (version 5 dropped CLIP's text_model),
@@ -179,6 +180,18 @@ def write_output(source: LoRAFile, args: argparse.Namespace, namer: Namer, dtype
             raise UserError("a PEFT folder holds one model's adapter; this LoRA spans several models")
         write_peft_folder(Path(args.save_to), tensors, peft_config(next(iter(configs.values())), args), kept,
                           args.overwrite)  # fmt: skip
+
+
+def is_sd2(metadata: dict[str, str], base_model: str | None) -> bool:
+    """An SD 2.x LoRA (by its metadata, or a --base_model whose text encoder is OpenCLIP-H, 1024 wide)."""
+    if metadata.get("ss_v2") == "True" or (metadata.get("ss_base_model_version") or "").startswith("sd_v2"):
+        return True
+    if (metadata.get("modelspec.architecture") or "").startswith("stable-diffusion-v2"):
+        return True
+    config = Path(base_model) / "text_encoder" / "config.json" if base_model else None
+    if config is not None and config.is_file():
+        return json.loads(config.read_text(encoding="utf-8")).get("hidden_size") == 1024
+    return False
 
 
 def choose_family(args: argparse.Namespace) -> str:
