@@ -83,3 +83,31 @@ def test_diffusers_loads_kohya_file_with_same_outputs(pristine_pipe, tmp_path, n
     assert torch.allclose(unet_output(pipe.unet), unet_output(ref_unet), atol=1e-4)
     assert not torch.allclose(te_output(ref_te), te_output(pristine_pipe.text_encoder), atol=1e-3)
     assert torch.allclose(te_output(pipe.text_encoder), te_output(ref_te), atol=1e-4)
+
+
+def test_dynamic_resize_output_loads_in_diffusers_with_the_merged_outputs(pristine_pipe, tmp_path):
+    """A dynamic resize gives each module its own rank; were the alphas to differ as well (alpha/rank kept,
+    as sd-scripts does), diffusers' loader would scale many modules wrongly."""
+    import tools.resize as resize
+
+    pipe = copy.deepcopy(pristine_pipe)
+    ref_unet, ref_te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    network = lora.create_network(1.0, 4, 2.0, None, pipe.text_encoder, pipe.unet)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, module in enumerate(network.all_loras()):
+            up = torch.randn(module.lora_up.weight.shape, generator=gen) * 0.1
+            up[:, 1 + i % 4:] = 0  # numerical rank 1 to 4, so the dynamic method picks different ranks
+            module.lora_up.weight.copy_(up)
+    source = tmp_path / "src.safetensors"
+    network.save_weights(source, None, {"ss_network_module": "networks.lora", "ss_network_dim": "4"})
+    path = tmp_path / "dyn.safetensors"
+    assert resize.main(["--model", str(source), "--save_to", str(path), "--new_rank", "4", "--dynamic_method",
+                        "sv_fro", "--dynamic_param", "0.999999"]) == 0
+    file_sd = safetensors.torch.load_file(path)
+    assert len({v.shape[0] for k, v in file_sd.items() if k.endswith("lora_down.weight")}) == 4
+
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+    merge_file_into(kohya_module_map(ref_te, ref_unet), file_sd)
+    assert torch.allclose(unet_output(pipe.unet), unet_output(ref_unet), atol=1e-4)
+    assert torch.allclose(te_output(pipe.text_encoder), te_output(ref_te), atol=1e-4)

@@ -6,10 +6,11 @@
 
 Each module's ΔW = (alpha/r)·up·down is re-factorised from its SVD (computed from the factors,
 never from the full matrix), keeping the largest singular values; conv 3x3 (LoCon) modules use
---new_conv_rank. The module's alpha/rank ratio is kept, so training can continue with the same
-learning rate. Per module the retained Frobenius energy (‖ΔW_k‖/‖ΔW‖) and the relative error
-are printed. The output's ss_network_dim / ss_network_alpha (``Dynamic`` for dynamic methods,
-as sd-scripts writes), ss_network_args and sshs hashes are updated.
+--new_conv_rank. A fixed --new_rank keeps each module's alpha/rank ratio, so training can continue with
+the same learning rate; a dynamic method keeps each module's alpha (so the file keeps one alpha, which
+diffusers' loader needs to scale every module right). Per module the retained Frobenius energy
+(‖ΔW_k‖/‖ΔW‖) and the relative error are printed. The output's ss_network_dim (``Dynamic`` for dynamic
+methods, as sd-scripts writes), ss_network_alpha, ss_network_args and sshs hashes are updated.
 """
 
 from __future__ import annotations
@@ -72,13 +73,17 @@ def resize_state(
     param: float | None,
     device: str = "cpu",
 ) -> tuple[dict[str, LoRAFactors], dict[str, RankReport]]:
-    """Every module re-factorised; alpha/rank of each module kept."""
+    """Every module re-factorised. A fixed rank keeps each module's alpha/rank (as sd-scripts); a dynamic method
+    keeps each module's alpha instead, since the ranks now differ from module to module: a file whose alphas
+    differ too is mis-scaled by diffusers' loader (its alpha_pattern handling, diffusers 0.42), while one alpha
+    (a trained file's) loads exactly everywhere. Either way ΔW is the same."""
     out: dict[str, LoRAFactors] = {}
     reports: dict[str, RankReport] = {}
     for name, f in state.items():
         moved = LoRAFactors(f.down.to(device), f.up.to(device), f.alpha)
         small, report = refactorize(moved, new_conv_rank if is_kxk(f) else new_rank, method, param)
-        out[name] = with_scale(LoRAFactors(small.down.cpu(), small.up.cpu(), small.alpha), f.scale)
+        small = LoRAFactors(small.down.cpu(), small.up.cpu(), small.alpha)
+        out[name] = with_scale(small, f.alpha / small.rank if method else f.scale)
         reports[name] = report
     return out, reports
 
@@ -91,7 +96,8 @@ def updated_metadata(
     linear = [f for f in state.values() if not is_kxk(f)]
     alphas = sorted({f.alpha for f in linear})
     if args.dynamic_method:
-        meta["ss_network_dim"] = meta["ss_network_alpha"] = "Dynamic"
+        meta["ss_network_dim"] = "Dynamic"
+        meta["ss_network_alpha"] = str(alphas[0]) if len(alphas) == 1 else "Dynamic"
     else:
         meta["ss_network_dim"] = str(max((f.rank for f in linear), default=args.new_rank))
         meta["ss_network_alpha"] = str(alphas[0]) if len(alphas) == 1 else "Dynamic"
