@@ -170,6 +170,12 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     stop_when_launcher_dies()
     resume_point = (start_epoch, skip_batches)
     overflows = 0  # optimizer steps the fp16 loss scaler skipped in a row
+
+    def log_epoch_loss(losses: list[float], step: int) -> None:
+        # sd-scripts logs it at step epoch + 1, behind the steps already logged, which wandb drops
+        if losses:
+            accelerator.log({"loss/epoch": sum(losses) / len(losses)}, step=step)
+
     samples.maybe_sample(global_step, first=True)
     for epoch in range(start_epoch, plan.num_epochs):
         network.on_epoch_start(*family.network_inputs()[1:])
@@ -178,6 +184,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         # text: resolution is (max_seq_length, 1), so the unit is the most label tokens of a micro-batch
         meter, tokens = setup.Throughput(), setup.TokenWeighting(data.batch_size * data.resolution[0])
         step_losses: list[torch.Tensor] = []  # (loss x weight, weight) of each micro-batch of this optimizer step
+        epoch_losses: list[float] = []  # each optimizer step's loss in this epoch
         for batch in data.loader:
             batches_done += 1
             batch = move_batch(batch, accelerator.device)
@@ -227,9 +234,12 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             step_loss = (step_sum[0] / step_sum[1].clamp_min(1e-12)).item()  # a device sync, once per optimizer step
             lr, lr_logs = setup.learning_rates(lr_scheduler.get_last_lr(), lr_names)
             curve.append((global_step, step_loss, lr))
+            epoch_losses.append(step_loss)
+            # sd-scripts' loss/average: the mean over the last epoch's worth of steps
+            average = sum(row[1] for row in curve[-plan.steps_per_epoch:]) / min(len(curve), plan.steps_per_epoch)
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"loss/current": step_loss, **lr_logs, "epoch": epoch + 1,
+            progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{average:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"loss/current": step_loss, "loss/average": average, **lr_logs, "epoch": epoch + 1,
                              **meter.rates(processes), **norm_logs}, step=global_step)
             if saves.due_at_step(global_step) and global_step < plan.max_train_steps:
                 checkpoint(saves.step_name(global_step), epoch + 1, (epoch, batches_done),
@@ -247,6 +257,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                                   f"saved {saves.state_path(stem)}. Continue with the same command plus "
                                   f"--resume {saves.state_path(stem)} (or --resume latest).")
         else:  # the epoch ran to its end
+            log_epoch_loss(epoch_losses, global_step)
             resume_point = (epoch + 1, 0)
             if data.validation_loader and validate_epochs and (epoch + 1) % validate_epochs == 0:
                 validate()
@@ -254,6 +265,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
                 checkpoint(saves.epoch_name(epoch + 1), epoch + 1, resume_point, saves.stale_at_epoch(epoch + 1))
             samples.maybe_sample(global_step, epoch=epoch + 1)
             continue
+        log_epoch_loss(epoch_losses, global_step)  # the steps it had when max_train_steps ended it
         resume_point = (epoch, batches_done)
         break
     progress.close()

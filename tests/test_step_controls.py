@@ -127,6 +127,29 @@ def test_scale_weight_norms_in_training(tmp_path, tiny_sd_dir, tiny_images, monk
         assert 0 < values["max_norm/average_key_norm"] <= values["max_norm/max_key_norm"]
 
 
+
+def test_sd_scripts_loss_tags_average_and_epoch(tmp_path, tiny_sd_dir, tiny_images, monkeypatch):
+    """loss/average: the mean over the last epoch's worth of steps; loss/epoch: each epoch's mean, logged at
+    the global step (sd-scripts logs it at step = epoch, behind the steps already logged, which wandb drops)."""
+    import accelerate
+
+    logged: list[tuple[int, dict]] = []
+    monkeypatch.setattr(accelerate.Accelerator, "log",
+                        lambda self, values, step=None, **kw: logged.append((step, values)))
+    # 8 images, batch 4: 2 steps per epoch, 3 epochs
+    assert _run(tiny_sd_dir, _data_toml(tmp_path, tiny_images, batch_size=4), tmp_path / "out",
+                "--max_train_steps", "6", "--network_train_unet_only") == 0
+    current = {step: v["loss/current"] for step, v in logged if "loss/current" in v}
+    average = {step: v["loss/average"] for step, v in logged if "loss/average" in v}
+    assert sorted(current) == [1, 2, 3, 4, 5, 6]
+    assert average[1] == pytest.approx(current[1])
+    for step in range(2, 7):
+        assert average[step] == pytest.approx((current[step - 1] + current[step]) / 2)
+    epochs = [(step, v["loss/epoch"]) for step, v in logged if "loss/epoch" in v]
+    assert epochs == [(2, pytest.approx((current[1] + current[2]) / 2)),
+                      (4, pytest.approx((current[3] + current[4]) / 2)),
+                      (6, pytest.approx((current[5] + current[6]) / 2))]
+
 def test_stop_text_encoder_training_freezes_only_the_text_encoder(tmp_path, tiny_sd_dir, tiny_images, capsys):
     out = tmp_path / "out"
     assert _run(tiny_sd_dir, _data_toml(tmp_path, tiny_images), out, "--max_train_steps", "4",
