@@ -130,12 +130,22 @@ def minimal_metadata(
     network_dim: int,
     network_alpha: float,
     network_args: Mapping[str, object] | None = None,
+    *,
+    v2: bool | None = None,
 ) -> dict[str, str]:
-    """The keys kept with ``--no_metadata``: model version, network module, dim, alpha, args."""
-    if base_model_version not in MODELSPEC_ARCHITECTURES:
-        modelspec_architecture(base_model_version)  # raises the helpful error
+    """The keys kept with ``--no_metadata`` (sd-scripts' minimum): v2, model version, module, dim, alpha, args.
+
+    ``ss_v2`` is among them because A1111/Forge take a file for SD2 only when it is "True". ``v2=None``
+    derives it from ``base_model_version``, which must then be a known SD version (a typo in a tool's
+    argument is caught here); a trainer passes the ``v2`` of the model it loaded, so its own version
+    names (an LLM's "llm") need no entry in MODELSPEC_ARCHITECTURES.
+    """
+    if v2 is None:
+        if base_model_version not in MODELSPEC_ARCHITECTURES:
+            modelspec_architecture(base_model_version)  # raises the helpful error
+        v2 = base_model_version.startswith("sd_v2")
     return {
-        "ss_v2": str(base_model_version.startswith("sd_v2")),
+        "ss_v2": str(bool(v2)),
         "ss_base_model_version": base_model_version,
         "ss_network_module": network_module,
         "ss_network_dim": str(network_dim),

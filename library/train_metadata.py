@@ -7,10 +7,13 @@ The sshs_* hashes and modelspec.* keys are added by library/metadata.py.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from library.metadata import minimal_metadata
 
 
 @dataclass
@@ -55,13 +58,23 @@ class RunInfo:
 
 
 # Training switches sd-scripts records as ``ss_<argument name>`` (one renamed), so tools that show a LoRA's
-# training settings (A1111 / Forge's metadata view, Civitai) find them where they look.
-SWITCHES = ("max_grad_norm", "network_dropout", "multires_noise_iterations", "multires_noise_discount",
-            "zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength", "ip_noise_gamma",
-            "ip_noise_gamma_random_strength", "loss_type", "huber_schedule", "huber_scale", "huber_c",
-            "scale_weight_norms", "max_token_length", "cache_latents", "gradient_checkpointing", "full_bf16",
-            "fp8_base", "max_train_epochs", "min_timestep", "max_timestep", "scale_v_pred_loss_like_noise_pred")
+# training settings (A1111 / Forge's metadata view, Civitai) find them where they look. Those this toolkit
+# has no argument for (adaptive_noise_scale, face_crop_aug_range) read as None, i.e. "None": not used.
+_RECORDED = ("max_grad_norm", "network_dropout", "multires_noise_iterations", "multires_noise_discount",
+             "zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength", "ip_noise_gamma",
+             "ip_noise_gamma_random_strength", "loss_type", "huber_schedule", "huber_scale", "huber_c",
+             "scale_weight_norms", "max_token_length", "cache_latents", "gradient_checkpointing", "full_bf16",
+             "full_fp16", "fp8_base", "max_train_epochs", "min_timestep", "max_timestep",
+             "scale_v_pred_loss_like_noise_pred", "adaptive_noise_scale", "face_crop_aug_range")
+# Arguments read but never written as given: they are paths, and metadata holds no absolute paths.
+# vae becomes ss_vae_name (its basename, as sd-scripts); train_data_dir marks sd-scripts' legacy layout.
+_PATH_ARGUMENTS = ("vae", "train_data_dir")
+SWITCHES = _RECORDED + _PATH_ARGUMENTS  # the arguments run_info reads into RunInfo.switches
 _SWITCH_KEYS = {"debiased_estimation_loss": "ss_debiased_estimation"}
+# Caption settings sd-scripts records as flat keys (the command line's; here the subsets' own values).
+_CAPTION_KEYS = ("caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs")
+# The legacy layout's flat keys that sd-scripts takes from the command line: one value for every subset.
+_LEGACY_SUBSET_KEYS = ("color_aug", "flip_aug", "random_crop", "shuffle_caption", "keep_tokens")
 
 
 def _s(value: Any) -> str:
@@ -108,16 +121,77 @@ def training_metadata(info: RunInfo, epoch: int, step: int) -> dict[str, str]:
         "ss_datasets": json.dumps(info.datasets),
         "ss_tag_frequency": json.dumps(info.tag_frequency),
         "ss_training_comment": _s(info.training_comment),
-        **{_SWITCH_KEYS.get(name, f"ss_{name}"): _s(value) for name, value in info.switches.items()},
+        **{_SWITCH_KEYS.get(name, f"ss_{name}"): _s(value) for name, value in info.switches.items()
+           if name not in _PATH_ARGUMENTS},
+        **_vae_name(info.switches.get("vae")),
+        **dataset_keys(info.datasets, legacy=info.switches.get("train_data_dir") is not None),
     }
+
+
+def _vae_name(vae: Any) -> dict[str, str]:
+    # only when a separate VAE was given, as sd-scripts; its folder or file name, never its path (split on
+    # both separators, so a Windows path stays out even when read on Linux)
+    return {} if vae is None else {"ss_vae_name": re.split(r"[\\/]", str(vae).rstrip("/\\"))[-1]}
+
+
+def _common(subsets: list[dict[str, Any]], key: str) -> tuple[bool, Any]:
+    """(True, value) when every subset has the same ``key``, (False, None) when they differ."""
+    values = {json.dumps(s.get(key)) for s in subsets}
+    return (True, subsets[0].get(key)) if len(values) == 1 else (False, None)
+
+
+def dataset_dirs(datasets: list[dict[str, Any]]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """(ss_dataset_dirs, ss_reg_dataset_dirs): folder (or metadata file) name -> {"n_repeats", "img_count"}.
+
+    A1111 sums ``img_count`` for a LoRA's "Dataset size". A name used twice gets " (2)", " (3)", ... as in
+    sd-scripts, so no subset's count is lost.
+    """
+    dirs: dict[str, dict[str, int]] = {}
+    reg_dirs: dict[str, dict[str, int]] = {}
+    for dataset in datasets:
+        for subset in dataset.get("subsets", []):
+            name = subset.get("metadata_file") or subset.get("image_dir")
+            if "img_count" not in subset or not name:
+                continue  # a text subset, or a fine-tuning subset with neither name
+            target = reg_dirs if subset.get("is_reg") else dirs
+            key, n = name, 2
+            while key in target:
+                key, n = f"{name} ({n})", n + 1
+            target[key] = {"n_repeats": subset["num_repeats"], "img_count": subset["img_count"]}
+    return dirs, reg_dirs
+
+
+def dataset_keys(datasets: list[dict[str, Any]], legacy: bool) -> dict[str, str]:
+    """The keys sd-scripts derives from the image datasets: dataset folders, caption dropout and, for the
+    legacy ``--train_data_dir`` layout (one dataset), its settings as flat keys. None for text runs."""
+    images = [d for d in datasets if "bucket_info" in d]
+    if not images:
+        return {}
+    dirs, reg_dirs = dataset_dirs(images)
+    subsets = [s for d in images for s in d["subsets"]]
+    out = {"ss_dataset_dirs": json.dumps(dirs), "ss_reg_dataset_dirs": json.dumps(reg_dirs)}
+    for key in _CAPTION_KEYS:
+        same, value = _common(subsets, key)
+        if same:  # subsets of a TOML that differ have no one value to record; ss_datasets lists theirs
+            out[f"ss_{key}"] = _s(value)
+    if legacy and len(images) == 1:
+        (dataset,) = images
+        out.update({
+            "ss_batch_size_per_device": _s(dataset["batch_size_per_device"]),
+            "ss_enable_bucket": _s(dataset["enable_bucket"]),
+            "ss_bucket_no_upscale": _s(dataset["bucket_no_upscale"]),
+            "ss_min_bucket_reso": _s(dataset["min_bucket_reso"]),
+            "ss_max_bucket_reso": _s(dataset["max_bucket_reso"]),
+            "ss_bucket_info": json.dumps(dataset["bucket_info"]),
+        })
+        for key in _LEGACY_SUBSET_KEYS:
+            same, value = _common(subsets, key)
+            if same:  # always: the legacy layout builds every subset from the same command line
+                out[f"ss_{key}"] = _s(value)
+    return out
 
 
 def minimal_training_metadata(info: RunInfo) -> dict[str, str]:
-    """--no_metadata: only what a loader needs to interpret the file."""
-    return {
-        "ss_network_module": info.network_module,
-        "ss_network_dim": _s(info.network_dim),
-        "ss_network_alpha": _s(info.network_alpha),
-        "ss_network_args": json.dumps(info.network_args),
-        "ss_base_model_version": info.base_model_version,
-    }
+    """--no_metadata: only what a loader needs to interpret the file (sd-scripts' minimum keys)."""
+    return minimal_metadata(info.base_model_version, info.network_module, info.network_dim, info.network_alpha,
+                            info.network_args, v2=info.v2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from library.data.images import ImageCaptionDataset, collate_fn
 from library.data.sampler import EpochBatchSampler
-from library.dataset_config import DatasetGroupConfig
+from library.dataset_config import DatasetGroupConfig, SubsetConfig
 from library.errors import UserError
 from library.fileio import atomic_save_safetensors
 
@@ -118,17 +119,13 @@ class ImageData:
                             for d in self.datasets for r in d.records])
 
     def metadata(self) -> list[dict[str, Any]]:
-        """ss_datasets: per dataset its resolution, batch size and subsets (no absolute paths)."""
-        return [{
-            "resolution": list(d.config.resolution), "batch_size_per_device": d.config.batch_size,
-            "enable_bucket": d.config.enable_bucket,
-            # the same counts sd-scripts writes here and in ss_num_train_images / ss_num_reg_images
-            "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
-            "subsets": [{"image_dir": s.image_dir.name if s.image_dir else None, "num_repeats": s.num_repeats,
-                         "is_reg": s.is_reg, "class_tokens": s.class_tokens,
-                         **({"metadata_file": s.metadata_file.name} if s.metadata_file else {})}
-                        for s in d.config.subsets],
-        } for d in self.datasets]
+        """ss_datasets: per dataset sd-scripts' fields, from what this run scanned (no absolute paths).
+
+        ``img_count`` and ``bucket_info`` are the images and buckets training uses (unreadable images
+        skipped, validation images held out); library/train_metadata.py derives ``ss_dataset_dirs`` and
+        the legacy layout's flat keys from these dictionaries.
+        """
+        return [_dataset_metadata(d) for d in self.datasets]
 
     @torch.no_grad()
     def cache_latents(self, encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
@@ -268,6 +265,58 @@ class ImageData:
     def _save_cached(self, job: tuple[int, int], tensors: dict[str, torch.Tensor], vae_fingerprint: str) -> None:
         atomic_save_safetensors({name: t.contiguous() for name, t in tensors.items()}, self._cache_file(job),
                                 self._cache_key(job, vae_fingerprint))
+
+
+def bucket_info(dataset: ImageCaptionDataset) -> dict[str, Any]:
+    """sd-scripts' ``bucket_info``: {"buckets": {i: {"resolution": [w, h], "count": samples}}, ...}.
+
+    ``count`` includes repeats (and the balanced repeats of regularisation images), as sd-scripts counts
+    the images it puts in a bucket. sd-scripts writes null without bucketing; here the one bucket of the
+    fixed resolution is listed too, since it is what training used and A1111 shows it as the resolution.
+    """
+    samples = Counter(dataset.buckets)
+    info: dict[str, Any] = {"buckets": {i: {"resolution": list(size), "count": samples[size]}
+                                        for i, size in enumerate(sorted(samples))}}
+    if dataset.config.enable_bucket:
+        # sd-scripts' mean over images (not samples) of |bucket aspect ratio - image aspect ratio|
+        errors = [abs(r.bucket[0] / r.bucket[1] - r.size[0] / r.size[1]) for r in dataset.records]
+        info["mean_img_ar_error"] = sum(errors) / len(errors) if errors else 0.0
+    return info
+
+
+def _subset_metadata(subset: SubsetConfig, img_count: int) -> dict[str, Any]:
+    return {
+        "img_count": img_count, "num_repeats": subset.num_repeats,
+        "image_dir": subset.image_dir.name if subset.image_dir else None,
+        "is_reg": subset.is_reg, "class_tokens": subset.class_tokens,
+        **({"metadata_file": subset.metadata_file.name} if subset.metadata_file else {}),
+        "color_aug": subset.color_aug, "flip_aug": subset.flip_aug, "random_crop": subset.random_crop,
+        "shuffle_caption": subset.shuffle_caption, "keep_tokens": subset.keep_tokens,
+        "keep_tokens_separator": subset.keep_tokens_separator,
+        "caption_prefix": subset.caption_prefix, "caption_suffix": subset.caption_suffix,
+        # not in sd-scripts' subset entry (it writes the command-line values as flat keys); kept here so
+        # the flat ss_caption_* keys can be the values training used, which a TOML may set per subset
+        "caption_dropout_rate": subset.caption_dropout_rate,
+        "caption_tag_dropout_rate": subset.caption_tag_dropout_rate,
+        "caption_dropout_every_n_epochs": subset.caption_dropout_every_n_epochs,
+    }
+
+
+def _dataset_metadata(d: ImageCaptionDataset) -> dict[str, Any]:
+    c = d.config
+    images_of = Counter(r.subset_index for r in d.records)
+    return {
+        "is_dreambooth": all(s.metadata_file is None for s in c.subsets),
+        "resolution": list(c.resolution), "batch_size_per_device": c.batch_size,
+        # the same counts sd-scripts writes here and in ss_num_train_images / ss_num_reg_images
+        "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
+        "enable_bucket": c.enable_bucket, "bucket_no_upscale": c.bucket_no_upscale,
+        # None without bucketing, as sd-scripts: the range played no part
+        "min_bucket_reso": c.min_bucket_reso if c.enable_bucket else None,
+        "max_bucket_reso": c.max_bucket_reso if c.enable_bucket else None,
+        "tag_frequency": d.tag_frequency(), "bucket_info": bucket_info(d),
+        "subsets": [_subset_metadata(s, images_of[i]) for i, s in enumerate(c.subsets)],
+    }
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
