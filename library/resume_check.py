@@ -44,6 +44,7 @@ _COMPARED_WHEN_CHANGED = {
 }  # fmt: skip
 # Keys a state saved before they existed does not hold: compared only when the saved fingerprint has them.
 _NEWER_KEYS = ("dataset settings",)
+_DERIVED = ("tag_frequency", "bucket_info")  # dataset metadata the fingerprint leaves out
 # Only their product (the samples of one optimizer step) decides what a step trains (library/data/sampler.py).
 _STEP_SPLIT = ("batch_size", "processes x accumulation")
 
@@ -88,11 +89,25 @@ def training_fingerprint(args: argparse.Namespace, *, seed: int, batch_size: int
         fingerprint["huber_schedule"] = args.huber_schedule
     if args.loss_type in ("huber", "smooth_l1") and args.huber_scale != 1.0:  # earlier runs: 1
         fingerprint["huber_scale"] = args.huber_scale
+    # What the datasets' metadata reports, less what "dataset content" and "dataset settings" already cover (the
+    # tag counts and buckets follow from captions, images and bucket options, and would bloat every state).
+    datasets = [{k: v for k, v in entry.items() if k not in _DERIVED} for entry in datasets]
     fingerprint.update({
         "seed": seed, "batch_size": batch_size, "processes x accumulation": num_processes * accumulation,
         "dataset content": data, "datasets": datasets,
     })
     return fingerprint
+
+
+def _drop_newer_fields(saved: list[Any], current: list[Any]) -> None:
+    """A state saved by an earlier version reports fewer fields per dataset and subset: compare the shared ones."""
+    for then, now in zip(saved, current, strict=False):
+        if not (isinstance(then, dict) and isinstance(now, dict)):
+            continue
+        for key in [k for k in now if k not in then]:
+            now.pop(key)
+        if isinstance(then.get("subsets"), list) and isinstance(now.get("subsets"), list):
+            _drop_newer_fields(then["subsets"], now["subsets"])
 
 
 def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any], allow_changes: bool,
@@ -104,6 +119,8 @@ def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any
     for key in _NEWER_KEYS:
         if key not in saved:
             current.pop(key, None)
+    if isinstance(saved.get("datasets"), list) and isinstance(current.get("datasets"), list):
+        _drop_newer_fields(saved["datasets"], current["datasets"])
     if all(key in saved for key in _STEP_SPLIT):
         step_then, step_now = (fp["batch_size"] * fp["processes x accumulation"] for fp in (saved, current))
         if step_then == step_now:  # batch, processes and accumulation may trade places (README, "Steps")

@@ -379,6 +379,29 @@ def test_the_earlier_runs_samples_are_refused_and_set_aside_with_it(tmp_path):
     assert moved == 3 and sorted(p.name for p in (aside / "sample").iterdir()) == sorted(made)
     assert sorted(p.name for p in (out / "sample").iterdir()) == ["lora2_000000_00_7.png", "my_notes.txt"]
 
+
+def test_states_saved_with_fewer_dataset_fields_still_resume():
+    """Dataset metadata gains fields over versions (img_count, augmentation, ...): a state saved before compares
+    the fields it has; tag counts and buckets stay out of the fingerprint (content and settings cover them)."""
+    from library.args import build_parser
+    from library.resume_check import check_resume_compatible, training_fingerprint
+
+    args = build_parser().parse_args(["--output_dir", "x"])
+
+    def fingerprint(datasets):
+        return training_fingerprint(args, seed=1, batch_size=1, num_processes=1, accumulation=1, data="d",
+                                    datasets=datasets)
+
+    old = fingerprint([{"resolution": [64, 64], "subsets": [{"image_dir": "a", "num_repeats": 1}]}])
+    new_entry = {"resolution": [64, 64], "tag_frequency": {"a": {"cat": 3}}, "bucket_info": {"buckets": {}},
+                 "min_bucket_reso": None, "subsets": [{"image_dir": "a", "num_repeats": 1, "img_count": 8}]}
+    new = fingerprint([new_entry])
+    assert "tag_frequency" not in new["datasets"][0] and "bucket_info" not in new["datasets"][0]
+    assert check_resume_compatible(old, new, False, "s") == []
+    changed = fingerprint([{**new_entry, "subsets": [{"image_dir": "a", "num_repeats": 2, "img_count": 8}]}])
+    with pytest.raises(UserError, match="datasets"):  # a field both know still counts
+        check_resume_compatible(old, changed, False, "s")
+
 def test_a_dataset_toml_typo_is_reported_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys,
                                                                  monkeypatch):
     import library.families
