@@ -360,6 +360,17 @@ class LoRANetwork(nn.Module):
                    " LoRA modules, so a file that has them cannot load: raise those weights above the threshold."
                    if block_lr and unexpected else "")
             )
+        own = self.state_dict()
+        wrong = [k for k, v in weights_sd.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:  # one line with the fix, not torch's list of every size mismatch
+            ranks = sorted({int(weights_sd[k].shape[0]) for k in wrong if k.endswith(".lora_down.weight")})
+            mine = sorted({int(own[k].shape[0]) for k in wrong if k.endswith(".lora_down.weight")})
+            rank_note = (f" The file has rank {', '.join(map(str, ranks))} where this network has "
+                         f"{', '.join(map(str, mine))}: pass --dim_from_weights (or the file's --network_dim / "
+                         "conv_dim)." if ranks else "")
+            raise UserError(f"{file} does not match this network: {len(wrong)} tensors have other shapes, e.g. "
+                            f"{wrong[0]} {tuple(weights_sd[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}."
+                            + rank_note)
         try:
             return self.load_state_dict(weights_sd, strict=True)
         except RuntimeError as e:

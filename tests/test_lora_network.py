@@ -351,6 +351,17 @@ def test_load_weights_mismatch_names_file_and_keys(pristine, tmp_path):
     assert str(path) in str(err.value) and "missing" in str(err.value) and "lora_te_" in str(err.value)
 
 
+
+def test_load_weights_of_another_rank_is_one_line_with_the_fix(pristine, tmp_path):
+    te, unet = pristine
+    path = tmp_path / "rank8.safetensors"
+    lora.create_network(1.0, 8, 1.0, None, te, unet).save_weights(path, None, None)
+    with pytest.raises(UserError) as err:
+        lora.create_network(1.0, 4, 1.0, None, te, unet).load_weights(path)
+    message = str(err.value)
+    assert "The file has rank 8 where this network has 4: pass --dim_from_weights" in message
+    assert "size mismatch" not in message and message.count("\n") == 0
+
 def test_load_weights_refreshes_scale(pristine, tmp_path):
     te, unet = pristine
     source = lora.create_network(1.0, 4, 2.0, None, te, unet)
