@@ -157,6 +157,12 @@ def find_resume_state(resume: str, output_dir: Path) -> Path:
     """The state folder to resume: a path, or ``latest`` = the newest complete one in output_dir."""
     if resume != "latest":
         path = Path(resume)
+        if not path.exists():
+            raise UserError(f"--resume {path} does not exist; give a state folder ({{name}}-state, "
+                            "{name}-stepNNNNNNNN-state, ...) or --resume latest.")
+        if path.is_file():
+            raise UserError(f"--resume {path} is a file; give the run's state folder (written with --save_state, "
+                            "e.g. lora-state) or --resume latest. A LoRA file continues with --network_weights.")
         if not (path / STATE_MARKER).is_file():
             raise UserError(f"--resume {path}: not a complete training state folder ({STATE_MARKER} missing).")
         return path
