@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from math import inf
 from pathlib import Path
@@ -40,7 +41,7 @@ from library.optim import create_optimizer, create_scheduler
 from library.resume_check import dataset_settings, training_fingerprint
 from library.run_saver import RunSaver
 from library.sampling import PromptSource, SampleSchedule, TrainingSamples
-from library.signals import Interrupted, StopRequest, stop_when_launcher_dies
+from library.signals import Interrupted, StopRequest, Terminated, stop_when_launcher_dies, terminate_as_exception
 from library.step_controls import TextEncoderStop, max_norm_logs
 
 # From its default 2**16 the fp16 loss scaler reaches 2**-14 after 30 halvings: gradients that still overflow
@@ -294,13 +295,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote the effective non-default arguments to {path}")
             return 0
         check_combinations(args, build_parser().parse_args([]))
-        train(args, sources)
+        with terminate_as_exception():
+            train(args, sources)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
+    except (KeyboardInterrupt, Terminated) as e:  # outside the loop's step-and-save handling (loading, saving)
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"Stopped by {signal.Signals(signum).name} before a step could finish and save; files written "
+              "before it are complete (every write is atomic).", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

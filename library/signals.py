@@ -7,8 +7,10 @@ With several processes the flag is all-reduced, so every process stops at the sa
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from types import FrameType
 
 import torch
@@ -65,6 +67,32 @@ class Interrupted(Exception):
     def __init__(self, exit_code: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (loading, caching, the final save): unwinds like Ctrl-C does, so a
+    half-started run cleans up after itself instead of dying where it stands."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while inside (the loop's StopRequest takes over during training)."""
+    def raise_terminated(signum: int, _frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_when_launcher_dies() -> None:
