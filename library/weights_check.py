@@ -45,8 +45,29 @@ def check_weight_file(path: str | os.PathLike) -> None:
                         "Download or copy it again.")
 
 
-def check_model_folder(folder: str | os.PathLike) -> None:
-    """Check every weight file under a model folder (headers only)."""
-    for path in sorted(Path(folder).rglob("*")):
+# Parts of a diffusers pipeline folder that training loads, and the file that must be in each.
+_NEEDED_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                 "text_encoder_2": "config.json", "scheduler": "scheduler_config.json", "tokenizer": "",
+                 "tokenizer_2": ""}  # a tokenizer's files vary: its folder must be there
+
+
+def check_model_folder(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> None:
+    """Check a model folder: every part its ``model_index.json`` names and training loads is there (the loaders
+    would name the folder, not the missing part), and every weight file is whole (headers only). ``skip``: parts
+    given separately (``--vae``)."""
+    root = Path(folder)
+    index = root / "model_index.json"
+    if index.is_file():
+        try:
+            parts = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{index} is not valid JSON ({e}); download the model again.") from None
+        for part, needed in _NEEDED_PARTS.items():
+            listed = isinstance(parts, dict) and isinstance(parts.get(part), list) and parts[part][0] is not None
+            present = (root / part / needed).is_file() if needed else (root / part).is_dir()
+            if listed and part not in skip and not present:
+                raise UserError(f"{root}: model_index.json names a '{part}', but {root / part / needed} is missing; "
+                                "the download looks incomplete (download the model again).")
+    for path in sorted(root.rglob("*")):
         if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
             check_weight_file(path)

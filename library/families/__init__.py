@@ -166,8 +166,10 @@ def load_family(model_type: str, model_path: str, **options: Any) -> ModelFamily
 
     if Path(model_path).is_file():  # a single-file checkpoint: library/single_file.py
         check_weight_file(model_path)
-    else:
-        check_model_folder(model_path)
+    else:  # parts given on their own (--vae, --tokenizer_cache_dir) need not be in the folder
+        skip = (("vae",) if options.get("vae_path") else ()) + \
+            (("tokenizer", "tokenizer_2") if options.get("tokenizer_path") else ())
+        check_model_folder(model_path, skip)
     if model_type == "sd":
         from library.families.sd import SDFamily
 
