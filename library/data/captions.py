@@ -15,11 +15,20 @@ tags (fixed part by ``keep_tokens`` or ``keep_tokens_separator``) → shuffle th
 
 from __future__ import annotations
 
+import codecs
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from library.errors import UserError
+
+# Files next to images that share an image's name but are not captions: sd-scripts' latent
+# caches, editor sidecars, metadata. Left out of the "other caption extensions" hint, which
+# would otherwise tell a user with cached .npz latents to set caption_extension = ".npz".
+_NOT_CAPTIONS = frozenset((".npz", ".safetensors", ".pt", ".json", ".toml", ".yaml", ".yml", ".xmp", ".gif",
+                           ".tif", ".tiff", ".psd", ".avif", ".heic"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,13 +51,30 @@ def caption_path(image_path: Path, extension: str) -> Path:
     return image_path.with_name(image_path.stem + extension)
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; one that is not UTF-8 is a UserError naming the file and the byte.
+
+    Captions are UTF-8 as in sd-scripts (which stops on anything else too); guessing another
+    encoding could silently train on mojibake. A leading BOM (Windows editors) is dropped.
+    """
+    raw = path.read_bytes()
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        position = exc.start + len(raw) - len(body)  # in the file as a hex editor shows it, BOM included
+        raise UserError(
+            f"{path}: not UTF-8 (byte 0x{body[exc.start]:02x} at position {position}); re-save it as UTF-8"
+        ) from None
+
+
 def read_caption_file(path: Path) -> str | None:
     """The first non-empty line of a caption file, stripped; None when the file does not exist.
 
     An existing but empty file gives "" (an explicit empty caption), not None.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows add a BOM
+        text = read_utf8(path)
     except FileNotFoundError:
         return None
     for line in text.splitlines():
@@ -61,6 +87,35 @@ def image_caption(image_path: Path, extension: str, class_tokens: str | None) ->
     """The caption from the side file, else ``class_tokens``, else None (the dataset reports it)."""
     caption = read_caption_file(caption_path(image_path, extension))
     return caption if caption is not None else class_tokens
+
+
+def other_caption_extensions(images: Sequence[Path], extension: str) -> Counter[str]:
+    """Extensions of files named like ``images`` (same folder and stem) other than ``extension``.
+
+    The caption files a user meant when ``extension`` finds none (``.txt`` next to images while
+    caption_extension is ``.caption``); image files and known non-caption files are left out.
+    """
+    # imported here: dataset_config imports this module, and pixels brings PIL, numpy and torch
+    from library.data.pixels import IMAGE_EXTENSIONS
+
+    found: Counter[str] = Counter()
+    for folder in sorted({p.parent for p in images}):
+        stems = {p.stem for p in images if p.parent == folder}
+        found.update(
+            p.suffix
+            for p in folder.iterdir()
+            if p.stem in stems and p.suffix and p.suffix != extension and p.suffix.lower() not in _NOT_CAPTIONS
+            and p.suffix.lower() not in IMAGE_EXTENSIONS and p.is_file()
+        )  # fmt: skip
+    return found
+
+
+def caption_extension_hint(found: Counter[str]) -> str:
+    """'.txt found for 2 images; set caption_extension = ".txt"' (the commonest first); "" for none."""
+    if not found:
+        return ""
+    listing = ", ".join(f"{suffix} found for {n} image{'s' if n != 1 else ''}" for suffix, n in found.most_common())
+    return f'{listing}; set caption_extension = "{found.most_common(1)[0][0]}"'
 
 
 def add_prefix_suffix(caption: str, prefix: str | None, suffix: str | None) -> str:

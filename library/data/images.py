@@ -24,12 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from library.data.buckets import BucketSettings, Size, assign_buckets, cover_size, crop_position, upscaled
-from library.data.captions import caption_path, count_tags, process_caption, read_caption_file
+from library.data.captions import (
+    caption_extension_hint,
+    caption_path,
+    count_tags,
+    other_caption_extensions,
+    process_caption,
+    read_caption_file,
+    read_utf8,
+)
+from library.data.pixels import IMAGE_EXTENSIONS, load_image, probe_image, resize_and_crop, shift_hue, to_tensor
 from library.data.reg_balance import balance_reg_repeats
 from library.data.sampler import derive_seed
 from library.dataset_config import DatasetConfig, SubsetConfig
@@ -37,9 +44,15 @@ from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _HUE_SHIFT = 11  # color_aug: up to ±11/256 of the hue circle (about ±16°, like sd-scripts)
 _LIST_LIMIT = 10  # how many file names an error message lists
+# An image enlarged more than this to cover its bucket (a side under 1/8 of the bucket's) trains
+# on a blur of a few pixels; likely a thumbnail or a broken export, so it is named in a warning.
+_TINY_UPSCALE = 8
+
+# IMAGE_EXTENSIONS, probe_image and resize_and_crop moved to pixels.py; tools and tests import them from here
+__all__ = ["IMAGE_EXTENSIONS", "ImageCaptionDataset", "ImageRecord", "collate_fn", "list_images", "probe_image",
+           "resize_and_crop"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,11 @@ def _subset_images(subset: SubsetConfig) -> list[Path]:
 
 
 def _side_captions(subset: SubsetConfig, images: list[Path]) -> list[str]:
-    """Captions from side files, else class_tokens; missing both is an error with a hint."""
+    """Captions from side files, else class_tokens; missing both is an error with a hint.
+
+    Images that fall back to class_tokens while files with another caption-like extension sit
+    next to them are almost always a wrong caption_extension, so that gets a warning.
+    """
     captions: list[str] = []
     missing: list[Path] = []
     for image in images:
@@ -87,28 +104,19 @@ def _side_captions(subset: SubsetConfig, images: list[Path]) -> list[str]:
             missing.append(image)
             caption = subset.class_tokens
         captions.append(caption if caption is not None else "")
+    found = other_caption_extensions(missing, subset.caption_extension) if missing else None
     if missing and subset.class_tokens is None:
-        raise UserError(_missing_captions_message(subset, images, missing))
-    return captions
-
-
-def _missing_captions_message(subset: SubsetConfig, images: list[Path], missing: list[Path]) -> str:
-    ext = subset.caption_extension
-    stems = {p.stem for p in missing}
-    found = Counter(
-        p.suffix
-        for p in missing[0].parent.iterdir()
-        if p.stem in stems and p.suffix and p.suffix.lower() not in IMAGE_EXTENSIONS and p.suffix != ext
-    )
-    message = (
-        f"{subset.name}: {len(missing)} of {len(images)} images in {subset.image_dir} have no caption file "
-        f'"{ext}" (e.g. {caption_path(missing[0], ext).name}) and the subset has no class_tokens.'
-    )
+        raise UserError(
+            f"{subset.name}: {len(missing)} of {len(images)} images in {subset.image_dir} have no caption file "
+            f'"{subset.caption_extension}" (e.g. {caption_path(missing[0], subset.caption_extension).name}) and '
+            "the subset has no class_tokens." + (f" {caption_extension_hint(found)}." if found else "")
+            + " Or set class_tokens to caption every image without a caption file with it."
+        )  # fmt: skip
     if found:
-        best, _ = found.most_common(1)[0]
-        listing = ", ".join(f"{suffix} found for {n} images" for suffix, n in found.most_common())
-        message += f' {listing}; set caption_extension = "{best}".'
-    return message + " Or set class_tokens to caption every image without a caption file with it."
+        logger.warning('%s: %d of %d images in %s have no caption file "%s" and are captioned with class_tokens '
+                       "%r only; %s", subset.name, len(missing), len(images), subset.image_dir,
+                       subset.caption_extension, subset.class_tokens, caption_extension_hint(found))  # fmt: skip
+    return captions
 
 
 def _metadata_images(subset: SubsetConfig) -> tuple[list[Path], list[str]]:
@@ -118,7 +126,7 @@ def _metadata_images(subset: SubsetConfig) -> tuple[list[Path], list[str]]:
     if not path.is_file():
         raise UserError(f"{subset.name}: metadata_file {path} not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, dict) or not data:
@@ -162,27 +170,6 @@ def _locate_image(key: str, image_dir: Path | None) -> Path | None:
     return next((c for c in candidates if c.suffix.lower() in IMAGE_EXTENSIONS and c.is_file()), None)
 
 
-def probe_image(path: Path) -> Size:
-    """Decode the whole file (so truncation shows now, not mid-training); (w, h) as displayed.
-
-    An image over PIL's decompression-bomb limit is an error here, like a corrupt file: PIL only
-    refuses those over twice the limit and merely warns (without naming the file) below that.
-    """
-    with Image.open(path) as image:
-        limit, (width, height) = Image.MAX_IMAGE_PIXELS, image.size
-        if limit is not None and width * height > limit:  # checked before decoding: that is the bomb
-            raise Image.DecompressionBombWarning(
-                f"oversized image: {width}x{height} = {width * height} pixels is over PIL's decompression-bomb limit "
-                f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale it"
-            )
-        image.load()
-        width, height = image.size
-        # EXIF orientations 5-8 rotate by 90°: the displayed image is height × width.
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-            width, height = height, width
-    return (width, height)
-
-
 def _probe_all(paths: list[Path]) -> list[Size | str]:
     def probe(path: Path) -> Size | str:
         try:
@@ -193,6 +180,11 @@ def _probe_all(paths: list[Path]) -> list[Size | str]:
     # Decoding releases the GIL, so threads help on large datasets.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(probe, paths))
+
+
+def _enlargement(size: Size, bucket: Size) -> float:
+    """How many times an image of ``size`` is scaled up to cover ``bucket`` (below 1: scaled down)."""
+    return max(bucket[0] / max(size[0], 1), bucket[1] / max(size[1], 1))
 
 
 def _source(subset: SubsetConfig) -> Path:
@@ -288,6 +280,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 logger.warning("%s: bucket_no_upscale, but %d image(s) have a side under bucket_reso_steps (%d px) "
                                "and are upscaled to one step: %s", self.config.name, len(small),
                                settings.bucket_reso_steps, _names(small))  # fmt: skip
+        tiny = [r.path for r, b in zip(records, buckets, strict=True) if _enlargement(r.size, b) > _TINY_UPSCALE]
+        if tiny:  # those also under bucket_no_upscale's step were named above, but say why they matter
+            logger.warning("%s: %d image(s) are enlarged more than %dx to their bucket (a side under 1/%d of it), so "
+                           "they train as a blur; replace or remove them: %s", self.config.name, len(tiny),
+                           _TINY_UPSCALE, _TINY_UPSCALE, _names(tiny))  # fmt: skip
         return [
             ImageRecord(r.path, r.caption, r.size, r.subset_index, bucket)
             for r, bucket in zip(records, buckets, strict=True)
@@ -437,54 +434,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             captions.setdefault(name, []).append(record.caption)
             separators.setdefault(name, subset.caption_separator)
         return {name: count_tags(caps, separators[name]) for name, caps in captions.items()}
-
-
-# --- image operations -------------------------------------------------------------------
-
-
-def open_rgb(path: Path) -> Image.Image:
-    """The image as displayed (EXIF orientation applied), RGB; transparency composited on white."""
-    try:
-        with Image.open(path) as raw:
-            image = ImageOps.exif_transpose(raw)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read image ({exc}); it was readable when the dataset was built") from None
-
-
-def resize_and_crop(
-    image: Image.Image, target: Size, random_crop: bool, uniforms: tuple[float, float]
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale so the image covers ``target`` (aspect kept), then crop to it; returns (image, (top, left))."""
-    cover = cover_size(image.size, target)
-    if cover != image.size:
-        image = image.resize(cover, Image.Resampling.LANCZOS)
-    top, left = crop_position(image.size, target, random_crop, uniforms)
-    return image.crop((left, top, left + target[0], top + target[1])), (top, left)
-
-
-def load_image(
-    path: Path, target: Size, random_crop: bool, uniforms: tuple[float, float]
-) -> tuple[Image.Image, tuple[int, int]]:
-    return resize_and_crop(open_rgb(path), target, random_crop, uniforms)
-
-
-def shift_hue(image: Image.Image, offset: int) -> Image.Image:
-    if offset == 0:
-        return image
-    hue, saturation, value = image.convert("HSV").split()
-    hue = hue.point(lambda h: (h + offset) % 256)
-    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image → float tensor [3, H, W] in [-1, 1]."""
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
