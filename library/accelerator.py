@@ -18,13 +18,25 @@ from typing import Any
 
 from library.errors import UserError
 
-# accelerate setting → (environment variable, key in accelerate's YAML, launch flag, default)
-_ACCELERATE_SOURCES: dict[str, tuple[str, str, str, str]] = {
+# accelerate setting → (environment variable, key in accelerate's YAML or None, launch flag, default).
+# accelerate's YAML has no gradient_accumulation_steps (only DeepSpeed's nested config does), so none is read.
+_ACCELERATE_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
     "mixed_precision": ("ACCELERATE_MIXED_PRECISION", "mixed_precision", "--mixed_precision", "no"),
-    "gradient_accumulation_steps": ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps",
+    "gradient_accumulation_steps": ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", None,
                                     "--gradient_accumulation_steps", "1"),
     "dynamo_backend": ("ACCELERATE_DYNAMO_BACKEND", "dynamo_backend", "--dynamo_backend", "no"),
+    "dynamo_mode": ("ACCELERATE_DYNAMO_MODE", "dynamo_mode", "--dynamo_mode", "default"),
+    "dynamo_fullgraph": ("ACCELERATE_DYNAMO_USE_FULLGRAPH", "dynamo_use_fullgraph", "--dynamo_use_fullgraph",
+                         "false"),
+    "dynamo_dynamic": ("ACCELERATE_DYNAMO_USE_DYNAMIC", "dynamo_use_dynamic", "--dynamo_use_dynamic", "false"),
 }
+# Launch switches without a value (present = true).
+_BOOLEAN_SETTINGS = frozenset({"dynamo_fullgraph", "dynamo_dynamic"})
+# Variables `accelerate launch` always exports with its own default; ACCELERATE_GRADIENT_ACCUMULATION_STEPS is
+# only exported for DeepSpeed when given, so it is always someone's choice.
+_LAUNCHER_EXPORTS = frozenset(_ACCELERATE_SOURCES) - {"gradient_accumulation_steps"}
+# torch.compile's modes: accelerate's launch choices and the one torch added later.
+DYNAMO_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -37,39 +49,75 @@ class Setting:
 
 @dataclass(frozen=True)
 class LaunchContext:
-    """What the process can see of how accelerate launched it (injectable for tests)."""
+    """What the process can see of how accelerate launched it (injectable for tests).
+
+    ``launched``: True / False when known (Linux reads the parent's command line), None when it must be
+    guessed from the variables the launcher exports. ``launcher_environ``: the environment of the
+    ``accelerate launch`` process itself, i.e. what the user exported before the launcher overwrote it.
+    """
 
     environ: dict[str, str]
     launch_argv: list[str] = field(default_factory=list)
     yaml_config: dict[str, Any] = field(default_factory=dict)
     yaml_path: str | None = None
+    launcher_environ: dict[str, str] | None = None
+    launched: bool | None = None
+
+    def is_launched(self) -> bool:
+        if self.launched is not None:
+            return self.launched
+        # No /proc (Windows, macOS): the launcher always exports ACCELERATE_DYNAMO_MODE, users rarely do.
+        return bool(self.launch_argv) or "ACCELERATE_DYNAMO_MODE" in self.environ
 
     @staticmethod
     def detect() -> LaunchContext:
-        """Read the environment, the launcher's command line and accelerate's config YAML."""
+        """Read the environment, the launcher's command line and environment, and accelerate's config YAML."""
         environ = dict(os.environ)
-        launch_argv = _parent_accelerate_argv()
+        cmdline = _parent_proc_file("cmdline")
+        launch_argv = _accelerate_launch_flags(cmdline) if cmdline is not None else []
+        launched = bool(launch_argv) if cmdline is not None else None
+        launcher_environ = None
+        if launch_argv:
+            raw = _parent_proc_file("environ")
+            launcher_environ = _parse_environ(raw) if raw is not None else None
         yaml_path = _flag_value(launch_argv, "--config_file") or _default_accelerate_yaml()
         yaml_config: dict[str, Any] = {}
-        if yaml_path and Path(yaml_path).is_file() and "ACCELERATE_MIXED_PRECISION" in environ:
-            import yaml
-
-            try:
-                yaml_config = yaml.safe_load(Path(yaml_path).read_text()) or {}
-            except (OSError, yaml.YAMLError):
-                yaml_config = {}
-            if not isinstance(yaml_config, dict):  # not accelerate's YAML (e.g. a TOML given by mistake)
-                yaml_config = {}
-            yaml_config.update(yaml_config.pop("dynamo_config", {}) or {})
-        return LaunchContext(environ, launch_argv, yaml_config, yaml_path)
+        probably_launched = launched if launched is not None else "ACCELERATE_MIXED_PRECISION" in environ
+        if yaml_path and Path(yaml_path).is_file() and probably_launched:
+            yaml_config = _read_accelerate_yaml(Path(yaml_path))
+        return LaunchContext(environ, launch_argv, yaml_config, yaml_path, launcher_environ, launched)
 
 
-def _parent_accelerate_argv() -> list[str]:
-    """The command line of the ``accelerate launch`` process that started us, if any (Linux)."""
+def _read_accelerate_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
     try:
-        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(config, dict):  # not accelerate's YAML (e.g. a TOML given by mistake)
+        return {}
+    dynamo = config.pop("dynamo_config", {}) or {}
+    # accelerate reads dynamo_config's keys with a "dynamo_" prefix (commands/launch.py).
+    config.update({k if k.startswith("dynamo_") else "dynamo_" + k: v for k, v in dynamo.items()})
+    return config
+
+
+def _parent_proc_file(name: str) -> bytes | None:
+    """``/proc/<parent>/<name>``, or None where there is no /proc (Windows, macOS)."""
+    try:
+        return Path(f"/proc/{os.getppid()}/{name}").read_bytes()
     except OSError:
-        return []
+        return None
+
+
+def _parse_environ(raw: bytes) -> dict[str, str]:
+    pairs = (entry.decode(errors="replace").partition("=") for entry in raw.split(b"\0") if b"=" in entry)
+    return {key: value for key, _, value in pairs}
+
+
+def _accelerate_launch_flags(raw: bytes) -> list[str]:
+    """The command line of the ``accelerate launch`` process that started us, if it is one."""
     argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
     head = " ".join(argv[:4])
     return launcher_flags(argv, sys.argv[0]) if "accelerate" in head and "launch" in head else []
@@ -88,10 +136,10 @@ def launcher_flags(argv: list[str], script: str) -> list[str]:
 
 
 def _default_accelerate_yaml() -> str | None:
-    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
-    path = os.path.join(os.environ.get("ACCELERATE_CONFIG_DIR", os.path.join(home, "accelerate")),
-                        "default_config.yaml")
-    return path if os.path.isfile(path) else None
+    """accelerate's own default config path (HF_HOME, else XDG_CACHE_HOME/huggingface, + accelerate/)."""
+    from accelerate.commands.config.config_args import default_config_file
+
+    return default_config_file if os.path.isfile(default_config_file) else None
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -103,30 +151,81 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def _launch_flag(name: str, argv: list[str], flag: str) -> str | None:
+    if name in _BOOLEAN_SETTINGS:
+        return "true" if flag in argv else None
+    return _flag_value(argv, flag)
+
+
 def _normalise(name: str, value: Any) -> Any:
     if value is None:
         return None
     if name == "gradient_accumulation_steps":
         return int(value)
+    if name in _BOOLEAN_SETTINGS:
+        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "y", "on")
     return str(value).lower()
 
 
+def _dynamo_backends() -> list[str]:
+    from accelerate.utils import DynamoBackend
+
+    return [b.value.lower() for b in DynamoBackend]
+
+
+def _check_value(name: str, setting: Setting) -> Setting:
+    """Turn an unknown dynamo backend / mode or a non-number into a UserError naming its source."""
+    value = setting.value
+    if value is None:
+        return setting
+    if name == "gradient_accumulation_steps":
+        try:
+            return Setting(int(value), setting.source)
+        except (TypeError, ValueError):
+            raise UserError(f"gradient_accumulation_steps {value!r} from {setting.source} is not a whole number; "
+                            "give e.g. 1 or 4.") from None
+    valid = {"dynamo_backend": _dynamo_backends, "dynamo_mode": lambda: list(DYNAMO_MODES)}.get(name)
+    if valid is not None and _normalise(name, value) not in valid():
+        raise UserError(f"{name} {value!r} from {setting.source} is not one of: {', '.join(valid())} "
+                        "(case does not matter).")
+    return Setting(_normalise(name, value), setting.source)
+
+
 def _accelerate_side(name: str, ctx: LaunchContext) -> Setting | None:
-    """The explicit value accelerate holds for a setting, or None when it only has its default."""
+    """The explicit value accelerate holds for a setting, or None when it only has its default.
+
+    A launch flag overrides the YAML (it is the flags' defaults, as in accelerate); a variable the user
+    exported that disagrees with either is a conflict, since `accelerate launch` would overwrite it silently.
+    """
     env_name, yaml_key, flag, default = _ACCELERATE_SOURCES[name]
-    flag_value = _flag_value(ctx.launch_argv, flag)
+    launcher: Setting | None = None
+    flag_value = _launch_flag(name, ctx.launch_argv, flag)
     if flag_value is not None:
-        return Setting(_normalise(name, flag_value), f"accelerate launch {flag}")
-    if ctx.yaml_config.get(yaml_key) is not None and ctx.launch_argv:
-        return Setting(_normalise(name, ctx.yaml_config[yaml_key]), f"accelerate config {ctx.yaml_path}")
-    env_value = ctx.environ.get(env_name)
-    if env_value is None:
+        launcher = _check_value(name, Setting(flag_value, f"accelerate launch {flag}"))
+    elif yaml_key and ctx.yaml_config.get(yaml_key) is not None and ctx.launch_argv:
+        launcher = _check_value(name, Setting(ctx.yaml_config[yaml_key], f"accelerate config {ctx.yaml_path}"))
+    if launcher is not None and ctx.launcher_environ is None:
+        return launcher  # our environment then only holds what the launcher exported from these
+    env = _environment_setting(name, ctx, env_name, default)
+    if launcher is not None and env is not None and launcher.value != env.value:
+        raise UserError(f"{name} is set twice with different values: {env.value!r} from {env.source} and "
+                        f"{launcher.value!r} from {launcher.source}. Remove one of them.")
+    return launcher or env
+
+
+def _environment_setting(name: str, ctx: LaunchContext, env_name: str, default: str) -> Setting | None:
+    if ctx.launcher_environ is not None:
+        # What the user exported before `accelerate launch` (ours holds the launcher's overwrite).
+        value = ctx.launcher_environ.get(env_name)
+        return None if value is None else _check_value(
+            name, Setting(value, f"environment {env_name} (set before accelerate launch)"))
+    value = ctx.environ.get(env_name)
+    if value is None:
         return None
-    # `accelerate launch` always exports its own default ("no"); that is not a user's choice.
-    launched = bool(ctx.launch_argv) or "ACCELERATE_DYNAMO_MODE" in ctx.environ
-    if launched and _normalise(name, env_value) == _normalise(name, default):
+    # `accelerate launch` always exports its own defaults ("no", "default", "False"); that is not a user's choice.
+    if name in _LAUNCHER_EXPORTS and ctx.is_launched() and _normalise(name, value) == _normalise(name, default):
         return None
-    return Setting(_normalise(name, env_value), f"environment {env_name}")
+    return _check_value(name, Setting(value, f"environment {env_name}"))
 
 
 def resolve_accelerate_settings(script: dict[str, Setting], ctx: LaunchContext) -> dict[str, Setting]:
@@ -137,8 +236,7 @@ def resolve_accelerate_settings(script: dict[str, Setting], ctx: LaunchContext) 
     """
     resolved: dict[str, Setting] = {}
     for name, (_, _, _, default) in _ACCELERATE_SOURCES.items():
-        mine = script.get(name, Setting(None, "default"))
-        mine = Setting(_normalise(name, mine.value), mine.source)
+        mine = _check_value(name, script.get(name, Setting(None, "default")))
         theirs = _accelerate_side(name, ctx)
         explicit_mine = mine.value is not None and mine.source != "default"
         if explicit_mine and theirs is not None and theirs.value != mine.value:
@@ -214,17 +312,38 @@ def _dynamo_plugin(s: AcceleratorSettings):
                              fullgraph=s.dynamo_fullgraph, dynamic=s.dynamo_dynamic)
 
 
+# Tracker → the packages accelerate accepts for it (tracking.py's is_*_available checks).
+_TRACKER_PACKAGES: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_trackers_installed(log_with: str | None) -> None:
+    """Stop before anything is created when a chosen tracker is not installed: accelerate only warns and
+    trains with no tracker. ``all`` means tensorboard and wandb, both required, as in sd-scripts."""
+    import importlib.util
+
+    names = list(_TRACKER_PACKAGES) if log_with == "all" else [log_with] if log_with else []
+    for name in names:
+        if not any(importlib.util.find_spec(module) for module in _TRACKER_PACKAGES[name]):
+            also = (" (--log_with all means tensorboard and wandb, as in sd-scripts; choose --log_with "
+                    "tensorboard for tensorboard only)") if log_with == "all" else ""
+            raise UserError(f"--log_with {log_with} needs the {name} package: pip install {name}{also}.")
+
+
+def effective_log_with(log_with: str | None, logging_dir: str | None) -> str | None:
+    """sd-scripts' rule: a --logging_dir alone means tensorboard."""
+    return "tensorboard" if log_with is None and logging_dir is not None else log_with
+
+
 def prepare_accelerator(s: AcceleratorSettings):
     """Build the Accelerator: process group, DDP options, dynamo plugin, trackers' folder."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
-    log_with = s.log_with
-    if log_with is None and s.logging_dir is not None:
-        log_with = "tensorboard"
+    log_with = effective_log_with(s.log_with, s.logging_dir)
     if log_with in ("tensorboard", "all") and s.logging_dir is None:
         raise UserError("Logging with tensorboard needs --logging_dir.")
+    check_trackers_installed(log_with)
     run_dir = logging_run_dir(s.logging_dir, s.log_prefix)
     if log_with in ("wandb", "all"):
         if run_dir:

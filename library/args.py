@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+from library.accelerator import check_trackers_installed, effective_log_with
 from library.errors import UserError
 from library.sample_prompts import SAMPLER_NAMES
 
-# Arguments whose default is "unset": the value may also come from accelerate (launch flags,
-# its config YAML or ACCELERATE_* variables), and a default must never override those.
-ACCELERATE_SETTINGS = ("mixed_precision", "gradient_accumulation_steps", "dynamo_backend")
+# Arguments accelerate may also set (launch flags, its config YAML or ACCELERATE_* variables): the
+# script's default never overrides those (library/accelerator.py resolves them).
+ACCELERATE_SETTINGS = ("mixed_precision", "gradient_accumulation_steps", "dynamo_backend", "dynamo_mode",
+                       "dynamo_fullgraph", "dynamo_dynamic")
 
 # kohya arguments this version parses but does not implement yet. Passing one is an error
 # that says so, rather than a silently ignored setting.
@@ -377,12 +379,13 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         choices=[None, "tensorboard", "wandb", "all"],
-        help="tracker (tensorboard when --logging_dir is given)",
+        help="tracker (tensorboard when --logging_dir is given; all = tensorboard and wandb, both installed)",
     )
     g.add_argument(
         "--logging_dir", type=str, default=None, help="tracker logs go to {logging_dir}/{log_prefix}{timestamp}"
     )
-    g.add_argument("--log_prefix", type=str, default=None, help="prefix of the run folder name")
+    g.add_argument("--log_prefix", type=str, default=None,
+                   help="prefix of the run folder name under --logging_dir (ignored without it)")
     g.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name (default network_train)")
     g.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
     g.add_argument("--wandb_api_key", type=str, default=None, help="never written to logs or configs")
@@ -394,16 +397,19 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ddp_timeout", type=int, default=None, help="process-group timeout in minutes")
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
     g.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
-    g.add_argument("--dynamo_backend", type=str, default=None, help="NO, INDUCTOR, ... (unset: accelerate's)")
+    g.add_argument("--dynamo_backend", type=str, default=None,
+                   help="no, inductor, eager, ... (any accelerate DynamoBackend, any case; unset: accelerate's)")
     g.add_argument(
         "--dynamo_mode",
         type=str,
         default=None,
         choices=[None, "default", "reduce-overhead", "max-autotune"],
-        help="torch.compile mode",
+        help="torch.compile mode (unset: accelerate's --dynamo_mode, else default)",
     )
-    g.add_argument("--dynamo_fullgraph", action="store_true", help="torch.compile fullgraph")
-    g.add_argument("--dynamo_dynamic", action="store_true", help="torch.compile dynamic shapes")
+    g.add_argument("--dynamo_fullgraph", action="store_true",
+                   help="torch.compile fullgraph (also accelerate's --dynamo_use_fullgraph)")
+    g.add_argument("--dynamo_dynamic", action="store_true",
+                   help="torch.compile dynamic shapes (also accelerate's --dynamo_use_dynamic)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,8 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def no_op_notes(values: dict[str, object]) -> list[str]:
     """One log line for each accepted no-op switch that is on (``values``: the arguments by name)."""
-    return [f"--{name}: accepted for sd-scripts compatibility; {what}." for name, what in NO_OP_ARGUMENTS.items()
-            if values.get(name)]
+    notes = [f"--{name}: accepted for sd-scripts compatibility; {what}." for name, what in NO_OP_ARGUMENTS.items()
+             if values.get(name)]
+    if values.get("log_prefix") and not values.get("logging_dir"):
+        notes.append(f"--log_prefix {values['log_prefix']}: ignored without --logging_dir (it only prefixes the "
+                     "tracker run folder there).")
+    return notes
 
 
 def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
@@ -479,3 +489,4 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
         raise UserError("--pretrained_model_name_or_path is required.")
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         raise UserError(f"--log_with {args.log_with} needs --logging_dir (where the tensorboard logs go).")
+    check_trackers_installed(effective_log_with(args.log_with, args.logging_dir))

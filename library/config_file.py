@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import toml
 
 from library.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from library.accelerator import Setting
 
 # Never written by --output_config nor logged: secrets and the config switches themselves.
 SECRET_KEYS = frozenset({"wandb_api_key"})
@@ -29,12 +33,19 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _key_line(text: str, key: str) -> int | None:
-    """The 1-based line where ``key`` is assigned in the TOML text, for error messages."""
-    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    """The 1-based line where ``key`` is assigned in the TOML text, for error messages (also as the last
+    part of a dotted key: ``training.learning_rate = 1e-4``)."""
+    pattern = re.compile(rf"^\s*(?:[\w\"' -]+\.\s*)*[\"']?{re.escape(key)}[\"']?\s*=")
     for number, line in enumerate(text.splitlines(), start=1):
         if pattern.match(line):
             return number
     return None
+
+
+def toml_path(name: str) -> Path:
+    """``--config_file run`` means run.toml, for reading and for --output_config, as in sd-scripts."""
+    path = Path(name)
+    return path if path.suffix.lower() == ".toml" else path.with_name(path.name + ".toml")
 
 
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
@@ -48,10 +59,20 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
         raise UserError(f"{path}: TOML syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
-def _flatten(data: dict[str, Any], path: Path) -> dict[str, tuple[Any, str]]:
+def _flatten(data: dict[str, Any], path: Path, actions: dict[str, argparse.Action]) -> dict[str, tuple[Any, str]]:
     """Flatten one level of tables; returns key → (value, table name) and rejects duplicates."""
     flat: dict[str, tuple[Any, str]] = {}
     for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            if key in ("datasets", "subsets"):
+                raise UserError(f"{path}: [[{key}]] belongs in a dataset TOML; pass that file with "
+                                f"--dataset_config, not --config_file.")
+            raise UserError(f"{path}: [[{key}]] (an array of tables) is not an argument; use [section] tables "
+                            "holding argument = value lines.")
+        if isinstance(value, dict) and key in actions:
+            # `seed = {a = 1}` (or a [seed] table): the argument takes a value, not a table.
+            raise UserError(f"{path}: '{key}' = {value!r} has the wrong type; --{key} takes a single value, "
+                            "not a table.")
         items = value.items() if isinstance(value, dict) else [(key, value)]
         table = key if isinstance(value, dict) else ""
         for sub_key, sub_value in items:
@@ -110,20 +131,30 @@ def load_config_file(parser: argparse.ArgumentParser, path: Path) -> dict[str, A
     data, text = read_toml(path)
     actions = _actions(parser)
     values: dict[str, Any] = {}
-    for key, (value, table) in _flatten(data, path).items():
+    for key, (value, table) in _flatten(data, path, actions).items():
         line = _key_line(text, key)
         where = f"{path}" + (f", line {line}" if line else "") + (f", table [{table}]" if table else "")
-        if key not in actions or key in ("config_file", "output_config"):
+        if key in ("config_file", "output_config"):
+            raise UserError(f"{where}: '{key}' cannot be set inside the config file (it is a command-line "
+                            "switch); remove that line.")
+        if key not in actions:
             raise UserError(f"{where}: unknown argument '{key}'{did_you_mean(key, actions)}.")
         values[key] = _convert(actions[key], key, value, where)
     return values
 
 
 def _explicit_cli_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Names of the arguments given on the command line (by re-parsing with no defaults)."""
-    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    """Names of the arguments given on the command line (by re-parsing with no defaults).
+
+    The probe holds the same option strings as the real parser and abbreviations on, so argparse
+    resolves ``--mixed_prec bf16`` to the same argument in both (sd-scripts accepts abbreviations).
+    """
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev)
     for action in parser._actions:
-        if action.dest == "help" or not action.option_strings:
+        if not action.option_strings:
+            continue
+        if action.dest == "help":  # kept so that abbreviations are ambiguous exactly where they are in parser
+            probe.add_argument(*action.option_strings, dest="help", action="store_true", default=argparse.SUPPRESS)
             continue
         kwargs: dict[str, Any] = {"dest": action.dest, "default": argparse.SUPPRESS}
         if isinstance(action, argparse._StoreTrueAction):
@@ -148,7 +179,10 @@ def parse_args_with_sources(
     sources = {dest: SOURCE_DEFAULT for dest in _actions(parser)}
     toml_values: dict[str, Any] = {}
     if first.config_file and not first.output_config:
-        path = Path(first.config_file)
+        path = toml_path(first.config_file)
+        if path.name != Path(first.config_file).name and not path.is_file():
+            raise UserError(f"Config file not found: {path} (--config_file {first.config_file}: .toml is added "
+                            "as in sd-scripts).")
         toml_values = load_config_file(parser, path)
         parser.set_defaults(**toml_values)
         sources.update({k: f"config file {path.name}" for k in toml_values})
@@ -162,7 +196,7 @@ def write_output_config(parser: argparse.ArgumentParser, args: argparse.Namespac
     """Write the non-default arguments to --config_file as TOML, never overwriting a file."""
     if not args.config_file:
         raise UserError("--output_config needs --config_file: the path of the TOML to write.")
-    path = Path(args.config_file)
+    path = toml_path(args.config_file)
     if path.exists():
         raise UserError(f"--output_config refuses to overwrite {path}; choose a new --config_file path.")
     values = {}
@@ -176,15 +210,44 @@ def write_output_config(parser: argparse.ArgumentParser, args: argparse.Namespac
     return path
 
 
-def loggable_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Arguments safe to send to trackers: no secrets, no absolute paths, plain scalar types."""
+# Free text, logged as written even when it looks like a path ("/home/alice/notes" in a comment is text).
+_FREE_TEXT_KEYS = frozenset({"training_comment", "caption_prefix", "caption_suffix", "caption_separator",
+                             "keep_tokens_separator", "log_prefix", "log_tracker_name", "wandb_run_name"})
+_WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
+
+
+def _private_path(text: str) -> bool:
+    """An absolute or home-relative path: it names the user's folders, so only its last part is logged."""
+    return text.startswith(("/", "~")) or bool(_WINDOWS_ABSOLUTE.match(text))
+
+
+def _path_safe(text: str) -> str:
+    if _private_path(text):
+        return re.split(r"[\\/]", text.rstrip("/\\"))[-1] or text[:1]
+    key, sep, value = text.partition("=")  # network_args / optimizer_args: lycoris_config=/home/x/y.toml
+    if sep and _private_path(value):
+        return f"{key}={_path_safe(value)}"
+    return text
+
+
+def loggable_config(args: argparse.Namespace, accelerate: Mapping[str, Setting] | None = None) -> dict[str, Any]:
+    """Arguments safe to send to trackers: no secrets, no absolute paths, plain scalar types.
+
+    ``accelerate``: the effective accelerate settings (accelerator.resolve_accelerate_settings); their values
+    replace the script's (often unset) arguments, so the log shows what the run used.
+    """
     out: dict[str, Any] = {}
     for key, value in vars(args).items():
         if key in SECRET_KEYS or value is None:
             continue
-        if isinstance(value, str) and Path(value).is_absolute():
-            value = Path(value).name
+        if key not in _FREE_TEXT_KEYS:
+            if isinstance(value, str):
+                value = _path_safe(value)
+            elif isinstance(value, list):
+                value = [_path_safe(v) if isinstance(v, str) else v for v in value]
         if isinstance(value, list):
             value = " ".join(str(v) for v in value)
         out[key] = value
+    for key, setting in (accelerate or {}).items():
+        out[key] = setting.value
     return out

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from library.accelerator import AcceleratorSettings, LaunchContext, Setting, resolve_accelerate_settings
+from library.args import ACCELERATE_SETTINGS
 from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
 from library.families import some_parameters_may_go_unused
@@ -32,12 +33,8 @@ def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
     dynamo_source = sources["dynamo_backend"]
     if args.torch_compile and dynamo is None:
         dynamo, dynamo_source = "inductor", sources["torch_compile"]
-    script = {
-        "mixed_precision": Setting(args.mixed_precision, sources["mixed_precision"]),
-        "gradient_accumulation_steps": Setting(args.gradient_accumulation_steps,
-                                               sources["gradient_accumulation_steps"]),
-        "dynamo_backend": Setting(dynamo, dynamo_source),
-    }
+    script = {name: Setting(getattr(args, name), sources[name]) for name in ACCELERATE_SETTINGS}
+    script["dynamo_backend"] = Setting(dynamo, dynamo_source)
     resolved = resolve_accelerate_settings(script, ctx or LaunchContext.detect())
     settings = AcceleratorSettings(
         mixed_precision=resolved["mixed_precision"].value,
@@ -52,9 +49,9 @@ def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
         ddp_find_unused_parameters=some_parameters_may_go_unused(
             _model_type_or_sd(args), not args.network_train_unet_only, args.clip_skip, args.network_args or []),
         dynamo_backend=resolved["dynamo_backend"].value,
-        dynamo_mode=args.dynamo_mode,
-        dynamo_fullgraph=args.dynamo_fullgraph,
-        dynamo_dynamic=args.dynamo_dynamic,
+        dynamo_mode=resolved["dynamo_mode"].value,
+        dynamo_fullgraph=resolved["dynamo_fullgraph"].value,
+        dynamo_dynamic=resolved["dynamo_dynamic"].value,
     )
     return settings, resolved
 

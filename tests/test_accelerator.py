@@ -135,3 +135,129 @@ def test_ddp_looks_for_unused_parameters_only_where_a_step_can_leave_some():
     assert not unused("sd", True, None, [])  # every LoRA reaches the loss: DDP keeps its cheaper default
     assert not unused("sdxl", False, None, [])  # --network_train_unet_only
     assert not unused("llm", True, None, ["dropout=0.1"])
+
+
+def _dynamo_script(**values):
+    names = ("mixed_precision", "gradient_accumulation_steps", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph",
+             "dynamo_dynamic")
+    return {n: values.get(n, Setting(False if n in ("dynamo_fullgraph", "dynamo_dynamic") else None, "default"))
+            for n in names}
+
+
+def test_accelerate_dynamo_mode_and_switches_are_sources_not_replaced_by_script_defaults():
+    launch = ["accelerate", "launch", "--dynamo_backend", "inductor", "--dynamo_mode", "max-autotune",
+              "--dynamo_use_fullgraph", "train_network.py"]
+    env = {**LAUNCHED, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_MODE": "max-autotune",
+           "ACCELERATE_DYNAMO_USE_FULLGRAPH": "True", "ACCELERATE_DYNAMO_USE_DYNAMIC": "False"}
+    out = resolve_accelerate_settings(_dynamo_script(), LaunchContext(environ=env, launch_argv=launch))
+    assert out["dynamo_mode"] == Setting("max-autotune", "accelerate launch --dynamo_mode")
+    assert out["dynamo_fullgraph"] == Setting(True, "accelerate launch --dynamo_use_fullgraph")
+    assert out["dynamo_dynamic"] == Setting(False, "default")
+    # accelerate config's dynamo_config block
+    yaml_ctx = LaunchContext(environ=env, launch_argv=["accelerate", "launch", "x.py"], yaml_path="/c.yaml",
+                             yaml_config={"dynamo_backend": "INDUCTOR", "dynamo_mode": "reduce-overhead",
+                                          "dynamo_use_dynamic": True})
+    out = resolve_accelerate_settings(_dynamo_script(), yaml_ctx)
+    assert out["dynamo_mode"] == Setting("reduce-overhead", "accelerate config /c.yaml")
+    assert out["dynamo_dynamic"] == Setting(True, "accelerate config /c.yaml")
+    # a plain ACCELERATE_* variable, and the script's own explicit value that disagrees
+    out = resolve_accelerate_settings(_dynamo_script(), LaunchContext(
+        environ={"ACCELERATE_DYNAMO_USE_DYNAMIC": "true"}, launched=False))
+    assert out["dynamo_dynamic"] == Setting(True, "environment ACCELERATE_DYNAMO_USE_DYNAMIC")
+    with pytest.raises(UserError, match="dynamo_mode.*default.*command line.*max-autotune.*--dynamo_mode"):
+        resolve_accelerate_settings(_dynamo_script(dynamo_mode=Setting("default", "command line")),
+                                    LaunchContext(environ=env, launch_argv=launch))
+
+
+def test_yaml_dynamo_config_keys_are_read_with_accelerates_prefix(tmp_path):
+    from library.accelerator import _read_accelerate_yaml
+
+    cfg = tmp_path / "default_config.yaml"
+    cfg.write_text("mixed_precision: bf16\ndynamo_config:\n  dynamo_backend: INDUCTOR\n  dynamo_mode: max-autotune\n"
+                   "  dynamo_use_fullgraph: true\n")
+    assert _read_accelerate_yaml(cfg) == {"mixed_precision": "bf16", "dynamo_backend": "INDUCTOR",
+                                          "dynamo_mode": "max-autotune", "dynamo_use_fullgraph": True}
+
+
+def test_dynamo_plugin_gets_the_resolved_accelerate_values():
+    import argparse
+
+    from library.args import build_parser
+    from library.train_setup import accelerator_settings
+
+    args = build_parser().parse_args(["--dynamo_backend", "INDUCTOR"])
+    sources = {k: "default" for k in vars(args)} | {"dynamo_backend": "command line"}
+    ctx = LaunchContext(environ={}, launched=False)
+    env = {"ACCELERATE_DYNAMO_MODE": "max-autotune", "ACCELERATE_DYNAMO_USE_FULLGRAPH": "1"}
+    settings, resolved = accelerator_settings(argparse.Namespace(**vars(args)), sources,
+                                              LaunchContext(environ=env, launched=False))
+    plugin = _dynamo_plugin(settings)
+    assert plugin.mode == "max-autotune" and plugin.fullgraph is True and plugin.dynamic is False
+    assert resolved["dynamo_backend"] == Setting("inductor", "command line")
+    assert "dynamo_mode" in settings_table(resolved)
+    assert accelerator_settings(args, sources, ctx)[0].dynamo_mode == "default"
+
+
+@pytest.mark.parametrize("where", ["script", "environment"])
+def test_unknown_dynamo_backend_is_a_user_error_listing_the_names(where):
+    script = _dynamo_script(dynamo_backend=Setting("bogus", "command line")) if where == "script" else _dynamo_script()
+    env = {"ACCELERATE_DYNAMO_BACKEND": "bogus"} if where == "environment" else {}
+    with pytest.raises(UserError, match="dynamo_backend 'bogus'.*not one of: no, eager, aot_eager, inductor"):
+        resolve_accelerate_settings(script, LaunchContext(environ=env, launched=False))
+    ok = resolve_accelerate_settings(_dynamo_script(dynamo_backend=Setting("AOT_Eager", "command line")),
+                                     LaunchContext(environ={}, launched=False))
+    assert ok["dynamo_backend"].value == "aot_eager"
+
+
+def test_missing_tracker_package_stops_before_anything_is_created(tmp_path, monkeypatch):
+    import importlib.util
+
+    from library.accelerator import prepare_accelerator
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    for log_with in ("wandb", "all"):
+        with pytest.raises(UserError, match=f"--log_with {log_with} needs the wandb package: pip install wandb"):
+            prepare_accelerator(AcceleratorSettings(log_with=log_with, logging_dir=str(tmp_path / "logs"),
+                                                    wandb_api_key="k", cpu=True))
+    assert not (tmp_path / "logs").exists()
+
+
+def test_variable_exported_before_accelerate_launch_counts():
+    # `accelerate launch` overwrote ACCELERATE_MIXED_PRECISION with its default; the launcher's own environment
+    # still holds the user's bf16.
+    ctx = LaunchContext(environ=dict(LAUNCHED), launch_argv=["accelerate", "launch", "x.py"], launched=True,
+                        launcher_environ={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    out = resolve_accelerate_settings(_script(), ctx)
+    assert out["mixed_precision"] == Setting(
+        "bf16", "environment ACCELERATE_MIXED_PRECISION (set before accelerate launch)")
+    yaml_no = LaunchContext(environ=dict(LAUNCHED), launch_argv=["accelerate", "launch", "x.py"], launched=True,
+                            launcher_environ={"ACCELERATE_MIXED_PRECISION": "bf16"}, yaml_path="/c.yaml",
+                            yaml_config={"mixed_precision": "no"})
+    with pytest.raises(UserError, match="'bf16' from environment.*'no' from accelerate config /c.yaml"):
+        resolve_accelerate_settings(_script(), yaml_no)
+
+
+def test_accumulation_variable_of_one_is_explicit_under_plain_python():
+    # Only DeepSpeed launches export ACCELERATE_GRADIENT_ACCUMULATION_STEPS, and only when asked: never a default.
+    env = {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_DYNAMO_MODE": "default"}
+    with pytest.raises(UserError, match="gradient_accumulation_steps"):
+        resolve_accelerate_settings({**_script(), "gradient_accumulation_steps": Setting(4, "config file t.toml")},
+                                    LaunchContext(environ=env, launched=False))
+    out = resolve_accelerate_settings(_script(), LaunchContext(environ=env))  # launch not known: still explicit
+    assert out["gradient_accumulation_steps"].source == "environment ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+
+
+def test_default_accelerate_yaml_follows_accelerates_own_lookup(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "xdg" / "huggingface" / "accelerate" / "default_config.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("mixed_precision: bf16\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "ACCELERATE_CONFIG_DIR")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    code = "from library.accelerator import _default_accelerate_yaml as f; print(f())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(cfg)

@@ -229,3 +229,74 @@ def test_text_encoder_lr_takes_one_value_or_one_per_encoder(tmp_path):
     args, _ = _parse([*base, "--config_file", str(cfg)])
     check_combinations(args, build_parser().parse_args([]))
     assert args.text_encoder_lr == [1e-5, 2e-5]
+
+
+def test_abbreviated_flag_is_a_command_line_source_and_wins_over_accelerate():
+    from library.accelerator import LaunchContext
+    from library.train_setup import accelerator_settings
+
+    args, sources = _parse(["--mixed_prec", "bf16", "--gradient_acc", "2"])
+    assert args.mixed_precision == "bf16" and sources["mixed_precision"] == "command line"
+    assert sources["gradient_accumulation_steps"] == "command line"
+    with pytest.raises(UserError, match="'bf16' from the script's command line.*'fp16' from environment"):
+        accelerator_settings(args, sources, LaunchContext(environ={"ACCELERATE_MIXED_PRECISION": "fp16"},
+                                                          launched=False))
+
+
+def test_config_file_name_without_suffix_means_toml(tmp_path):
+    parser = build_parser()
+    args, _ = parse_args_with_sources(parser, ["--config_file", str(tmp_path / "run"), "--output_config",
+                                               "--network_dim", "16"])
+    assert write_output_config(parser, args) == tmp_path / "run.toml"
+    again, sources = _parse(["--config_file", str(tmp_path / "run")])
+    assert again.network_dim == 16 and sources["network_dim"] == "config file run.toml"
+    with pytest.raises(UserError, match=r"not found: .*other\.toml \(--config_file .*other: \.toml is added"):
+        _parse(["--config_file", str(tmp_path / "other")])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('config_file = "x.toml"\n', r"line 1: 'config_file' cannot be set inside the config file"),
+    ("seed = {a = 1}\n", r"'seed' = \{'a': 1\} has the wrong type; --seed takes a single value"),
+    ("[[datasets]]\nresolution = 512\n", r"\[\[datasets\]\] belongs in a dataset TOML; pass that file with "
+                                         r"--dataset_config"),
+    ("max_train_steps = 3\ntraining.learning_rat = 1e-4\n", r"line 2, table \[training\]: unknown argument"),
+])
+def test_toml_mistakes_get_clear_messages(tmp_path, text, expected):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(text)
+    with pytest.raises(UserError, match=expected):
+        _parse(["--config_file", str(cfg)])
+
+
+def test_loggable_config_hides_paths_in_lists_and_home_but_keeps_free_text_and_adds_accelerate_values():
+    from library.accelerator import Setting
+
+    args, _ = _parse(["--network_args", "conv_dim=4", "lycoris_config=/home/x/y.toml",
+                      "--optimizer_args", "weight_decay=0.01", "--output_dir", "~/loras/out",
+                      "--vae", r"C:\Users\alice\vae.safetensors", "--training_comment", "/home/alice/notes"])
+    logged = loggable_config(args, {"mixed_precision": Setting("bf16", "accelerate launch --mixed_precision"),
+                                    "gradient_accumulation_steps": Setting(4, "environment X")})
+    assert logged["network_args"] == "conv_dim=4 lycoris_config=y.toml"
+    assert logged["optimizer_args"] == "weight_decay=0.01"
+    assert logged["output_dir"] == "out" and logged["vae"] == "vae.safetensors"
+    assert logged["training_comment"] == "/home/alice/notes"
+    assert logged["mixed_precision"] == "bf16" and logged["gradient_accumulation_steps"] == 4
+    assert "/home" not in str({k: v for k, v in logged.items() if k != "training_comment"})
+
+
+def test_log_prefix_without_logging_dir_is_named_in_the_log():
+    from library.args import no_op_notes
+
+    assert any("--log_prefix run_: ignored without --logging_dir" in n
+               for n in no_op_notes({"log_prefix": "run_", "logging_dir": None}))
+    assert no_op_notes({"log_prefix": "run_", "logging_dir": "logs"}) == []
+
+
+def test_check_combinations_refuses_a_tracker_that_is_not_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    args, _ = _parse(["--log_with", "wandb", "--output_dir", "o", "--pretrained_model_name_or_path", "m"])
+    with pytest.raises(UserError, match="--log_with wandb needs the wandb package: pip install wandb"):
+        check_combinations(args, build_parser().parse_args([]))
