@@ -33,8 +33,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from library.data import text_config  # noqa: E402
-from library.data.captions import caption_path  # noqa: E402
-from library.data.images import IMAGE_EXTENSIONS, ImageCaptionDataset, list_images  # noqa: E402
+from library.data.captions import caption_path, other_caption_extensions  # noqa: E402
+from library.data.images import ImageCaptionDataset, list_images  # noqa: E402
 from library.data.sampler import steps_per_epoch  # noqa: E402
 from library.dataset_config import (  # noqa: E402
     ANY_LEVEL_KEYS,
@@ -122,11 +122,7 @@ def survey_subset(subset: SubsetConfig) -> list[str]:
     missing = [p for p in images if not caption_path(p, ext).is_file()]
     lines.append(f"    captions ({ext}): {len(images) - len(missing)} found, {len(missing)} missing")
     if missing:
-        stems = {p.stem for p in missing}
-        others = Counter(
-            p.suffix for p in subset.image_dir.iterdir()
-            if p.stem in stems and p.suffix and p.suffix.lower() not in IMAGE_EXTENSIONS and p.suffix != ext
-        )  # fmt: skip
+        others = other_caption_extensions(missing, ext)  # what training's warning and error name
         if others:
             lines.append("    other caption extensions next to them: "
                          + ", ".join(f"{s} ({n})" for s, n in others.most_common()))  # fmt: skip
