@@ -451,6 +451,26 @@ def no_op_notes(values: dict[str, object]) -> list[str]:
     return notes
 
 
+# name → (smallest allowed value, what it means): caught here, before a model loads, instead of an error from
+# deep inside the sampler or the optimizer after it.
+_AT_LEAST: dict[str, tuple[float, str]] = {
+    "train_batch_size": (1, "images per process and step"), "gradient_accumulation_steps": (1, "micro-batches"),
+    "max_train_steps": (1, "optimizer steps"), "max_train_epochs": (1, "epochs"), "network_dim": (1, "the rank"),
+    "learning_rate": (0, "a learning rate"), "unet_lr": (0, "a learning rate"), "network_alpha": (0, "alpha"),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Numbers outside their meaningful range stop the run before anything loads."""
+    for name, (low, what) in _AT_LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UserError(f"--{name} {value}: {what} must be at least {low:g}.")
+    lrs = args.text_encoder_lr if isinstance(args.text_encoder_lr, list) else [args.text_encoder_lr]
+    if any(lr is not None and lr < 0 for lr in lrs):
+        raise UserError(f"--text_encoder_lr {args.text_encoder_lr}: a learning rate must be at least 0.")
+
+
 def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
     """Reject arguments that are not implemented yet or that contradict each other (and normalise a few)."""
     if isinstance(args.text_encoder_lr, list):  # nargs="*", as sd-scripts: one value is a plain number
@@ -465,6 +485,10 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
         raise UserError("--load_in_4bit and --load_in_8bit exclude each other; choose one.")
     if args.full_bf16 and args.full_fp16:
         raise UserError("--full_bf16 and --full_fp16 exclude each other.")
+    if args.full_bf16 and args.mixed_precision in ("no", "fp16"):  # sd-scripts refuses it too
+        raise UserError(f"--full_bf16 keeps the LoRA in bf16, which needs --mixed_precision bf16 (it is "
+                        f"{args.mixed_precision}).")
+    check_ranges(args)
     if args.lr_scheduler_args and not args.lr_scheduler_type:
         raise UserError("--lr_scheduler_args are the arguments of --lr_scheduler_type, which is not given (the "
                         "named --lr_scheduler schedules take --lr_scheduler_num_cycles / --lr_scheduler_power).")

@@ -277,13 +277,30 @@ def describe_run(lines: dict[str, Any]) -> str:
 # --- the pieces the loop runs on, built from the arguments ---------------------------------------
 
 
+def checked_model_type(forced: str, model_path: str, allow_pickle: bool) -> str:
+    """``forced`` (--model_type, or sdxl_train_network.py's), refused when the model's own files say otherwise:
+    the wrong family fails much later, deep inside a forward, with a message that does not say why."""
+    from library.families import detect_model_type
+
+    try:
+        detected = detect_model_type(model_path, allow_pickle=allow_pickle)
+    except UserError:
+        return forced  # undecided or unreadable: the family's loader reports it in its own terms
+    if detected != forced:
+        names = {"sd": "an SD 1.x/2.x model", "sdxl": "an SDXL model", "llm": "a causal language model"}
+        how = " (sdxl_train_network.py sets it; use train_network.py)" if forced == "sdxl" else ""
+        raise UserError(f"--model_type {forced}{how}, but {model_path} is {names.get(detected, detected)}: "
+                        f"leave --model_type out (it is detected from the model) or give {names.get(forced, forced)}.")
+    return forced
+
+
 def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precision: str, seed: int):
     """Load the model family; its network defaults (LLMs: dim 16, alpha 16) replace argparse defaults only."""
     from library.config_file import SOURCE_DEFAULT
     from library.families import check_dataset_config, detect_model_type, load_family
 
     model_path = args.pretrained_model_name_or_path
-    model_type = (args.model_type if args.model_type != "auto"
+    model_type = (checked_model_type(args.model_type, model_path, args.allow_pickle) if args.model_type != "auto"
                   else detect_model_type(model_path, allow_pickle=args.allow_pickle))
     if args.dataset_config:
         check_dataset_config(model_type, args.dataset_config, dataset_defaults(args))

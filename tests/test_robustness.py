@@ -402,6 +402,20 @@ def test_states_saved_with_fewer_dataset_fields_still_resume():
     with pytest.raises(UserError, match="datasets"):  # a field both know still counts
         check_resume_compatible(old, changed, False, "s")
 
+
+def test_a_forced_model_type_that_the_model_contradicts_is_refused_before_loading(tmp_path, tiny_sd_dir,
+                                                                                  tiny_images, capsys):
+    import sdxl_train_network
+
+    data, out = _data(tmp_path, tiny_images), tmp_path / "out"
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--model_type", "llm")) == 2
+    assert f"--model_type llm, but {tiny_sd_dir} is an SD 1.x/2.x model" in capsys.readouterr().err
+    assert sdxl_train_network.main(_args(tiny_sd_dir, data, out)) == 2
+    err = capsys.readouterr().err
+    assert "--model_type sdxl (sdxl_train_network.py sets it; use train_network.py)" in err
+    assert "leave --model_type out" in err and not out.exists()
+    assert train_network.main(_args(tiny_sd_dir, data, out, "--model_type", "sd", "--max_train_steps", "1")) == 0
+
 def test_a_dataset_toml_typo_is_reported_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys,
                                                                  monkeypatch):
     import library.families
@@ -438,3 +452,57 @@ def test_fp16_loss_scaler_overflows_skip_steps_instead_of_stopping(tmp_path, tin
     assert scalers[0].get_scale() < 2.0**40  # it backed off instead of the run stopping
     weights = load_file(str(out / "lora.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_resume_to_a_missing_path_or_a_file_says_so(tmp_path):
+    from library.checkpoint import find_resume_state
+
+    with pytest.raises(UserError, match="nope does not exist; give a state folder"):
+        find_resume_state(str(tmp_path / "nope"), tmp_path)
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"x")
+    with pytest.raises(UserError, match="is a file; give the run's state folder .* --network_weights"):
+        find_resume_state(str(lora), tmp_path)
+    with pytest.raises(UserError, match="not a complete training state folder"):
+        find_resume_state(str(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_the_model_loads_stops_cleanly(tmp_path, tiny_sd_dir, tiny_images, sig, code):
+    """Before the loop's own handler is installed, SIGTERM killed the process where it stood (leaving the empty
+    --output_dir it had made) and Ctrl-C printed a KeyboardInterrupt traceback."""
+    out = tmp_path / "out"
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"),
+                                 *_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "5")],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_for(proc, log, "Effective accelerate settings")  # printed before the model loads
+            proc.send_signal(sig)
+            assert proc.wait(timeout=120) == code, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert f"Stopped by {signal.Signals(sig).name}" in text and "Traceback" not in text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--train_batch_size", "0"], "--train_batch_size 0: images per process and step must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: micro-batches must be at least 1"),
+    (["--network_dim", "0"], "--network_dim 0: the rank must be at least 1"),
+    (["--learning_rate", "-1"], "--learning_rate -1.0: a learning rate must be at least 0"),
+    (["--text_encoder_lr", "0.0001", "-0.0001"], "--text_encoder_lr [0.0001, -0.0001]: a learning rate"),
+    (["--max_train_steps", "0"], "--max_train_steps 0: optimizer steps must be at least 1"),
+    (["--full_bf16", "--mixed_precision", "no"], "--full_bf16 keeps the LoRA in bf16, which needs"),
+])
+def test_numbers_out_of_range_stop_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys, monkeypatch,
+                                                          extra, message):
+    import library.families
+
+    monkeypatch.setattr(library.families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    assert train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, *extra)) == 2
+    assert message in capsys.readouterr().err and not out.exists()
