@@ -275,7 +275,7 @@ def test_sigkill_at_any_moment_leaves_a_resumable_run(tmp_path, tiny_sd_dir, tin
 def test_a_config_with_zero_steps_is_an_error(tmp_path, tiny_sd_dir, tiny_images, capsys):
     code = train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), tmp_path / "out" / "sub",
                                     "--max_train_steps", "0"))
-    assert code == 2 and "zero steps" in capsys.readouterr().err
+    assert code == 2 and "--max_train_steps 0: optimizer steps must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # the folders the failed run created are gone again
 
 
