@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from library import train_setup as setup
 from library.accelerator import prepare_accelerator, settings_table
-from library.args import build_parser, check_combinations, no_op_notes
+from library.arg_checks import check_combinations, no_op_notes
+from library.args import build_parser
 from library.checkpoint import (
     SAMPLE_FOLDER,
     SavePlan,
@@ -38,6 +39,7 @@ from library.errors import UserError
 from library.fp8 import store_in_fp8
 from library.loss_curve import read_loss_curve, write_loss_curve
 from library.optim import create_optimizer, create_scheduler
+from library.regional_compile import compile_blocks
 from library.resume_check import dataset_settings, training_fingerprint
 from library.run_saver import RunSaver
 from library.sampling import PromptSource, SampleSchedule, TrainingSamples
@@ -95,7 +97,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     lr_scheduler = create_scheduler(optimizer, args.lr_scheduler, plan.max_train_steps, args.lr_warmup_steps,
                                     args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_type,
                                     args.lr_scheduler_args)
-    compiled, recompile_limit = setup.compile_blocks(family.network_inputs()[2], accelerator)
+    compiled, recompile_limit = compile_blocks(family.network_inputs()[2], accelerator)
     if compiled:
         log(f"torch.compile: {compiled} repeated blocks compiled one by one (regional compilation), "
             f"up to {recompile_limit} graphs per block class")

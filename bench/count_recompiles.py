@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-from library.train_setup import compile_regions, recompile_budget  # noqa: E402
+from library.regional_compile import compile_regions, recompile_budget  # noqa: E402
 from networks import lora  # noqa: E402
 
 

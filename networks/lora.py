@@ -31,7 +31,9 @@ from networks.targets import (
     TargetSpec,
     find_targets,
     format_keys,
+    input_embedding_weight,
     ranks_from_weights,
+    shape_mismatch,
     text_encoder_specs,
 )
 
@@ -225,7 +227,7 @@ class LoRANetwork(nn.Module):
         include_conv = self._modules_dim is not None or bool(self.conv_lora_dim) or \
             getattr(self._block_ranks, "include_conv", self._block_ranks is not None)
         loras = []
-        shared = _input_embedding_weight(root)
+        shared = input_embedding_weight(root)
         for target in find_targets(root, spec, include_conv):
             rank = self._rank_for(target)
             if rank is None:
@@ -360,17 +362,8 @@ class LoRANetwork(nn.Module):
                    " LoRA modules, so a file that has them cannot load: raise those weights above the threshold."
                    if block_lr and unexpected else "")
             )
-        own = self.state_dict()
-        wrong = [k for k, v in weights_sd.items() if tuple(v.shape) != tuple(own[k].shape)]
-        if wrong:  # one line with the fix, not torch's list of every size mismatch
-            ranks = sorted({int(weights_sd[k].shape[0]) for k in wrong if k.endswith(".lora_down.weight")})
-            mine = sorted({int(own[k].shape[0]) for k in wrong if k.endswith(".lora_down.weight")})
-            rank_note = (f" The file has rank {', '.join(map(str, ranks))} where this network has "
-                         f"{', '.join(map(str, mine))}: pass --dim_from_weights (or the file's --network_dim / "
-                         "conv_dim)." if ranks else "")
-            raise UserError(f"{file} does not match this network: {len(wrong)} tensors have other shapes, e.g. "
-                            f"{wrong[0]} {tuple(weights_sd[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}."
-                            + rank_note)
+        if wrong := shape_mismatch(weights_sd, self.state_dict()):  # one line with the fix, not torch's list
+            raise UserError(f"{file} does not match this network: {wrong}")
         try:
             return self.load_state_dict(weights_sd, strict=True)
         except RuntimeError as e:
@@ -415,16 +408,6 @@ class LoRANetwork(nn.Module):
             lora.merge_weights(down, up, alpha, device)
             merged += 1
         logger.info("merged %d LoRA modules into the model weights", merged)
-
-
-def _input_embedding_weight(root: nn.Module) -> torch.Tensor | None:
-    """The input embedding matrix of a transformers model (None for anything else)."""
-    get = getattr(root, "get_input_embeddings", None)
-    try:
-        embedding = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-    return getattr(embedding, "weight", None)
 
 
 def _as_list(text_encoder: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:

@@ -199,3 +199,27 @@ def ranks_from_weights(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str
             "(LyCORIS/LoHa/DoRA files need their own --network_module)"
         )
     return dims, alphas
+
+
+def shape_mismatch(loaded: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """What differs in shape between a loaded kohya state dict and a network's (same keys), with the fix."""
+    wrong = [k for k, v in loaded.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if not wrong:
+        return None
+    ranks = sorted({int(loaded[k].shape[0]) for k in wrong if k.endswith(".lora_down.weight")})
+    mine = sorted({int(own[k].shape[0]) for k in wrong if k.endswith(".lora_down.weight")})
+    rank_note = (f" The file has rank {', '.join(map(str, ranks))} where this network has "
+                 f"{', '.join(map(str, mine))}: pass --dim_from_weights (or the file's --network_dim / conv_dim)."
+                 if ranks else "")
+    return (f"{len(wrong)} tensors have other shapes, e.g. {wrong[0]} {tuple(loaded[wrong[0]].shape)} vs "
+            f"{tuple(own[wrong[0]].shape)}." + rank_note)
+
+
+def input_embedding_weight(root: nn.Module) -> torch.Tensor | None:
+    """The input embedding matrix of a transformers model (None for anything else)."""
+    get = getattr(root, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return getattr(embedding, "weight", None)

@@ -16,8 +16,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from torch._dynamo.utils import counters
 
+from library.regional_compile import compile_regions, recompile_budget
 from library.tiny_models import tiny_unet
-from library.train_setup import compile_regions, recompile_budget
 from networks import lora
 
 SHAPES = [(2, 8, 8), (2, 8, 12), (1, 8, 8), (1, 12, 16)]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import toml
 
-from library.args import build_parser, check_combinations
+from library.arg_checks import check_combinations
+from library.args import build_parser
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
 from library.errors import UserError
 
@@ -139,7 +140,7 @@ def test_toml_accepts_the_sd_scripts_arguments_added_later(tmp_path):
 
 
 def test_accepted_no_op_switches_are_named_in_the_log():
-    from library.args import no_op_notes
+    from library.arg_checks import no_op_notes
 
     args, _ = _parse(["--mem_eff_attn", "--lowram", "--highvram", "--xformers"])
     notes = no_op_notes(vars(args))
@@ -285,7 +286,7 @@ def test_loggable_config_hides_paths_in_lists_and_home_but_keeps_free_text_and_a
 
 
 def test_log_prefix_without_logging_dir_is_named_in_the_log():
-    from library.args import no_op_notes
+    from library.arg_checks import no_op_notes
 
     assert any("--log_prefix run_: ignored without --logging_dir" in n
                for n in no_op_notes({"log_prefix": "run_", "logging_dir": None}))
