@@ -43,6 +43,15 @@ def check_ranges(args: argparse.Namespace) -> None:
         raise UserError(f"--text_encoder_lr {args.text_encoder_lr}: a learning rate must be at least 0.")
 
 
+def check_data_sources(args: argparse.Namespace) -> None:
+    """--dataset_config / --train_data_dir / --in_json together (tools/check_dataset.py applies the same rules)."""
+    if args.dataset_config and args.train_data_dir:
+        raise UserError("Give either --dataset_config or --train_data_dir, not both.")
+    if args.in_json and not args.train_data_dir:
+        raise UserError("--in_json needs --train_data_dir (the folder its image names refer to); with a dataset "
+                        "TOML, set metadata_file in the subset instead.")
+
+
 def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
     """Reject arguments that are not implemented yet or that contradict each other (and normalise a few)."""
     if isinstance(args.text_encoder_lr, list):  # nargs="*", as sd-scripts: one value is a plain number
@@ -74,11 +83,7 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected a positive number (leave it out for none).")
-    if args.dataset_config and args.train_data_dir:
-        raise UserError("Give either --dataset_config or --train_data_dir, not both.")
-    if args.in_json and not args.train_data_dir:
-        raise UserError("--in_json needs --train_data_dir (the folder its image names refer to); with a dataset "
-                        "TOML, set metadata_file in the subset instead.")
+    check_data_sources(args)
     if args.output_dir is None and not args.output_config:
         raise UserError("--output_dir is required: the folder where LoRA files are written.")
     if args.pretrained_model_name_or_path is None and not args.output_config:

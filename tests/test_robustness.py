@@ -43,24 +43,28 @@ def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 120
     raise AssertionError(f"timed out waiting for {text!r}")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_state_and_resume_continues(tmp_path, tiny_sd_dir, tiny_images, sig, code):
-    out = tmp_path / "out"
-    data = _data(tmp_path, tiny_images)
-    log = tmp_path / "log.txt"
+
+def _signal_a_run(argv: list[str], log: Path, when: str, sig: int, code: int, settle: float = 0.0) -> str:
+    """Run train_network.py, send ``sig`` once ``when`` is in its output, check the exit code; the output."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"),
-                                 *_args(tiny_sd_dir, data, out, "--max_train_steps", "100000")],
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"), *argv],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
         try:
-            _wait_for(proc, log, "steps:")
-            time.sleep(1.5)
+            _wait_for(proc, log, when)
+            time.sleep(settle)
             proc.send_signal(sig)
             assert proc.wait(timeout=120) == code, log.read_text()[-3000:]
         finally:
             proc.kill()
-    text = log.read_text()
+    return log.read_text()
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_state_and_resume_continues(tmp_path, tiny_sd_dir, tiny_images, sig, code):
+    out = tmp_path / "out"
+    data = _data(tmp_path, tiny_images)
+    text = _signal_a_run(_args(tiny_sd_dir, data, out, "--max_train_steps", "100000"), tmp_path / "log.txt",
+                         "steps:", sig, code, settle=1.5)
     assert "--resume" in text and "Traceback" not in text
     states = list(out.glob("lora-step*-state"))
     assert len(states) == 1 and (states[0] / "train_state.json").is_file()
@@ -472,19 +476,8 @@ def test_a_signal_while_the_model_loads_stops_cleanly(tmp_path, tiny_sd_dir, tin
     """Before the loop's own handler is installed, SIGTERM killed the process where it stood (leaving the empty
     --output_dir it had made) and Ctrl-C printed a KeyboardInterrupt traceback."""
     out = tmp_path / "out"
-    log = tmp_path / "log.txt"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"),
-                                 *_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "5")],
-                                stdout=f, stderr=subprocess.STDOUT, env=env)
-        try:
-            _wait_for(proc, log, "Effective accelerate settings")  # printed before the model loads
-            proc.send_signal(sig)
-            assert proc.wait(timeout=120) == code, log.read_text()[-3000:]
-        finally:
-            proc.kill()
-    text = log.read_text()
+    text = _signal_a_run(_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, "--max_train_steps", "5"),
+                         tmp_path / "log.txt", "Effective accelerate settings", sig, code)  # before the model loads
     assert f"Stopped by {signal.Signals(sig).name}" in text and "Traceback" not in text
     assert not out.exists()
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from library.arg_checks import check_data_sources  # noqa: E402
 from library.data import text_config  # noqa: E402
 from library.data.captions import caption_path, other_caption_extensions  # noqa: E402
 from library.data.images import ImageCaptionDataset, list_images  # noqa: E402
@@ -95,12 +96,7 @@ def load_config(args: argparse.Namespace) -> DatasetGroupConfig:
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_processes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    # the trainer's own rules for these options (library/args.py)
-    if args.dataset_config and args.train_data_dir:
-        raise UserError("Give either --dataset_config or --train_data_dir, not both.")
-    if args.in_json and not args.train_data_dir:
-        raise UserError("--in_json needs --train_data_dir (the folder its image names refer to); with a dataset "
-                        "TOML, set metadata_file in the subset instead.")
+    check_data_sources(args)  # the trainer's own rules for these options
     if args.dataset_config:
         return load_dataset_config(args.dataset_config, defaults_from(args))
     return config_from_train_data_dir(defaults_from(args))
