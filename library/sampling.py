@@ -188,7 +188,8 @@ class TrainingSamples:
                             ("--sample_every_n_epochs", schedule.every_n_epochs)):
             if value is not None and value < 1:
                 raise UserError(f"{name} {value}: expected a positive number.")
-        self.source, self._stamp = source, source.stamp() if source else None
+        # Prompts read earlier (before the model loaded) may predate an edit: then the first sampling reads again.
+        self.source, self._stamp = source, source.stamp() if source and prompts is None else None
         prompts = prompts if prompts is not None or source is None else source.load()
         prompts = prompts or []
         texts = hasattr(family, "generate_sample")  # a language model: sample texts (library/text_samples.py)
@@ -230,6 +231,8 @@ class TrainingSamples:
         except UserError as e:
             self.log(f"note: the edited prompt file has an error, so the previous {len(self.prompts)} prompts are "
                      f"used: {e}")
+            return
+        if prompts == self.prompts:  # touched, or read before the run started: nothing to say
             return
         self._note_image_only_options(prompts)
         self.log(f"{self.source.path} changed: {len(prompts)} prompts read again")

@@ -390,3 +390,24 @@ def test_prompts_without_a_cadence_are_noted(tmp_path):
     TrainingSamples(PromptSource(path), SampleSchedule(), accelerator=_OneProcess(), family=family,
                     network=torch.nn.Linear(1, 1), folder=tmp_path, output_name="x", seed=0, log=logged.append)
     assert any("--sample_prompts samples nothing without --sample_every_n_steps" in line for line in logged)
+
+
+def test_an_edit_while_the_model_loads_is_picked_up_at_the_first_sampling(tmp_path):
+    from library.sampling import PromptSource, TrainingSamples
+
+    path = tmp_path / "p.txt"
+    path.write_text("early\n")
+    source = PromptSource(path)
+    prompts = source.load()  # train_network.py reads the file before the model loads
+    path.write_text("edited\n")  # ... and the user edits it meanwhile
+    logged: list[str] = []
+    family = type("Family", (), {"sample_pipeline": None, "name": "sd"})()
+    samples = TrainingSamples(source, SampleSchedule(every_n_steps=1), accelerator=_OneProcess(), family=family,
+                              network=torch.nn.Linear(1, 1), folder=tmp_path / "s", output_name="x", seed=0,
+                              log=logged.append, prompts=prompts)
+    sampled: list[list[str]] = []
+    samples.sample = lambda step: sampled.append([p.prompt for p in samples.prompts])
+    samples.maybe_sample(1)
+    samples.maybe_sample(2)
+    assert sampled == [["edited"], ["edited"]]
+    assert sum("read again" in line for line in logged) == 1
