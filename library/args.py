@@ -91,7 +91,8 @@ def _add_network(p: argparse.ArgumentParser) -> None:
         nargs="*",
         help="key=value options for the network module (conv_dim, conv_alpha, rank_dropout, ...)",
     )
-    g.add_argument("--network_weights", type=str, default=None, help="start from these LoRA weights")
+    g.add_argument("--network_weights", type=str, default=None,
+                   help="start from these LoRA weights (.safetensors or a PEFT folder)")
     g.add_argument("--dim_from_weights", action="store_true", help="take dims from --network_weights")
     g.add_argument("--network_train_unet_only", action="store_true", help="train only the UNet LoRA")
     g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text encoder LoRA")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from library.fileio import atomic_save_safetensors, atomic_torch_save, load_safetensors
+from library.fileio import atomic_save_safetensors, atomic_torch_save
 from library.metadata import add_hashes
 from networks.block_lr import BLOCK_KEYS, LR_KEYS, block_plan, reject_for_weights
 from networks.fast_lora import fast_kind, install_compute_copies, lora_forward, plain_delta
@@ -341,8 +341,10 @@ class LoRANetwork(nn.Module):
         self.train()
 
     def load_weights(self, file: str | os.PathLike) -> object:
-        """Load a kohya LoRA file; mismatched keys or shapes raise a UserError naming the file."""
-        weights_sd = load_safetensors(file, "LoRA weights")
+        """Load a kohya LoRA file or a PEFT adapter folder; mismatched keys or shapes raise a UserError naming it."""
+        from networks.peft_export import load_network_weights
+
+        weights_sd = load_network_weights(file)
         # Parts the user chose not to train (--network_train_*_only) are skipped, as in sd-scripts.
         ignored = [k for k in weights_sd if k.partition(".")[0] in self._dropped]
         if ignored:
@@ -480,7 +482,9 @@ def create_network_from_weights(
     if weights_sd is None:
         if file is None:
             raise UserError("create_network_from_weights needs a file or weights_sd")
-        weights_sd = load_safetensors(file, "LoRA weights")
+        from networks.peft_export import load_network_weights
+
+        weights_sd = load_network_weights(file)
     from networks.lora_variants import Variant
 
     neuron_dropout = kwargs.pop("neuron_dropout", None)

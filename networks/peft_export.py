@@ -159,6 +159,26 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     return config, load_file(str(weights_path))
 
 
+def load_network_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Our kohya-style state dict from a LoRA ``.safetensors`` file or a PEFT adapter folder.
+
+    A PEFT folder is what LLM training writes (``{output_dir}/{output_name}/``) and what other PEFT-based
+    trainers write, so ``--network_weights`` takes it as it is; ``adapter_model.safetensors`` given as a file
+    is read with the ``adapter_config.json`` beside it (its alpha lives there, not in the tensors).
+    """
+    from library.fileio import load_safetensors
+
+    path = Path(path)
+    if path.is_file() and path.name == ADAPTER_WEIGHTS and (path.parent / ADAPTER_CONFIG).is_file():
+        path = path.parent
+    if path.is_dir():
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise UserError(f"{path} is a folder without {ADAPTER_CONFIG}: give a LoRA .safetensors file or a "
+                            f"PEFT adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}).")
+        return peft_to_kohya(*read_peft_adapter(path))
+    return load_safetensors(path, "LoRA weights")
+
+
 def _pattern_value(path: str, pattern: Mapping[str, Any], default: Any) -> Any:
     for key, value in pattern.items():  # PEFT's rule: the path equals the key or ends with "." + key
         if path == key or path.endswith("." + key):

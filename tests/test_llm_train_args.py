@@ -105,3 +105,55 @@ def test_validation_loss_is_the_mean_over_label_tokens():
     shares = [validation_sums(Family(), three, Accelerator(), None, rank, 2) for rank in (0, 1)]
     assert shares[1].tolist() == [9.0, 3.0]  # only the second batch
     assert (shares[0] + shares[1]).tolist() == validation_sums(Family(), three, Accelerator(), None, 0, 1).tolist()
+
+
+def _kohya_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_network_weights_takes_the_peft_folder_a_run_wrote(llm_dir, data_toml, tmp_path):
+    first = tmp_path / "first"
+    assert _run(llm_dir, data_toml, first) == 0
+    assert (first / "lora" / "adapter_config.json").is_file()
+    start = _kohya_tensors(first / "lora.safetensors")
+    for given in (first / "lora", first / "lora" / "adapter_model.safetensors"):
+        again = tmp_path / f"again-{given.name}"
+        # A learning rate this small leaves the weights where they started, so the output shows the start.
+        assert _run(llm_dir, data_toml, again, "--network_weights", str(given), "--learning_rate", "1e-12") == 0
+        end = _kohya_tensors(again / "lora.safetensors")
+        assert end.keys() == start.keys()
+        assert all(torch.allclose(end[k].float(), start[k].float(), atol=1e-6) for k in start), given
+
+
+def test_network_weights_takes_a_peft_folder_written_by_peft(llm_dir, data_toml, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llm_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    model.save_pretrained(str(tmp_path / "theirs"))
+    out = tmp_path / "out"
+    assert _run(llm_dir, data_toml, out, "--network_weights", str(tmp_path / "theirs"), "--dim_from_weights",
+                "--learning_rate", "1e-12") == 0
+    ours = _kohya_tensors(out / "lora.safetensors")
+    ups = {k: v for k, v in ours.items() if k.endswith("lora_up.weight")}
+    assert len(ups) == 2 * 2  # q_proj and v_proj of the tiny model's two layers, nothing else
+    assert all(k.split(".")[0].endswith(("q_proj", "v_proj")) for k in ours)
+    assert all(v.shape[1] == 2 and v.abs().sum() > 0 for v in ups.values())
+    assert all(float(v) == 4.0 for k, v in ours.items() if k.endswith(".alpha"))
+
+
+def test_network_weights_folder_without_adapter_config_is_refused(llm_dir, data_toml, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert _run(llm_dir, data_toml, out, "--network_weights", str(tmp_path / "empty")) != 0
+    err = capsys.readouterr().err
+    assert "empty is a folder without adapter_config.json" in err
+    assert not any(out.glob("lora*"))
