@@ -35,6 +35,7 @@ from library.checkpoint import (
 )
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
 from library.data.image_data import move_batch
+from library.error_report import report_error
 from library.errors import UserError
 from library.fp8 import store_in_fp8
 from library.loss_curve import read_loss_curve, write_loss_curve
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         with terminate_as_exception():
             train(args, sources)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(e)  # once per machine when every process of a launch hits the same error
         return 2
     except Interrupted as e:
         print(str(e), file=sys.stderr)

@@ -82,3 +82,20 @@ def test_two_processes_with_parameters_that_get_no_gradient(tmp_path, tiny_sd_di
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert (tmp_path / "out" / "lora.safetensors").is_file()
+
+
+def test_an_error_every_process_hits_is_printed_once(tmp_path, tiny_sd_dir, tiny_images, free_port):
+    data = tmp_path / "data.toml"
+    data.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    missing = tmp_path / "missing.safetensors"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port), "--quiet", str(ROOT / "train_network.py"),
+           "--pretrained_model_name_or_path", str(tiny_sd_dir), "--dataset_config", str(data),
+           "--output_dir", str(tmp_path / "out"), "--network_weights", str(missing), "--max_train_steps", "1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count(f"error: LoRA weights file not found: {missing}") == 1, output[-4000:]
