@@ -97,6 +97,8 @@ def _add_network(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_train_unet_only", action="store_true", help="train only the UNet LoRA")
     g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text encoder LoRA")
     g.add_argument("--training_comment", type=str, default=None, help="stored as ss_training_comment")
+    for key, what in MODEL_CARD.items():
+        g.add_argument(f"--metadata_{key}", type=str, default=None, help=f"modelspec.{key}: {what}")
     g.add_argument(
         "--scale_weight_norms",
         type=float,
@@ -111,6 +113,16 @@ def _add_network(p: argparse.ArgumentParser) -> None:
         help="the text encoder LoRA stops training after this many optimizer steps (0 or less: never trains)",
     )
     g.add_argument("--no_metadata", action="store_true", help="store only the minimum metadata")
+
+
+# sd-scripts' ModelSpec arguments (--metadata_title, ...): what each one records; empty means not set.
+MODEL_CARD = {
+    "title": "the model's title (default: the output name)",
+    "author": "the author's name",
+    "description": "a description",
+    "license": "the license",
+    "tags": "tags, separated by commas",
+}
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:

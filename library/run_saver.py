@@ -51,8 +51,9 @@ class RunSaver:
             meta = minimal_training_metadata(info) if self.no_metadata else training_metadata(info, epoch, step)
             # The ModelSpec keys even with --no_metadata (as sd-scripts): they say what the file is
             # (architecture, prediction type), which loaders need, and record nothing of the training.
-            meta.update(modelspec_metadata(self.family.modelspec_architecture, info.output_name,
-                                           self.resolution, self.family.prediction_type))
+            card = dict(info.model_card)
+            meta.update(modelspec_metadata(self.family.modelspec_architecture, card.pop("title", info.output_name),
+                                           self.resolution, self.family.prediction_type, **card))
             path = self.family.save_network(self.network, path, self.save_dtype, meta)
             self.log(f"saved {path}")
         return path

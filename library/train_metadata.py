@@ -50,6 +50,7 @@ class RunInfo:
     resolution: tuple[int, int]
     model_name: str
     training_comment: str | None
+    model_card: dict[str, str] = field(default_factory=dict)  # --metadata_title etc., set ones only
     datasets: list[dict[str, Any]] = field(default_factory=list)
     switches: dict[str, Any] = field(default_factory=dict)  # SWITCHES: argument name -> value
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from library.accelerator import AcceleratorSettings, LaunchContext, Setting, resolve_accelerate_settings
-from library.args import ACCELERATE_SETTINGS
+from library.args import ACCELERATE_SETTINGS, MODEL_CARD
 from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
 from library.families import some_parameters_may_go_unused
@@ -465,6 +465,7 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
         v2=getattr(family, "v2", False), v_parameterization=family.prediction_type == "v",
         resolution=data.resolution, model_name=Path(args.pretrained_model_name_or_path).name,
         training_comment=args.training_comment, datasets=data.metadata(), tag_frequency=data.tag_frequency(),
+        model_card={key: value for key in MODEL_CARD if (value := getattr(args, f"metadata_{key}", None))},
         switches={name: getattr(args, name, None) for name in SWITCHES} | getattr(family, "metadata_switches", {}),
     )
 

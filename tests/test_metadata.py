@@ -267,3 +267,19 @@ def test_text_runs_get_no_image_dataset_keys():
     meta = training_metadata(_run_info(datasets=[{"max_seq_length": 8, "subsets": [{"file": "a.jsonl"}]}]), 1, 1)
     assert "ss_dataset_dirs" not in meta and "ss_caption_dropout_rate" not in meta
     assert all(isinstance(v, str) for v in meta.values())
+
+
+def test_model_card_arguments_fill_the_modelspec(tmp_path, tiny_sd_dir, tiny_images):
+    data = tmp_path / "data.toml"
+    data.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{tiny_images}"\n')
+    card = ["--metadata_title", "Blue Cat", "--metadata_author", "me", "--metadata_description", "a cat, in blue",
+            "--metadata_license", "CC-BY-4.0", "--metadata_tags", "cat,blue"]
+    for extra in ((), ("--no_metadata",)):  # as sd-scripts, the card is kept with --no_metadata too
+        meta = _train(tiny_sd_dir, tmp_path / f"out{len(extra)}", "--dataset_config", str(data), *card, *extra)
+        assert (meta["modelspec.title"], meta["modelspec.author"], meta["modelspec.description"]) == (
+            "Blue Cat", "me", "a cat, in blue")
+        assert (meta["modelspec.license"], meta["modelspec.tags"]) == ("CC-BY-4.0", "cat,blue")
+    # empty strings (what the kohya_ss GUI writes for unset fields) mean "not set"
+    meta = _train(tiny_sd_dir, tmp_path / "empty", "--dataset_config", str(data), "--metadata_title", "",
+                  "--metadata_author", "")
+    assert meta["modelspec.title"] == "lora" and "modelspec.author" not in meta
