@@ -276,6 +276,8 @@ def _add_loss(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--noise_offset_random_strength", action="store_true", help="draw the offset strength in [0, noise_offset)"
     )
+    g.add_argument("--adaptive_noise_scale", type=float, default=None,
+                   help="adds this times each latent channel's absolute mean to --noise_offset (needs it)")
     g.add_argument("--multires_noise_iterations", type=int, default=None, help="multires noise iterations")
     g.add_argument("--multires_noise_discount", type=float, default=0.3, help="multires noise discount")
     g.add_argument("--min_snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (e.g. 5)")
@@ -283,6 +285,8 @@ def _add_loss(p: argparse.ArgumentParser) -> None:
         "--scale_v_pred_loss_like_noise_pred", action="store_true", help="scale v-prediction loss like noise prediction"
     )
     g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation loss")
+    g.add_argument("--v_pred_like_loss", type=float, default=None,
+                   help="adds this times the loss scaled like a v-prediction loss (e.g. 0.1)")
     g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
     g.add_argument("--min_timestep", type=int, default=None, help="lowest training timestep (default 0)")
     g.add_argument("--max_timestep", type=int, default=None, help="highest training timestep, exclusive (default 1000)")

@@ -60,7 +60,7 @@ class RunInfo:
 
 # Training switches sd-scripts records as ``ss_<argument name>`` (one renamed), so tools that show a LoRA's
 # training settings (A1111 / Forge's metadata view, Civitai) find them where they look. Those this toolkit
-# has no argument for (adaptive_noise_scale, face_crop_aug_range) read as None, i.e. "None": not used.
+# has no argument for (face_crop_aug_range) read as None, i.e. "None": not used.
 _RECORDED = ("max_grad_norm", "network_dropout", "multires_noise_iterations", "multires_noise_discount",
              "zero_terminal_snr", "debiased_estimation_loss", "noise_offset_random_strength", "ip_noise_gamma",
              "ip_noise_gamma_random_strength", "loss_type", "huber_schedule", "huber_scale", "huber_c",

@@ -67,9 +67,17 @@ def _model_type_or_sd(args: argparse.Namespace) -> str:
 
 
 def noise_settings(args: argparse.Namespace) -> NoiseSettings:
+    if args.adaptive_noise_scale is not None and not args.noise_offset:
+        raise UserError(f"--adaptive_noise_scale {args.adaptive_noise_scale} adds to the offset noise: it needs "
+                        "--noise_offset (e.g. --noise_offset 0.05).")
+    if args.v_pred_like_loss and args.zero_terminal_snr:
+        raise UserError(f"--v_pred_like_loss {args.v_pred_like_loss} with --zero_terminal_snr: the v-like term "
+                        "grows without bound at the last timestep, where the SNR is 0; drop one of them.")
     return NoiseSettings(
         noise_offset=args.noise_offset,
         noise_offset_random_strength=args.noise_offset_random_strength,
+        adaptive_noise_scale=args.adaptive_noise_scale,
+        v_pred_like_loss=args.v_pred_like_loss,
         multires_noise_iterations=args.multires_noise_iterations,
         multires_noise_discount=args.multires_noise_discount,
         debiased_estimation_loss=args.debiased_estimation_loss,

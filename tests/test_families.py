@@ -259,3 +259,44 @@ def test_long_prompt_chunks_follow_sd_scripts_when_pad_is_not_eos():
     long = " ".join(["a"] * 80)
     first, second = token_chunks(tokenizer, encoder, [long], 150)
     assert first[0, -1].item() == eos and second[0, 1].item() != eos
+
+
+def test_v_pred_like_loss_adds_the_v_scaled_loss_exactly():
+    alphas = torch.tensor([0.5, 0.8])  # SNR = 1 and 4
+    none, t = torch.tensor([False, False]), torch.tensor([0, 1])
+    out = weighted_loss(torch.ones(2), none, t, alphas, NoiseSettings(v_pred_like_loss=0.1))
+    # sd-scripts: loss + 0.1 · loss / (SNR / (SNR + 1)) per sample, then the mean
+    assert out.item() == pytest.approx(((1 + 0.1 * 2 / 1) + (1 + 0.1 * 5 / 4)) / 2)
+
+
+def test_adaptive_noise_scale_follows_each_channels_mean():
+    from library.families.diffusion import draw_noise_and_timesteps
+
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[0, 1] = 3.0  # one channel of one sample far from zero
+    idx = torch.tensor([3, 7])
+    plain, _ = draw_noise_and_timesteps(latents, 1, 0, idx, NoiseSettings())
+    fixed, _ = draw_noise_and_timesteps(latents, 1, 0, idx, NoiseSettings(noise_offset=0.1))
+    adaptive, _ = draw_noise_and_timesteps(latents, 1, 0, idx, NoiseSettings(noise_offset=0.1,
+                                                                             adaptive_noise_scale=0.05))
+    shift_fixed = (fixed - plain)[..., 0, 0]  # per (sample, channel): 0.1 · offset
+    shift_adaptive = (adaptive - plain)[..., 0, 0]
+    expected = shift_fixed.clone()
+    expected[0, 1] *= (0.1 + 0.05 * 3.0) / 0.1  # only the channel with a mean gets a stronger offset
+    assert torch.allclose(shift_adaptive, expected, atol=1e-6)
+    # a negative scale never makes the strength negative
+    negative, _ = draw_noise_and_timesteps(latents, 1, 0, idx, NoiseSettings(noise_offset=0.1,
+                                                                             adaptive_noise_scale=-1.0))
+    assert torch.allclose((negative - plain)[0, 1], torch.zeros(8, 8), atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--adaptive_noise_scale", "0.01"], "needs --noise_offset"),
+    (["--v_pred_like_loss", "0.1", "--zero_terminal_snr"], "drop one of them"),
+])
+def test_noise_option_combinations_are_refused(extra, message):
+    from library.args import build_parser
+    from library.train_setup import noise_settings
+
+    with pytest.raises(UserError, match=message):
+        noise_settings(build_parser().parse_args(extra))

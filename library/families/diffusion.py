@@ -27,6 +27,7 @@ class NoiseSettings:
 
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
     multires_noise_iterations: int | None = None
     multires_noise_discount: float = 0.3
     debiased_estimation_loss: bool = False
@@ -43,6 +44,7 @@ class NoiseSettings:
     ip_noise_gamma_random_strength: bool = False
     prior_loss_weight: float = 1.0
     v_parameterization: bool = False
+    v_pred_like_loss: float | None = None
 
 
 def sample_keys(seed: int, epoch: int, indices: torch.Tensor, purpose: int) -> list[tuple[int, ...]]:
@@ -61,6 +63,11 @@ def draw_noise_and_timesteps(
         strength = torch.full((len(indices), 1, 1, 1), s.noise_offset)
         if s.noise_offset_random_strength:
             strength = strength * per_sample_uniform(sample_keys(seed, epoch, indices, DRAW_STRENGTH)).view(-1, 1, 1, 1)
+        if s.adaptive_noise_scale:
+            # sd-scripts: more offset for channels whose mean is far from zero (per sample and channel), never
+            # a negative strength. One small (batch, channels) copy from the device.
+            mean = latents.detach().float().mean(dim=(2, 3), keepdim=True).abs().cpu()
+            strength = (strength + s.adaptive_noise_scale * mean).clamp(min=0.0)
         noise = noise + strength * offset
     if s.multires_noise_iterations:
         noise = multires_noise(noise, s.multires_noise_iterations, s.multires_noise_discount,
@@ -175,7 +182,7 @@ def weighted_loss(
 ) -> torch.Tensor:
     """Apply prior-preservation and min-SNR weights to per-sample losses and average."""
     weights = torch.where(is_reg.to(losses.device), s.prior_loss_weight, 1.0).to(losses.dtype)
-    if s.min_snr_gamma or s.scale_v_pred_loss_like_noise_pred or s.debiased_estimation_loss:
+    if s.min_snr_gamma or s.scale_v_pred_loss_like_noise_pred or s.debiased_estimation_loss or s.v_pred_like_loss:
         # zero-terminal-SNR schedules reach SNR 0 at the last step; keep the weights finite there
         snr_t = snr(alphas_cumprod, timesteps).clamp(min=1e-6)
         if s.min_snr_gamma:
@@ -185,7 +192,19 @@ def weighted_loss(
             weights = weights * snr_t / (snr_t + 1.0)
         if s.debiased_estimation_loss:
             weights = weights * debiased_weight(snr_t, s.v_parameterization)
+        if s.v_pred_like_loss:
+            weights = weights * v_pred_like_factor(snr_t, s.v_pred_like_loss)
     return (losses * weights).mean()
+
+
+def v_pred_like_factor(snr_t: torch.Tensor, amount: float) -> torch.Tensor:
+    """sd-scripts' ``--v_pred_like_loss``: adds ``amount`` times the loss scaled like a v-prediction loss.
+
+    A v-prediction loss is the noise-prediction loss times ``(SNR + 1) / SNR`` (SNR capped at 1000, as sd-scripts
+    does), so the factor on the loss is ``1 + amount · (SNR + 1) / SNR``.
+    """
+    snr_t = torch.clamp(snr_t, max=1000.0)
+    return 1.0 + amount * (snr_t + 1.0) / snr_t
 
 
 def debiased_weight(snr_t: torch.Tensor, v_prediction: bool) -> torch.Tensor:
