@@ -146,6 +146,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep_tokens_separator", type=str, default="",
                    help="tags before it stay in place (a tail after a second one too); removed from the caption")
     g.add_argument("--caption_separator", type=str, default=",", help="separator of the tags in a caption")
+    g.add_argument("--secondary_separator", type=str, default="",
+                   help="joins tags that shuffle and drop as one; replaced by the separator afterwards")
+    g.add_argument("--enable_wildcard", action="store_true",
+                   help="captions: {a|b} picks one option and a multi-line caption one line, per sample and epoch")
     g.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
     g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
     g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="probability of an empty caption")

@@ -48,6 +48,8 @@ class DatasetDefaults:
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
+    secondary_separator: str = ""
+    enable_wildcard: bool = False
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
@@ -79,6 +81,8 @@ class SubsetConfig:
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
+    secondary_separator: str = ""
+    enable_wildcard: bool = False
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
@@ -103,6 +107,8 @@ class SubsetConfig:
             dropout_rate=self.caption_dropout_rate,
             tag_dropout_rate=self.caption_tag_dropout_rate,
             dropout_every_n_epochs=self.caption_dropout_every_n_epochs,
+            secondary_separator=self.secondary_separator,
+            enable_wildcard=self.enable_wildcard,
         )
 
 
@@ -213,6 +219,8 @@ ANY_LEVEL_KEYS: dict[str, Checker] = {
     "keep_tokens": _int(0),
     "keep_tokens_separator": _str(allow_empty=True),
     "caption_separator": _str(allow_empty=False),
+    "secondary_separator": _str(allow_empty=True),
+    "enable_wildcard": _bool,
     "caption_prefix": _str(allow_empty=True),
     "caption_suffix": _str(allow_empty=True),
     "caption_extension": _str(allow_empty=False),  # SubsetConfig adds a missing dot
@@ -231,7 +239,7 @@ SUBSET_KEYS: dict[str, Checker] = {
 }
 # sd-scripts keys this toolkit does not implement: refusing them beats ignoring them silently.
 UNSUPPORTED_KEYS = frozenset({
-    "secondary_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step",
+    "token_warmup_min", "token_warmup_step",
     "face_crop_aug_range", "alpha_mask", "cache_info", "conditioning_data_dir",
     "network_multiplier", "debug_dataset", "resize_interpolation", "custom_attributes",
 })  # fmt: skip
@@ -309,12 +317,25 @@ class _Reporter:
 
     def unknown_key(self, where: str, level: str, key: str) -> UserError:
         path = f"{where}.{key}"
+        if key in _llm_only_keys():  # this parser only sees the dataset TOMLs of SD / SDXL runs
+            return self.error(path, f"'{key}' is an LLM dataset key: {self.source} is a dataset config for a causal "
+                              "LM (text), but the model is a diffusion model (SD/SDXL), which trains on images; "
+                              "give an image dataset TOML (image_dir subsets, see the README's Dataset TOML "
+                              "reference) or an LLM as --pretrained_model_name_or_path")
         if key in UNSUPPORTED_KEYS:
             return self.error(path, "this sd-scripts key is not supported by this toolkit; remove it")
         if any(key in keys for keys in _LEVEL_KEYS.values()):
             hint = "[general] or [[datasets]]" if key in DATASET_KEYS else "[[datasets.subsets]]"
             return self.error(path, f"'{key}' is not allowed in a {level} table; put it in {hint}")
         return self.error(path, f"unknown key '{key}'{did_you_mean(key, _LEVEL_KEYS[level])}")
+
+
+def _llm_only_keys() -> set[str]:
+    """Keys of the LLM dataset TOML (library/data/text_config.py) that an image dataset TOML never has."""
+    from library.data import text_config  # imported here: text_config builds on this module
+
+    llm = set(text_config.DATASET_KEYS) | set(text_config.ANY_LEVEL_KEYS) | set(text_config.SUBSET_KEYS)
+    return llm - set(_ALL_CHECKERS)
 
 
 def _checked_table(table: Any, where: str, level: str, report: _Reporter) -> dict[str, Any]:

@@ -112,6 +112,8 @@ def dataset_defaults(args: argparse.Namespace) -> DatasetDefaults:
         keep_tokens=args.keep_tokens,
         keep_tokens_separator=args.keep_tokens_separator,
         caption_separator=args.caption_separator,
+        secondary_separator=args.secondary_separator or "",
+        enable_wildcard=args.enable_wildcard,
         caption_prefix=args.caption_prefix,
         caption_suffix=args.caption_suffix,
         caption_dropout_rate=args.caption_dropout_rate,

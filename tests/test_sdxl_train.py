@@ -195,6 +195,7 @@ def test_loss_depends_on_the_size_conditioning(family):
     ("", 48, "multiples of 32"),
     ("shuffle_caption = true", 32, "shuffle_caption changes the captions"),
     ("caption_dropout_rate = 0.1", 32, "caption_dropout_rate changes the captions"),
+    ("enable_wildcard = true", 32, "enable_wildcard changes the captions"),
 ])
 def test_bad_dataset_settings_are_refused(family, tmp_path, tiny_images, extra, steps, message):
     data = data_toml(tmp_path / "data.toml", tiny_images, extra, steps)

@@ -3,20 +3,25 @@
 Randomness comes only from the ``random.Random`` passed in (the dataset seeds it from
 (seed, epoch, sample index)), so a caption is the same on every process and on resume.
 
-Order of operations, as in sd-scripts: prefix/suffix → whole-caption dropout → split into
-tags (fixed part by ``keep_tokens`` or ``keep_tokens_separator``) → shuffle the flexible tags
-→ tag dropout → join. Differences from sd-scripts, on purpose:
+Order of operations, as in sd-scripts: prefix/suffix → whole-caption dropout → wildcards (one
+line of a multi-line caption, one choice of each ``{a|b|c}``) → split into tags (fixed part by
+``keep_tokens`` or ``keep_tokens_separator``) → shuffle the flexible tags → tag dropout → join →
+``secondary_separator`` replaced by the separator (tags joined by it move and drop as one).
+Differences from sd-scripts, on purpose:
 - empty tags ("a,,b") are dropped instead of kept as empty strings;
 - the tags are joined with the separator plus a space (", " for the default ","), where
   sd-scripts always joins with ", " whatever the separator;
 - a ``keep_tokens_separator`` is removed from the caption even when nothing is shuffled
-  (sd-scripts leaves "|||" in the text then).
+  (sd-scripts leaves "|||" in the text then);
+- with ``enable_wildcard``, empty lines of a multi-line caption are never chosen (sd-scripts can
+  pick one and train with an empty caption).
 """
 
 from __future__ import annotations
 
 import codecs
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +49,8 @@ class CaptionOptions:
     dropout_rate: float = 0.0
     tag_dropout_rate: float = 0.0
     dropout_every_n_epochs: int = 0
+    secondary_separator: str = ""
+    enable_wildcard: bool = False
 
 
 def caption_path(image_path: Path, extension: str) -> Path:
@@ -68,19 +75,20 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
-def read_caption_file(path: Path) -> str | None:
+def read_caption_file(path: Path, all_lines: bool = False) -> str | None:
     """The first non-empty line of a caption file, stripped; None when the file does not exist.
 
-    An existing but empty file gives "" (an explicit empty caption), not None.
+    With ``all_lines`` (``enable_wildcard``: one line is chosen per sample), every non-empty line,
+    stripped, joined by newlines. An existing but empty file gives "" (an explicit empty caption), not None.
     """
     try:
         text = read_utf8(path)
     except FileNotFoundError:
         return None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if all_lines:
+        return "\n".join(lines)
+    return lines[0] if lines else ""
 
 
 def image_caption(image_path: Path, extension: str, class_tokens: str | None) -> str | None:
@@ -173,12 +181,35 @@ def shuffle_and_drop_tags(caption: str, options: CaptionOptions, rng: random.Ran
     return join_tags(head + middle + tail, options.separator)
 
 
+_WILDCARD = re.compile(r"\{([^{}]*)\}")
+
+
+def choose_wildcards(caption: str, rng: random.Random) -> str:
+    """One non-empty line of a multi-line caption, then one option of each ``{a|b|c}``; ``{{`` / ``}}`` are
+    literal braces. Draws happen only for what is there, so a plain caption takes none."""
+    lines = [line.strip() for line in caption.splitlines() if line.strip()]
+    if len(lines) > 1:
+        caption = rng.choice(lines)
+    elif lines:
+        caption = lines[0]
+    # Literal braces are set aside first so "{{a|b}}" stays "{a|b}" rather than becoming a choice.
+    left, right = "\x00", "\x01"
+    caption = caption.replace("{{", left).replace("}}", right)
+    caption = _WILDCARD.sub(lambda m: rng.choice(m.group(1).split("|")), caption)
+    return caption.replace(left, "{").replace(right, "}")
+
+
 def process_caption(caption: str, options: CaptionOptions, rng: random.Random, epoch_number: int) -> str:
     """The caption one sample trains with this epoch (``epoch_number`` counts from 1)."""
     caption = add_prefix_suffix(caption, options.prefix, options.suffix)
     if is_dropped_out(rng, options.dropout_rate, epoch_number, options.dropout_every_n_epochs):
         return ""
-    return shuffle_and_drop_tags(caption, options, rng)
+    if options.enable_wildcard:
+        caption = choose_wildcards(caption, rng)
+    caption = shuffle_and_drop_tags(caption, options, rng)
+    if options.secondary_separator:
+        caption = caption.replace(options.secondary_separator, join_tags(["", ""], options.separator))
+    return caption
 
 
 def count_tags(captions: Iterable[str], separator: str = ",") -> dict[str, int]:

@@ -99,7 +99,7 @@ def _side_captions(subset: SubsetConfig, images: list[Path]) -> list[str]:
     captions: list[str] = []
     missing: list[Path] = []
     for image in images:
-        caption = read_caption_file(caption_path(image, subset.caption_extension))
+        caption = read_caption_file(caption_path(image, subset.caption_extension), all_lines=subset.enable_wildcard)
         if caption is None:
             missing.append(image)
             caption = subset.class_tokens

@@ -233,7 +233,8 @@ def fixed_captions(data: Any) -> list[str]:
             varying = [name for name, on in (
                 ("shuffle_caption", subset.shuffle_caption), ("caption_dropout_rate", subset.caption_dropout_rate),
                 ("caption_tag_dropout_rate", subset.caption_tag_dropout_rate),
-                ("caption_dropout_every_n_epochs", subset.caption_dropout_every_n_epochs)) if on]
+                ("caption_dropout_every_n_epochs", subset.caption_dropout_every_n_epochs),
+                ("enable_wildcard", subset.enable_wildcard)) if on]
             if varying:
                 raise UserError(f"{subset.name}: --cache_text_encoder_outputs encodes each caption once, but "
                                 f"{', '.join(varying)} changes the captions every epoch; turn "
