@@ -2,7 +2,8 @@
 
 Prompt files are read by library/sample_prompts.py. **improve** over sd-scripts: a prompt without a seed gets
 ``run seed + prompt index`` so the images of successive steps are comparable; prompts are encoded as training
-encodes captions (``--max_token_length`` chunks, ``--clip_skip``), so long prompts are not cut at 77 tokens;
+encodes captions (``--max_token_length`` chunks, ``--clip_skip``), so long prompts are not cut at 77 tokens, with
+A1111 weighting such as ``(word:1.2)`` and ``BREAK`` (library/prompt_weighting.py, as sd-scripts' sampling);
 samplers are built from the model's own noise schedule (v-prediction, zero terminal SNR); a failure while
 sampling is logged and training goes on. Like sd-scripts, the prompt file is read again at each sampling point,
 so it can be edited during a run (an edit with an error keeps the previous prompts).

@@ -25,6 +25,7 @@ from library.families.diffusion_parts import (
 )
 from library.families.diffusion_parts import load_part as _load
 from library.fp8 import compute_dtype_of
+from library.prompt_weighting import apply_weights, chunk_budget, encoder_inputs, weighted_chunks
 
 
 @dataclass
@@ -122,8 +123,13 @@ class SDFamily:
 
     def sample_embeds(self, prompt: str, negative: str) -> dict[str, torch.Tensor]:
         """The pipeline's prompt embeddings, encoded as training encodes captions (--max_token_length chunks,
-        --clip_skip), so a long prompt is not cut at 77 tokens as the pipeline's own encoding would."""
-        context = self.encode_text([prompt, negative])
+        --clip_skip), so a long prompt is not cut at 77 tokens as the pipeline's own encoding would; A1111
+        weighting such as ``(word:1.2)`` and ``BREAK`` applies (library/prompt_weighting.py)."""
+        prompts = [weighted_chunks(self.tokenizer, text, self.max_token_length) for text in (prompt, negative)]
+        count = max(chunk_budget(self.max_token_length), *map(len, prompts))
+        ids, weights = encoder_inputs(self.tokenizer, prompts, count, self.text_encoder.device)
+        with torch.no_grad():
+            context = apply_weights(merge_chunks([self._hidden(chunk) for chunk in ids]), weights)
         return {"prompt_embeds": context[:1], "negative_prompt_embeds": context[1:]}
 
     def text_encoders(self) -> list[torch.nn.Module]:

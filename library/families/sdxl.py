@@ -40,6 +40,7 @@ from library.families.diffusion_parts import (
     token_chunks,
 )
 from library.fp8 import compute_dtype_of
+from library.prompt_weighting import apply_weights, chunk_budget, encoder_inputs, weighted_chunks
 
 # Pixel sides must divide by this: SDXL's VAE downsamples by 8 and its UNet twice more by 2.
 SIDE_MULTIPLE = 32
@@ -195,8 +196,23 @@ class SDXLFamily:
 
     def sample_embeds(self, prompt: str, negative: str) -> dict[str, torch.Tensor]:
         """The pipeline's prompt embeddings, encoded as training encodes captions (--max_token_length chunks);
-        an empty negative prompt is zeros, as the SDXL pipeline's ``force_zeros_for_empty_prompt`` makes it."""
-        context, pooled = self.encode_text([prompt, negative])
+        an empty negative prompt is zeros, as the SDXL pipeline's ``force_zeros_for_empty_prompt`` makes it.
+
+        A1111 weighting such as ``(word:1.2)`` and ``BREAK`` applies to both encoders' hidden states, each rescaled
+        to its own unweighted mean (library/prompt_weighting.py); the pooled embedding stays unweighted, as in
+        sd-scripts."""
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        prompts = [[weighted_chunks(tokenizer, text, self.max_token_length) for text in (prompt, negative)]
+                   for tokenizer, _ in pairs]
+        # One length for both encoders: their contexts are concatenated feature-wise.
+        count = max(chunk_budget(self.max_token_length), *(len(chunks) for both in prompts for chunks in both))
+        hidden = []
+        with torch.no_grad():
+            for (tokenizer, encoder), chunks in zip(pairs, prompts, strict=True):
+                ids, weights = encoder_inputs(tokenizer, chunks, count, encoder.device)
+                outs = [encoder(chunk, output_hidden_states=True) for chunk in ids]
+                hidden.append(apply_weights(merge_chunks([out.hidden_states[-2] for out in outs]), weights))
+        context, pooled = torch.cat(hidden, dim=-1), outs[0].text_embeds  # the first chunk's, as in encode_text
         if not negative:
             context[1:].zero_()
             pooled[1:].zero_()
