@@ -148,6 +148,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_separator", type=str, default=",", help="separator of the tags in a caption")
     g.add_argument("--secondary_separator", type=str, default="",
                    help="joins tags that shuffle and drop as one; replaced by the separator afterwards")
+    g.add_argument("--weighted_captions", action="store_true",
+                   help="captions may weight words as A1111 prompts do: (word:1.2), (word), [word]")
     g.add_argument("--enable_wildcard", action="store_true",
                    help="captions: {a|b} picks one option and a multi-line caption one line, per sample and epoch")
     g.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")

@@ -320,6 +320,8 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
                          load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, allow_pickle=args.allow_pickle,
                          model_config_dir=args.model_config_dir)
     refuse_image_only_arguments(args, getattr(family, "image_only_arguments", ()), model_path)
+    if args.weighted_captions:
+        family.weighted_captions = True
     for key, value in getattr(family, "network_defaults", {}).items():
         if sources.get(key) == SOURCE_DEFAULT:
             setattr(args, key, value)

@@ -34,7 +34,7 @@ IMAGE_ONLY_ARGUMENTS = (
     "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
     "train_data_dir", "reg_data_dir", "in_json", "dataset_repeats", "caption_extension", "shuffle_caption",
     "keep_tokens", "keep_tokens_separator", "caption_separator", "secondary_separator", "enable_wildcard",
-    "caption_prefix", "caption_suffix",
+    "weighted_captions", "caption_prefix", "caption_suffix",
     "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs",
     "flip_aug", "color_aug", "random_crop", "cache_latents", "cache_latents_to_disk", "vae_batch_size",
     "no_half_vae", "cache_text_encoder_outputs", "text_encoder_lr", "network_train_text_encoder_only",

@@ -44,6 +44,7 @@ class SDFamily:
     train_text_encoder: bool = False
     name: str = "sd"
     max_token_length: int | None = None  # 150 / 225: prompts encoded in 75-token chunks
+    weighted_captions: bool = False  # training captions parsed for A1111 weighting (--weighted_captions)
 
     @staticmethod
     def load(model_path: str, *, vae_path: str | None = None, tokenizer_path: str | None = None,
@@ -125,12 +126,17 @@ class SDFamily:
         """The pipeline's prompt embeddings, encoded as training encodes captions (--max_token_length chunks,
         --clip_skip), so a long prompt is not cut at 77 tokens as the pipeline's own encoding would; A1111
         weighting such as ``(word:1.2)`` and ``BREAK`` applies (library/prompt_weighting.py)."""
-        prompts = [weighted_chunks(self.tokenizer, text, self.max_token_length) for text in (prompt, negative)]
+        with torch.no_grad():
+            context = self._weighted_context([prompt, negative])
+        return {"prompt_embeds": context[:1], "negative_prompt_embeds": context[1:]}
+
+    def _weighted_context(self, texts: list[str]) -> torch.Tensor:
+        """Hidden states of ``texts`` with A1111 weighting (library/prompt_weighting.py); for text without the
+        syntax exactly :meth:`encode_text`'s plain encoding."""
+        prompts = [weighted_chunks(self.tokenizer, text, self.max_token_length) for text in texts]
         count = max(chunk_budget(self.max_token_length), *map(len, prompts))
         ids, weights = encoder_inputs(self.tokenizer, prompts, count, self.text_encoder.device)
-        with torch.no_grad():
-            context = apply_weights(merge_chunks([self._hidden(chunk) for chunk in ids]), weights)
-        return {"prompt_embeds": context[:1], "negative_prompt_embeds": context[1:]}
+        return apply_weights(merge_chunks([self._hidden(chunk) for chunk in ids]), weights)
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
@@ -147,8 +153,10 @@ class SDFamily:
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """CLIP hidden states (clip_skip honoured); with gradients only when the encoder trains."""
-        chunks = token_chunks(self.tokenizer, self.text_encoder, captions, self.max_token_length)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            if self.weighted_captions:  # --weighted_captions: (word:1.2) in captions, as in sample prompts
+                return self._weighted_context(captions)
+            chunks = token_chunks(self.tokenizer, self.text_encoder, captions, self.max_token_length)
             return merge_chunks([self._hidden(ids) for ids in chunks])
 
     def _hidden(self, ids: torch.Tensor) -> torch.Tensor:

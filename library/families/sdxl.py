@@ -91,6 +91,7 @@ class SDXLFamily:
     text_cache: dict[str, TextOutputs] | None = field(default=None, repr=False)
     name: str = "sdxl"
     max_token_length: int | None = None  # 150 / 225: prompts encoded in 75-token chunks
+    weighted_captions: bool = False  # training captions parsed for A1111 weighting (--weighted_captions)
     v2: bool = False  # read by the run's metadata; SDXL is never an SD 2.x model
     base_model_version: str = "sdxl_base_v1-0"
     modelspec_architecture: str = "stable-diffusion-xl-v1-base/lora"
@@ -201,18 +202,8 @@ class SDXLFamily:
         A1111 weighting such as ``(word:1.2)`` and ``BREAK`` applies to both encoders' hidden states, each rescaled
         to its own unweighted mean (library/prompt_weighting.py); the pooled embedding stays unweighted, as in
         sd-scripts."""
-        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
-        prompts = [[weighted_chunks(tokenizer, text, self.max_token_length) for text in (prompt, negative)]
-                   for tokenizer, _ in pairs]
-        # One length for both encoders: their contexts are concatenated feature-wise.
-        count = max(chunk_budget(self.max_token_length), *(len(chunks) for both in prompts for chunks in both))
-        hidden = []
         with torch.no_grad():
-            for (tokenizer, encoder), chunks in zip(pairs, prompts, strict=True):
-                ids, weights = encoder_inputs(tokenizer, chunks, count, encoder.device)
-                outs = [encoder(chunk, output_hidden_states=True) for chunk in ids]
-                hidden.append(apply_weights(merge_chunks([out.hidden_states[-2] for out in outs]), weights))
-        context, pooled = torch.cat(hidden, dim=-1), outs[0].text_embeds  # the first chunk's, as in encode_text
+            context, pooled = self._weighted_context([prompt, negative])
         if not negative:
             context[1:].zero_()
             pooled[1:].zero_()
@@ -222,10 +213,28 @@ class SDXLFamily:
     def encode_images(self, images: torch.Tensor, indices: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         return encode_latents(self.vae, images, self.seed, epoch, indices)
 
+    def _weighted_context(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) of ``texts`` with A1111 weighting on both encoders' hidden states, each rescaled to its
+        own unweighted mean (library/prompt_weighting.py); the pooled embedding stays unweighted, as in sd-scripts.
+        For text without the syntax exactly :meth:`encode_text`'s plain encoding."""
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        prompts = [[weighted_chunks(tokenizer, text, self.max_token_length) for text in texts]
+                   for tokenizer, _ in pairs]
+        # One length for both encoders: their contexts are concatenated feature-wise.
+        count = max(chunk_budget(self.max_token_length), *(len(chunks) for both in prompts for chunks in both))
+        hidden = []
+        for (tokenizer, encoder), chunks in zip(pairs, prompts, strict=True):
+            ids, weights = encoder_inputs(tokenizer, chunks, count, encoder.device)
+            outs = [encoder(chunk, output_hidden_states=True) for chunk in ids]
+            hidden.append(apply_weights(merge_chunks([out.hidden_states[-2] for out in outs]), weights))
+        return torch.cat(hidden, dim=-1), outs[0].text_embeds  # the first chunk's pooled output, as in encode_text
+
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, 77, w1 + w2], pooled text_embeds [B, p]); with gradients only when the encoders train."""
         hidden = []
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            if self.weighted_captions:  # --weighted_captions: (word:1.2) in captions, as in sample prompts
+                return self._weighted_context(captions)
             for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
                 outs = [encoder(ids, output_hidden_states=True)
                         for ids in token_chunks(tokenizer, encoder, captions, self.max_token_length)]
