@@ -140,6 +140,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side (px)")
     g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this")
     g.add_argument("--bucket_no_upscale", action="store_true", help="never upscale an image to fit a bucket")
+    g.add_argument("--alpha_mask", action="store_true",
+                   help="with --masked_loss: each image's transparency is its loss mask (the folder layout)")
     g.add_argument("--caption_extension", type=str, default=".caption", help="caption side-file extension")
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated tags each epoch")
     g.add_argument("--keep_tokens", type=int, default=0, help="keep the first N tags in place when shuffling")
@@ -324,6 +326,8 @@ def _add_loss(p: argparse.ArgumentParser) -> None:
     g.add_argument("--huber_scale", type=float, default=1.0,
                    help="multiplies the constant and exponential huber schedules (as sd-scripts; not snr)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="weigh the loss by each image's mask: alpha_mask / conditioning_data_dir in the dataset")
 
 
 def _add_saving(p: argparse.ArgumentParser) -> None:

@@ -53,6 +53,7 @@ class DatasetDefaults:
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
+    alpha_mask: bool = False
     num_repeats: int = 1
     class_tokens: str | None = None
     train_data_dir: Path | None = None
@@ -86,6 +87,8 @@ class SubsetConfig:
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
+    alpha_mask: bool = False  # --masked_loss: the image's transparency is the loss mask
+    conditioning_data_dir: Path | None = None  # --masked_loss: a folder of mask images named like the images
     metadata_file: Path | None = None  # set for fine-tuning subsets (captions from a JSON file)
     name: str = "subset"  # where it came from, for messages: "datasets[0].subsets[1]"
 
@@ -230,17 +233,19 @@ ANY_LEVEL_KEYS: dict[str, Checker] = {
     "flip_aug": _bool,
     "color_aug": _bool,
     "random_crop": _bool,
+    "alpha_mask": _bool,
     "class_tokens": _str(allow_empty=True),
 }
 SUBSET_KEYS: dict[str, Checker] = {
     "image_dir": _path,
     "is_reg": _bool,
     "metadata_file": _path,
+    "conditioning_data_dir": _path,
 }
 # sd-scripts keys this toolkit does not implement: refusing them beats ignoring them silently.
 UNSUPPORTED_KEYS = frozenset({
     "token_warmup_min", "token_warmup_step",
-    "face_crop_aug_range", "alpha_mask", "cache_info", "conditioning_data_dir",
+    "face_crop_aug_range", "cache_info",
     "network_multiplier", "debug_dataset", "resize_interpolation", "custom_attributes",
 })  # fmt: skip
 

@@ -66,7 +66,7 @@ _RECORDED = ("max_grad_norm", "network_dropout", "multires_noise_iterations", "m
              "ip_noise_gamma_random_strength", "loss_type", "huber_schedule", "huber_scale", "huber_c",
              "scale_weight_norms", "max_token_length", "cache_latents", "gradient_checkpointing", "full_bf16",
              "full_fp16", "fp8_base", "max_train_epochs", "min_timestep", "max_timestep",
-             "scale_v_pred_loss_like_noise_pred", "adaptive_noise_scale", "face_crop_aug_range")
+             "scale_v_pred_loss_like_noise_pred", "adaptive_noise_scale", "face_crop_aug_range", "masked_loss")
 # Arguments read but never written as given: they are paths, and metadata holds no absolute paths.
 # vae becomes ss_vae_name (its basename, as sd-scripts); train_data_dir marks sd-scripts' legacy layout.
 _PATH_ARGUMENTS = ("vae", "train_data_dir")

@@ -78,6 +78,7 @@ def noise_settings(args: argparse.Namespace) -> NoiseSettings:
         noise_offset_random_strength=args.noise_offset_random_strength,
         adaptive_noise_scale=args.adaptive_noise_scale,
         v_pred_like_loss=args.v_pred_like_loss,
+        masked_loss=args.masked_loss,
         multires_noise_iterations=args.multires_noise_iterations,
         multires_noise_discount=args.multires_noise_discount,
         debiased_estimation_loss=args.debiased_estimation_loss,
@@ -122,6 +123,7 @@ def dataset_defaults(args: argparse.Namespace) -> DatasetDefaults:
         flip_aug=args.flip_aug,
         color_aug=args.color_aug,
         random_crop=args.random_crop,
+        alpha_mask=args.alpha_mask,
         train_data_dir=Path(args.train_data_dir) if args.train_data_dir else None,
         reg_data_dir=Path(args.reg_data_dir) if args.reg_data_dir else None,
         in_json=Path(args.in_json) if args.in_json else None,
@@ -353,7 +355,7 @@ def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: in
         cache_latents_to_disk=args.cache_latents_to_disk, barrier=accelerator.wait_for_everyone,
         vae_batch_size=args.vae_batch_size, device=accelerator.device,
         cache_text_encoder_outputs=args.cache_text_encoder_outputs,
-        accumulation=accelerator.gradient_accumulation_steps))
+        accumulation=accelerator.gradient_accumulation_steps, masked_loss=args.masked_loss))
     # torch's DataLoader draws its workers' base seed from the global RNG each time an epoch's iterator
     # starts, unless it has a generator of its own. A resumed run starts one right after the state restore,
     # which would shift every later draw from that RNG (LoRA dropout) away from the uninterrupted run.

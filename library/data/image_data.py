@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from library.data.images import ImageCaptionDataset, collate_fn
+from library.data.masks import to_latent_grid
 from library.data.sampler import EpochBatchSampler
 from library.dataset_config import DatasetGroupConfig, SubsetConfig
 from library.errors import UserError
@@ -41,6 +42,8 @@ class _Concat(torch.utils.data.Dataset):
         # (dataset, image) -> latent, and its mirror image's latent for flip_aug subsets
         self.latents: dict[tuple[int, int], torch.Tensor] | None = None
         self.flipped_latents: dict[tuple[int, int], torch.Tensor] = {}
+        # (dataset, image) -> loss mask on the latent grid, for subsets with masks (--masked_loss)
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return self.total
@@ -60,6 +63,8 @@ class _Concat(torch.utils.data.Dataset):
             job = (part_index, part.record_of(local))
             # the same per-sample flip decision as the pixel path (caption_item draws it)
             item["latents"] = self.flipped_latents[job] if item["flipped"] else self.latents[job]
+            if job in self.masks:  # the mirror image's mask is the mirrored mask, on the latent grid too
+                item["mask"] = self.masks[job].flip(-1) if item["flipped"] else self.masks[job]
         else:
             item = part[(epoch, local)]
         item["index"] = index
@@ -182,7 +187,19 @@ class ImageData:
             self._encode([job for job in jobs if self._flips(job)], encode, batch_size, device, flipped, flip=True)
         self.concat.latents = cache
         self.concat.flipped_latents = flipped
+        self.concat.masks = self._latent_masks(jobs, cache)
         self.loader = _make_loader(self.concat, self.sampler, 0, False)
+
+    def _latent_masks(self, jobs: list[tuple[int, int]],
+                      latents: dict[tuple[int, int], torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
+        """Each masked image's loss mask averaged onto its latent grid, as the uncached loss averages it: read
+        from the images (or mask files) each run, which costs a decode, not a VAE pass."""
+        masks = {}
+        for job in jobs:
+            mask = self.datasets[job[0]].record_mask(job[1])
+            if mask is not None:
+                masks[job] = to_latent_grid(mask[None], tuple(latents[job].shape[-2:]))[0]
+        return masks
 
     def _record(self, job: tuple[int, int]):
         return self.datasets[job[0]].records[job[1]]
@@ -291,6 +308,7 @@ def _subset_metadata(subset: SubsetConfig, img_count: int) -> dict[str, Any]:
         "is_reg": subset.is_reg, "class_tokens": subset.class_tokens,
         **({"metadata_file": subset.metadata_file.name} if subset.metadata_file else {}),
         "color_aug": subset.color_aug, "flip_aug": subset.flip_aug, "random_crop": subset.random_crop,
+        "alpha_mask": subset.alpha_mask,
         "shuffle_caption": subset.shuffle_caption, "keep_tokens": subset.keep_tokens,
         "keep_tokens_separator": subset.keep_tokens_separator,
         "caption_prefix": subset.caption_prefix, "caption_suffix": subset.caption_suffix,

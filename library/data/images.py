@@ -36,6 +36,7 @@ from library.data.captions import (
     read_caption_file,
     read_utf8,
 )
+from library.data.masks import has_mask, mask_files, mask_tensor
 from library.data.pixels import IMAGE_EXTENSIONS, load_image, probe_image, resize_and_crop, shift_hue, to_tensor
 from library.data.reg_balance import balance_reg_repeats
 from library.data.sampler import derive_seed
@@ -62,6 +63,7 @@ class ImageRecord:
     size: Size  # (width, height) after EXIF orientation
     subset_index: int
     bucket: Size = (0, 0)
+    mask_path: Path | None = None  # the subset's conditioning_data_dir mask (alpha_mask reads the image itself)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -247,6 +249,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             else:
                 images = _subset_images(subset)
                 captions = _side_captions(subset, images)
+            masks: list[Path | None] = (mask_files(subset.name, images, subset.conditioning_data_dir)
+                                        if subset.conditioning_data_dir is not None else [None] * len(images))
             held_out = _validation_part(len(images), self.config.validation_split, val_seed, index)
             keep = [i for i in range(len(images)) if (i in held_out) == (self.split == "validation")]
             sizes = _probe_all([images[i] for i in keep])
@@ -261,7 +265,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 logger.warning("skipping unreadable image %s (%s)", path, why)
             self.skipped += bad
             good = [
-                ImageRecord(images[i], captions[i], s, index)
+                ImageRecord(images[i], captions[i], s, index, mask_path=masks[i])
                 for i, s in zip(keep, sizes, strict=True)
                 if not isinstance(s, str)
             ]
@@ -286,7 +290,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                            "they train as a blur; replace or remove them: %s", self.config.name, len(tiny),
                            _TINY_UPSCALE, _TINY_UPSCALE, _names(tiny))  # fmt: skip
         return [
-            ImageRecord(r.path, r.caption, r.size, r.subset_index, bucket)
+            ImageRecord(r.path, r.caption, r.size, r.subset_index, bucket, r.mask_path)
             for r, bucket in zip(records, buckets, strict=True)
         ]
 
@@ -375,7 +379,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         tensor = to_tensor(image)
         if item["flipped"]:
             tensor = tensor.flip(-1)
+        if has_mask(subset):
+            item["mask"] = mask_tensor(record.path, record.mask_path, record.size, record.bucket, subset.random_crop,
+                                       (u_x, u_y), item["flipped"])
         return {"image": tensor, **item}
+
+    def record_mask(self, record_index: int) -> torch.Tensor | None:
+        """The loss mask of an image without augmentation (what a latent cache pairs with), or None."""
+        record = self.records[record_index]
+        if not has_mask(self.config.subsets[record.subset_index]):
+            return None
+        return mask_tensor(record.path, record.mask_path, record.size, record.bucket, False, (0.0, 0.0), False)
 
     def record_image(self, record_index: int) -> torch.Tensor:
         """An image without augmentation (centre crop, no flip): what a latent cache encodes."""
@@ -441,7 +455,7 @@ def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     buckets = {item["bucket"] for item in items}
     if len(buckets) != 1:
         raise ValueError(f"a batch mixes buckets {sorted(buckets)}; use EpochBatchSampler")
-    return {
+    batch = {
         "images": torch.stack([item["image"] for item in items]),
         "captions": [item["caption"] for item in items],
         "is_reg": torch.tensor([item["is_reg"] for item in items], dtype=torch.bool),
@@ -451,3 +465,8 @@ def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "original_sizes": [item["original_size"] for item in items],
         "crop_top_lefts": [item["crop_top_left"] for item in items],
     }
+    masks = [item.get("mask") for item in items]
+    if any(mask is not None for mask in masks):  # samples of subsets without masks train everywhere
+        shape = next(mask for mask in masks if mask is not None).shape
+        batch["masks"] = torch.stack([torch.ones(shape) if mask is None else mask for mask in masks])
+    return batch

@@ -37,6 +37,7 @@ class DataRequest:
     device: Any = None
     cache_text_encoder_outputs: bool = False  # encode each fixed caption once (frozen text encoders)
     accumulation: int = 1  # gradient_accumulation_steps: the sampler groups each optimizer step's batches
+    masked_loss: bool = False  # image datasets: load the subsets' loss masks (alpha_mask, conditioning_data_dir)
 
 
 class TrainData(Protocol):

@@ -45,6 +45,7 @@ class NoiseSettings:
     prior_loss_weight: float = 1.0
     v_parameterization: bool = False
     v_pred_like_loss: float | None = None
+    masked_loss: bool = False  # weigh the element loss by the batch's "masks" (library/data/masks.py)
 
 
 def sample_keys(seed: int, epoch: int, indices: torch.Tensor, purpose: int) -> list[tuple[int, ...]]:
@@ -143,10 +144,12 @@ def huber_c_at(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, huber_c: f
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
-                    huber_c: float | torch.Tensor) -> torch.Tensor:
+                    huber_c: float | torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Element loss averaged over all but the batch dimension, in float32.
 
     ``huber_c`` is one number, or one per sample (a tensor of the batch size, see :func:`huber_c_at`).
+    ``mask`` ([B, 1, H, W], 0..1, pixel or latent grid) weighs each latent position before the mean, as
+    sd-scripts' ``--masked_loss`` does: the mean stays over every position, so a masked-out area adds nothing.
     """
     pred, target = pred.float(), target.float()
     if isinstance(huber_c, torch.Tensor):
@@ -161,6 +164,10 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
         loss = 2 * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
+    if mask is not None:
+        from library.data.masks import to_latent_grid
+
+        loss = loss * to_latent_grid(mask.to(loss.device), tuple(loss.shape[-2:])).float()
     return loss.mean(dim=tuple(range(1, loss.ndim)))
 
 
@@ -216,12 +223,14 @@ def debiased_weight(snr_t: torch.Tensor, v_prediction: bool) -> torch.Tensor:
 def denoising_loss(
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor, indices: torch.Tensor,
     is_reg: torch.Tensor, seed: int, epoch: int, scheduler: Any, s: NoiseSettings,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One diffusion training loss: noise the latents at per-sample timesteps, predict, weight.
 
     ``predict(noisy_latents, timesteps)`` is the model call (the families add their conditioning);
     the target is the noise, or the velocity ``sqrt(a) · noise - sqrt(1 - a) · latents`` for v-prediction
     (with ``ip_noise_gamma`` the input is noised with the perturbed noise, the target keeps the plain one).
+    ``mask``: the batch's loss masks, used with ``s.masked_loss``.
     """
     noise, timesteps = draw_noise_and_timesteps(latents, seed, epoch, indices, s)
     noisy = scheduler.add_noise(latents, perturbed_noise(noise, seed, epoch, indices, s), timesteps)
@@ -229,5 +238,5 @@ def denoising_loss(
     pred = predict(noisy, timesteps)
     huber_c = (huber_c_at(timesteps, scheduler.alphas_cumprod, s.huber_c, s.huber_schedule, s.huber_scale)
                if s.loss_type in HUBER_LOSSES else s.huber_c)
-    losses = per_sample_loss(pred, target, s.loss_type, huber_c)
+    losses = per_sample_loss(pred, target, s.loss_type, huber_c, mask if s.masked_loss else None)
     return weighted_loss(losses, is_reg, timesteps, scheduler.alphas_cumprod, s)

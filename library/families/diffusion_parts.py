@@ -81,10 +81,34 @@ def image_dataset_config(request: DataRequest):
     from library.dataset_config import config_from_train_data_dir, load_dataset_config
 
     if request.dataset_config:
-        return load_dataset_config(Path(request.dataset_config), request.defaults)
-    if request.defaults.train_data_dir is not None:
-        return config_from_train_data_dir(request.defaults)
-    raise UserError("No training data: give --dataset_config (a TOML) or --train_data_dir.")
+        config = load_dataset_config(Path(request.dataset_config), request.defaults)
+    elif request.defaults.train_data_dir is not None:
+        config = config_from_train_data_dir(request.defaults)
+    else:
+        raise UserError("No training data: give --dataset_config (a TOML) or --train_data_dir.")
+    return with_loss_masks(config, request.masked_loss)
+
+
+def with_loss_masks(config: Any, masked_loss: bool) -> Any:
+    """``config`` as ``--masked_loss`` uses it: masks required with it, and left unread without it."""
+    import dataclasses
+    import logging
+
+    from library.data.masks import has_mask
+
+    masked = [subset.name for dataset in config.datasets for subset in dataset.subsets if has_mask(subset)]
+    if masked_loss and not masked:
+        raise UserError(f"--masked_loss: no subset of {config.source or 'the dataset'} has a mask. Set alpha_mask = "
+                        "true (each image's transparency) or conditioning_data_dir (a folder of mask images named "
+                        "like the images) in the dataset TOML, or pass --alpha_mask.")
+    if masked_loss or not masked:
+        return config
+    logging.getLogger(__name__).warning(
+        "%s: alpha_mask / conditioning_data_dir without --masked_loss: the masks are not used", ", ".join(masked))
+    datasets = tuple(dataclasses.replace(d, subsets=tuple(
+        dataclasses.replace(s, alpha_mask=False, conditioning_data_dir=None) for s in d.subsets))
+        for d in config.datasets)
+    return dataclasses.replace(config, datasets=datasets)
 
 
 def build_images(request: DataRequest, config: Any,

@@ -43,7 +43,7 @@ IMAGE_ONLY_ARGUMENTS = (
     "multires_noise_iterations", "v_pred_like_loss",
     "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength",
     "min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "zero_terminal_snr",
-    "min_timestep", "max_timestep", "sample_sampler",
+    "min_timestep", "max_timestep", "sample_sampler", "masked_loss", "alpha_mask",
 )  # fmt: skip
 
 

@@ -179,4 +179,5 @@ class SDFamily:
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             return self.unet(noisy.to(dtype), timesteps, context).sample
 
-        return denoising_loss(predict, latents, indices, batch["is_reg"], self.seed, epoch, self.scheduler, self.noise)
+        return denoising_loss(predict, latents, indices, batch["is_reg"], self.seed, epoch, self.scheduler, self.noise,
+                              batch.get("masks"))

@@ -265,4 +265,5 @@ class SDXLFamily:
             return self.unet(noisy.to(dtype), timesteps, context.to(self.unet.device, dtype),
                              added_cond_kwargs=conditioning).sample
 
-        return denoising_loss(predict, latents, indices, batch["is_reg"], self.seed, epoch, self.scheduler, self.noise)
+        return denoising_loss(predict, latents, indices, batch["is_reg"], self.seed, epoch, self.scheduler, self.noise,
+                              batch.get("masks"))
