@@ -1,16 +1,23 @@
 """Checks of train_network.py's arguments that argparse cannot express: ranges, combinations, no-op switches.
 
 They run right after parsing, so a bad value stops the run before anything loads (library/args.py defines the
-arguments themselves).
+arguments themselves). ``check_sd_sides`` is the exception: the image sides an SD 1.x/2.x model can take depend
+on its VAE and UNet, so the family calls it once they are loaded, as SDXL's ``check_sides``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Mapping
+from typing import Any
 
 from library.accelerator import check_trackers_installed, effective_log_with
 from library.args import NO_OP_ARGUMENTS, NOT_IMPLEMENTED_YET
+from library.dataset_config import DatasetGroupConfig, parse_resolution
 from library.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def no_op_notes(values: dict[str, object]) -> list[str]:
@@ -41,6 +48,8 @@ def check_ranges(args: argparse.Namespace) -> None:
     lrs = args.text_encoder_lr if isinstance(args.text_encoder_lr, list) else [args.text_encoder_lr]
     if any(lr is not None and lr < 0 for lr in lrs):
         raise UserError(f"--text_encoder_lr {args.text_encoder_lr}: a learning rate must be at least 0.")
+    if args.resolution is not None:  # "abc" or "512,x": said now, not after the model has loaded
+        parse_resolution(args.resolution)
 
 
 def check_data_sources(args: argparse.Namespace) -> None:
@@ -91,3 +100,53 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         raise UserError(f"--log_with {args.log_with} needs --logging_dir (where the tensorboard logs go).")
     check_trackers_installed(effective_log_with(args.log_with, args.logging_dir))
+
+
+def check_sd_sides(config: DatasetGroupConfig, unet_config: Mapping[str, Any], pixels_per_latent: int) -> None:
+    """SD 1.x/2.x: refuse image sides the VAE and UNet cannot take; warn of a resolution far below the native one.
+
+    A side must be a whole number of latents (the VAE turns ``pixels_per_latent`` pixels into one: 8 for the
+    released models), and at least one latent must be left after the UNet's last downsampling (each down block
+    but the last halves the latents: 64 px for SD 1.5). Off those sides the VAE rounds and the UNet interpolates
+    its skip connections to fit, so training runs on silently misaligned latents instead of failing (sd-scripts
+    likewise requires bucket steps that are multiples of 64). ``unet_config``: the loaded UNet's config.
+    """
+    factor = pixels_per_latent
+    smallest = factor * 2 ** (len(unet_config["down_block_types"]) - 1)
+    sample = unet_config.get("sample_size")
+    native = factor * (sample if isinstance(sample, int) else min(sample)) if sample else None
+    for dataset in config.datasets:
+        where = dataset.name if dataset.name == config.source else f"{config.source}: {dataset.name}"
+        (w, h), fix = dataset.resolution, "resolution in the dataset TOML, else --resolution"
+        if w % factor or h % factor:
+            down, up = (f"{w // factor * factor or factor}x{h // factor * factor or factor}",
+                        f"{-(-w // factor) * factor}x{-(-h // factor) * factor}")
+            raise UserError(f"{where}: resolution {w}x{h} is not a multiple of {factor} on both sides (the VAE "
+                            f"encodes {factor}x{factor} pixels into one latent); use e.g. {down} or {up} ({fix}).")
+        if min(w, h) < smallest:
+            raise UserError(f"{where}: resolution {w}x{h} is below {smallest} px, the smallest side this model's "
+                            f"UNet can downsample ({factor} px per latent, times 2 for each of its "
+                            f"{len(unet_config['down_block_types']) - 1} downsampling steps); use {smallest} or more "
+                            f"({fix}).")
+        if dataset.enable_bucket:
+            check_bucket_sides(dataset, where, factor, smallest)
+        if native and w * h * 4 < native * native:
+            logger.warning("%s: resolution %dx%d is less than half this model's native %d px per side; it can "
+                           "train at that size, but learns little detail there (usual: %d).", where, w, h, native,
+                           native)
+
+
+def check_bucket_sides(dataset: Any, where: str, factor: int, smallest: int) -> None:
+    """Bucket sides count up from min_bucket_reso in bucket_reso_steps and stop at max_bucket_reso, so all three
+    must be whole latents; the smallest bucket side is min_bucket_reso (one step with bucket_no_upscale)."""
+    keys = ("bucket_reso_steps", "max_bucket_reso") + (() if dataset.bucket_no_upscale else ("min_bucket_reso",))
+    for key in keys:  # bucket_no_upscale ignores min_bucket_reso
+        if getattr(dataset, key) % factor:
+            raise UserError(f"{where}: {key} = {getattr(dataset, key)} is not a multiple of {factor}, so buckets "
+                            f"would have sides the VAE cannot encode (it turns {factor} pixels into one latent); "
+                            f"use a multiple of {factor} (64 is usual), in the dataset TOML or as --{key}.")
+    key = "bucket_reso_steps" if dataset.bucket_no_upscale else "min_bucket_reso"
+    if getattr(dataset, key) < smallest:
+        raise UserError(f"{where}: {key} = {getattr(dataset, key)} allows buckets with sides below {smallest} px, "
+                        f"the smallest this model's UNet can downsample; use {smallest} or more, in the dataset "
+                        f"TOML or as --{key}.")

@@ -322,25 +322,19 @@ class _Reporter:
 
     def unknown_key(self, where: str, level: str, key: str) -> UserError:
         path = f"{where}.{key}"
-        if key in _llm_only_keys():  # this parser only sees the dataset TOMLs of SD / SDXL runs
-            return self.error(path, f"'{key}' is an LLM dataset key: {self.source} is a dataset config for a causal "
-                              "LM (text), but the model is a diffusion model (SD/SDXL), which trains on images; "
-                              "give an image dataset TOML (image_dir subsets, see the README's Dataset TOML "
-                              "reference) or an LLM as --pretrained_model_name_or_path")
+        from library.data import text_config  # imported here: it builds on this module
+
+        llm_keys = {*text_config.DATASET_KEYS, *text_config.ANY_LEVEL_KEYS, *text_config.SUBSET_KEYS}
+        if key in llm_keys - _ALL_CHECKERS.keys():  # this module parses the dataset TOMLs of SD / SDXL runs only
+            return self.error(path, f"'{key}' is an LLM dataset key: {self.source} is a dataset config for a causal LM "
+                              "(text), but the model is a diffusion model (SD/SDXL), which trains on images; give an "
+                              "image dataset TOML (image_dir subsets) or an LLM as --pretrained_model_name_or_path")
         if key in UNSUPPORTED_KEYS:
             return self.error(path, "this sd-scripts key is not supported by this toolkit; remove it")
         if any(key in keys for keys in _LEVEL_KEYS.values()):
             hint = "[general] or [[datasets]]" if key in DATASET_KEYS else "[[datasets.subsets]]"
             return self.error(path, f"'{key}' is not allowed in a {level} table; put it in {hint}")
         return self.error(path, f"unknown key '{key}'{did_you_mean(key, _LEVEL_KEYS[level])}")
-
-
-def _llm_only_keys() -> set[str]:
-    """Keys of the LLM dataset TOML (library/data/text_config.py) that an image dataset TOML never has."""
-    from library.data import text_config  # imported here: text_config builds on this module
-
-    llm = set(text_config.DATASET_KEYS) | set(text_config.ANY_LEVEL_KEYS) | set(text_config.SUBSET_KEYS)
-    return llm - set(_ALL_CHECKERS)
 
 
 def _checked_table(table: Any, where: str, level: str, report: _Reporter) -> dict[str, Any]:

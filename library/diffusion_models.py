@@ -72,12 +72,25 @@ class DiffusionModels:
     def is_sdxl(self) -> bool:
         return len(self.text_encoders) == 2
 
-    def base_model_version(self) -> str:
-        """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v or sdxl_base_v1-0."""
+    @property
+    def is_v2(self) -> bool:
+        """SD 2.x: its UNet projects attention in and out with Linear layers, SD 1.x with 1x1 convs.
+
+        That flag follows the weights' shapes (a Linear proj_in is [out, in], a conv one [out, in, 1, 1]), so
+        it holds at any size, tiny test models included. The text encoder's width (1024 for OpenCLIP ViT-H)
+        holds only at full size, and the scheduler's prediction_type tells SD 2.x 768-v from 512-base, not
+        SD 2 from SD 1.
+        """
+        return not self.is_sdxl and bool(self.unet.config.get("use_linear_projection"))
+
+    def base_model_version(self, v2: bool = False, v_prediction: bool = False) -> str:
+        """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v or sdxl_base_v1-0; ``v2`` and
+        ``v_prediction`` force what the configs would otherwise decide."""
         if self.is_sdxl:
             return SDXL_VERSION
-        v2 = self.text_encoders[0].config.hidden_size == 1024
-        return ("sd_v2_v" if self.v_prediction else "sd_v2") if v2 else "sd_v1"
+        if not (v2 or self.is_v2):
+            return "sd_v1"
+        return "sd_v2_v" if v_prediction or self.v_prediction else "sd_v2"
 
     @property
     def v_prediction(self) -> bool:

@@ -11,6 +11,8 @@ rank (alpha = rank, scale 1) and the relative error ‖ΔW - ΔW_r‖/‖ΔW‖ 
 whose difference is at most --min_diff everywhere are left out. The file uses the same kohya
 names as networks.lora (for SDXL: the UNet's original SGM block names and ``lora_te1_`` /
 ``lora_te2_``), so it loads in the trainer (--network_weights), diffusers, ComfyUI and A1111.
+The family written in the metadata comes from the folders (SD 2.x: the UNet's linear attention projections);
+sd-scripts' --v2 and --v_parameterization force SD 2.x / v-prediction, --sdxl is checked against the folder.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from library.diffusion_models import DiffusionModels, load_models, matched_targets  # noqa: E402
+from library.diffusion_models import (  # noqa: E402
+    DiffusionModels,
+    check_folder,
+    is_sdxl_folder,
+    load_models,
+    matched_targets,
+)
 from library.errors import UserError  # noqa: E402
 from library.lora_files import PRECISIONS, check_new_output, save_kohya_file  # noqa: E402
 from library.metadata import minimal_metadata, modelspec_architecture, modelspec_metadata  # noqa: E402
@@ -50,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="leave out modules whose largest |ΔW| entry is at most this (default 0: unchanged only)",
     )
+    family = p.add_mutually_exclusive_group()  # sd-scripts' names; here the folders tell, these override or check
+    family.add_argument("--v2", action="store_true",
+                        help="the models are SD 2.x (default: detected from the UNet's use_linear_projection)")
+    family.add_argument("--sdxl", action="store_true", help="the models are SDXL (default: detected; checked)")
+    p.add_argument("--v_parameterization", action="store_true",
+                   help="mark the LoRA as v-prediction (default: the base model's scheduler config)")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_to")
     return p
@@ -72,8 +86,18 @@ def extract(
     return state, reports, unchanged
 
 
+def check_family_flags(args: argparse.Namespace) -> None:
+    """--sdxl / --v2 against what the base folder is (before any weights load)."""
+    sdxl = is_sdxl_folder(check_folder(args.model_org, "model_org"))
+    if args.sdxl and not sdxl:
+        raise UserError(f"--sdxl: {args.model_org} is an SD 1.x/2.x folder (no text_encoder_2); leave --sdxl out "
+                        "(add --v2 for SD 2.x)")
+    if args.v2 and sdxl:
+        raise UserError(f"--v2: {args.model_org} is an SDXL folder; leave --v2 out")
+
+
 def output_metadata(args: argparse.Namespace, base: DiffusionModels) -> dict:
-    version = base.base_model_version()
+    version = base.base_model_version(args.v2, args.v_parameterization)
     net_args = {"conv_dim": args.conv_dim, "conv_alpha": args.conv_dim} if args.conv_dim else {}
     meta = minimal_metadata(version, "networks.lora", args.dim, float(args.dim), net_args)
     if args.no_metadata:
@@ -81,7 +105,7 @@ def output_metadata(args: argparse.Namespace, base: DiffusionModels) -> dict:
     meta["ss_training_comment"] = f"extracted from {Path(args.model_tuned).name} - {Path(args.model_org).name}"
     side = int(base.unet.config.sample_size) * 8
     meta.update(modelspec_metadata(modelspec_architecture(version), Path(args.save_to).stem, (side, side),
-                                   "v" if base.v_prediction else "epsilon"))  # fmt: skip
+                                   "v" if args.v_parameterization or base.v_prediction else "epsilon"))  # fmt: skip
     return meta
 
 
@@ -91,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):
             raise UserError("--dim and --conv_dim must be at least 1")
         check_new_output(args.save_to, args.overwrite)
+        check_family_flags(args)
         base = load_models(args.model_org, "model_org")
         tuned = load_models(args.model_tuned, "model_tuned")
         pairs = list(matched_targets(base, tuned, include_conv=args.conv_dim is not None))

@@ -182,6 +182,17 @@ def suggestions(plan: PlanInput, vram_gib: float, family: str = "sd") -> list[tu
     return out
 
 
+def gib(text: str) -> float:
+    """--vram: a positive, finite number of GiB (argparse reports the error with the option's name)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):  # also refuses nan, which every comparison would treat as "does not fit"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU memory size; give a positive number of GiB, e.g. 12")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True,
@@ -206,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as for train_network.py; with unet/config.json it describes a single file's architecture")
     p.add_argument("--allow_pickle", action="store_true", help="read .ckpt/.pt single files (tensors only)")
     p.add_argument("--optimizer_type", default="AdamW")
-    p.add_argument("--vram", type=float, default=None, help="GPU memory in GiB: suggest switches to fit it")
+    p.add_argument("--vram", type=gib, default=None, help="GPU memory in GiB: suggest switches to fit it")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 

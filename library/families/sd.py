@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from library.arg_checks import check_sd_sides
 from library.errors import UserError
 from library.families import DataRequest
 from library.families.diffusion import NoiseSettings, denoising_loss
@@ -106,7 +107,9 @@ class SDFamily:
         if request.cache_text_encoder_outputs:
             raise UserError("--cache_text_encoder_outputs is for SDXL (as in sd-scripts); SD 1.x/2.x encodes "
                             "captions with one small text encoder per step. Remove the option.")
-        return build_images(request, image_dataset_config(request), self.encode_images)
+        config = image_dataset_config(request)
+        check_sd_sides(config, self.unet.config, self.latent_scale)
+        return build_images(request, config, self.encode_images)
 
     def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
         network.save_weights(str(path), dtype, metadata)
