@@ -77,9 +77,14 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     refuse_to_replace(output_dir, output_name, args.resume, args.overwrite)
     seed = setup.run_seed(args.seed, args.resume, output_dir, accelerator)
     torch.manual_seed(seed)
-    # Read now, so that a bad prompt file stops the run before the model loads.
+    # Read now, so that a bad prompt file stops the run before the model loads; without a cadence nothing is
+    # sampled, so the file is not read at all (as sd-scripts; the kohya_ss GUI always names one).
+    sampling = args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first
     prompt_source = (PromptSource(Path(args.sample_prompts), args.sample_sampler, args.zero_terminal_snr)
-                     if args.sample_prompts else None)
+                     if args.sample_prompts and sampling else None)
+    if args.sample_prompts and not sampling:
+        log("note: --sample_prompts samples nothing without --sample_every_n_steps, --sample_every_n_epochs "
+            "or --sample_at_first; the prompt file is not read")
     prompts = prompt_source.load() if prompt_source else []
 
     # --- model, data, network, optimizer -------------------------------------------------------

@@ -247,8 +247,8 @@ def load_prompts(path: str | Path, default_sampler: str = "ddim",
         for i, (entry, where) in enumerate(entries):
             make = parse_prompt_line if isinstance(entry, str) else prompt_from_dict
             prompts.append(make(entry, where, i))
-    if not prompts:
-        raise UserError(f"--sample_prompts: {path} holds no prompts.")
+    # An empty file is no error: the kohya_ss GUI writes one when no prompts were entered, and a run re-reads it
+    # when it changes, so prompts can be added later (the caller says that nothing is sampled meanwhile).
     if zero_terminal_snr:
         uses_default = any(not p.sample_sampler for p in prompts)
         for where, sampler in [(p.where, p.sample_sampler) for p in prompts if p.sample_sampler] + (

@@ -200,7 +200,9 @@ class TrainingSamples:
         self.texts, self.log = texts, log
         self._note_image_only_options(prompts)
         cadence = schedule.every_n_steps or schedule.every_n_epochs or schedule.at_first
-        if not prompts and cadence:
+        if not prompts and cadence and source is not None:
+            log(f"note: {source.path} holds no prompts: nothing is sampled until prompts are added to it")
+        elif not prompts and cadence:
             log("note: --sample_every_n_steps / --sample_every_n_epochs / --sample_at_first do nothing "
                 "without --sample_prompts")
         if prompts and not cadence:

@@ -71,7 +71,6 @@ def test_json_prompt_list_of_objects_and_lines(tmp_path):
     ("p.txt", "bad --ss eulr_a\n", "line 1: unknown sampler 'eulr_a' (did you mean 'euler_a'?)"),
     ("p.txt", "bad --s 0\n", "line 1: sample_steps = 0 is out of range"),
     ("p.txt", "bad --n\n", "line 1: --n needs a value"),
-    ("p.txt", "# only a comment\n", "holds no prompts"),
     ("p.toml", '[[prompt]]\nprompt = "a"\n\n[[prompt]]\nprompt = "b"\nwidht = 5\n',
      "p.toml, line 4: unknown key 'widht' (did you mean 'width'?)"),
     ("p.toml", '[[prompt]]\nprompt = "a"\nseed = "x"\n', "line 1: seed = 'x' must be a whole number"),
@@ -251,7 +250,7 @@ def test_a_bad_prompt_file_stops_the_run_before_training(tmp_path, tiny_sd_dir, 
     prompts.write_text("fine\nsks --w 64 --hh 64\n")
     out = tmp_path / "out"
     assert _run(tiny_sd_dir, _data_toml(tmp_path, tiny_images), out, "--max_train_steps", "1",
-                "--sample_prompts", str(prompts)) == 2
+                "--sample_prompts", str(prompts), "--sample_every_n_steps", "1") == 2
     assert "prompts.txt, line 2: unknown option '--hh' (did you mean '--h'?)" in capsys.readouterr().err
     assert not (out / "lora.safetensors").exists()
 
@@ -411,3 +410,28 @@ def test_an_edit_while_the_model_loads_is_picked_up_at_the_first_sampling(tmp_pa
     samples.maybe_sample(2)
     assert sampled == [["edited"], ["edited"]]
     assert sum("read again" in line for line in logged) == 1
+
+
+def test_an_empty_prompt_file_samples_nothing_until_prompts_are_added(tmp_path):
+    from library.sampling import PromptSource, TrainingSamples
+
+    path = tmp_path / "prompt.txt"
+    path.write_text("# the kohya_ss GUI writes this file even with no prompts\n")
+    assert load_prompts(path) == []
+    logged: list[str] = []
+    family = type("Family", (), {"sample_pipeline": None, "name": "sd"})()
+    samples = TrainingSamples(PromptSource(path), SampleSchedule(every_n_steps=1), accelerator=_OneProcess(),
+                              family=family, network=torch.nn.Linear(1, 1), folder=tmp_path, output_name="x",
+                              seed=0, log=logged.append)
+    assert samples.prompts == [] and any("holds no prompts: nothing is sampled" in line for line in logged)
+    path.write_text("now a prompt\n")
+    samples.refresh_prompts()
+    assert [p.prompt for p in samples.prompts] == ["now a prompt"]
+
+
+def test_without_a_cadence_the_prompt_file_is_not_read(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    out = tmp_path / "out"
+    # sd-scripts reads the file only when a sample is due; the GUI names a file in every config
+    assert _run(tiny_sd_dir, _data_toml(tmp_path, tiny_images), out, "--max_train_steps", "1",
+                "--sample_prompts", str(tmp_path / "never-written.txt")) == 0
+    assert "the prompt file is not read" in capsys.readouterr().out
