@@ -308,3 +308,11 @@ def test_one_text_encoder_learning_rate_per_encoder(tmp_path, model_dir, tiny_im
              for prefix in ("lora_te1_", "lora_te2_")}
     assert moved == {"lora_te1_": False, "lora_te2_": True}  # encoder 1 frozen at 0, encoder 2 trained
     assert safe_open(str(out / "xl.safetensors"), "pt").metadata()["ss_text_encoder_lr"] == "[0.0, 0.01]"
+
+
+def test_clip_skip_1_is_ignored_with_a_warning_and_others_refused(model_dir, caplog):
+    # The kohya_ss GUI writes clip_skip = 1 (its slider's default) for SDXL runs too; sd-scripts ignores it there.
+    family = load_family("sdxl", str(model_dir), noise=NoiseSettings(), seed=0, clip_skip=1)
+    assert family is not None and "--clip_skip 1 is ignored for SDXL" in caplog.text
+    with pytest.raises(UserError, match="--clip_skip 3: SDXL always uses the penultimate"):
+        load_family("sdxl", str(model_dir), noise=NoiseSettings(), seed=0, clip_skip=3)

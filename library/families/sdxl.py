@@ -13,6 +13,7 @@ What differs from SD 1.x/2.x (sd.py), and only that, lives here:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,11 @@ class SDXLFamily:
 
         if v2:
             raise UserError("--v2 selects an SD 2.x model; it does not apply to SDXL (--model_type sdxl).")
-        if clip_skip not in (None, 2):
+        if clip_skip == 1:  # the kohya_ss GUI's default, written for SDXL runs too; sd-scripts ignores it there
+            logging.getLogger(__name__).warning(
+                "--clip_skip 1 is ignored for SDXL: it always uses the penultimate text encoder layer, as it was "
+                "trained; leave --clip_skip out.")
+        elif clip_skip not in (None, 2):
             raise UserError(f"--clip_skip {clip_skip}: SDXL always uses the penultimate text encoder layer, as it "
                             "was trained (that is --clip_skip 2); leave --clip_skip out.")
         root = Path(model_path)
