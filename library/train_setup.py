@@ -8,7 +8,6 @@ except the few adapters at the top that translate arguments into those values.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +21,15 @@ from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
 from library.families import some_parameters_may_go_unused
 from library.families.diffusion import NoiseSettings
-from library.step_controls import check_max_norm_support
+
+# the network's setup lives in library/network_setup.py; these names stay importable from here
+from library.network_setup import (  # noqa: F401
+    LORAPLUS_ARGS,
+    build_network,
+    import_network_module,
+    loraplus_ratios,
+    network_args_dict,
+)
 
 
 def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
@@ -129,29 +136,6 @@ def dataset_defaults(args: argparse.Namespace) -> DatasetDefaults:
         in_json=Path(args.in_json) if args.in_json else None,
         dataset_repeats=args.dataset_repeats,
     )
-
-
-def import_network_module(name: str):
-    """Import a --network_module and check it provides kohya's contract (CONTRACTS.md §5)."""
-    try:
-        module = importlib.import_module(name)
-    except ImportError as e:
-        raise UserError(f"--network_module {name}: cannot import it ({e}).") from None
-    for required in ("create_network", "create_network_from_weights"):
-        if not hasattr(module, required):
-            raise UserError(f"--network_module {name} has no {required}(); it must provide kohya's network API.")
-    return module
-
-
-def network_args_dict(items: list[str] | None) -> dict[str, str]:
-    """``--network_args k=v ...`` as strings, which is how network modules receive them."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--network_args: '{item}' is not key=value.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
 
 
 class TrainingModule(torch.nn.Module):
@@ -363,61 +347,6 @@ def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: in
         if loader is not None and getattr(loader, "generator", None) is None:
             loader.generator = torch.Generator().manual_seed(seed)
     return data
-
-
-def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torch.nn.Module, dict[str, str]]:
-    """Create the network by --network_module, wrap the family's modules, load --network_weights."""
-    module = import_network_module(args.network_module)
-    net_kwargs = network_args_dict(args.network_args)
-    vae, text_encoder, unet = family.network_inputs()
-    if args.network_weights and args.dim_from_weights:
-        network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
-                                                        neuron_dropout=args.network_dropout, **net_kwargs)
-    else:
-        network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
-                                        neuron_dropout=args.network_dropout, **net_kwargs)
-    network.apply_to(text_encoder, unet, not args.network_train_unet_only, not args.network_train_text_encoder_only)
-    plus = loraplus_ratios(net_kwargs, {key: getattr(args, key) for key in LORAPLUS_ARGS})
-    if plus is not None:
-        if not callable(getattr(network, "set_loraplus_lr_ratio", None)):
-            raise UserError(f"--loraplus_*_ratio: the network of --network_module {args.network_module} has no "
-                            "set_loraplus_lr_ratio(); LoRA+ is not supported by it.")
-        network.set_loraplus_lr_ratio(*plus)
-    check_max_norm_support(network, args.scale_weight_norms, args.network_module)
-    if args.network_weights:  # continue training from a LoRA file (its shapes must match)
-        network.load_weights(args.network_weights)
-        log(f"loaded LoRA weights from {args.network_weights}")
-    if args.full_bf16 or args.full_fp16:
-        network.to(torch.bfloat16 if args.full_bf16 else torch.float16)
-    network.prepare_grad_etc(text_encoder, unet)
-    return network, net_kwargs
-
-
-LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-
-
-def loraplus_ratios(net_kwargs: dict[str, str], cli: dict[str, float | None]) -> tuple[float | None, ...] | None:
-    """The command line's LoRA+ ratios, each used where ``--network_args`` does not set the same key.
-
-    None when the command line gives none. One key with two different values is an error.
-    """
-    if all(value is None for value in cli.values()):
-        return None
-    merged: list[float | None] = []
-    for key, value in cli.items():
-        given = net_kwargs.get(key, "").strip()
-        if given.lower() in ("", "none"):
-            merged.append(value)
-            continue
-        try:
-            from_args = float(given)
-        except ValueError:
-            raise UserError(f"--network_args {key}={given!r}: expected a number") from None
-        if value is not None and value != from_args:
-            raise UserError(f"The LoRA+ ratio {key} is given twice with different values: --network_args "
-                            f"{key}={given} and --{key} {value}; keep one.")
-        merged.append(from_args)
-    return tuple(merged)
 
 
 def validation_loss(family: Any, network: torch.nn.Module, loader: Any, accelerator: Any,

@@ -1,0 +1,28 @@
+"""library/network_setup.py: another package's failure as one clear error; empty --network_args."""
+
+from __future__ import annotations
+
+import pytest
+
+from library.errors import UserError
+from library.network_setup import network_args_dict, third_party_errors
+
+
+def test_a_failure_inside_another_package_names_it_and_its_version():
+    with pytest.raises(UserError) as e, third_party_errors("lycoris.kohya"):
+        raise AssertionError("duplicated lora name: lora_unet_time_embedding_linear_1")
+    message = str(e.value)
+    assert "--network_module lycoris.kohya failed while building the network, inside lycoris" in message
+    assert "AssertionError: duplicated lora name" in message and "preset=attn-mlp" in message
+
+
+def test_this_projects_own_modules_keep_their_traceback():
+    with pytest.raises(ZeroDivisionError), third_party_errors("networks.lora"):
+        raise ZeroDivisionError
+
+
+def test_empty_network_args_items_are_no_arguments():
+    assert network_args_dict([""]) == {}  # the kohya_ss GUI writes network_args = ""
+    assert network_args_dict(["conv_dim=4", " "]) == {"conv_dim": "4"}
+    with pytest.raises(UserError, match="'conv_dim' is not key=value"):
+        network_args_dict(["conv_dim"])
