@@ -1,4 +1,4 @@
-"""The ``--dataset_config`` TOML (kohya's schema) and the legacy ``--train_data_dir`` layout.
+"""The ``--dataset_config`` file (kohya's schema, TOML or JSON) and the legacy ``--train_data_dir`` layout.
 
 Both become the same frozen dataclasses: a ``DatasetGroupConfig`` holding ``DatasetConfig``s
 holding ``SubsetConfig``s. A value is looked up subset → dataset → ``[general]`` → command
@@ -7,22 +7,37 @@ line, as in sd-scripts (CONTRACTS.md §2).
 
 Unlike sd-scripts, every value is type-checked where it is written, and every rejected key or
 value is reported with the file, the key path (``datasets[0].subsets[1].num_repeats``), the
-value and what was expected.
+value and what was expected. Reading the file and the value checkers are in
+``library/data/config_checks.py``; the ``N_name`` folder layout is in ``library/data/folder_layout.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
-import tomllib
+import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from library.data.captions import CaptionOptions
+from library.data.config_checks import (
+    Checker,
+    Reporter,
+    _Bad,
+    _bool,
+    _fraction,
+    _int,
+    _optional_int,
+    _path,
+    _resolution,
+    _str,
+    _toml_repr,
+    read_config_file,
+)
 from library.errors import UserError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,10 @@ class DatasetDefaults:
     reg_data_dir: Path | None = None
     in_json: Path | None = None  # with train_data_dir: one fine-tuning subset (sd-scripts' fine-tune layout)
     dataset_repeats: int = 1  # its repeats (sd-scripts' --dataset_repeats)
+    skip_image_resolution: tuple[int, int] | None = None  # images of at most this area are left out
+    # Where each value came from, by field name ("command line", "config file x.toml", "default"), so that
+    # an error about a value can name its real source; a field left out is "command line or default".
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,7 @@ class DatasetConfig:
     bucket_no_upscale: bool = False
     validation_split: float = 0.0
     validation_seed: int | None = None
+    skip_image_resolution: tuple[int, int] | None = None  # (width, height): images of at most its area are skipped
     name: str = "dataset"
 
 
@@ -136,73 +156,6 @@ class DatasetConfig:
 class DatasetGroupConfig:
     datasets: tuple[DatasetConfig, ...]
     source: str = ""  # the TOML path or "--train_data_dir"
-
-
-# ---------------------------------------------------------------------------------------
-# Value checkers: each returns the normalised value or raises _Bad(what was expected).
-
-
-class _Bad(Exception):
-    """A value of the wrong type or range; carries what was expected."""
-
-
-Checker = Callable[[Any], Any]
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Bad("true or false")
-    return value
-
-
-def _int(minimum: int) -> Checker:
-    def check(value: Any) -> int:
-        # bool is an int in Python, but `num_repeats = true` is a mistake, not 1.
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _Bad(f"an integer >= {minimum}")
-        return value
-
-    return check
-
-
-def _optional_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Bad("an integer")
-    return value
-
-
-def _fraction(upper_inclusive: bool) -> Checker:
-    def check(value: Any) -> float:
-        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok_type or value < 0 or value > 1 or (value == 1 and not upper_inclusive):
-            raise _Bad("a number from 0 to 1" + ("" if upper_inclusive else " (1 excluded)"))
-        return float(value)
-
-    return check
-
-
-def _str(allow_empty: bool) -> Checker:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or (not allow_empty and not value):
-            raise _Bad("a string" if allow_empty else "a non-empty string")
-        return value
-
-    return check
-
-
-def _path(value: Any) -> Path:
-    return Path(_str(allow_empty=False)(value)).expanduser()
-
-
-def _resolution(value: Any) -> tuple[int, int]:
-    expected = "a positive integer or [width, height]"
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value, value]
-    if not isinstance(value, list) or len(value) != 2:
-        raise _Bad(expected)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
-        raise _Bad(expected)
-    return (value[0], value[1])
 
 
 DATASET_KEYS: dict[str, Checker] = {
@@ -215,6 +168,7 @@ DATASET_KEYS: dict[str, Checker] = {
     "bucket_no_upscale": _bool,
     "validation_split": _fraction(upper_inclusive=False),
     "validation_seed": _optional_int,
+    "skip_image_resolution": _resolution,
 }
 ANY_LEVEL_KEYS: dict[str, Checker] = {
     "num_repeats": _int(1),
@@ -242,109 +196,60 @@ SUBSET_KEYS: dict[str, Checker] = {
     "metadata_file": _path,
     "conditioning_data_dir": _path,
 }
+# sd-scripts keys (its config_util.py schema) that change nothing here: type-checked, then ignored with a note.
+HARMLESS_KEYS: dict[str, tuple[Checker, str]] = {
+    "cache_info": (_bool, "it only speeds up sd-scripts' scan of image sizes (its metadata cache file); this "
+                          "toolkit reads the sizes itself, so the key is ignored"),
+}
 # sd-scripts keys this toolkit does not implement: refusing them beats ignoring them silently.
 UNSUPPORTED_KEYS = frozenset({
-    "token_warmup_min", "token_warmup_step",
-    "face_crop_aug_range", "cache_info",
-    "network_multiplier", "debug_dataset", "resize_interpolation", "custom_attributes",
+    "token_warmup_min", "token_warmup_step", "face_crop_aug_range", "network_multiplier", "resize_interpolation",
+    "custom_attributes", "debug_dataset",
 })  # fmt: skip
+# Command-line options of sd-scripts written into a dataset config (sd-scripts refuses them there too).
+COMMAND_LINE_KEYS = {
+    "prior_loss_weight": "it is a command-line option: pass --prior_loss_weight (or put it in --config_file)",
+    "max_token_length": "it is a command-line option: pass --max_token_length (or put it in --config_file)",
+    "train_batch_size": "a dataset config calls it batch_size",
+    "dataset_repeats": "a dataset config calls it num_repeats",
+}
 
 _LEVEL_KEYS = {
-    "general": set(DATASET_KEYS) | set(ANY_LEVEL_KEYS),
-    "dataset": set(DATASET_KEYS) | set(ANY_LEVEL_KEYS) | {"subsets"},
-    "subset": set(ANY_LEVEL_KEYS) | set(SUBSET_KEYS),
+    "general": set(DATASET_KEYS) | set(ANY_LEVEL_KEYS) | set(HARMLESS_KEYS),
+    "dataset": set(DATASET_KEYS) | set(ANY_LEVEL_KEYS) | set(HARMLESS_KEYS) | {"subsets"},
+    "subset": set(ANY_LEVEL_KEYS) | set(SUBSET_KEYS) | set(HARMLESS_KEYS),
 }
-_ALL_CHECKERS = {**DATASET_KEYS, **ANY_LEVEL_KEYS, **SUBSET_KEYS}
+_ALL_CHECKERS = {**DATASET_KEYS, **ANY_LEVEL_KEYS, **SUBSET_KEYS, **{k: c for k, (c, _) in HARMLESS_KEYS.items()}}
 
 
-def _toml_repr(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, list, dict)):
-        return json.dumps(value, default=str)
-    return repr(value)
+def _unknown_key(report: Reporter, where: str, level: str, key: str) -> UserError:
+    path = f"{where}.{key}"
+    from library.data import text_config  # imported here: it builds on this module
+
+    llm_keys = {*text_config.DATASET_KEYS, *text_config.ANY_LEVEL_KEYS, *text_config.SUBSET_KEYS}
+    if key in llm_keys - _ALL_CHECKERS.keys():  # this module parses the dataset configs of SD / SDXL runs only
+        return report.error(path, f"'{key}' is an LLM dataset key: {report.source} is a dataset config for a causal "
+                            "LM (text), but the model is a diffusion model (SD/SDXL), which trains on images; give "
+                            "an image dataset config (image_dir subsets) or an LLM as --pretrained_model_name_or_path")
+    if key in UNSUPPORTED_KEYS:
+        return report.error(path, "this sd-scripts key is not supported by this toolkit; remove it")
+    if key in COMMAND_LINE_KEYS:
+        return report.error(path, f"'{key}' is not a dataset config key (in sd-scripts neither): "
+                            f"{COMMAND_LINE_KEYS[key]}")
+    if any(key in keys for keys in _LEVEL_KEYS.values()):
+        hint = "[general] or [[datasets]]" if key in DATASET_KEYS else "[[datasets.subsets]]"
+        return report.error(path, f"'{key}' is not allowed in a {level} table; put it in {hint}")
+    return report.error(path, f"unknown key '{key}'{did_you_mean(key, _LEVEL_KEYS[level])}")
 
 
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
-_KEY_LINE = re.compile(r"^\s*(?:\"([^\"]+)\"|'([^']+)'|([A-Za-z0-9_-]+))\s*=")
-
-
-def _line_numbers(text: str) -> dict[str, int]:
-    """Line of every table header and key, by the key path used in messages.
-
-    A key name such as ``num_repeats`` is normally written once per subset, so a plain text
-    search cannot tell which occurrence a message is about; walking the headers in order gives
-    each ``[[datasets]]`` / ``[[datasets.subsets]]`` its index, as tomllib numbers them.
-    """
-    lines: dict[str, int] = {}
-    table, datasets, subsets = "", -1, -1
-    in_string = False  # inside a multi-line string, where "key = ..." is text, not a key
-    for number, line in enumerate(text.splitlines(), start=1):
-        was_in_string = in_string
-        in_string ^= (line.count('"""') + line.count("'''")) % 2 == 1
-        if was_in_string:
-            continue
-        if header := _HEADER.match(line):
-            name = re.sub(r"\s*\.\s*", ".", header.group(2)).replace('"', "").replace("'", "")
-            if name == "datasets" and header.group(1) == "[[":
-                datasets, subsets = datasets + 1, -1
-                table = f"datasets[{datasets}]"
-            elif name == "datasets.subsets" and header.group(1) == "[[":
-                subsets += 1
-                table = f"datasets[{datasets}].subsets[{subsets}]"
-            else:
-                table = name
-            lines.setdefault(table, number)
-        elif key := _KEY_LINE.match(line):
-            name = next(group for group in key.groups() if group)
-            lines.setdefault(f"{table}.{name}" if table else name, number)
-    return lines
-
-
-class _Reporter:
-    """Builds error messages that name the file, the key path and (when known) the line."""
-
-    def __init__(self, source: str, text: str | None) -> None:
-        self.source = source
-        self.lines = _line_numbers(text) if text is not None else {}
-
-    def _line(self, key_path: str) -> int | None:
-        # A value a dataset or subset inherits is written in an enclosing table or in [general].
-        key = key_path.rpartition(".")[2]
-        paths, table = [key_path], key_path.rpartition(".")[0]
-        while table := table.rpartition(".")[0]:
-            paths.append(f"{table}.{key}")
-        return next((self.lines[p] for p in [*paths, f"general.{key}"] if p in self.lines), None)
-
-    def error(self, key_path: str, message: str) -> UserError:
-        line = self._line(key_path)
-        return UserError(f"{self.source}: {key_path}{f' (line {line})' if line else ''}: {message}")
-
-    def unknown_key(self, where: str, level: str, key: str) -> UserError:
-        path = f"{where}.{key}"
-        from library.data import text_config  # imported here: it builds on this module
-
-        llm_keys = {*text_config.DATASET_KEYS, *text_config.ANY_LEVEL_KEYS, *text_config.SUBSET_KEYS}
-        if key in llm_keys - _ALL_CHECKERS.keys():  # this module parses the dataset TOMLs of SD / SDXL runs only
-            return self.error(path, f"'{key}' is an LLM dataset key: {self.source} is a dataset config for a causal LM "
-                              "(text), but the model is a diffusion model (SD/SDXL), which trains on images; give an "
-                              "image dataset TOML (image_dir subsets) or an LLM as --pretrained_model_name_or_path")
-        if key in UNSUPPORTED_KEYS:
-            return self.error(path, "this sd-scripts key is not supported by this toolkit; remove it")
-        if any(key in keys for keys in _LEVEL_KEYS.values()):
-            hint = "[general] or [[datasets]]" if key in DATASET_KEYS else "[[datasets.subsets]]"
-            return self.error(path, f"'{key}' is not allowed in a {level} table; put it in {hint}")
-        return self.error(path, f"unknown key '{key}'{did_you_mean(key, _LEVEL_KEYS[level])}")
-
-
-def _checked_table(table: Any, where: str, level: str, report: _Reporter) -> dict[str, Any]:
+def _checked_table(table: Any, where: str, level: str, report: Reporter) -> dict[str, Any]:
     """The table's values after key and type checks (``subsets`` is passed through)."""
     if not isinstance(table, dict):
         raise report.error(where, f"expected a table, got {_toml_repr(table)}")
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in _LEVEL_KEYS[level]:
-            raise report.unknown_key(where, level, key)
+            raise _unknown_key(report, where, level, key)
         if key == "subsets":
             values[key] = value
             continue
@@ -352,31 +257,24 @@ def _checked_table(table: Any, where: str, level: str, report: _Reporter) -> dic
             values[key] = _ALL_CHECKERS[key](value)
         except _Bad as bad:
             raise report.error(f"{where}.{key}", f"got {_toml_repr(value)}, expected {bad}") from None
+        if key in HARMLESS_KEYS:
+            logger.info("%s: %s: %s", report.source, report.at(f"{where}.{key}"), HARMLESS_KEYS[key][1])
+            del values[key]
     return values
 
 
 def load_dataset_config(path: Path | str, defaults: DatasetDefaults) -> DatasetGroupConfig:
-    """Read and validate a kohya-style dataset TOML; see the module docstring for precedence."""
+    """Read and validate a kohya-style dataset config (.json: JSON, else TOML); see the module docstring."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--dataset_config {path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        # The message already says "(at line L, column C)".
-        raise UserError(f"{path}: TOML syntax error: {exc}") from None
+    data, text = read_config_file(path)
     return parse_dataset_config(data, defaults, source=str(path), text=text)
 
 
 def parse_dataset_config(
     data: Mapping[str, Any], defaults: DatasetDefaults, source: str = "<dataset config>", text: str | None = None
 ) -> DatasetGroupConfig:
-    """Validate an already-parsed dataset TOML (``text``, when given, adds line numbers to errors)."""
-    report = _Reporter(source, text)
+    """Validate an already-parsed dataset config (``text``, when given, adds line numbers to errors)."""
+    report = Reporter(source, text)
     for key in data:
         if key not in ("general", "datasets"):
             msg = f"unknown top-level key '{key}'{did_you_mean(key, ['general', 'datasets'])}"
@@ -385,18 +283,17 @@ def parse_dataset_config(
     datasets = data.get("datasets")
     if not isinstance(datasets, list) or not datasets:
         raise report.error("datasets", "no [[datasets]] table; add at least one with a [[datasets.subsets]]")
-    cli = dataclasses.asdict(defaults)
-    built = [_dataset(table, i, general, cli, report) for i, table in enumerate(datasets)]
+    built = [_dataset(table, i, general, defaults, report) for i, table in enumerate(datasets)]
     return DatasetGroupConfig(datasets=tuple(built), source=source)
 
 
-def _dataset(table: Any, i: int, general: dict, cli: dict, report: _Reporter) -> DatasetConfig:
+def _dataset(table: Any, i: int, general: dict, defaults: DatasetDefaults, report: Reporter) -> DatasetConfig:
     where = f"datasets[{i}]"
     values = _checked_table(table, where, "dataset", report)
     subsets = values.pop("subsets", None)
     if not isinstance(subsets, list) or not subsets:
         raise report.error(where, 'no [[datasets.subsets]]; add one with image_dir = "..."')
-    inherited = {**cli, **general, **values}  # later levels win
+    inherited = {**dataclasses.asdict(defaults), **general, **values}  # later levels win
     built = tuple(_subset(sub, f"{where}.subsets[{j}]", inherited, report) for j, sub in enumerate(subsets))
     kinds = {s.metadata_file is not None for s in built}
     if len(kinds) > 1:
@@ -408,7 +305,15 @@ def _dataset(table: Any, i: int, general: dict, cli: dict, report: _Reporter) ->
             f"subsets ({finetune}, metadata_file); put them in separate [[datasets]]",
         )
     dataset = DatasetConfig(subsets=built, name=where, **{k: inherited[k] for k in DATASET_KEYS})
-    _check_buckets(dataset, report)
+
+    def origin(key: str) -> str:
+        for table, written in ((where, values), ("general", general)):
+            if key in written:
+                line = report.lines.get(f"{table}.{key}")
+                return f"{table}.{key}" + (f", line {line}" if line else "")
+        return cli_origin(key, defaults.sources)
+
+    check_buckets(dataset, origin, lambda message: report.error(where, message))
     return dataset
 
 
@@ -417,7 +322,7 @@ def _dataset(table: Any, i: int, general: dict, cli: dict, report: _Reporter) ->
 _DREAMBOOTH_ONLY = ("class_tokens", "caption_extension")
 
 
-def _subset(table: Any, where: str, inherited: dict, report: _Reporter) -> SubsetConfig:
+def _subset(table: Any, where: str, inherited: dict, report: Reporter) -> SubsetConfig:
     values = _checked_table(table, where, "subset", report)
     dreambooth_only = [k for k in _DREAMBOOTH_ONLY if k in values] + (["is_reg"] if values.get("is_reg") else [])
     if "metadata_file" in values and dreambooth_only:
@@ -430,82 +335,40 @@ def _subset(table: Any, where: str, inherited: dict, report: _Reporter) -> Subse
     return SubsetConfig(name=where, **merged)
 
 
-def _check_buckets(dataset: DatasetConfig, report: _Reporter) -> None:
+def cli_origin(key: str, sources: Mapping[str, str]) -> str:
+    """Where a command-line level value came from, for messages: the flag and, when known, its source."""
+    option = {"batch_size": "train_batch_size"}.get(key, key)
+    source = sources.get(key)  # as library/config_file.py labels them
+    if source is None:
+        return f"--{option} on the command line, in --config_file or its default"
+    if source == "default":
+        return f"the default of --{option}"
+    if source.startswith("config file"):
+        return f"{option} in the {source}"
+    return f"--{option} on the {source}" if source == "command line" else f"--{option}, {source}"
+
+
+def check_buckets(dataset: DatasetConfig, origin: Callable[[str], str], fail: Callable[[str], UserError]) -> None:
+    """The bucket range must hold the resolution; ``origin(key)`` says where a value was set."""
     if not dataset.enable_bucket:
         return
     lo, hi, (w, h) = dataset.min_bucket_reso, dataset.max_bucket_reso, dataset.resolution
     if lo > hi:
-        raise report.error(dataset.name, f"min_bucket_reso ({lo}) is larger than max_bucket_reso ({hi})")
+        raise fail(f"min_bucket_reso ({lo}) is larger than max_bucket_reso ({hi}); min_bucket_reso is from "
+                   f"{origin('min_bucket_reso')}, max_bucket_reso from {origin('max_bucket_reso')}")
     if min(w, h) < lo or max(w, h) > hi:
-        raise report.error(
-            dataset.name,
-            f"resolution {w}x{h} is outside the bucket range min_bucket_reso={lo} .. max_bucket_reso={hi}; "
-            "lower min_bucket_reso or raise max_bucket_reso",
-        )
-
-
-# ---------------------------------------------------------------------------------------
-# Legacy layout: --train_data_dir / --reg_data_dir with "N_name" subfolders.
-
-_REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
+        bound, fix = (("min_bucket_reso", f"set min_bucket_reso to {min(w, h)} or less") if min(w, h) < lo
+                      else ("max_bucket_reso", f"set max_bucket_reso to {max(w, h)} or more"))
+        raise fail(f"resolution {w}x{h} is outside the bucket range min_bucket_reso={lo} .. max_bucket_reso={hi}; "
+                   f"resolution is from {origin('resolution')}, {bound} from {origin(bound)}; {fix}, or change "
+                   "the resolution")
 
 
 def config_from_train_data_dir(defaults: DatasetDefaults) -> DatasetGroupConfig:
     """One dataset from the ``N_name`` subfolders of train_data_dir (and reg_data_dir, is_reg)."""
-    if defaults.train_data_dir is None:
-        raise UserError("Give --train_data_dir (a folder of N_name subfolders) or --dataset_config.")
-    if defaults.in_json is not None:
-        subsets = [_metadata_subset(defaults)]
-    else:
-        subsets = _folder_subsets(Path(defaults.train_data_dir), "--train_data_dir", False, defaults)
-    if defaults.reg_data_dir is not None:
-        if defaults.in_json is not None:
-            raise UserError("--reg_data_dir is for DreamBooth folders; a fine-tuning dataset (--in_json) has no "
-                            "regularisation images. Remove one of them.")
-        subsets += _folder_subsets(Path(defaults.reg_data_dir), "--reg_data_dir", True, defaults)
-    dataset = DatasetConfig(
-        subsets=tuple(subsets), name="--train_data_dir", **{k: getattr(defaults, k) for k in DATASET_KEYS}
-    )
-    _check_buckets(dataset, _Reporter("command line", None))
-    return DatasetGroupConfig(datasets=(dataset,), source="--train_data_dir")
+    from library.data.folder_layout import folder_layout_config  # imported here: it builds on this module
 
-
-def _metadata_subset(defaults: DatasetDefaults) -> SubsetConfig:
-    """--train_data_dir + --in_json: every image of the folder captioned by sd-scripts' metadata JSON."""
-    root = Path(defaults.train_data_dir)
-    if not root.is_dir():
-        raise UserError(f"--train_data_dir {root}: folder not found")
-    if defaults.dataset_repeats < 1:
-        raise UserError(f"--dataset_repeats {defaults.dataset_repeats}: expected 1 or more")
-    any_level = {k: getattr(defaults, k) for k in ANY_LEVEL_KEYS}
-    any_level["num_repeats"] = defaults.dataset_repeats
-    return SubsetConfig(image_dir=root, metadata_file=Path(defaults.in_json), name="--in_json", **any_level)
-
-
-def _folder_subsets(root: Path, option: str, is_reg: bool, defaults: DatasetDefaults) -> list[SubsetConfig]:
-    if not root.is_dir():
-        raise UserError(f"{option} {root}: folder not found")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise UserError(
-            f"{option} {root} has no subfolders; put the images in a subfolder named N_name "
-            "(N = repeats, name = class tokens), e.g. 10_sks dog"
-            + ("; or, for images captioned by sd-scripts' fine-tuning metadata JSON, pass it as --in_json"
-               if not is_reg else "")
-        )
-    subsets = []
-    for folder in folders:
-        match = _REPEATS_FOLDER.match(folder.name)
-        if match is None or int(match.group(1)) < 1:
-            raise UserError(
-                f"{option}: subfolder '{folder.name}' is not named N_name (N = repeats >= 1, name = class "
-                f"tokens), e.g. '10_{folder.name}'; rename it or move it out of {root}"
-            )
-        any_level = {k: getattr(defaults, k) for k in ANY_LEVEL_KEYS}
-        any_level["num_repeats"] = int(match.group(1))
-        any_level["class_tokens"] = match.group(2) or None
-        subsets.append(SubsetConfig(image_dir=folder, is_reg=is_reg, name=f"{option}/{folder.name}", **any_level))
-    return subsets
+    return folder_layout_config(defaults)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:

@@ -345,12 +345,15 @@ def test_legacy_folders(tmp_path):
     assert all(s.caption_extension == ".txt" and s.flip_aug for s in dataset.subsets)
 
 
-def test_legacy_folder_without_repeats_is_named(tmp_path):
-    (tmp_path / "train" / "5_ok").mkdir(parents=True)
-    (tmp_path / "train" / "my images").mkdir()
-    with pytest.raises(UserError) as info:
-        config_from_train_data_dir(DatasetDefaults(train_data_dir=tmp_path / "train"))
-    assert "'my images'" in str(info.value) and "N_name" in str(info.value)
+def test_legacy_folders_without_repeats_are_skipped_with_one_warning(tmp_path, caplog):
+    # sd-scripts: "ignore directory without repeats" (sample/, logs/) and folders with 0 repeats
+    for name in ("5_ok", "my images", "sample", "0_disabled"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        (dataset,) = config_from_train_data_dir(DatasetDefaults(train_data_dir=tmp_path / "train")).datasets
+    assert [s.image_dir.name for s in dataset.subsets] == ["5_ok"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "skipped 3 subfolder(s)" in warning and "0_disabled (0 repeats), my images, sample" in warning
 
 
 def test_in_json_layout_and_its_bad_inputs(tmp_path):
@@ -372,8 +375,10 @@ def test_in_json_layout_and_its_bad_inputs(tmp_path):
 
 def test_legacy_zero_repeats_missing_dir_and_empty_dir(tmp_path):
     (tmp_path / "train" / "0_x").mkdir(parents=True)
-    with pytest.raises(UserError, match="'0_x'"):
+    (tmp_path / "train" / "logs").mkdir()
+    with pytest.raises(UserError) as info:
         config_from_train_data_dir(DatasetDefaults(train_data_dir=tmp_path / "train"))
+    assert "no N_name subfolder" in str(info.value) and "found only 0_x (0 repeats), logs" in str(info.value)
     with pytest.raises(UserError, match="folder not found"):
         config_from_train_data_dir(DatasetDefaults(train_data_dir=tmp_path / "missing"))
     (tmp_path / "flat").mkdir()

@@ -2,7 +2,8 @@
 
 Everything a user can get wrong is checked when the dataset is built, before any model is
 loaded: a missing folder, a subset without images, captions that do not exist (with the
-extensions that *do* exist next to the images), unreadable or truncated image files.
+extensions that *do* exist next to the images), unreadable or truncated image files. Finding a
+subset's images and captions is in ``subset_files.py``.
 
 Sample ``i`` of an epoch is an image repeated ``num_repeats`` times: subsets in order, images
 sorted by name, each image's repeats next to each other; regularisation images are repeated
@@ -13,7 +14,6 @@ random draw for a sample (caption shuffle/dropout, crop, flip, colour) comes fro
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -27,31 +27,24 @@ from typing import Any
 import torch
 
 from library.data.buckets import BucketSettings, Size, assign_buckets, cover_size, crop_position, upscaled
-from library.data.captions import (
-    caption_extension_hint,
-    caption_path,
-    count_tags,
-    other_caption_extensions,
-    process_caption,
-    read_caption_file,
-    read_utf8,
-)
+from library.data.captions import count_tags, process_caption
 from library.data.masks import has_mask, mask_files, mask_tensor
 from library.data.pixels import IMAGE_EXTENSIONS, load_image, probe_image, resize_and_crop, shift_hue, to_tensor
 from library.data.reg_balance import balance_reg_repeats
 from library.data.sampler import derive_seed
+from library.data.subset_files import LIST_LIMIT, list_images, metadata_images, side_captions, subset_images
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 _HUE_SHIFT = 11  # color_aug: up to ±11/256 of the hue circle (about ±16°, like sd-scripts)
-_LIST_LIMIT = 10  # how many file names an error message lists
 # An image enlarged more than this to cover its bucket (a side under 1/8 of the bucket's) trains
 # on a blur of a few pixels; likely a thumbnail or a broken export, so it is named in a warning.
 _TINY_UPSCALE = 8
 
-# IMAGE_EXTENSIONS, probe_image and resize_and_crop moved to pixels.py; tools and tests import them from here
+# IMAGE_EXTENSIONS, probe_image and resize_and_crop moved to pixels.py, list_images to subset_files.py; tools
+# and tests import them from here
 __all__ = ["IMAGE_EXTENSIONS", "ImageCaptionDataset", "ImageRecord", "collate_fn", "list_images", "probe_image",
            "resize_and_crop"]  # fmt: skip
 
@@ -66,110 +59,9 @@ class ImageRecord:
     mask_path: Path | None = None  # the subset's conditioning_data_dir mask (alpha_mask reads the image itself)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder`` (extension case-insensitive), sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 def _names(paths: Sequence[Path]) -> str:
-    shown = ", ".join(p.name for p in paths[:_LIST_LIMIT])
-    return shown + (f", ... ({len(paths) - _LIST_LIMIT} more)" if len(paths) > _LIST_LIMIT else "")
-
-
-def _subset_images(subset: SubsetConfig) -> list[Path]:
-    folder = subset.image_dir
-    assert folder is not None  # only metadata_file subsets may leave image_dir out
-    if not folder.is_dir():
-        raise UserError(
-            f"{subset.name}: image_dir {folder} does not exist (resolved to {folder.absolute()}; "
-            "relative paths start from the current directory)"
-        )
-    images = list_images(folder)
-    if not images:
-        others = sorted({p.suffix.lower() or p.name for p in folder.iterdir() if p.is_file()})
-        found = f"; files found: {', '.join(others[:_LIST_LIMIT])}" if others else "; the folder is empty"
-        raise UserError(f"{subset.name}: no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}){found}")
-    return images
-
-
-def _side_captions(subset: SubsetConfig, images: list[Path]) -> list[str]:
-    """Captions from side files, else class_tokens; missing both is an error with a hint.
-
-    Images that fall back to class_tokens while files with another caption-like extension sit
-    next to them are almost always a wrong caption_extension, so that gets a warning.
-    """
-    captions: list[str] = []
-    missing: list[Path] = []
-    for image in images:
-        caption = read_caption_file(caption_path(image, subset.caption_extension), all_lines=subset.enable_wildcard)
-        if caption is None:
-            missing.append(image)
-            caption = subset.class_tokens
-        captions.append(caption if caption is not None else "")
-    found = other_caption_extensions(missing, subset.caption_extension) if missing else None
-    if missing and subset.class_tokens is None:
-        raise UserError(
-            f"{subset.name}: {len(missing)} of {len(images)} images in {subset.image_dir} have no caption file "
-            f'"{subset.caption_extension}" (e.g. {caption_path(missing[0], subset.caption_extension).name}) and '
-            "the subset has no class_tokens." + (f" {caption_extension_hint(found)}." if found else "")
-            + " Or set class_tokens to caption every image without a caption file with it."
-        )  # fmt: skip
-    if found:
-        logger.warning('%s: %d of %d images in %s have no caption file "%s" and are captioned with class_tokens '
-                       "%r only; %s", subset.name, len(missing), len(images), subset.image_dir,
-                       subset.caption_extension, subset.class_tokens, caption_extension_hint(found))  # fmt: skip
-    return captions
-
-
-def _metadata_images(subset: SubsetConfig) -> tuple[list[Path], list[str]]:
-    """Images and captions of a fine-tuning subset (sd-scripts' metadata JSON: key → caption/tags)."""
-    path = subset.metadata_file
-    assert path is not None
-    if not path.is_file():
-        raise UserError(f"{subset.name}: metadata_file {path} not found")
-    try:
-        data = json.loads(read_utf8(path))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    if not isinstance(data, dict) or not data:
-        raise UserError(f'{path}: expected a JSON object mapping image names to {{"caption": ..., "tags": ...}}')
-    images, captions, missing_image, missing_caption = [], [], [], []
-    for key, entry in sorted(data.items()):
-        image = _locate_image(key, subset.image_dir)
-        entry = entry if isinstance(entry, dict) else {}
-        caption, tags = entry.get("caption"), entry.get("tags")
-        if caption and tags:
-            caption = f"{caption}, {tags}"  # sd-scripts appends the tags to the caption
-        caption = caption or tags
-        if image is None:
-            missing_image.append(key)
-        elif not isinstance(caption, str):
-            missing_caption.append(key)
-        else:
-            images.append(image)
-            captions.append(caption)
-    if missing_image:
-        where = f"in {subset.image_dir}" if subset.image_dir is not None else (
-            f"(without image_dir, a name must be an image path, absolute or relative to {Path.cwd()})"
-        )  # fmt: skip
-        raise UserError(
-            f"{path}: {len(missing_image)} entries name no image {where}: {', '.join(missing_image[:_LIST_LIMIT])}"
-        )
-    if missing_caption:
-        raise UserError(
-            f'{path}: {len(missing_caption)} entries have neither "caption" nor "tags": '
-            f"{', '.join(missing_caption[:_LIST_LIMIT])}"
-        )
-    return images, captions
-
-
-def _locate_image(key: str, image_dir: Path | None) -> Path | None:
-    """As sd-scripts: the key as a path (absolute or from the current directory), then a name in image_dir."""
-    candidates = [Path(key)]
-    if image_dir is not None:
-        candidates.append(image_dir / key)
-        candidates += [image_dir / (key + ext) for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)]
-    return next((c for c in candidates if c.suffix.lower() in IMAGE_EXTENSIONS and c.is_file()), None)
+    shown = ", ".join(p.name for p in paths[:LIST_LIMIT])
+    return shown + (f", ... ({len(paths) - LIST_LIMIT} more)" if len(paths) > LIST_LIMIT else "")
 
 
 def _probe_all(paths: list[Path]) -> list[Size | str]:
@@ -228,6 +120,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self._repeats = self._train_repeats()
         self._sample_record = [i for i, n in enumerate(self._repeats) for _ in range(n)]
 
+    def _large_enough(self, subset: SubsetConfig, records: list[ImageRecord]) -> list[ImageRecord]:
+        """``records`` less the images of at most skip_image_resolution's area, as sd-scripts skips them."""
+        if self.config.skip_image_resolution is None:
+            return records
+        w, h = self.config.skip_image_resolution
+        kept = [r for r in records if r.size[0] * r.size[1] > w * h]
+        small = [r.path for r in records if r.size[0] * r.size[1] <= w * h]
+        if small:
+            logger.warning("%s: skip_image_resolution %dx%d: skipped %d image(s) of at most %d pixels: %s",
+                        subset.name, w, h, len(small), w * h, _names(small))  # fmt: skip
+        if records and not kept and self.split == "train":
+            raise UserError(f"{subset.name}: every image in {_source(subset)} is at most {w}x{h} pixels in area, so "
+                            f"skip_image_resolution = [{w}, {h}] of {self.config.name} skips them all; lower it")
+        return kept
+
     def _train_repeats(self) -> list[int]:
         subsets = [self.config.subsets[r.subset_index] for r in self.records]
         is_reg = [s.is_reg for s in subsets]
@@ -245,10 +152,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         val_seed = self.config.validation_seed if self.config.validation_seed is not None else self.seed
         for index, subset in enumerate(self.config.subsets):
             if subset.metadata_file is not None:
-                images, captions = _metadata_images(subset)
+                images, captions = metadata_images(subset)
             else:
-                images = _subset_images(subset)
-                captions = _side_captions(subset, images)
+                images = subset_images(subset)
+                captions = side_captions(subset, images)
             masks: list[Path | None] = (mask_files(subset.name, images, subset.conditioning_data_dir)
                                         if subset.conditioning_data_dir is not None else [None] * len(images))
             held_out = _validation_part(len(images), self.config.validation_split, val_seed, index)
@@ -256,7 +163,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             sizes = _probe_all([images[i] for i in keep])
             bad = [(images[i], s) for i, s in zip(keep, sizes, strict=True) if isinstance(s, str)]
             if bad and on_bad_image == "error":
-                listing = "; ".join(f"{p} ({why})" for p, why in bad[:_LIST_LIMIT])
+                listing = "; ".join(f"{p} ({why})" for p, why in bad[:LIST_LIMIT])
                 raise UserError(
                     f"{subset.name}: {len(bad)} unreadable image(s): {listing}. Fix or remove them, "
                     "or pass --on_bad_image skip to train without them."
@@ -271,7 +178,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             ]
             if not good and keep:
                 raise UserError(f"{subset.name}: every image in {_source(subset)} is unreadable")
-            records += good
+            records += self._large_enough(subset, good)
         settings = BucketSettings(
             self.config.resolution, self.config.enable_bucket, self.config.min_bucket_reso,
             self.config.max_bucket_reso, self.config.bucket_reso_steps, self.config.bucket_no_upscale,

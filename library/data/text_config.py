@@ -17,32 +17,26 @@ Unknown keys, image keys and wrong types are errors naming the file, key path an
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from library.dataset_config import (
-    ANY_LEVEL_KEYS as IMAGE_ANY_LEVEL_KEYS,
-)
-from library.dataset_config import (
-    DATASET_KEYS as IMAGE_DATASET_KEYS,
-)
-from library.dataset_config import (
-    SUBSET_KEYS as IMAGE_SUBSET_KEYS,
-)
-from library.dataset_config import (
+from library.data.config_checks import (
+    Reporter,
     _Bad,
     _bool,
     _fraction,
     _int,
     _optional_int,
     _path,
-    _Reporter,
     _str,
     _toml_repr,
+    read_config_file,
 )
+from library.dataset_config import ANY_LEVEL_KEYS as IMAGE_ANY_LEVEL_KEYS
+from library.dataset_config import DATASET_KEYS as IMAGE_DATASET_KEYS
+from library.dataset_config import SUBSET_KEYS as IMAGE_SUBSET_KEYS
 from library.errors import UserError, did_you_mean
 
 FORMATS = ("chat", "instruct", "text")
@@ -131,7 +125,7 @@ _CHECKERS = {**DATASET_KEYS, **ANY_LEVEL_KEYS, **SUBSET_KEYS}
 _IMAGE_KEYS = (set(IMAGE_DATASET_KEYS) | set(IMAGE_ANY_LEVEL_KEYS) | set(IMAGE_SUBSET_KEYS)) - set(_CHECKERS)
 
 
-def _table(table: Any, where: str, level: str, report: _Reporter) -> dict[str, Any]:
+def _table(table: Any, where: str, level: str, report: Reporter) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise report.error(where, f"expected a table, got {_toml_repr(table)}")
     values: dict[str, Any] = {}
@@ -148,7 +142,7 @@ def _table(table: Any, where: str, level: str, report: _Reporter) -> dict[str, A
     return values
 
 
-def _unknown_key(report: _Reporter, where: str, level: str, key: str) -> UserError:
+def _unknown_key(report: Reporter, where: str, level: str, key: str) -> UserError:
     path = f"{where}.{key}"
     if key in _IMAGE_KEYS:
         return report.error(path, f"'{key}' is an image dataset key; an LLM dataset reads jsonl_file or text_file "
@@ -160,24 +154,16 @@ def _unknown_key(report: _Reporter, where: str, level: str, key: str) -> UserErr
 
 
 def load_text_dataset_config(path: Path | str, batch_size: int = 1) -> TextDatasetGroup:
-    """Read and validate an LLM dataset TOML; ``batch_size`` is the command line's ``--train_batch_size``."""
+    """Read and validate an LLM dataset TOML (JSON when named .json); ``batch_size`` is ``--train_batch_size``."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--dataset_config {path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: TOML syntax error: {exc}") from None
+    data, text = read_config_file(path)
     return parse_text_dataset_config(data, batch_size, source=str(path), text=text)
 
 
 def parse_text_dataset_config(data: Mapping[str, Any], batch_size: int = 1, source: str = "<dataset config>",
                               text: str | None = None) -> TextDatasetGroup:
     """Validate an already-parsed LLM dataset TOML (``text`` adds line numbers to errors)."""
-    report = _Reporter(source, text)
+    report = Reporter(source, text)
     for key in data:
         if key not in ("general", "datasets"):
             msg = f"unknown top-level key '{key}'{did_you_mean(key, ['general', 'datasets'])}"
@@ -192,7 +178,7 @@ def parse_text_dataset_config(data: Mapping[str, Any], batch_size: int = 1, sour
     return TextDatasetGroup(datasets=built, source=source)
 
 
-def _dataset(table: Any, i: int, inherited: dict[str, Any], report: _Reporter) -> TextDatasetConfig:
+def _dataset(table: Any, i: int, inherited: dict[str, Any], report: Reporter) -> TextDatasetConfig:
     where = f"datasets[{i}]"
     values = _table(table, where, "dataset", report)
     subsets = values.pop("subsets", None)
@@ -203,7 +189,7 @@ def _dataset(table: Any, i: int, inherited: dict[str, Any], report: _Reporter) -
     return TextDatasetConfig(subsets=built, name=where, **{k: merged[k] for k in DATASET_KEYS})
 
 
-def _subset(table: Any, where: str, inherited: dict[str, Any], report: _Reporter) -> TextSubsetConfig:
+def _subset(table: Any, where: str, inherited: dict[str, Any], report: Reporter) -> TextSubsetConfig:
     own = _table(table, where, "subset", report)
     files = [k for k in SUBSET_KEYS if k in own]
     if len(files) != 1:
@@ -225,7 +211,7 @@ def _subset(table: Any, where: str, inherited: dict[str, Any], report: _Reporter
     return TextSubsetConfig(path=path, kind=kind, name=where, **merged)
 
 
-def _check_columns(values: dict[str, Any], where: str, report: _Reporter) -> None:
+def _check_columns(values: dict[str, Any], where: str, report: Reporter) -> None:
     formats = [f for f, keys in (("chat", ("messages_column",)), ("instruct", ("prompt_column", "response_column")),
                                  ("text", ("text_column",))) if any(values.get(k) for k in keys)]
     if len(formats) > 1:
@@ -246,7 +232,7 @@ def replace_max_seq_length(group: TextDatasetGroup, default: int, limit: int | N
         if limit is not None and d.max_seq_length is not None and d.max_seq_length > limit:
             source = Path(group.source)
             text = source.read_text(encoding="utf-8") if source.is_file() else None
-            raise _Reporter(group.source, text).error(
+            raise Reporter(group.source, text).error(
                 f"{d.name}.max_seq_length", f"{d.max_seq_length} is more than the model supports "
                 f"(max_position_embeddings = {limit}); set max_seq_length = {limit} or less")
     return dataclasses.replace(group, datasets=tuple(
