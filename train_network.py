@@ -95,7 +95,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     if args.fp8_base:  # before the network wraps the modules; the text encoders keep their dtype
         n = store_in_fp8(family.network_inputs()[2], weight_dtype)  # computes in the model's own dtype
         log(f"--fp8_base: {n} frozen base layers stored in float8")
-    data = setup.build_data(args, family, accelerator, seed)
+    data = setup.build_data(args, family, accelerator, seed, sources)
     plan = setup.plan_steps(len(data.sampler), accumulation, args.max_train_steps, args.max_train_epochs)
     network, net_kwargs = setup.build_network(args, family, log)
     params, lr_names = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)

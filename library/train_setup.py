@@ -104,10 +104,12 @@ def noise_settings(args: argparse.Namespace) -> NoiseSettings:
     )
 
 
-def dataset_defaults(args: argparse.Namespace) -> DatasetDefaults:
-    """The command line's dataset values: the lowest level of the dataset precedence."""
+def dataset_defaults(args: argparse.Namespace, sources: dict[str, str] | None = None) -> DatasetDefaults:
+    """The command line's dataset values: the lowest level of the dataset precedence. ``sources``: where each
+    argument's value came from (library/config_file.py), so messages can name the flag or the config file."""
     resolution = parse_resolution(args.resolution) if args.resolution else DatasetDefaults.resolution
     return DatasetDefaults(
+        sources=dict(sources or {}),
         resolution=resolution,
         batch_size=args.train_batch_size,
         enable_bucket=args.enable_bucket,
@@ -298,7 +300,7 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
     model_type = (checked_model_type(args.model_type, model_path, args.allow_pickle) if args.model_type != "auto"
                   else detect_model_type(model_path, allow_pickle=args.allow_pickle))
     if args.dataset_config:
-        check_dataset_config(model_type, args.dataset_config, dataset_defaults(args))
+        check_dataset_config(model_type, args.dataset_config, dataset_defaults(args, sources))
     family = load_family(model_type, model_path, vae_path=args.vae, tokenizer_path=args.tokenizer_cache_dir,
                          v2=args.v2 or None, v_parameterization=args.v_parameterization or None,
                          noise=noise_settings(args), seed=seed, clip_skip=args.clip_skip,
@@ -326,12 +328,13 @@ def refuse_image_only_arguments(args: argparse.Namespace, names: tuple[str, ...]
                         f"the causal LM {model_path}; remove {'it' if len(given) == 1 else 'them'}.")
 
 
-def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: int):
+def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: int,
+               sources: dict[str, str] | None = None):
     """The family's data for this process (sampler, loader, optional validation loader)."""
     from library.families import DataRequest
 
     data = family.build_data(DataRequest(
-        dataset_config=args.dataset_config, defaults=dataset_defaults(args), seed=seed,
+        dataset_config=args.dataset_config, defaults=dataset_defaults(args, sources), seed=seed,
         on_bad_image=args.on_bad_image, num_processes=accelerator.num_processes, rank=accelerator.process_index,
         # On a CPU device, loader processes would only take cores from the step.
         num_workers=args.max_data_loader_n_workers if accelerator.device.type != "cpu" else 0,

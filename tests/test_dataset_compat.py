@@ -180,3 +180,17 @@ def test_bucket_error_of_a_dataset_config_names_key_and_line(tmp_path):
     assert "resolution 64x64 is outside the bucket range min_bucket_reso=128 .. max_bucket_reso=1024" in message
     assert "resolution is from --resolution on the command line, in --config_file or its default" in message
     assert "min_bucket_reso from general.min_bucket_reso, line 3" in message
+
+
+def test_the_trainer_passes_where_each_value_came_from(tmp_path, tiny_sd_dir, capsys):
+    import train_network
+    from library.tiny_models import write_synthetic_images
+
+    write_synthetic_images(tmp_path / "train" / "1_x", count=1, size=64)
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--train_data_dir", str(tmp_path / "train"),
+            "--caption_extension", ".caption", "--output_dir", str(tmp_path / "out"), "--enable_bucket",
+            "--resolution", "64", "--min_bucket_reso", "128"]
+    assert train_network.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "min_bucket_reso from --min_bucket_reso on the command line" in err
+    assert "resolution is from --resolution on the command line" in err

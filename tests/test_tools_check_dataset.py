@@ -154,3 +154,14 @@ def test_fine_tuning_layout_with_in_json(tmp_path, capsys):
     # --in_json alone is refused as the trainer refuses it
     assert check_dataset.main(["--in_json", str(meta)]) == 2
     assert "--in_json needs --train_data_dir" in capsys.readouterr().err
+
+
+def test_a_json_llm_dataset_config_is_checked_as_an_llm_one(tmp_path, capsys):
+    import json
+    import tomllib
+
+    toml, _ = llm_toml(tmp_path)
+    as_json = tmp_path / "llm.json"
+    as_json.write_text(json.dumps(tomllib.loads(toml.read_text(encoding="utf-8"))), encoding="utf-8")
+    assert check_dataset.main(["--dataset_config", str(as_json)]) == 0
+    assert "LLM text data" in capsys.readouterr().out

@@ -205,11 +205,12 @@ TEXT_ONLY_KEYS = frozenset(
 def is_text_dataset_toml(path: str) -> bool:
     """Whether a dataset TOML uses LLM keys (jsonl_file, max_seq_length, ...); unreadable files are not
     decided here, the image loader reports them."""
-    import tomllib
+    from library.data.config_checks import read_config_file
+    from library.errors import UserError
 
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        data, _ = read_config_file(Path(path))  # .json or TOML, as the trainers read it
+    except UserError:
         return False
     tables = [data.get("general")] if isinstance(data.get("general"), dict) else []
     for dataset in data.get("datasets") or []:

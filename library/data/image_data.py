@@ -333,6 +333,8 @@ def _dataset_metadata(d: ImageCaptionDataset) -> dict[str, Any]:
         "min_bucket_reso": c.min_bucket_reso if c.enable_bucket else None,
         "max_bucket_reso": c.max_bucket_reso if c.enable_bucket else None,
         "tag_frequency": d.tag_frequency(), "bucket_info": bucket_info(d),
+        # as sd-scripts: the (width, height) whose area or less was left out, None when unset
+        "skip_image_resolution": list(c.skip_image_resolution) if c.skip_image_resolution else None,
         "subsets": [_subset_metadata(s, images_of[i]) for i, s in enumerate(c.subsets)],
     }
 
