@@ -14,8 +14,10 @@ from typing import Any
 
 from library.accelerator import check_trackers_installed, effective_log_with
 from library.args import NO_OP_ARGUMENTS, NOT_IMPLEMENTED_YET
+from library.config_file import IGNORED_KEYS_ATTR
 from library.dataset_config import DatasetGroupConfig, parse_resolution
 from library.errors import UserError
+from library.sd_scripts_args import GUI_ONLY_KEYS, apply_sd_scripts_args, sd_scripts_notes
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,12 @@ def no_op_notes(values: dict[str, object]) -> list[str]:
     if values.get("log_prefix") and not values.get("logging_dir"):
         notes.append(f"--log_prefix {values['log_prefix']}: ignored without --logging_dir (it only prefixes the "
                      "tracker run folder there).")
+    notes += sd_scripts_notes(values)
+    ignored = values.get(IGNORED_KEYS_ATTR) or []
+    if ignored:  # one note for all of them: a GUI export holds several in every file
+        keys = "; ".join(f"{key} = {value!r} ({GUI_ONLY_KEYS[key]})" for _, key, value in ignored)
+        notes.append(f"{ignored[0][0]}: kohya_ss GUI keys ignored (they are no training arguments; sd-scripts "
+                     f"ignores them too): {keys}.")
     return notes
 
 
@@ -53,9 +61,20 @@ def check_ranges(args: argparse.Namespace) -> None:
 
 
 def check_data_sources(args: argparse.Namespace) -> None:
-    """--dataset_config / --train_data_dir / --in_json together (tools/check_dataset.py applies the same rules)."""
-    if args.dataset_config and args.train_data_dir:
-        raise UserError("Give either --dataset_config or --train_data_dir, not both.")
+    """--dataset_config / --train_data_dir / --in_json together (tools/check_dataset.py applies the same rules).
+
+    With a dataset TOML the folder options are ignored with one warning and cleared, as sd-scripts does: the
+    kohya_ss GUI writes train_data_dir whenever its image-folder field is filled, dataset TOML or not.
+    """
+    if args.dataset_config:
+        given = [name for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, name, None)]
+        if given:
+            logger.warning("--dataset_config %s gives the datasets, so %s %s ignored (as in sd-scripts); set folders "
+                           "in that TOML's subsets.", args.dataset_config, ", ".join(f"--{n}" for n in given),
+                           "is" if len(given) == 1 else "are")
+            for name in given:
+                setattr(args, name, None)
+        return
     if args.in_json and not args.train_data_dir:
         raise UserError("--in_json needs --train_data_dir (the folder its image names refer to); with a dataset "
                         "TOML, set metadata_file in the subset instead.")
@@ -63,6 +82,7 @@ def check_data_sources(args: argparse.Namespace) -> None:
 
 def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
     """Reject arguments that are not implemented yet or that contradict each other (and normalise a few)."""
+    apply_sd_scripts_args(args)  # first: an alias such as --use_8bit_adam sets what the checks below look at
     if isinstance(args.text_encoder_lr, list):  # nargs="*", as sd-scripts: one value is a plain number
         lrs = args.text_encoder_lr
         args.text_encoder_lr = None if not lrs else lrs[0] if len(lrs) == 1 else lrs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from library.sample_prompts import SAMPLER_NAMES
+from library.sd_scripts_args import add_arguments as add_sd_scripts_arguments
 
 # Arguments accelerate may also set (launch flags, its config YAML or ACCELERATE_* variables): the
 # script's default never overrides those (library/accelerator.py resolves them).
@@ -461,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sampling,
         _add_logging,
         _add_distributed,
+        add_sd_scripts_arguments,  # last: sd-scripts names without a counterpart here (library/sd_scripts_args.py)
     ):
         add(p)
     return p

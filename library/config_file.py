@@ -2,7 +2,12 @@
 
 Precedence (CONTRACTS.md §2): command line > TOML > argparse default. The TOML's tables
 only group keys; they are flattened. Unlike sd-scripts, an unknown key or a value of the
-wrong type is an error naming the key, its line and the closest valid name.
+wrong type is an error naming the key, its line and the closest valid name; the kohya_ss
+GUI's own keys (library/sd_scripts_args.py GUI_ONLY_KEYS) are ignored with one note.
+
+GUI exports also differ from hand-written TOMLs in how they say "off" or "none": a switch as
+0 / 1 (``int(checkbox)``), an empty string for a folder or file not chosen, and an empty
+string for a list of ``key=value`` options. Those mean off / unset / no options here.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ from typing import TYPE_CHECKING, Any
 import toml
 
 from library.errors import UserError, did_you_mean
+from library.sd_scripts_args import GUI_ONLY_KEYS
 
 if TYPE_CHECKING:
     from library.accelerator import Setting
 
 # Never written by --output_config nor logged: secrets and the config switches themselves.
-SECRET_KEYS = frozenset({"wandb_api_key"})
+SECRET_KEYS = frozenset({"wandb_api_key", "huggingface_token"})
 _NOT_WRITTEN = frozenset({"config_file", "output_config"}) | SECRET_KEYS
+
+# Where parse_args_with_sources keeps the GUI keys it ignored, as (key, value) pairs, for the log's note
+# (arg_checks.no_op_notes); the leading underscore keeps it out of the tracker log.
+IGNORED_KEYS_ATTR = "_config_file_ignored"
 
 SOURCE_CLI = "command line"
 SOURCE_DEFAULT = "default"
@@ -92,12 +102,19 @@ def _convert(action: argparse.Action, key: str, value: Any, where: str) -> Any:
         return UserError(f"{where}: '{key}' = {value!r} has the wrong type; expected {expected}.")
 
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        # kohya_ss GUI v24 / v25.0 write some switches as int(checkbox): 0 and 1 mean false and true.
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+            return bool(value)
         if not isinstance(value, bool):
-            raise bad("true or false")
+            raise bad("true or false (or 0 / 1)")
         return value
     if action.nargs in ("*", "+"):
+        if isinstance(value, str) and not value.strip():
+            return []  # network_args = "": the GUI's (and older configs') way of saying "no options"
         values = value if isinstance(value, list) else [value]
         return [_convert_scalar(action, key, v, where, bad) for v in values]
+    if _unset_by_empty(action) and value == "":
+        return None  # logging_dir = "": a folder not chosen, not the current directory
     if isinstance(value, list):
         raise bad("a single value, not a list")
     return _convert_scalar(action, key, value, where, bad)
@@ -126,21 +143,35 @@ def _convert_scalar(action: argparse.Action, key: str, value: Any, where: str, b
     return value
 
 
+def _unset_by_empty(action: argparse.Action) -> bool:
+    """A single string that is unset by default (a path, a name): an empty string means unset too."""
+    return action.type in (str, None) and action.default is None and action.nargs is None and action.option_strings
+
+
 def load_config_file(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     """Read a --config_file TOML and return validated values keyed by argument name."""
+    return read_config_file(parser, path)[0]
+
+
+def read_config_file(parser: argparse.ArgumentParser, path: Path) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """Validated values keyed by argument name, and the kohya_ss GUI keys that were ignored (key, value)."""
     data, text = read_toml(path)
     actions = _actions(parser)
     values: dict[str, Any] = {}
+    ignored: list[tuple[str, Any]] = []
     for key, (value, table) in _flatten(data, path, actions).items():
+        if key in GUI_ONLY_KEYS and key not in actions:
+            ignored.append((key, value))
+            continue
         line = _key_line(text, key)
         where = f"{path}" + (f", line {line}" if line else "") + (f", table [{table}]" if table else "")
         if key in ("config_file", "output_config"):
             raise UserError(f"{where}: '{key}' cannot be set inside the config file (it is a command-line "
                             "switch); remove that line.")
         if key not in actions:
-            raise UserError(f"{where}: unknown argument '{key}'{did_you_mean(key, actions)}.")
+            raise UserError(f"{where}: unknown argument '{key}'{did_you_mean(key, [*actions, *GUI_ONLY_KEYS])}.")
         values[key] = _convert(actions[key], key, value, where)
-    return values
+    return values, ignored
 
 
 def _explicit_cli_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -178,17 +209,23 @@ def parse_args_with_sources(
     first = parser.parse_args(argv)
     sources = {dest: SOURCE_DEFAULT for dest in _actions(parser)}
     toml_values: dict[str, Any] = {}
+    ignored: list[tuple[str, Any]] = []
     if first.config_file and not first.output_config:
         path = toml_path(first.config_file)
         if path.name != Path(first.config_file).name and not path.is_file():
             raise UserError(f"Config file not found: {path} (--config_file {first.config_file}: .toml is added "
                             "as in sd-scripts).")
-        toml_values = load_config_file(parser, path)
+        toml_values, ignored = read_config_file(parser, path)
         parser.set_defaults(**toml_values)
         sources.update({k: f"config file {path.name}" for k in toml_values})
     args = parser.parse_args(argv)
+    actions = _actions(parser)
     for dest in _explicit_cli_dests(parser, argv):
         sources[dest] = SOURCE_CLI
+        if getattr(args, dest) == "" and _unset_by_empty(actions[dest]):
+            setattr(args, dest, None)  # --logging_dir "" means unset on the command line too
+    if ignored:
+        setattr(args, IGNORED_KEYS_ATTR, [(path.name, key, value) for key, value in ignored])
     return args, sources
 
 
@@ -201,7 +238,7 @@ def write_output_config(parser: argparse.ArgumentParser, args: argparse.Namespac
         raise UserError(f"--output_config refuses to overwrite {path}; choose a new --config_file path.")
     values = {}
     for dest, action in _actions(parser).items():
-        value = getattr(args, dest)
+        value = getattr(args, dest, None)
         if dest in _NOT_WRITTEN or value is None or value == action.default:
             continue
         values[dest] = value
@@ -238,7 +275,7 @@ def loggable_config(args: argparse.Namespace, accelerate: Mapping[str, Setting] 
     """
     out: dict[str, Any] = {}
     for key, value in vars(args).items():
-        if key in SECRET_KEYS or value is None:
+        if key in SECRET_KEYS or value is None or key.startswith("_"):
             continue
         if key not in _FREE_TEXT_KEYS:
             if isinstance(value, str):

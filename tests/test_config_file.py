@@ -301,3 +301,47 @@ def test_check_combinations_refuses_a_tracker_that_is_not_installed(monkeypatch)
     args, _ = _parse(["--log_with", "wandb", "--output_dir", "o", "--pretrained_model_name_or_path", "m"])
     with pytest.raises(UserError, match="--log_with wandb needs the wandb package: pip install wandb"):
         check_combinations(args, build_parser().parse_args([]))
+
+
+@pytest.mark.parametrize("value, expected", [(1, True), (0, False), ("true", None), (2, None), (1.0, None)])
+def test_a_switch_takes_0_or_1_as_the_kohya_ss_gui_writes_it(tmp_path, value, expected):
+    cfg = tmp_path / "gui.toml"  # GUI v24 / v25.0: persistent_data_loader_workers = int(checkbox)
+    cfg.write_text(toml.dumps({"persistent_data_loader_workers": value}))
+    if expected is None:  # other numbers (and strings) stay errors: 2 is no switch position
+        with pytest.raises(UserError, match="expected true or false"):
+            _parse(["--config_file", str(cfg)])
+        return
+    args, sources = _parse(["--config_file", str(cfg)])
+    assert args.persistent_data_loader_workers is expected and sources["persistent_data_loader_workers"] != "default"
+
+
+@pytest.mark.parametrize("key", ["network_args", "optimizer_args", "lr_scheduler_args"])
+def test_an_empty_string_for_a_list_of_options_is_no_options(tmp_path, key):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'{key} = ""\n')
+    args, _ = _parse(["--config_file", str(cfg), "--output_dir", "o", "--pretrained_model_name_or_path", "m"])
+    assert getattr(args, key) == []  # not [""], which the option parsers call "'' is not key=value"
+    check_combinations(args, build_parser().parse_args([]))  # [] lr_scheduler_args need no --lr_scheduler_type
+
+
+@pytest.mark.parametrize("key", ["logging_dir", "output_dir", "vae", "network_weights", "sample_prompts", "resume",
+                                 "dataset_config", "reg_data_dir", "in_json", "tokenizer_cache_dir", "log_with"])
+def test_an_empty_string_for_a_path_in_a_config_file_means_unset(tmp_path, key):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'{key} = ""\n')  # logging_dir = "" once wrote tensorboard logs to ./<timestamp>/
+    args, sources = _parse(["--config_file", str(cfg)])
+    assert getattr(args, key) is None and sources[key].startswith("config file")
+    if key != "log_with":  # (argparse checks choices on the command line before anything else)
+        args, _ = _parse([f"--{key}", ""])  # the command line says the same
+        assert getattr(args, key) is None
+    # defaults that are strings keep an explicit "" (an empty separator or optimizer name is a value)
+    cfg.write_text('optimizer_type = ""\ncaption_separator = ";"\n')
+    assert _parse(["--config_file", str(cfg)])[0].optimizer_type == ""
+
+
+def test_an_empty_output_dir_gets_the_required_message(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('output_dir = ""\npretrained_model_name_or_path = "m"\n')
+    args, _ = _parse(["--config_file", str(cfg)])
+    with pytest.raises(UserError, match="--output_dir is required"):
+        check_combinations(args, build_parser().parse_args([]))
