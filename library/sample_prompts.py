@@ -109,6 +109,8 @@ def _checked_value(key: str, value: Any, where: str) -> Any:
         value = float(value)
     if kind is str and not isinstance(value, str):
         raise UserError(f"{where}: {key} = {value!r} must be a string.")
+    if key == "seed" and value == -1:  # A1111's "random seed": here the default, run seed + prompt index
+        return None
     limits = {"width": (8, 8192), "height": (8, 8192), "sample_steps": (1, 1000), "seed": (0, 2**63 - 1),
               "scale": (0.0, 100.0)}
     if key in limits and not limits[key][0] <= value <= limits[key][1]:

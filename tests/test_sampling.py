@@ -435,3 +435,13 @@ def test_without_a_cadence_the_prompt_file_is_not_read(tmp_path, tiny_sd_dir, ti
     assert _run(tiny_sd_dir, _data_toml(tmp_path, tiny_images), out, "--max_train_steps", "1",
                 "--sample_prompts", str(tmp_path / "never-written.txt")) == 0
     assert "the prompt file is not read" in capsys.readouterr().out
+
+
+def test_a1111_random_seed_minus_one_means_the_default_seed(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a --d -1\nb --d 5\n")
+    a, b = load_prompts(path)
+    assert (a.seed, b.seed) == (None, 5)  # None: run seed + the prompt's index, as without --d
+    path.write_text("c --d -2\n")
+    with pytest.raises(UserError, match="seed = -2 is out of range"):
+        load_prompts(path)
