@@ -44,6 +44,7 @@ from library.regional_compile import compile_blocks
 from library.resume_check import dataset_settings, training_fingerprint
 from library.run_saver import RunSaver
 from library.sampling import PromptSource, SampleSchedule, TrainingSamples
+from library.sd_scripts_args import epoch_cadence
 from library.signals import Interrupted, StopRequest, Terminated, stop_when_launcher_dies, terminate_as_exception
 from library.step_controls import TextEncoderStop, max_norm_logs
 
@@ -97,6 +98,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         log(f"--fp8_base: {n} frozen base layers stored in float8")
     data = setup.build_data(args, family, accelerator, seed, sources)
     plan = setup.plan_steps(len(data.sampler), accumulation, args.max_train_steps, args.max_train_epochs)
+    if args.save_n_epoch_ratio and args.save_every_n_epochs is None:  # the epoch count is known only now
+        args.save_every_n_epochs = epoch_cadence(args.save_n_epoch_ratio, plan.num_epochs)
     network, net_kwargs = setup.build_network(args, family, log)
     params, lr_names = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     optimizer = create_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args)

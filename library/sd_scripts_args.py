@@ -49,8 +49,7 @@ SD_SCRIPTS_ARGS: dict[str, SdScriptsArg] = {
     "use_8bit_adam": SdScriptsArg("used", "sd-scripts' older switch for --optimizer_type AdamW8bit"),
     "use_lion_optimizer": SdScriptsArg("used", "sd-scripts' older switch for --optimizer_type Lion"),
     "save_n_epoch_ratio": SdScriptsArg(
-        "used", "save about N epoch files: --save_every_n_epochs max(1, epochs // N), as sd-scripts (needs "
-        "--max_train_epochs here, where the epoch count is known before the data is read)", int),
+        "used", "save about N epoch files: --save_every_n_epochs max(1, epochs // N), as sd-scripts", int),
     "console_log_level": SdScriptsArg("used", "level of the log messages of Python's logging (default WARNING)", str,
                                       choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
     "cache_text_encoder_outputs_to_disk": SdScriptsArg(
@@ -194,11 +193,13 @@ def _apply_save_n_epoch_ratio(args: argparse.Namespace) -> None:
     if args.save_every_n_epochs is not None:
         raise UserError(f"--save_n_epoch_ratio {ratio} and --save_every_n_epochs {args.save_every_n_epochs} both "
                         "set the epoch cadence; keep one.")
-    if not args.max_train_epochs:
-        raise UserError(f"--save_n_epoch_ratio {ratio} needs --max_train_epochs in this toolkit (with "
-                        "--max_train_steps the epoch count is known only once the data is read); give "
-                        "--max_train_epochs, or --save_every_n_epochs instead.")
-    args.save_every_n_epochs = max(1, args.max_train_epochs // ratio)
+    if args.max_train_epochs:  # else the trainer sets it once the data gives the epoch count (epoch_cadence)
+        args.save_every_n_epochs = epoch_cadence(ratio, args.max_train_epochs)
+
+
+def epoch_cadence(ratio: int, num_epochs: int) -> int:
+    """sd-scripts' ``--save_n_epoch_ratio``: save every ``max(1, epochs // N)`` epochs (about N epoch files)."""
+    return max(1, num_epochs // ratio)
 
 
 def sd_scripts_notes(values: dict[str, Any]) -> list[str]:

@@ -126,8 +126,7 @@ def test_sd_scripts_aliases_set_this_toolkits_arguments(tmp_path):
 def test_save_n_epoch_ratio_sets_the_epoch_cadence_as_sd_scripts(tmp_path):
     assert _checked([*BASE, "--max_train_epochs", "10", "--save_n_epoch_ratio", "3"]).save_every_n_epochs == 3
     assert _checked([*BASE, "--max_train_epochs", "2", "--save_n_epoch_ratio", "5"]).save_every_n_epochs == 1
-    with pytest.raises(UserError, match="needs --max_train_epochs"):
-        _checked([*BASE, "--save_n_epoch_ratio", "3"])
+    assert _checked([*BASE, "--save_n_epoch_ratio", "3"]).save_every_n_epochs is None  # set once epochs are known
     with pytest.raises(UserError, match="keep one"):
         _checked([*BASE, "--max_train_epochs", "9", "--save_n_epoch_ratio", "3", "--save_every_n_epochs", "2"])
 
@@ -163,3 +162,19 @@ def test_folder_options_next_to_a_dataset_toml_are_ignored_with_one_warning(capl
     with pytest.raises(UserError, match="--in_json needs --train_data_dir"):  # without a TOML it still does
         check_data_sources(argparse.Namespace(dataset_config=None, train_data_dir=None, reg_data_dir=None,
                                               in_json="meta.json"))
+
+
+def test_save_n_epoch_ratio_with_max_train_steps_saves_once_the_epoch_count_is_known(tmp_path, tiny_sd_dir,
+                                                                                   tiny_images):
+    import train_network
+
+    data = tmp_path / "data.toml"
+    data.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 4\n  [[datasets.subsets]]\n'
+                    f'  image_dir = "{tiny_images}"\n')  # 8 images: 2 steps per epoch, 8 steps = 4 epochs
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--dataset_config", str(data), "--output_dir",
+            str(tmp_path / "out"), "--output_name", "x", "--network_dim", "4", "--max_train_steps", "8",
+            "--save_n_epoch_ratio", "2"]
+    assert train_network.main(argv) == 0
+    # every max(1, 4 // 2) = 2 epochs: epoch 2, then the final file (epoch 4 is the last one)
+    assert sorted(p.name for p in (tmp_path / "out").glob("x*.safetensors")) == ["x-000002.safetensors",
+                                                                                "x.safetensors"]
