@@ -99,9 +99,6 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -
         raise UserError(f"--full_bf16 keeps the LoRA in bf16, which needs --mixed_precision bf16 (it is "
                         f"{args.mixed_precision}).")
     check_ranges(args)
-    if args.lr_scheduler_args and not args.lr_scheduler_type:
-        raise UserError("--lr_scheduler_args are the arguments of --lr_scheduler_type, which is not given (the "
-                        "named --lr_scheduler schedules take --lr_scheduler_num_cycles / --lr_scheduler_power).")
     if args.scale_weight_norms is not None and args.scale_weight_norms < 0:
         raise UserError(f"--scale_weight_norms {args.scale_weight_norms}: the largest norm must be > 0 "
                         "(0 or unset: off).")

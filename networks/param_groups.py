@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from library.errors import UserError
 from networks.block_lr import block_lr_groups
+
+logger = logging.getLogger(__name__)
 
 
 def param_groups(network: Any, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
@@ -46,11 +49,9 @@ def param_groups(network: Any, text_encoder_lr: float | Sequence[float] | None, 
                        {"params": ups, "lr": lr * ratio}])
         descriptions.extend([description, f"{description} plus"])
 
+    if isinstance(text_encoder_lr, Sequence):
+        text_encoder_lr = _per_encoder(list(text_encoder_lr), len(network._te_prefixes))
     if isinstance(text_encoder_lr, Sequence) and len(text_encoder_lr) > 1:
-        if len(text_encoder_lr) != len(network._te_prefixes):
-            raise UserError(
-                f"{len(text_encoder_lr)} text encoder learning rates for {len(network._te_prefixes)} text encoders"
-            )
         for i, (lr, prefix) in enumerate(zip(text_encoder_lr, network._te_prefixes, strict=True)):
             te_loras = [lo for lo in network.text_encoder_loras if lo.lora_name.startswith(prefix)]
             add(te_loras, lr, f"textencoder {i + 1}")
@@ -70,3 +71,21 @@ def param_groups(network: Any, text_encoder_lr: float | Sequence[float] | None, 
     for label, weight, loras in blocks:
         add(loras, lr * weight, f"unet {label}")
     return groups, descriptions
+
+
+def _per_encoder(lrs: list[float], encoders: int) -> list[float]:
+    """``--text_encoder_lr`` values cut to the model's encoders (one value: every encoder).
+
+    kohya_ss GUI v25 writes two values for every model, SD 1.x included; sd-scripts then uses the
+    first, so extra values are dropped, with a warning only when they differ from the first.
+    """
+    if len(lrs) <= 1 or len(lrs) == encoders:
+        return lrs
+    if len(lrs) < encoders:
+        raise UserError(f"--text_encoder_lr {' '.join(map(str, lrs))}: {len(lrs)} learning rates for {encoders} "
+                        "text encoders; give one for all or one per encoder.")
+    used, extra = lrs[:max(encoders, 1)], lrs[max(encoders, 1):]
+    if any(lr != lrs[0] for lr in extra):
+        logger.warning("--text_encoder_lr %s: this model has %d text encoder(s); using %s, not %s (as sd-scripts).",
+                       " ".join(map(str, lrs)), encoders, " ".join(map(str, used)), " ".join(map(str, extra)))
+    return used
