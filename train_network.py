@@ -105,7 +105,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     optimizer = create_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args)
     lr_scheduler = create_scheduler(optimizer, args.lr_scheduler, plan.max_train_steps, args.lr_warmup_steps,
                                     args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_type,
-                                    args.lr_scheduler_args)
+                                    args.lr_scheduler_args, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+                                    decay_steps=args.lr_decay_steps or 0, timescale=args.lr_scheduler_timescale)
     compiled, recompile_limit = compile_blocks(family.network_inputs()[2], accelerator)
     if compiled:
         log(f"torch.compile: {compiled} repeated blocks compiled one by one (regional compilation), "

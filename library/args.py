@@ -207,13 +207,18 @@ def _add_optimisation(p: argparse.ArgumentParser) -> None:
         help="learning rate of the text-encoder LoRA (default: --learning_rate; 0 freezes it); SDXL: one value "
         "for both encoders or two, encoder 1 then 2",
     )
-    g.add_argument("--optimizer_type", type=str, default="", help='"" = AdamW, AdamW8bit, SGD, or a dotted path')
+    g.add_argument("--optimizer_type", type=str, default="",
+                   help='"" = AdamW; AdamW8bit, PagedAdamW(8bit/32bit), Lion(8bit), PagedLion8bit, AdEMAMix8bit, '
+                        "PagedAdEMAMix8bit, SGD, SGDNesterov(8bit), Prodigy, DAdaptation / DAdaptAdam / "
+                        "DAdaptAdaGrad / DAdaptAdan / DAdaptAdanIP / DAdaptLion / DAdaptSGD (pip install "
+                        "dadaptation), Adafactor, or a dotted path")
     g.add_argument("--optimizer_args", type=str, default=None, nargs="*", help="key=value optimizer options")
     g.add_argument(
         "--lr_scheduler",
         type=str,
         default="constant",
-        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, piecewise_constant, "
+        "inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, adafactor",
     )
     g.add_argument(
         "--lr_scheduler_type",
@@ -227,7 +232,8 @@ def _add_optimisation(p: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         nargs="*",
-        help='key=value arguments of --lr_scheduler_type (e.g. "step_size=100" "gamma=0.5")',
+        help='key=value keywords of the --lr_scheduler schedule or of --lr_scheduler_type (e.g. "min_lr_rate=0.1", '
+        '"step_size=100")',
     )
     g.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a ratio of total steps when < 1")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")

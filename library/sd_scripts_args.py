@@ -36,8 +36,7 @@ class SdScriptsArg:
 
 
 _TRAIN_BY_RESUME = "to continue a run, save its state (--save_state) and give that folder to --resume"
-_LR_SCHEDULER = ("sd-scripts passes it to its cosine_with_min_lr / warmup_stable_decay / inverse_sqrt schedules; "
-                 "here it is not passed on: set the schedule's own keyword with --lr_scheduler_args instead")
+_LR_SCHEDULER = "passed to the cosine_with_min_lr / warmup_stable_decay / inverse_sqrt schedules, as sd-scripts does"
 _HF_UPLOAD = "uploading to Hugging Face is not built in; upload the output folder afterwards (huggingface-cli upload)"
 _DEEPSPEED = "DeepSpeed is not supported; for several GPUs use accelerate launch --num_processes N (DDP)"
 _VALIDATION = "set it in the dataset TOML ([general] or a [[datasets]] table), where this toolkit reads it"
@@ -90,9 +89,9 @@ SD_SCRIPTS_ARGS: dict[str, SdScriptsArg] = {
     "initial_step": SdScriptsArg("unsupported", f"starting at a later step is not supported; {_TRAIN_BY_RESUME}",
                                  int, no_op=(0,)),
     "skip_until_initial_step": SdScriptsArg("unsupported", f"not supported; {_TRAIN_BY_RESUME}"),
-    "lr_scheduler_min_lr_ratio": SdScriptsArg("unsupported", _LR_SCHEDULER, float),
-    "lr_scheduler_timescale": SdScriptsArg("unsupported", _LR_SCHEDULER, int),
-    "lr_decay_steps": SdScriptsArg("unsupported", _LR_SCHEDULER, float, no_op=(0,)),
+    "lr_scheduler_min_lr_ratio": SdScriptsArg("used", _LR_SCHEDULER, float),
+    "lr_scheduler_timescale": SdScriptsArg("used", _LR_SCHEDULER, int),
+    "lr_decay_steps": SdScriptsArg("used", _LR_SCHEDULER + " (a ratio of the steps when below 1)", float),
     "fused_backward_pass": SdScriptsArg("unsupported", "fusing the optimizer into the backward pass is not "
                                         "supported; save memory with --gradient_checkpointing or --fp8_base"),
     "fp8_base_unet": SdScriptsArg("unsupported", "use --fp8_base (the frozen base weights in float8)"),

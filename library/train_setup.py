@@ -393,7 +393,7 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
     """The facts the ss_* metadata records."""
     from pathlib import Path
 
-    from library.optim import warmup_steps
+    from library.optim import effective_scheduler_name, warmup_steps
     from library.train_metadata import SWITCHES, RunInfo
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
@@ -403,7 +403,8 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
         output_name=output_name, learning_rate=args.learning_rate, unet_lr=args.unet_lr,
         text_encoder_lr=args.text_encoder_lr, num_train_images=data.num_train_images,
         num_reg_images=data.num_reg_images, num_batches_per_epoch=plan.batches_per_epoch,
-        num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, lr_scheduler=args.lr_scheduler,
+        num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps,
+        lr_scheduler=effective_scheduler_name(inner, args.lr_scheduler, args.lr_scheduler_type),
         lr_warmup_steps=warmup_steps(args.lr_warmup_steps, plan.max_train_steps), optimizer=type(inner).__name__,
         mixed_precision=mixed_precision, seed=seed, gradient_accumulation_steps=accumulation,
         total_batch_size=data.batch_size * num_processes * accumulation, noise_offset=args.noise_offset,

@@ -82,7 +82,7 @@ def test_every_sd_scripts_name_is_an_argument_with_its_reason_in_the_help():
 # (argument, a value that asks for something): refused on the command line and in a config file alike
 REFUSED = [("debug_dataset", True), ("token_warmup_min", 3), ("token_warmup_step", 0.5),
            ("face_crop_aug_range", "2.0,4.0"), ("initial_epoch", 3), ("initial_step", 100),
-           ("skip_until_initial_step", True), ("lr_scheduler_min_lr_ratio", 0.1), ("huggingface_repo_id", "me/lora"),
+           ("skip_until_initial_step", True), ("huggingface_repo_id", "me/lora"),
            ("log_tracker_config", "trackers.toml"), ("validation_split", 0.1), ("base_weights", ["a.safetensors"]),
            ("deepspeed", True), ("zero_stage", 3), ("fp8_base_unet", True), ("conditioning_data_dir", "masks")]
 
@@ -178,3 +178,19 @@ def test_save_n_epoch_ratio_with_max_train_steps_saves_once_the_epoch_count_is_k
     # every max(1, 4 // 2) = 2 epochs: epoch 2, then the final file (epoch 4 is the last one)
     assert sorted(p.name for p in (tmp_path / "out").glob("x*.safetensors")) == ["x-000002.safetensors",
                                                                                 "x.safetensors"]
+
+
+def test_scheduler_settings_of_sd_scripts_reach_the_schedule(tmp_path, tiny_sd_dir, tiny_images):
+    import train_network
+    from library.loss_curve import read_loss_curve
+
+    data = tmp_path / "data.toml"
+    data.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 8\n  [[datasets.subsets]]\n'
+                    f'  image_dir = "{tiny_images}"\n')
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--dataset_config", str(data), "--output_dir",
+            str(tmp_path / "out"), "--output_name", "x", "--network_dim", "4", "--max_train_steps", "4",
+            "--learning_rate", "1e-3", "--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "0.5"]
+    assert train_network.main(argv) == 0
+    lrs = [row[2] for row in read_loss_curve(tmp_path / "out" / "x_loss.csv", up_to=4)]
+    # cosine from 1e-3 down to the floor 0.5 x 1e-3 (without the ratio it would go down to 0)
+    assert len(lrs) == 4 and lrs[-1] == pytest.approx(0.5e-3, rel=1e-3) and lrs[0] > lrs[-1]

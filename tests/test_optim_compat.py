@@ -95,6 +95,10 @@ def test_adafactor_relative_step_trains_and_logs_its_step_size(tmp_path, tiny_sd
     rows = (out / "lora_loss.csv").read_text().strip().splitlines()[1:]
     lrs = [float(row.split(",")[2]) for row in rows]
     assert 0 < lrs[0] < 1e-5 and lrs[1] == pytest.approx(2 * lrs[0], rel=0.1)  # warmup_init's growing step
+    from safetensors import safe_open
+
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_lr_scheduler"] == "adafactor"  # the schedule that ran, not --lr_scheduler's default
 
 
 # --- optimizer names from tutorials and the GUI ---------------------------------------------------
