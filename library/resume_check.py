@@ -41,6 +41,8 @@ _COMPARED_WHEN_CHANGED = {
     "zero_terminal_snr": False, "multires_noise_iterations": None, "multires_noise_discount": 0.3,
     "noise_offset_random_strength": False, "debiased_estimation_loss": False,
     "scale_v_pred_loss_like_noise_pred": False, "max_token_length": None,
+    "adaptive_noise_scale": None, "v_pred_like_loss": None, "masked_loss": False, "weighted_captions": False,
+    "lr_scheduler_min_lr_ratio": None, "lr_decay_steps": None, "lr_scheduler_timescale": None,
 }  # fmt: skip
 # Keys a state saved before they existed does not hold: compared only when the saved fingerprint has them.
 _NEWER_KEYS = ("dataset settings",)
@@ -99,15 +101,20 @@ def training_fingerprint(args: argparse.Namespace, *, seed: int, batch_size: int
     return fingerprint
 
 
-def _drop_newer_fields(saved: list[Any], current: list[Any]) -> None:
-    """A state saved by an earlier version reports fewer fields per dataset and subset: compare the shared ones."""
+def _drop_newer_fields(saved: list[Any], current: list[Any], only_unset: bool = False) -> None:
+    """A state saved by an earlier version reports fewer fields per dataset and subset: compare the shared ones.
+
+    ``only_unset``: drop a newer field only where it is off (False, None, "", 0, []), the default every dataset
+    option gets when it is added; one that is on is a real change from the saved run, which could not have it.
+    """
     for then, now in zip(saved, current, strict=False):
         if not (isinstance(then, dict) and isinstance(now, dict)):
             continue
-        for key in [k for k in now if k not in then]:
-            now.pop(key)
+        for key in [k for k in now if k not in then and k != "subsets"]:
+            if not only_unset or not now[key]:
+                now.pop(key)
         if isinstance(then.get("subsets"), list) and isinstance(now.get("subsets"), list):
-            _drop_newer_fields(then["subsets"], now["subsets"])
+            _drop_newer_fields(then["subsets"], now["subsets"], only_unset)
 
 
 def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any], allow_changes: bool,
@@ -121,6 +128,8 @@ def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any
             current.pop(key, None)
     if isinstance(saved.get("datasets"), list) and isinstance(current.get("datasets"), list):
         _drop_newer_fields(saved["datasets"], current["datasets"])
+    if isinstance(saved.get("dataset settings"), list) and isinstance(current.get("dataset settings"), list):
+        _drop_newer_fields(saved["dataset settings"], current["dataset settings"], only_unset=True)
     if all(key in saved for key in _STEP_SPLIT):
         step_then, step_now = (fp["batch_size"] * fp["processes x accumulation"] for fp in (saved, current))
         if step_then == step_now:  # batch, processes and accumulation may trade places (README, "Steps")

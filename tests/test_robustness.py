@@ -499,3 +499,40 @@ def test_numbers_out_of_range_stop_before_the_model_loads(tmp_path, tiny_sd_dir,
     out = tmp_path / "out"
     assert train_network.main(_args(tiny_sd_dir, _data(tmp_path, tiny_images), out, *extra)) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_states_saved_before_newer_dataset_options_still_resume_unless_one_is_on():
+    """A state's "dataset settings" lacks the options added after it was saved (enable_wildcard, alpha_mask, ...):
+    off, they change nothing; on, they are a change the saved run could not have had."""
+    import dataclasses
+
+    from library.dataset_config import DatasetConfig, SubsetConfig
+    from library.resume_check import check_resume_compatible, dataset_settings
+
+    config = DatasetConfig(subsets=(SubsetConfig(image_dir=Path("img")),))
+    now = {"dataset settings": dataset_settings([config])}
+    old = {"dataset settings": dataset_settings([config])}
+    old["dataset settings"][0].pop("skip_image_resolution")
+    for key in ("secondary_separator", "enable_wildcard", "alpha_mask", "conditioning_data_dir"):
+        old["dataset settings"][0]["subsets"][0].pop(key)
+    assert check_resume_compatible(old, now, False, "s") == []
+    wildcard = DatasetConfig(subsets=(dataclasses.replace(config.subsets[0], enable_wildcard=True),))
+    with pytest.raises(UserError, match="dataset settings"):
+        check_resume_compatible(old, {"dataset settings": dataset_settings([wildcard])}, False, "s")
+
+
+def test_newer_loss_options_are_compared_on_resume_and_old_states_resume():
+    from library.args import build_parser
+    from library.resume_check import check_resume_compatible, training_fingerprint
+
+    def fingerprint(*extra):
+        args = build_parser().parse_args(["--output_dir", "x", *extra])
+        return training_fingerprint(args, seed=1, batch_size=1, num_processes=1, accumulation=1, data="d",
+                                    datasets=[])
+
+    plain = fingerprint()
+    assert "v_pred_like_loss" not in plain and "masked_loss" not in plain  # what older states hold
+    for extra in (["--v_pred_like_loss", "0.1"], ["--masked_loss"], ["--weighted_captions"],
+                  ["--noise_offset", "0.1", "--adaptive_noise_scale", "0.01"]):
+        with pytest.raises(UserError, match=extra[-1].lstrip("-") if extra[-1].startswith("--") else extra[-2][2:]):
+            check_resume_compatible(plain, fingerprint(*extra), False, "s")
