@@ -102,14 +102,18 @@ class WeightedChunk:
     weights: list[float] = field(default_factory=list)
 
 
-def weighted_chunks(tokenizer: Any, text: str, max_token_length: int | None) -> list[WeightedChunk]:
+def weighted_chunks(tokenizer: Any, text: str, max_token_length: int | None,
+                    break_extends: bool = True) -> list[WeightedChunk]:
     """The prompt's tokens in chunks of 75, each ``BREAK`` starting a new chunk.
 
-    A prompt is cut where a training caption would be (``chunk_budget``); one with ``BREAK`` may use up to
-    three chunks, since otherwise everything after a BREAK would be lost at the default 75 tokens.
+    A prompt is cut where a training caption would be (``chunk_budget``); with ``break_extends`` (sample prompts)
+    one with ``BREAK`` may use up to three chunks, since otherwise everything after a BREAK would be lost at the
+    default 75 tokens. Training captions keep the budget (every caption of a batch, and of a text-encoder
+    cache, must have the same length).
     """
     sections = parse_attention(text)
-    limit = chunk_budget(max_token_length) if len(sections) == 1 else max(chunk_budget(max_token_length), MAX_CHUNKS)
+    budget = chunk_budget(max_token_length)
+    limit = max(budget, MAX_CHUNKS) if break_extends and len(sections) > 1 else budget
     chunks: list[WeightedChunk] = []
     for runs in sections:
         chunks.append(WeightedChunk())
@@ -150,11 +154,12 @@ def encoder_inputs(tokenizer: Any, prompts: list[list[WeightedChunk]], count: in
     return [chunk.to(device) for chunk in ids], weights.to(device)
 
 
-def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def apply_weights(hidden: torch.Tensor, weights: torch.Tensor, rescale: bool = True) -> torch.Tensor:
     """Hidden states [B, L, D] times the token weights [B, L], each prompt rescaled to its unweighted mean.
 
     A prompt whose weights are all 1.0 is returned untouched (bit for bit). The rescale is skipped where the
     weighted mean is zero or of the other sign (negative weights): the factor would blow up or flip every token.
+    ``rescale=False`` (training captions, as sd-scripts' training encodes them): the weights alone.
     """
     rows = []
     for h, w in zip(hidden, weights.to(hidden.device), strict=True):
@@ -164,7 +169,7 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         h32 = h.float()
         weighted = h32 * w[:, None].float()
         ratio = h32.mean() / weighted.mean()
-        if bool(torch.isfinite(ratio)) and ratio > 0:
+        if rescale and bool(torch.isfinite(ratio)) and ratio > 0:
             weighted = weighted * ratio
         rows.append(weighted.to(h.dtype))
     return torch.stack(rows)

@@ -8,6 +8,7 @@ except the few adapters at the top that translate arguments into those values.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -349,7 +350,21 @@ def build_data(args: argparse.Namespace, family: Any, accelerator: Any, seed: in
     for loader in (data.loader, getattr(data, "validation_loader", None)):
         if loader is not None and getattr(loader, "generator", None) is None:
             loader.generator = torch.Generator().manual_seed(seed)
+    if args.weighted_captions:
+        warn_weighted_tag_splits(getattr(data, "datasets", []))
     return data
+
+
+def warn_weighted_tag_splits(datasets: list[Any]) -> None:
+    """--weighted_captions with tag shuffling or dropout: tags are split at the separator before the weights are
+    read, so a weighted group holding a comma, ``(red hair, blue eyes:1.2)``, would come apart silently."""
+    split = [subset.name for dataset in datasets for subset in dataset.config.subsets
+             if subset.shuffle_caption or subset.caption_tag_dropout_rate or subset.keep_tokens_separator]
+    if split:
+        logging.getLogger(__name__).warning(
+            "--weighted_captions with shuffle_caption / caption_tag_dropout_rate / keep_tokens_separator (%s): tags "
+            "are split at the caption separator first, so a weighted group must not hold one, e.g. write "
+            "(red hair:1.2), (blue eyes:1.2) rather than (red hair, blue eyes:1.2)", ", ".join(split))
 
 
 def validation_loss(family: Any, network: torch.nn.Module, loader: Any, accelerator: Any,

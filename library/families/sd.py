@@ -133,13 +133,15 @@ class SDFamily:
             context = self._weighted_context([prompt, negative])
         return {"prompt_embeds": context[:1], "negative_prompt_embeds": context[1:]}
 
-    def _weighted_context(self, texts: list[str]) -> torch.Tensor:
+    def _weighted_context(self, texts: list[str], training: bool = False) -> torch.Tensor:
         """Hidden states of ``texts`` with A1111 weighting (library/prompt_weighting.py); for text without the
-        syntax exactly :meth:`encode_text`'s plain encoding."""
-        prompts = [weighted_chunks(self.tokenizer, text, self.max_token_length) for text in texts]
-        count = max(chunk_budget(self.max_token_length), *map(len, prompts))
+        syntax exactly :meth:`encode_text`'s plain encoding. ``training``: captions keep the training length
+        (BREAK cannot extend them) and are not rescaled to their mean, as sd-scripts' training encodes them."""
+        prompts = [weighted_chunks(self.tokenizer, text, self.max_token_length, not training) for text in texts]
+        count = chunk_budget(self.max_token_length) if training else max(chunk_budget(self.max_token_length),
+                                                                          *map(len, prompts))
         ids, weights = encoder_inputs(self.tokenizer, prompts, count, self.text_encoder.device)
-        return apply_weights(merge_chunks([self._hidden(chunk) for chunk in ids]), weights)
+        return apply_weights(merge_chunks([self._hidden(chunk) for chunk in ids]), weights, rescale=not training)
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
@@ -157,8 +159,8 @@ class SDFamily:
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """CLIP hidden states (clip_skip honoured); with gradients only when the encoder trains."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            if self.weighted_captions:  # --weighted_captions: (word:1.2) in captions, as in sample prompts
-                return self._weighted_context(captions)
+            if self.weighted_captions:  # --weighted_captions: (word:1.2) in captions, as sd-scripts trains them
+                return self._weighted_context(captions, training=True)
             chunks = token_chunks(self.tokenizer, self.text_encoder, captions, self.max_token_length)
             return merge_chunks([self._hidden(ids) for ids in chunks])
 

@@ -218,28 +218,31 @@ class SDXLFamily:
     def encode_images(self, images: torch.Tensor, indices: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         return encode_latents(self.vae, images, self.seed, epoch, indices)
 
-    def _weighted_context(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weighted_context(self, texts: list[str], training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, pooled) of ``texts`` with A1111 weighting on both encoders' hidden states, each rescaled to its
         own unweighted mean (library/prompt_weighting.py); the pooled embedding stays unweighted, as in sd-scripts.
-        For text without the syntax exactly :meth:`encode_text`'s plain encoding."""
+        For text without the syntax exactly :meth:`encode_text`'s plain encoding. ``training``: captions keep the
+        training length and are not rescaled, as sd-scripts' training encodes them."""
         pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
-        prompts = [[weighted_chunks(tokenizer, text, self.max_token_length) for text in texts]
+        prompts = [[weighted_chunks(tokenizer, text, self.max_token_length, not training) for text in texts]
                    for tokenizer, _ in pairs]
         # One length for both encoders: their contexts are concatenated feature-wise.
-        count = max(chunk_budget(self.max_token_length), *(len(chunks) for both in prompts for chunks in both))
+        count = chunk_budget(self.max_token_length) if training else max(
+            chunk_budget(self.max_token_length), *(len(chunks) for both in prompts for chunks in both))
         hidden = []
         for (tokenizer, encoder), chunks in zip(pairs, prompts, strict=True):
             ids, weights = encoder_inputs(tokenizer, chunks, count, encoder.device)
             outs = [encoder(chunk, output_hidden_states=True) for chunk in ids]
-            hidden.append(apply_weights(merge_chunks([out.hidden_states[-2] for out in outs]), weights))
+            hidden.append(apply_weights(merge_chunks([out.hidden_states[-2] for out in outs]), weights,
+                                        rescale=not training))
         return torch.cat(hidden, dim=-1), outs[0].text_embeds  # the first chunk's pooled output, as in encode_text
 
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, 77, w1 + w2], pooled text_embeds [B, p]); with gradients only when the encoders train."""
         hidden = []
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            if self.weighted_captions:  # --weighted_captions: (word:1.2) in captions, as in sample prompts
-                return self._weighted_context(captions)
+            if self.weighted_captions:  # --weighted_captions: (word:1.2) in captions, as sd-scripts trains them
+                return self._weighted_context(captions, training=True)
             for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
                 outs = [encoder(ids, output_hidden_states=True)
                         for ids in token_chunks(tokenizer, encoder, captions, self.max_token_length)]
