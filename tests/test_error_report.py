@@ -1,4 +1,4 @@
-"""A UserError that every process of a launch hits is printed once per machine, different ones each."""
+"""A UserError that every process of a launch hits is printed once per machine; nothing is ever hidden."""
 
 from __future__ import annotations
 
@@ -10,19 +10,25 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE = textwrap.dedent("""
+    import sys
+    from library.error_report import report_error
+    from library.errors import UserError
+    report_error(UserError(sys.argv[1]))
+""")
 
 
-def _launch(messages: list[str], world_size: int) -> str:
-    """Run one process per message, all children of this process (as workers are of their launcher)."""
-    code = textwrap.dedent("""
-        import sys
-        from library.error_report import report_error
-        from library.errors import UserError
-        report_error(UserError(sys.argv[1]))
-    """)
-    env = {**os.environ, "WORLD_SIZE": str(world_size), "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, m], env=env, stderr=subprocess.PIPE, text=True)
-             for m in messages]
+def _launch(messages: list[str], world_size: int, launcher: bool = True, port: str = "29500") -> str:
+    """One process per message, all children of this process (as workers are of their launcher); the first is
+    local rank 0."""
+    procs = []
+    for rank, message in enumerate(messages):
+        env = {**os.environ, "WORLD_SIZE": str(world_size), "PYTHONPATH": str(ROOT)}
+        env.pop("LOCAL_RANK", None)
+        if launcher:
+            env.update(LOCAL_RANK=str(rank), MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-c", CODE, message], env=env, stderr=subprocess.PIPE,
+                                      text=True))
     return "".join(p.communicate()[1] for p in procs)
 
 
@@ -38,8 +44,16 @@ def test_different_errors_all_print():
     assert f"error: image a.png is broken ({tag})" in err and f"error: image b.png is broken ({tag})" in err
 
 
-def test_a_single_process_always_prints():
-    message = f"repeated ({uuid.uuid4()})"
-    # two separate single-process runs (no launcher): both print
-    assert _launch([message], world_size=1).count("error:") == 1
-    assert _launch([message], world_size=1).count("error:") == 1
+def test_a_second_launch_prints_the_same_error_again():
+    message = f"same mistake twice ({uuid.uuid4()})"
+    port = str(20000 + uuid.uuid4().int % 10000)
+    assert _launch([message] * 2, world_size=2, port=port).count("error:") == 1
+    # the same launcher (this process) and port, again: local rank 0 always prints
+    assert _launch([message] * 2, world_size=2, port=port).count("error:") >= 1
+
+
+def test_without_a_launcher_nothing_is_deduplicated():
+    message = f"exported WORLD_SIZE ({uuid.uuid4()})"
+    # a shell that exports WORLD_SIZE but runs the script directly, twice: both runs print
+    assert _launch([message], world_size=4, launcher=False).count("error:") == 1
+    assert _launch([message], world_size=4, launcher=False).count("error:") == 1
