@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
 import sys
 from math import inf
@@ -299,6 +300,17 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --console_log_level sets the root logger for this run only (several runs may share a process: tests, notebooks)
+    root = logging.getLogger()
+    saved_logging = (root.level, list(root.handlers))
+    try:
+        return _main(argv)
+    finally:
+        root.setLevel(saved_logging[0])
+        root.handlers[:] = saved_logging[1]
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, sources = parse_args_with_sources(parser, argv)

@@ -124,9 +124,10 @@ def check_sd_sides(config: DatasetGroupConfig, unet_config: Mapping[str, Any], p
 
     A side must be a whole number of latents (the VAE turns ``pixels_per_latent`` pixels into one: 8 for the
     released models), and at least one latent must be left after the UNet's last downsampling (each down block
-    but the last halves the latents: 64 px for SD 1.5). Off those sides the VAE rounds and the UNet interpolates
-    its skip connections to fit, so training runs on silently misaligned latents instead of failing (sd-scripts
-    likewise requires bucket steps that are multiples of 64). ``unet_config``: the loaded UNet's config.
+    but the last halves the latents: 64 px for SD 1.5). A side off the VAE's grid would be rounded by the VAE,
+    so the latents no longer line up with the pixels and crop/size bookkeeping; whole latents that are not a
+    multiple of 64 px train, as in sd-scripts (diffusers' UNet sizes its upsampling to the skip connections).
+    ``unet_config``: the loaded UNet's config.
     """
     factor = pixels_per_latent
     smallest = factor * 2 ** (len(unet_config["down_block_types"]) - 1)

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,11 @@ def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torc
     """Create the network by --network_module, wrap the family's modules, load --network_weights."""
     module = import_network_module(args.network_module)
     net_kwargs = network_args_dict(args.network_args)
+    if args.network_weights and Path(args.network_weights).is_dir() and not args.network_module.startswith(
+            "networks."):
+        raise UserError(f"--network_weights {args.network_weights} is a folder: a PEFT adapter folder is read by "
+                        f"this toolkit's networks.lora, not by {args.network_module}; give a .safetensors file "
+                        "(tools/convert.py --to kohya makes one from a PEFT folder).")
     vae, text_encoder, unet = family.network_inputs()
     with third_party_errors(args.network_module):
         if args.network_weights and args.dim_from_weights:
@@ -84,7 +90,9 @@ def third_party_errors(module_name: str):
     except UserError:
         raise
     except Exception as e:
-        if module_name.split(".")[0] == "networks":
+        # Out of memory, a CUDA error or this project's own module: not the package's arguments, so as they are.
+        out_of_memory = isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        if module_name.split(".")[0] == "networks" or out_of_memory or "CUDA" in str(e):
             raise
         package = module_name.split(".")[0]
         # the distribution's name and version (lycoris is installed as lycoris-lora)

@@ -138,8 +138,12 @@ def _adafactor_settings(kwargs: dict[str, Any], param_groups: list[dict[str, Any
     kwargs.setdefault("scale_parameter", bool(kwargs["relative_step"]))
     if not kwargs["relative_step"]:
         return False
+    rates = {group["lr"] for group in param_groups if group.get("lr") is not None}
+    lost = (f" The groups' different rates ({', '.join(f'{r:g}' for r in sorted(rates))}: --unet_lr / "
+            "--text_encoder_lr, LoRA+ ratios or block lr weights) are lost too: every group gets the same "
+            "relative step." if len(rates) > 1 else "")
     logger.warning("Adafactor relative_step=True: Adafactor sets its own step size, so --learning_rate, "
-                   "--unet_lr and --text_encoder_lr are not used (as sd-scripts).")
+                   "--unet_lr and --text_encoder_lr are not used (as sd-scripts).%s", lost)
     for group in param_groups:
         group.pop("lr", None)
     return True

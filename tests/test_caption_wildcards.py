@@ -19,6 +19,10 @@ def test_a_multi_line_caption_gives_one_non_empty_line():
     assert seen == {"first", "second"}
 
 
+def test_empty_braces_stay_as_written():
+    assert choose_wildcards("a {} b", random.Random(0)) == "a {} b"
+
+
 def test_a_plain_caption_takes_no_draw():
     rng, untouched = random.Random(3), random.Random(3)
     assert choose_wildcards("plain, caption", rng) == "plain, caption"

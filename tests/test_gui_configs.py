@@ -194,3 +194,13 @@ def test_scheduler_settings_of_sd_scripts_reach_the_schedule(tmp_path, tiny_sd_d
     lrs = [row[2] for row in read_loss_curve(tmp_path / "out" / "x_loss.csv", up_to=4)]
     # cosine from 1e-3 down to the floor 0.5 x 1e-3 (without the ratio it would go down to 0)
     assert len(lrs) == 4 and lrs[-1] == pytest.approx(0.5e-3, rel=1e-3) and lrs[0] > lrs[-1]
+
+
+def test_console_log_level_is_restored_after_the_run():
+    import train_network
+
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    # a run that stops early (no model) still sets the level during it and restores it afterwards
+    assert train_network.main([*BASE, "--console_log_level", "DEBUG"]) != 0
+    assert (root.level, list(root.handlers)) == before

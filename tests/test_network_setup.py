@@ -26,3 +26,20 @@ def test_empty_network_args_items_are_no_arguments():
     assert network_args_dict(["conv_dim=4", " "]) == {"conv_dim": "4"}
     with pytest.raises(UserError, match="'conv_dim' is not key=value"):
         network_args_dict(["conv_dim"])
+
+
+def test_out_of_memory_inside_another_package_stays_what_it_is():
+    import torch
+
+    with pytest.raises(torch.OutOfMemoryError), third_party_errors("lycoris.kohya"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_peft_folder_for_another_package_is_refused_clearly(tmp_path):
+    from types import SimpleNamespace
+
+    from library.network_setup import build_network
+
+    args = SimpleNamespace(network_module="lycoris.kohya", network_args=None, network_weights=str(tmp_path))
+    with pytest.raises(UserError, match="is a folder: a PEFT adapter folder is read by this toolkit's networks.lora"):
+        build_network(args, family=None, log=print)

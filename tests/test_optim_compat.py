@@ -39,7 +39,9 @@ def _lrs(optimizer, scheduler, steps: int) -> list[float]:
 
 def test_adafactor_relative_step_replaces_the_named_scheduler(caplog):
     groups = _groups(1e-4, 2e-4)
-    optimizer = create_optimizer(groups, "adafactor", 1e-4, ["relative_step=True", "warmup_init=True"])
+    with caplog.at_level(logging.WARNING):
+        optimizer = create_optimizer(groups, "adafactor", 1e-4, ["relative_step=True", "warmup_init=True"])
+    assert "different rates (0.0001, 0.0002" in caplog.text  # e.g. LoRA+ or per-part rates: lost, and said so
     assert optimizer.defaults["scale_parameter"] is True  # transformers' default with relative_step, as sd-scripts
     with caplog.at_level(logging.WARNING):
         scheduler = create_scheduler(optimizer, "constant", 10, 0)  # the default --lr_scheduler

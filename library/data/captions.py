@@ -13,8 +13,8 @@ Differences from sd-scripts, on purpose:
   sd-scripts always joins with ", " whatever the separator;
 - a ``keep_tokens_separator`` is removed from the caption even when nothing is shuffled
   (sd-scripts leaves "|||" in the text then);
-- with ``enable_wildcard``, empty lines of a multi-line caption are never chosen (sd-scripts can
-  pick one and train with an empty caption).
+- ``secondary_separator`` becomes the separator as tags are joined here (", " for ","), where
+  sd-scripts puts the bare separator (",").
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def shuffle_and_drop_tags(caption: str, options: CaptionOptions, rng: random.Ran
     return join_tags(head + middle + tail, options.separator)
 
 
-_WILDCARD = re.compile(r"\{([^{}]*)\}")
+_WILDCARD = re.compile(r"\{([^{}]+)\}")  # "{}" stays as written, as in sd-scripts
 
 
 def choose_wildcards(caption: str, rng: random.Random) -> str:
