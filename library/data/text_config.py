@@ -196,6 +196,13 @@ def _subset(table: Any, where: str, inherited: dict[str, Any], report: Reporter)
         raise report.error(where, "needs exactly one of jsonl_file or text_file" + (f", got {files}" if files else ""))
     kind = "jsonl" if files[0] == "jsonl_file" else "text"
     path = own.pop(files[0])
+    convert = ("convert it to JSON Lines, e.g. python -c \"import datasets; datasets.load_from_disk('IN')"
+               ".to_json('OUT.jsonl')\" (a folder) or pandas.read_parquet('IN').to_json('OUT.jsonl', "
+               "orient='records', lines=True)")
+    if path.is_dir() or path.suffix.lower() in (".parquet", ".arrow"):
+        what = "a folder" if path.is_dir() else f"a {path.suffix.lower()[1:]} file"
+        raise report.error(f"{where}.{files[0]}", f"{path} is {what}; jsonl_file reads JSON Lines (.jsonl, "
+                           f".jsonl.gz) or a JSON array (.json): {convert}")
     if not path.is_file():
         raise report.error(f"{where}.{files[0]}", f"file not found: {path}")
     merged = {k: inherited[k] for k in ANY_LEVEL_KEYS if k in inherited} | own

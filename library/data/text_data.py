@@ -20,9 +20,7 @@ the global shuffle orders and the processes split.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import re
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 
 from library.data.sampler import EpochBatchSampler, derive_seed
 from library.data.text_config import TextDatasetConfig, TextDatasetGroup, TextSubsetConfig
+from library.data.text_rows import RowError, read_rows  # noqa: F401  (read_rows: tools import it from here)
 from library.errors import UserError
 
 IGNORE_INDEX = -100
@@ -61,68 +60,22 @@ class SubsetReport:
     longest: int = 0  # tokens of the longest row before cutting, for the "no usable rows" error
 
 
-class RowError(Exception):
-    """A row that cannot become a sample; the message says why."""
-
-
 # --- reading rows -----------------------------------------------------------------------------
 
 
-# surrogateescape decodes each byte that is not UTF-8 to one of these (valid UTF-8 never gives them)
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
-
-
-def _not_utf8(line: str) -> RowError | None:
-    """The RowError for a line read with ``surrogateescape`` that held bytes which are not UTF-8, else None."""
-    found = _ESCAPED_BYTE.search(line)
-    if found is None:
-        return None
-    byte = ord(found.group()) - 0xDC00
-    return RowError(f"not UTF-8 text (byte 0x{byte:02x} at column {found.start() + 1}); re-save the file as UTF-8")
-
-
-def read_rows(subset: TextSubsetConfig):
-    """(line number, row) pairs: JSON objects for JSONL, text blocks otherwise; a bad line yields its RowError.
-
-    The file is read as UTF-8 with an optional BOM (Windows tools write one). Bytes that are not UTF-8
-    are escaped rather than raised, so such a line is a bad row like any other (reported or skipped
-    per ``on_bad_row``) instead of ending the read of the whole file.
-    """
-    with open(subset.path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        if subset.kind == "jsonl":
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                bad = _not_utf8(line)
-                if bad is not None:
-                    yield number, bad
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield number, RowError(f"not valid JSON ({e.msg} at column {e.colno})")
-                    continue
-                yield number, row if isinstance(row, dict) else RowError("not a JSON object")
-            return
-        block: list[str] = []
-        start = 0
-        bad_line: tuple[int, RowError] | None = None  # the block's first undecodable line
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                start = start or number
-                block.append(line)
-                if bad_line is None and (bad := _not_utf8(line)):
-                    bad_line = (number, bad)
-            elif block:
-                yield bad_line or (start, "".join(block).strip("\n"))
-                block, start, bad_line = [], 0, None
-        if block:
-            yield bad_line or (start, "".join(block).strip("\n"))
+# Columns that tell which dataset TOML key a row's format wants, for the "no column" message.
+_FORMAT_HINTS = (({"messages"}, 'messages_column = "messages"'),
+                 ({"conversations"}, 'messages_column = "conversations" (ShareGPT from/value turns are read)'),
+                 ({"prompt", "completion"}, 'prompt_column = "prompt" and response_column = "completion"'),
+                 ({"prompt", "response"}, 'prompt_column = "prompt" and response_column = "response"'),
+                 ({"instruction", "output"}, 'prompt_column = "instruction" and response_column = "output"'),
+                 ({"text"}, 'text_column = "text"'))
 
 
 def _column(row: dict, column: str, kind: type) -> Any:
     if column not in row:
-        raise RowError(f"no column '{column}' (the row has: {', '.join(sorted(row)) or 'no columns'})")
+        hint = next((f"; set {key} in the dataset TOML" for names, key in _FORMAT_HINTS if names <= row.keys()), "")
+        raise RowError(f"no column '{column}' (the row has: {', '.join(sorted(row)) or 'no columns'}){hint}")
     value = row[column]
     if not isinstance(value, kind):
         raise RowError(f"column '{column}' is {type(value).__name__}, expected {kind.__name__}")
@@ -212,11 +165,29 @@ class Tokenise:
         return ids, labels
 
 
+# ShareGPT's speaker names (``{"from": "human", "value": ...}``), as axolotl and LLaMA-Factory read them.
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bing": "assistant", "system": "system"}
+
+
+def _message(m: Any, where: str) -> dict:
+    """One turn as {"role", "content"}: OpenAI's form, ShareGPT's from/value, or content given as text parts."""
+    if isinstance(m, dict) and "from" in m and "value" in m and "role" not in m:
+        if m["from"] not in _SHAREGPT_ROLES:
+            raise RowError(f"{where}: ShareGPT speaker '{m['from']}' is not one of {', '.join(_SHAREGPT_ROLES)}")
+        m = {"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]}
+    if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
+        parts = m["content"]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+            raise RowError(f"{where}: only text content parts can be trained ({{\"type\": \"text\", \"text\": ...}})")
+        m = {**m, "content": "".join(p["text"] for p in parts)}
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        raise RowError(f"{where} is not {{\"role\": str, \"content\": str}} (nor ShareGPT's {{\"from\", \"value\"}})")
+    return m
+
+
 def _messages(row: dict, column: str) -> list[dict]:
-    messages = _column(row, column, list)
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RowError(f"{column}[{i}] is not {{\"role\": str, \"content\": str}}")
+    messages = [_message(m, f"{column}[{i}]") for i, m in enumerate(_column(row, column, list))]
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"'{column}' has no assistant message to learn")
     for i, m in enumerate(messages):

@@ -1,0 +1,74 @@
+"""LLM data files as TRL / axolotl / LLaMA-Factory users have them: JSON arrays, gzip, ShareGPT, content parts."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from library.errors import UserError
+from tests.test_llm_data import _dataset, _jsonl, tok  # noqa: F401  (tok: the fixture)
+
+CHAT = [{"role": "user", "content": "count to three"}, {"role": "assistant", "content": "one two three"}]
+
+
+def _same_samples(a, b) -> bool:
+    return [(s.input_ids, s.labels) for s in a.train] == [(s.input_ids, s.labels) for s in b.train]
+
+
+def test_a_json_array_and_gzipped_json_lines_read_as_json_lines(tmp_path, tok):  # noqa: F811
+    rows = [{"messages": CHAT}, {"messages": CHAT[:1] + [{"role": "assistant", "content": "four"}]}]
+    reference = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "c.jsonl", rows)}"\n'
+                         'messages_column = "messages"', tok=tok)
+    (tmp_path / "c.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("c.json", "c.jsonl.gz"):
+        other = _dataset(tmp_path, f'jsonl_file = "{tmp_path / name}"\nmessages_column = "messages"', tok=tok)
+        assert len(reference.train) == 2 and _same_samples(reference, other), name
+
+
+def test_a_json_file_that_is_not_an_array_says_what_to_do(tmp_path, tok):  # noqa: F811
+    (tmp_path / "one.json").write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="one object per line is JSON Lines: name it .jsonl"):
+        _dataset(tmp_path, f'jsonl_file = "{tmp_path / "one.json"}"', tok=tok)
+
+
+@pytest.mark.parametrize("name", ["train.parquet", "saved_dataset"])
+def test_parquet_and_dataset_folders_are_refused_with_a_conversion(tmp_path, tok, name):  # noqa: F811
+    path = tmp_path / name
+    path.mkdir() if "." not in name else path.write_bytes(b"PAR1")
+    with pytest.raises(UserError, match=r"jsonl_file reads JSON Lines .*convert it to JSON Lines"):
+        _dataset(tmp_path, f'jsonl_file = "{path}"', tok=tok)
+
+
+def test_sharegpt_turns_and_text_parts_train_like_openai_messages(tmp_path, tok):  # noqa: F811
+    reference = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])}"\n'
+                         'messages_column = "messages"', tok=tok)
+    sharegpt = [{"conversations": [{"from": "human", "value": "count to three"},
+                                   {"from": "gpt", "value": "one two three"}]}]
+    parts = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "count to "},
+                                                        {"type": "text", "text": "three"}]},
+                           {"role": "assistant", "content": "one two three"}]}]
+    for rows, column in ((sharegpt, "conversations"), (parts, "messages")):
+        other = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "o.jsonl", rows)}"\n'
+                         f'messages_column = "{column}"', tok=tok)
+        assert _same_samples(reference, other), column
+
+
+def test_an_unknown_sharegpt_speaker_is_named(tmp_path, tok):  # noqa: F811
+    rows = [{"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}]
+    with pytest.raises(UserError, match="ShareGPT speaker 'narrator' is not one of human"):
+        _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "s.jsonl", rows)}"\nmessages_column = "conversations"',
+                 tok=tok)
+
+
+@pytest.mark.parametrize("row, hint", [
+    ({"messages": CHAT}, 'set messages_column = "messages"'),
+    ({"prompt": "a", "completion": "b"}, 'prompt_column = "prompt" and response_column = "completion"'),
+    ({"instruction": "a", "input": "", "output": "b"}, 'prompt_column = "instruction"'),
+])
+def test_a_missing_text_column_suggests_the_key_the_row_needs(tmp_path, tok, row, hint):  # noqa: F811
+    with pytest.raises(UserError, match=hint):
+        _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "r.jsonl", [row])}"', tok=tok)
