@@ -314,6 +314,9 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
     for key, value in getattr(family, "network_defaults", {}).items():
         if sources.get(key) == SOURCE_DEFAULT:
             setattr(args, key, value)
+    length_given = any(sources.get(key) != SOURCE_DEFAULT for key in ("max_train_steps", "max_train_epochs"))
+    if getattr(family, "default_epochs", None) and not length_given:
+        args.max_train_epochs = family.default_epochs
     return family
 
 

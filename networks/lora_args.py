@@ -51,10 +51,13 @@ def _flag(value: str) -> bool:
     return text in ("true", "1", "yes")
 
 
-def _names(value: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in str(value).split(",") if n.strip())
+def _names(value: str) -> tuple[str, ...] | None:
+    # PEFT's list spelling "[q_proj, v_proj]" and quotes are accepted; "all-linear" (PEFT's) is the default anyway
+    names = tuple(n.strip().strip("'\"") for n in str(value).strip().strip("[]").split(",") if n.strip())
     if not names:
         raise ValueError("must name at least one module")
+    if names == ("all-linear",):
+        return None
     return names
 
 
@@ -85,10 +88,21 @@ NETWORK_ARGS: dict[str, tuple[Callable[[str], object], str]] = {
 }
 
 
+# PEFT LoraConfig names users bring, and where the same setting lives here.
+PEFT_NAMES = {
+    "lora_dropout": "PEFT's name; here the dropout on the LoRA's hidden state is --network_dropout 0.05 (what PEFT "
+                    "export writes as lora_dropout), rank_dropout / module_dropout drop whole ranks / modules",
+    "r": "PEFT's name; the rank here is --network_dim",
+    "lora_alpha": "PEFT's name; alpha here is --network_alpha",
+}
+
+
 def parse_network_args(network_args: Mapping[str, object]) -> dict[str, object]:
     """Typed values of ``--network_args``; unknown keys and unparsable values raise UserError."""
     parsed: dict[str, object] = {}
     for key, value in network_args.items():
+        if key in PEFT_NAMES:
+            raise UserError(f"--network_args {key}: {PEFT_NAMES[key]}")
         if key not in NETWORK_ARGS:
             raise UserError(
                 f"unknown --network_args key '{key}'{did_you_mean(key, NETWORK_ARGS)}; "

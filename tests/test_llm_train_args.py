@@ -157,3 +157,12 @@ def test_network_weights_folder_without_adapter_config_is_refused(llm_dir, data_
     err = capsys.readouterr().err
     assert "empty is a folder without adapter_config.json" in err
     assert not any(out.glob("lora*"))
+
+
+def test_without_a_length_an_llm_trains_three_epochs_not_1600_steps(llm_dir, data_toml, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(llm_dir), "--dataset_config", str(data_toml), "--output_dir",
+            str(out), "--output_name", "lora"]
+    assert train_network.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "epochs                 3" in printed, printed[-2000:]

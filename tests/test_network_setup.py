@@ -43,3 +43,12 @@ def test_a_peft_folder_for_another_package_is_refused_clearly(tmp_path):
     args = SimpleNamespace(network_module="lycoris.kohya", network_args=None, network_weights=str(tmp_path))
     with pytest.raises(UserError, match="is a folder: a PEFT adapter folder is read by this toolkit's networks.lora"):
         build_network(args, family=None, log=print)
+
+
+def test_peft_spellings_of_network_args():
+    from networks.lora_args import parse_network_args
+
+    assert parse_network_args({"target_modules": "all-linear"})["target_modules"] is None  # every Linear: default
+    assert parse_network_args({"target_modules": "[q_proj, 'v_proj']"})["target_modules"] == ("q_proj", "v_proj")
+    with pytest.raises(UserError, match="lora_dropout: PEFT's name; here .* is --network_dropout"):
+        parse_network_args({"lora_dropout": "0.05"})

@@ -25,6 +25,9 @@ from library.families import DataRequest
 DEFAULT_MAX_SEQ_LENGTH = 2048
 # LoRA defaults for LLMs (CONTRACTS.md §6), applied where the user set neither value.
 NETWORK_DEFAULTS = {"network_dim": 16, "network_alpha": 16.0}
+# Without --max_train_steps or --max_train_epochs, kohya's image default (1600 steps) would be hundreds of
+# epochs of a small SFT set; an LLM trains for 3 epochs then, as TRL's default.
+DEFAULT_EPOCHS = 3
 # Options of the diffusion families that mean nothing for a causal LM: a value there is a mistake.
 _DIFFUSION_ONLY = {"vae_path": "--vae", "v2": "--v2", "v_parameterization": "--v_parameterization",
                    "clip_skip": "--clip_skip", "max_token_length": "--max_token_length"}
@@ -96,6 +99,7 @@ class LLMFamily:
     prediction_type: str | None = None  # no diffusion target: modelspec.prediction_type is left out
     v2: bool = False
     network_defaults: dict[str, Any] = field(default_factory=lambda: dict(NETWORK_DEFAULTS))
+    default_epochs: int = DEFAULT_EPOCHS  # when neither --max_train_steps nor --max_train_epochs is given
     image_only_arguments: tuple[str, ...] = IMAGE_ONLY_ARGUMENTS
     metadata_switches: dict[str, Any] = field(default_factory=lambda: {"loss_type": "cross_entropy"})
 
