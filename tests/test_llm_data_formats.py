@@ -72,3 +72,45 @@ def test_an_unknown_sharegpt_speaker_is_named(tmp_path, tok):  # noqa: F811
 def test_a_missing_text_column_suggests_the_key_the_row_needs(tmp_path, tok, row, hint):  # noqa: F811
     with pytest.raises(UserError, match=hint):
         _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "r.jsonl", [row])}"', tok=tok)
+
+
+# Like Qwen3's: the last assistant turn gets a marker the earlier ones lose, so renderings are not prefixes.
+LAST_TURN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<|system|>{% endif %}{{ m['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_multi_turn_chat_with_a_last_turn_template_learns_every_assistant_turn(tmp_path, tok):  # noqa: F811
+    import torch
+
+    from library.data.text_data import IGNORE_INDEX
+
+    (tmp_path / "t.jinja").write_text(LAST_TURN_TEMPLATE, encoding="utf-8")
+    messages = [*CHAT, {"role": "user", "content": "and on?"}, {"role": "assistant", "content": "four five"}]
+    d = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])}"\n'
+                 f'messages_column = "messages"\nchat_template = "{tmp_path / "t.jinja"}"', tok=tok)
+    (sample,) = d.train
+    pieces = [("<s><|user|>\ncount to three<|end|>\n<|assistant|>\n", False), ("one two three<|end|>\n", True),
+              ("<|user|>\nand on?<|end|>\n<|assistant|>\n<|system|>", False), ("four five<|end|>\n", True)]
+    ids, labels = [], []
+    for text, learnt in pieces:
+        piece = tok(text, add_special_tokens=False).input_ids
+        ids += piece
+        labels += piece if learnt else [IGNORE_INDEX] * len(piece)
+    assert sample.input_ids == ids
+    assert torch.equal(torch.tensor(sample.labels), torch.tensor(labels))
+
+
+def test_an_assistant_turn_with_weight_zero_is_not_learnt(tmp_path, tok):  # noqa: F811
+    from library.data.text_data import IGNORE_INDEX
+
+    messages = [{"role": "user", "content": "count to three"},
+                {"role": "assistant", "content": "wrong answer", "weight": 0},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "one two three"}]
+    d = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "w.jsonl", [{"messages": messages}])}"\n'
+                 'messages_column = "messages"', tok=tok)
+    (sample,) = d.train
+    learnt = tok.decode([t for t, label in zip(sample.input_ids, sample.labels, strict=True) if label != IGNORE_INDEX])
+    assert "one two three" in learnt and "wrong" not in learnt

@@ -141,7 +141,8 @@ class Tokenise:
 
     def chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """Labels on the assistant turns: each turn is the text between the conversation rendered up to
-        the turn with a generation prompt and rendered through it (so the end-of-turn token is learnt)."""
+        the turn with a generation prompt and rendered through it (so the end-of-turn token is learnt); for a
+        template whose renderings are not prefixes of each other, each turn's own text found in order."""
         full = self.render(messages)
         spans = []
         for i, message in enumerate(messages):
@@ -149,9 +150,10 @@ class Tokenise:
                 continue
             before, through = self.render(messages[:i], True), self.render(messages[: i + 1])
             if not (full.startswith(through) and through.startswith(before)):
-                raise RowError("the chat template does not render earlier turns as a prefix of later ones, so the "
-                               "assistant turns cannot be located; set train_on_prompt = true for this subset")
-            spans.append((len(before), len(through)))
+                spans = self._spans_by_content(full, messages)
+                break
+            if message.get("weight", 1) != 0:  # OpenAI's fine-tuning format: "weight": 0 turns are not learnt
+                spans.append((len(before), len(through)))
         encoded = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(encoded.input_ids)
         if self.subset.train_on_prompt:
@@ -163,6 +165,28 @@ class Tokenise:
         labels = [t if any(start < b and max(end, start + 1) > a for a, b in spans) else IGNORE_INDEX
                   for t, (start, end) in zip(ids, encoded.offset_mapping, strict=True)]
         return ids, labels
+
+
+    def _spans_by_content(self, full: str, messages: list[dict]) -> list[tuple[int, int]]:
+        """Assistant spans for templates that render a turn differently once later turns follow it (Qwen3 drops
+        reasoning and adds markers to the last turn only, so renderings are not prefixes of each other): each
+        message's text is found in order in the full rendering, and an assistant turn's span runs through the
+        end-of-turn text the template puts after an assistant message."""
+        probe = self.render([{"role": "user", "content": "\x01"}, {"role": "assistant", "content": "\x02"}])
+        tail = probe[probe.index("\x02") + 1:] if "\x02" in probe else ""
+        spans, cursor = [], 0
+        for message in messages:
+            at = full.find(message["content"], cursor)
+            if at < 0:
+                raise RowError("the chat template changes the text of earlier turns (e.g. drops their reasoning), "
+                               "so the assistant turns cannot be located; set train_on_prompt = true for this subset")
+            cursor = at + len(message["content"])
+            if message["role"] == "assistant":
+                end = cursor + len(tail) if tail and full.startswith(tail, cursor) else cursor
+                if message.get("weight", 1) != 0:
+                    spans.append((at, end))
+                cursor = end
+        return spans
 
 
 # ShareGPT's speaker names (``{"from": "human", "value": ...}``), as axolotl and LLaMA-Factory read them.
