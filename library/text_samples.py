@@ -31,20 +31,23 @@ def image_only_options(prompt: Any, defaults: Any) -> list[str]:
             if key != "sample_sampler" and getattr(prompt, key) != getattr(defaults, key)]
 
 
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of one user turn: the chat template with the assistant's turn opened, or the raw text."""
-    if getattr(tokenizer, "chat_template", None):
+def prompt_ids(tokenizer: Any, text: str, kind: str = "chat", template: str | None = None) -> list[int]:
+    """Token ids of one user turn as training formatted its data: the chat template (``template``, else the
+    tokenizer's own) with the assistant's turn opened, or the raw text (``kind`` "raw", or no template)."""
+    if kind == "chat" and (template or getattr(tokenizer, "chat_template", None)):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
+                                            tokenize=True, chat_template=template)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 @torch.no_grad()
-def generate_text(model: Any, tokenizer: Any, text: str, max_new_tokens: int) -> str:
-    """The greedy continuation of one prompt (new tokens only, special tokens dropped)."""
+def generate_text(model: Any, tokenizer: Any, text: str, max_new_tokens: int, kind: str = "chat",
+                  template: str | None = None) -> str:
+    """The greedy continuation of one prompt (new tokens only, special tokens dropped), formatted as training
+    formatted its data (:func:`prompt_ids`)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, text)], device=device)
+    ids = torch.tensor([prompt_ids(tokenizer, text, kind, template)], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          use_cache=True, pad_token_id=pad)

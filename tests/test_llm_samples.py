@@ -75,3 +75,32 @@ def test_greedy_samples_are_reproducible_and_follow_the_weights(llm):
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)  # another model: another greedy answer
     assert generate_text(model, tokenizer, "the quick brown fox", 8) != a
+
+
+def test_samples_follow_how_the_data_was_formatted(llm):
+    from types import SimpleNamespace
+
+    from library.families.llm import training_format
+
+    _model, tokenizer = _load(llm[0])
+    raw = tokenizer.decode(prompt_ids(tokenizer, "the sky", "raw"))
+    assert "<|user|>" not in raw and raw.endswith("the sky")  # instruction / text data trains without a template
+    custom = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    assert tokenizer.decode(prompt_ids(tokenizer, "hi", "chat", custom)) == "[hi]>"
+    instruct = SimpleNamespace(format="instruct", chat_template=None)
+    assert training_format([instruct]) == ("raw", None)
+    assert training_format([instruct, SimpleNamespace(format="chat", chat_template=None)]) == ("chat", None)
+
+
+def test_the_datasets_own_chat_template_is_used_and_saved_with_the_adapter(llm, tmp_path):
+    model, data = llm
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}", encoding="utf-8")
+    custom = tmp_path / "data.toml"
+    custom.write_text(data.read_text() + f'  chat_template = "{template}"\n')
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(custom), "--output_dir", str(out),
+            "--output_name", "lora", "--max_train_steps", "1"]
+    assert train_network.main(argv) == 0
+    assert (out / "lora" / "chat_template.jinja").read_text(encoding="utf-8") == template.read_text(encoding="utf-8")

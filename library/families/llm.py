@@ -50,6 +50,18 @@ IMAGE_ONLY_ARGUMENTS = (
 )  # fmt: skip
 
 
+def training_format(subsets: list[Any]) -> tuple[str, str | None]:
+    """How the run's data formats a prompt, for samples to match: ("chat", the TOML's chat_template text or None
+    for the tokenizer's own) when a subset is chat data, else ("raw", None): instruction and text rows train
+    without a template, so a sample prompt is the bare text too."""
+    chats = [subset for subset in subsets if subset.format == "chat"]
+    if not chats:
+        return ("raw", None)
+    templates = {subset.chat_template for subset in chats}
+    template = next(iter(templates)) if len(templates) == 1 else None
+    return ("chat", template.read_text(encoding="utf-8") if template is not None else None)
+
+
 def keep_4bit_trainable(model: torch.nn.Module) -> int:
     """Keep bitsandbytes' 4-bit layers off their CPU inference path; returns how many layers.
 
@@ -102,6 +114,9 @@ class LLMFamily:
     default_epochs: int = DEFAULT_EPOCHS  # when neither --max_train_steps nor --max_train_epochs is given
     image_only_arguments: tuple[str, ...] = IMAGE_ONLY_ARGUMENTS
     metadata_switches: dict[str, Any] = field(default_factory=lambda: {"loss_type": "cross_entropy"})
+    # How training formats a prompt, which samples follow: "chat" with this template (None: the tokenizer's own),
+    # or "raw" text when no subset is chat data (build_data sets it).
+    sample_format: tuple[str, str | None] = ("chat", None)
 
     @staticmethod
     def load(model_path: str, *, tokenizer_path: str | None = None, seed: int = 0, load_in_4bit: bool = False,
@@ -180,6 +195,7 @@ class LLMFamily:
         if any(d.packing for d in group.datasets) and not self.packing_is_isolated():
             raise UserError(f"{type(self.model).__name__} lets packed samples attend to each other (it ignores "
                             "position_ids for its attention mask); set packing = false in the dataset TOML.")
+        self.sample_format = training_format([s for d in group.datasets for s in d.subsets])
         return build_text_data(group, self.tokenizer, seed=request.seed, num_processes=request.num_processes,
                                rank=request.rank, accumulation=request.accumulation)
 
@@ -211,7 +227,7 @@ class LLMFamily:
         """The greedy answer to one prompt with the LoRA as trained so far (--sample_prompts)."""
         from library.text_samples import generate_text
 
-        return generate_text(self.model, self.tokenizer, text, max_new_tokens)
+        return generate_text(self.model, self.tokenizer, text, max_new_tokens, *self.sample_format)
 
     def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
         """The PEFT folder ``{output_dir}/{stem}/``; for a .safetensors path also the kohya-style file."""
@@ -219,6 +235,9 @@ class LLMFamily:
 
         path = Path(path)
         folder = write_peft_adapter(network, self.model, path.with_suffix(""), self.model_path, dtype)
+        kind, template = self.sample_format
+        if kind == "chat" and template is not None:  # the dataset's own template goes with the adapter
+            (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
         if path.suffix == ".safetensors":
             meta = {k: v for k, v in metadata.items() if k != "modelspec.resolution"}
             if "modelspec.architecture" in meta:
