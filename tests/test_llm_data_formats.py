@@ -114,3 +114,19 @@ def test_an_assistant_turn_with_weight_zero_is_not_learnt(tmp_path, tok):  # noq
     (sample,) = d.train
     learnt = tok.decode([t for t, label in zip(sample.input_ids, sample.labels, strict=True) if label != IGNORE_INDEX])
     assert "one two three" in learnt and "wrong" not in learnt
+
+
+NO_SYSTEM_TEMPLATE = (  # as Gemma's: a system message raises
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user_turn(tmp_path, tok):  # noqa: F811
+    (tmp_path / "t.jinja").write_text(NO_SYSTEM_TEMPLATE, encoding="utf-8")
+    messages = [{"role": "system", "content": "be brief."}, *CHAT]
+    d = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "s.jsonl", [{"messages": messages}])}"\n'
+                 f'messages_column = "messages"\nchat_template = "{tmp_path / "t.jinja"}"', tok=tok)
+    (sample,) = d.train
+    assert tok.decode(sample.input_ids).startswith("<s><|user|>\nbe brief.\n\ncount to three<|end|>")

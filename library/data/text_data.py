@@ -137,6 +137,10 @@ class Tokenise:
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                                 chat_template=self.template)
         except Exception as e:  # jinja raises its own errors for templates that reject a conversation
+            if messages and messages[0]["role"] == "system" and "system" in str(e).lower():
+                # Gemma's template has no system role: its text goes before the first user turn (axolotl and
+                # LLaMA-Factory do the same), rather than every such row failing.
+                return self.render(_system_into_first_user(messages), generation_prompt)
             raise RowError(f"the chat template failed: {e}") from None
 
     def chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -208,6 +212,16 @@ def _message(m: Any, where: str) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
         raise RowError(f"{where} is not {{\"role\": str, \"content\": str}} (nor ShareGPT's {{\"from\", \"value\"}})")
     return m
+
+
+def _system_into_first_user(messages: list[dict]) -> list[dict]:
+    """The system message's text put before the first user turn's, for templates without a system role."""
+    system, rest = messages[0], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {**m, "content": f"{system['content']}\n\n{m['content']}"}
+            return rest
+    return [{"role": "user", "content": system["content"]}, *rest]
 
 
 def _messages(row: dict, column: str) -> list[dict]:
