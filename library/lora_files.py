@@ -51,6 +51,17 @@ class LoRAFile:
     def is_dora(self) -> bool:
         return bool(self.magnitudes)
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the file stores its LoRA weights in (the default for files written from it).
+
+        Not simply the first tensor's: safetensors stores 8-byte dtypes first, so a file whose alphas are int64
+        (diffusers' convert_state_dict_to_kohya writes them so) would give int64, and casting the weights to
+        it rounds them all to zero.
+        """
+        floats = [t.dtype for t in self.tensors.values() if t.is_floating_point() and t.dim() >= 2]
+        return floats[0] if floats else torch.float32
+
 
 def read_metadata(path: str) -> dict[str, str]:
     from safetensors import safe_open

@@ -127,3 +127,26 @@ def test_resizes_a_ckpt_as_its_safetensors(source, tmp_path, capsys):
         assert resize.main(["--model", str(src), "--save_to", str(out), "--new_rank", "2"]) == 0, capsys.readouterr()
     got, want = (state_deltas(safetensors.torch.load_file(o)) for o in outs)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_integer_alphas_do_not_turn_the_output_into_zeros(source, tmp_path):
+    # diffusers' convert_state_dict_to_kohya stores alpha as int64, which safetensors writes first: the output
+    # dtype must come from the weights, not from the first tensor in the file (that cast rounded all to 0).
+    from tools import convert, merge
+
+    _folder, path = source
+    tensors = safetensors.torch.load_file(path)
+    int_alpha = {k: (v.round().to(torch.int64) if k.endswith(".alpha") else v) for k, v in tensors.items()}
+    src = tmp_path / "int_alpha.safetensors"
+    safetensors.torch.save_file(int_alpha, str(src), metadata=KOHYA_META)
+    outputs = {"resized": (resize, ["--new_rank", "8", "--new_conv_rank", "4"]),
+               "merged": (merge, ["--models", str(src), str(src), "--ratios", "0.5", "0.5"]),
+               "converted": (convert, ["--to", "kohya"])}
+    for name, (tool, extra) in outputs.items():
+        out = tmp_path / f"{name}.safetensors"
+        model = [] if tool is merge else ["--model", str(src)]
+        assert tool.main([*model, "--save_to", str(out), *extra]) == 0, name
+        written = safetensors.torch.load_file(out)
+        assert all(v.is_floating_point() for k, v in written.items() if "lora_" in k), name
+        got, want = state_deltas(written), state_deltas({k: v.float() for k, v in int_alpha.items()})
+        assert all(torch.allclose(got[m], want[m], rtol=1e-4, atol=1e-6) for m in want), name

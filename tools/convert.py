@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         check_new_output(args.save_to, args.overwrite)
         namer = make_namer(family, args.base_model)
         source = load_lora(args.model, namer, allow_dora=True)
-        dtype = PRECISIONS[args.save_precision] if args.save_precision else next(iter(source.tensors.values())).dtype
+        dtype = PRECISIONS[args.save_precision] if args.save_precision else source.weight_dtype
         write_output(source, args, namer, dtype)
         result = load_lora(args.save_to, namer, allow_dora=True)
         try:

@@ -309,7 +309,7 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
         print(f"{name:<80} rank {merged[name].rank:>3}  retained {100 * value:7.3f}%")
     if retained:
         print(f"{len(retained)} modules: retained energy mean {100 * sum(retained.values()) / len(retained):.3f}%")
-    dtype = PRECISIONS[args.save_precision] if args.save_precision else next(iter(files[0].tensors.values())).dtype
+    dtype = PRECISIONS[args.save_precision] if args.save_precision else files[0].weight_dtype
     save_kohya_file(args.save_to, merged, merged_metadata([f.metadata for f in files], args, merged, ratios), dtype)
 
 

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             state, reports = resize_state(lora.state, args.new_rank, conv_rank, args.dynamic_method,
                                           args.dynamic_param, args.device)  # fmt: skip
-        dtype = PRECISIONS[args.save_precision] if args.save_precision else next(iter(lora.tensors.values())).dtype
+        dtype = PRECISIONS[args.save_precision] if args.save_precision else lora.weight_dtype
         meta = updated_metadata(lora.metadata, state, args, conv_rank)
         print_report(reports, args.verbose)
         save_kohya_file(args.save_to, state, meta, dtype)
