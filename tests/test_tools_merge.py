@@ -136,3 +136,17 @@ def test_refuses_loras_for_different_base_models(loras, tmp_path, capsys):
     got = state_deltas(safetensors.torch.load_file(out))
     assert set(got) == set(da) | set(db)
     assert all(torch.allclose(got[k], da.get(k, 0) + db.get(k, 0), atol=1e-6) for k in got)
+
+
+def test_bake_of_a_lora_with_other_widths_names_the_module_and_shapes(loras, base_dir, tmp_path, capsys):
+    # an SD 1.x LoRA into an SD 2.x model has the same names and other widths: one clear error, not a traceback
+    folder, a, _ = loras
+    sd = safetensors.torch.load_file(a)
+    key = next(k for k in sd if k.startswith("lora_unet_") and k.endswith("lora_down.weight"))
+    sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 8, *sd[key].shape[2:])
+    bad = tmp_path / "wide.safetensors"
+    safetensors.torch.save_file(sd, str(bad))
+    code = merge.main(["--sd_model", str(base_dir), "--models", str(bad), "--save_to", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "modules do not fit the model's layers" in err and "SD 1.x vs 2.x" in err
+    assert not (tmp_path / "out").exists()

@@ -93,6 +93,15 @@ def bake(modules: dict[str, torch.nn.Module], state: LoRAState, ratio: float, so
     if missing:
         raise UserError(f"{source}: {len(missing)} modules are not in the model, e.g. {missing[:3]}; "
                         "was this LoRA made for another model?")  # fmt: skip
+    shapes = {name: (tuple(modules[name].weight.shape), (f.up.shape[0], *f.down.shape[1:]))
+              for name, f in state.items()}
+    wrong = [(name, model, lora) for name, (model, lora) in shapes.items() if model != lora]
+    if wrong:  # e.g. an SD 1.x LoRA into an SD 2.x model: the same names, other widths
+        name, model_shape, lora_shape = wrong[0]
+        show = "x".join
+        raise UserError(f"{source}: {len(wrong)} modules do not fit the model's layers, e.g. {name}: the LoRA "
+                        f"changes a {show(map(str, lora_shape))} weight, the model's is {show(map(str, model_shape))}"
+                        "; was this LoRA made for another model (SD 1.x vs 2.x)?")
     for name, f in state.items():
         weight = modules[name].weight
         merged = merged_weight(weight.to(device, dtype), f.down.to(device, dtype), f.up.to(device, dtype),

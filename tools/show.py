@@ -76,7 +76,9 @@ def hash_checks(lora: LoRAFile) -> dict[str, dict]:
         return {}
     model, legacy = compute_sshs_hashes(lora.tensors, lora.metadata)
     computed = {"sshs_model_hash": model, "sshs_legacy_hash": legacy}
-    return {k: {"stored": stored[k], "computed": computed[k], "ok": stored[k] == computed[k]} for k in computed}
+    # only the hashes the file stores: one written without the legacy hash is not a mismatch
+    return {k: {"stored": stored[k], "computed": computed[k], "ok": stored[k] == computed[k]}
+            for k in computed if stored[k]}
 
 
 def metadata_checks(metadata: dict[str, str], rows: list[dict]) -> list[str]:
