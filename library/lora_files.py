@@ -180,6 +180,16 @@ def base_model_of(lora: LoRAFile) -> str | None:
     return version or (lora.metadata.get("modelspec.architecture") or "").removesuffix("/lora") or None
 
 
+def _base_model_kind(declared: str) -> str:
+    """sd-scripts' and ModelSpec's names for one base model as one name: files that write only one of the two
+    keys (``sd_v1`` / ``stable-diffusion-v1``) are for the same model."""
+    for prefixes, kind in ((("sdxl", "stable-diffusion-xl"), "sdxl"), (("sd_v2", "stable-diffusion-v2"), "sd2"),
+                           (("sd_v1", "stable-diffusion-v1"), "sd1")):
+        if declared.startswith(prefixes):
+            return kind
+    return declared
+
+
 def check_same_family(paths: list[str], files: list[LoRAFile], model: tuple[str, str] | None = None) -> None:
     """Refuse to combine LoRAs made for different models: their ΔW would land on unrelated weights.
 
@@ -203,7 +213,7 @@ def check_same_family(paths: list[str], files: list[LoRAFile], model: tuple[str,
         seen.append((path, family, why))
     declared = [(p, base_model_of(f)) for p, f in zip(paths, files, strict=True) if base_model_of(f)]
     for path, base in declared[1:]:
-        if base != declared[0][1]:
+        if _base_model_kind(base) != _base_model_kind(declared[0][1]):
             raise UserError(f"{declared[0][0]} was trained on {declared[0][1]} but {path} on {base} "
                             "(ss_base_model_version / modelspec.architecture); LoRAs for different base "
                             "models cannot be combined")  # fmt: skip

@@ -150,3 +150,18 @@ def test_bake_of_a_lora_with_other_widths_names_the_module_and_shapes(loras, bas
     err = capsys.readouterr().err
     assert code == 2 and "modules do not fit the model's layers" in err and "SD 1.x vs 2.x" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_files_naming_one_base_model_in_the_two_vocabularies_merge(loras, tmp_path, capsys):
+    # sd-scripts writes ss_base_model_version, other trainers only the ModelSpec architecture
+    _, a, b = loras
+    spec_only = tmp_path / "spec.safetensors"
+    meta = {k: v for k, v in KOHYA_META.items() if k != "ss_base_model_version"}
+    meta["modelspec.architecture"] = "stable-diffusion-v1/lora"
+    safetensors.torch.save_file(safetensors.torch.load_file(b), str(spec_only), meta)
+    out = tmp_path / "ab.safetensors"
+    assert merge.main(["--models", str(a), str(spec_only), "--save_to", str(out)]) == 0, capsys.readouterr().err
+    v2 = tmp_path / "v2spec.safetensors"
+    meta["modelspec.architecture"] = "stable-diffusion-v2-512/lora"
+    safetensors.torch.save_file(safetensors.torch.load_file(b), str(v2), meta)
+    assert merge.main(["--models", str(a), str(v2), "--save_to", str(tmp_path / "x.safetensors")]) == 2
