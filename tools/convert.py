@@ -151,8 +151,10 @@ def _clip_probe() -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
+        # special token ids inside the tiny vocabulary: transformers warns about them otherwise
         return CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1,
-                                            num_hidden_layers=1, vocab_size=10))  # fmt: skip
+                                            num_hidden_layers=1, vocab_size=10, bos_token_id=0, eos_token_id=1,
+                                            pad_token_id=1))  # fmt: skip
 
 
 def write_output(source: LoRAFile, args: argparse.Namespace, namer: Namer, dtype: torch.dtype) -> None:
