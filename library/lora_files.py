@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,9 +117,30 @@ _SGM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_
 _DIFFUSERS_BLOCKS = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
 
 
+# Blocks only SD 1.x/2.x have: attention at the full-resolution level (SDXL's first level is ResNets only), in
+# SGM names (ComfyUI also writes SD 1.x files so) and in diffusers names; and only SDXL has a second transformer
+# block in an attention or the added (pooled text, size) embedding.
+_SD1_ONLY = re.compile(r"input_blocks[._][12][._]1[._]|output_blocks[._](9|10|11)[._]1[._]|"
+                       r"down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions")
+_SDXL_ONLY = re.compile(r"transformer_blocks[._][1-9]|add_embedding")
+
+
+def _family_from_block_names(keys: list[str]) -> tuple[str | None, str]:
+    """A UNet-only file (diffusers ``unet.``, ComfyUI ``diffusion_model.``) without metadata, told by blocks only
+    one of SD 1.x/2.x and SDXL has; (None, "") when its blocks exist in both."""
+    for pattern, family in ((_SDXL_ONLY, "sdxl"), (_SD1_ONLY, "sd1")):
+        key = next((k for k in keys if pattern.search(k)), None)
+        if key is not None:
+            return family, f"key {key} (a block only {family} has)"
+    return None, ""
+
+
 def _family_from_keys(keys: Iterable[str]) -> tuple[str | None, str]:
     """(family, the key that decided it), or (None, "") when the names fit several families."""
     keys = list(keys)
+    sd1_sgm = next((k for k in keys if k.startswith(_SGM_BLOCKS) and _SD1_ONLY.search(k)), None)
+    if sd1_sgm is not None:  # SD 1.x in the original (SGM) block names, as ComfyUI names every model's LoRA
+        return "sd1", sd1_sgm.split(".", 1)[0]
     for raw in keys:
         key = raw.split(".", 1)[0] if raw.startswith("lora_") else raw  # kohya: the module name, for messages
         if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")):
@@ -151,12 +173,15 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str]) -> tuple[str
 
     Key names win (they are what a loader matches); the ``ss_base_model_version`` /
     ``modelspec.architecture`` metadata decides where the names fit several families (a
-    diffusers or ComfyUI file with UNet modules only). sd1 stands for SD 1.x and 2.x alike.
+    diffusers or ComfyUI file with UNet modules only), and without metadata the blocks only one of them has.
+    sd1 stands for SD 1.x and 2.x alike.
     """
+    keys = list(keys)
     family, key = _family_from_keys(keys)
     if family is not None:
         return family, f"key {key}"
-    return _family_from_metadata(metadata)
+    family, why = _family_from_metadata(metadata)
+    return (family, why) if family is not None else _family_from_block_names(keys)
 
 
 def file_family(path: str) -> tuple[str | None, str]:

@@ -210,8 +210,16 @@ def test_detect_family_from_keys_then_metadata():
     assert detect_family(["lora_unet_model_layers_0_self_attn_q_proj.alpha"], {})[0] == "llm"
     assert detect_family(["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], {})[0] == "llm"
     # a diffusers / ComfyUI UNet-only file: the names fit SD1 and SDXL, the metadata decides
-    unet_only = ["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"]
+    unet_only = ["unet.down_blocks.1.attentions.0.proj_in.lora_A.weight"]  # a block both have
     assert detect_family(unet_only, {}) == (None, "")
+    # without metadata, a block only one of them has decides (the file written without metadata by diffusers'
+    # SDXL script, a ComfyUI UNet-only file, an SD 1.x file in the original block names)
+    assert detect_family(["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.lora_A.weight"],
+                         {})[0] == "sdxl"
+    assert detect_family(["diffusion_model.input_blocks.1.1.proj_in.lora_down.weight"], {})[0] == "sd1"
+    assert detect_family(["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], {})[0] == "sd1"
+    assert detect_family(["lora_unet_input_blocks_1_1_proj_in.lora_down.weight"], {})[0] == "sd1"
+    assert detect_family(["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"], {})[0] == "sdxl"  # both: kohya's SDXL
     assert detect_family(unet_only, {"ss_base_model_version": "sdxl_base_v1-0"}) == (
         "sdxl", "ss_base_model_version sdxl_base_v1-0")
     assert detect_family(unet_only, {"modelspec.architecture": "stable-diffusion-v1/lora"})[0] == "sd1"
