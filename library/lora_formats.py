@@ -216,7 +216,11 @@ def read_kohya(sd: Mapping[str, torch.Tensor]) -> tuple[LoRAState, Magnitudes]:
     known = ("lora_down.weight", "lora_up.weight", "alpha", KOHYA_MAGNITUDE)
     extra = set(sd) - {f"{n}.{k}" for n in names for k in known}
     if extra:
-        raise UserError(f"unexpected keys in a kohya LoRA: {sorted(extra)[:5]}")
+        kinds = {".dora_scale": "LyCORIS / diffusers DoRA (dora_scale) is not supported; this toolkit's own DoRA "
+                 "files use 'magnitude'", ".lora_mid.": "Tucker-decomposed LoCon (lora_mid) is not supported",
+                 ".diff": "full weight differences (ComfyUI's LoraSave .diff / .diff_b) are not supported"}
+        why = next((text for fragment, text in kinds.items() if any(fragment in k for k in extra)), "")
+        raise UserError(f"unexpected keys in a kohya LoRA: {sorted(extra)[:5]}" + (f"; {why}" if why else ""))
     return state, magnitudes
 
 
@@ -400,7 +404,27 @@ def detect_format(keys: Iterable[str]) -> str:
         return "diffusers"
     if any(".lora_down." in k for k in keys):
         return "comfyui"
-    raise UserError(f"unknown LoRA format (keys such as {keys[:3]}); LyCORIS LoHa/LoKr files are not supported")
+    raise UserError(f"unknown LoRA format (keys such as {keys[:3]}); {_what_it_looks_like(keys)}")
+
+
+# Key fragments of files people mistake for (or bring as) LoRAs, and what to tell them.
+_LOOKS_LIKE = (
+    (("hada_w1_a", "hada_w2_a"), "this is a LyCORIS LoHa file, which is not supported"),
+    (("lokr_w1",), "this is a LyCORIS LoKr file, which is not supported"),
+    ((".lora.down.", "_lora.down.", "lora_linear_layer.down"), "this is an old diffusers LoRA (lora.down / "
+     "lora_linear_layer / processor keys), which is not supported: save it again with a recent diffusers"),
+    (("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders."),
+     "this looks like a model checkpoint, not a LoRA"),
+    ((".resnets.0.conv1.weight", "model.layers.0.self_attn.q_proj.weight", "embed_tokens.weight"),
+     "this looks like model weights, not a LoRA"),
+)
+
+
+def _what_it_looks_like(keys: list[str]) -> str:
+    for fragments, what in _LOOKS_LIKE:
+        if any(fragment in key for key in keys for fragment in fragments):
+            return what
+    return "expected kohya (lora_down / lora_up), diffusers / PEFT (lora_A / lora_B) or ComfyUI names"
 
 
 def compare_states(source: Mapping[str, LoRAFactors], result: Mapping[str, LoRAFactors], rtol: float = 1e-5) -> float:

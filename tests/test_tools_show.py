@@ -151,3 +151,19 @@ def test_only_the_stored_hashes_are_checked(lora_file, tmp_path, capsys):
     safetensors.torch.save_file(tensors, str(partial), meta)
     assert show.main(["--model", str(partial), "--no_modules"]) == 0
     assert "MISMATCH" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tensors, said", [
+    ({"lora_unet_a.hada_w1_a": (4, 8), "lora_unet_a.hada_w1_b": (8, 4)}, "LyCORIS LoHa"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (4, 4)}, "looks like a model checkpoint, not a LoRA"),
+    ({"unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": (4, 8)}, "old diffusers LoRA"),
+    ({"lora_unet_a.lora_down.weight": (4, 8), "lora_unet_a.lora_up.weight": (8, 4),
+      "lora_unet_a.dora_scale": (1, 8)}, "dora_scale"),
+])
+def test_files_that_are_not_readable_loras_say_what_they_are(tmp_path, capsys, tensors, said):
+    import torch
+
+    path = tmp_path / "x.safetensors"
+    safetensors.torch.save_file({k: torch.zeros(shape) for k, shape in tensors.items()}, str(path))
+    assert show.main(["--model", str(path)]) == 2
+    assert said in capsys.readouterr().err
