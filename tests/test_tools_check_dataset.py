@@ -165,3 +165,9 @@ def test_a_json_llm_dataset_config_is_checked_as_an_llm_one(tmp_path, capsys):
     as_json.write_text(json.dumps(tomllib.loads(toml.read_text(encoding="utf-8"))), encoding="utf-8")
     assert check_dataset.main(["--dataset_config", str(as_json)]) == 0
     assert "LLM text data" in capsys.readouterr().out
+
+
+def test_an_llm_dataset_is_planned_as_the_trainer_plans_it(tmp_path, capsys):
+    toml, model = llm_toml(tmp_path)
+    assert check_dataset.main(["--dataset_config", str(toml), "--pretrained_model_name_or_path", str(model)]) == 0
+    assert "= 3 epochs" in capsys.readouterr().out  # not kohya's 1600 steps: the trainer's LLM default

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_batch_size", type=int, default=1, help="batch size per process (TOML batch_size wins)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--num_processes", type=int, default=1, help="processes (GPUs) the run will use")
-    p.add_argument("--max_train_steps", type=int, default=1600)
+    p.add_argument("--max_train_steps", type=int, default=None,
+                   help="as the trainer: default 1600, or 3 epochs for an LLM dataset when no length is given")
     p.add_argument("--max_train_epochs", type=int, default=None)
     p.add_argument("--resolution", default=None, help='"512" or "768,512" (TOML resolution wins)')
     p.add_argument("--enable_bucket", action="store_true")
@@ -305,7 +306,14 @@ def tokenised_summary(group: text_config.TextDatasetGroup, args: argparse.Namesp
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.dataset_config and is_text_dataset_toml(args.dataset_config):
+        text = bool(args.dataset_config) and is_text_dataset_toml(args.dataset_config)
+        if args.max_train_steps is None and args.max_train_epochs is None and text:
+            from library.families.llm import DEFAULT_EPOCHS
+
+            args.max_train_epochs = DEFAULT_EPOCHS  # the trainer's LLM default (library/train_setup.build_family)
+        elif args.max_train_steps is None:
+            args.max_train_steps = 1600  # kohya's default
+        if text:
             lines, problems = check_text(args)
         else:
             config = load_config(args)
