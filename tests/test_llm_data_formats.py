@@ -67,7 +67,7 @@ def test_an_unknown_sharegpt_speaker_is_named(tmp_path, tok):  # noqa: F811
 @pytest.mark.parametrize("row, hint", [
     ({"messages": CHAT}, 'set messages_column = "messages"'),
     ({"prompt": "a", "completion": "b"}, 'prompt_column = "prompt" and response_column = "completion"'),
-    ({"instruction": "a", "input": "", "output": "b"}, 'prompt_column = "instruction"'),
+    ({"instruction": "a", "input": "", "output": "b"}, 'input_column = "input"'),
 ])
 def test_a_missing_text_column_suggests_the_key_the_row_needs(tmp_path, tok, row, hint):  # noqa: F811
     with pytest.raises(UserError, match=hint):
@@ -130,3 +130,20 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user
                  f'messages_column = "messages"\nchat_template = "{tmp_path / "t.jinja"}"', tok=tok)
     (sample,) = d.train
     assert tok.decode(sample.input_ids).startswith("<s><|user|>\nbe brief.\n\ncount to three<|end|>")
+
+
+def test_alpaca_input_joins_the_instruction_after_a_blank_line(tmp_path, tok):  # noqa: F811
+    from library.data.text_data import IGNORE_INDEX
+
+    rows = [{"instruction": "translate to german:", "input": "good morning.", "output": "guten morgen."},
+            {"instruction": "say hi", "input": "", "output": "hi"}]
+    d = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "a.jsonl", rows)}"\nprompt_column = "instruction"\n'
+                 'input_column = "input"\nresponse_column = "output"', tok=tok)
+    first, second = d.train
+    prompt = tok("translate to german:\n\ngood morning.", add_special_tokens=False).input_ids
+    assert first.input_ids[:len(prompt)] == prompt and first.labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert second.input_ids[:len(tok("say hi", add_special_tokens=False).input_ids)] == tok(
+        "say hi", add_special_tokens=False).input_ids  # an empty input adds nothing
+    with pytest.raises(UserError, match="input_column adds Alpaca's input to the prompt"):
+        _dataset(tmp_path, f'jsonl_file = "{tmp_path / "a.jsonl"}"\nmessages_column = "m"\ninput_column = "input"',
+                 tok=tok)

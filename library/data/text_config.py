@@ -53,6 +53,7 @@ class TextSubsetConfig:
     text_column: str | None = None
     prompt_column: str | None = None
     response_column: str | None = None
+    input_column: str | None = None  # Alpaca's "input": appended to the prompt after a blank line when not empty
     messages_column: str | None = None
     chat_template: Path | None = None
     train_on_prompt: bool = False
@@ -109,13 +110,14 @@ ANY_LEVEL_KEYS = {
     "text_column": _str(allow_empty=False),
     "prompt_column": _str(allow_empty=False),
     "response_column": _str(allow_empty=False),
+    "input_column": _str(allow_empty=False),
     "messages_column": _str(allow_empty=False),
     "chat_template": _path,
     "train_on_prompt": _bool,
     "on_bad_row": _choice("error", "skip"),
 }
 SUBSET_KEYS = {"jsonl_file": _path, "text_file": _path}
-COLUMN_KEYS = ("text_column", "prompt_column", "response_column", "messages_column")
+COLUMN_KEYS = ("text_column", "prompt_column", "response_column", "input_column", "messages_column")
 _LEVEL_KEYS = {
     "general": set(DATASET_KEYS) | set(ANY_LEVEL_KEYS),
     "dataset": set(DATASET_KEYS) | set(ANY_LEVEL_KEYS) | {"subsets"},
@@ -227,6 +229,9 @@ def _check_columns(values: dict[str, Any], where: str, report: Reporter) -> None
                                   "messages_column (chat), prompt_column + response_column, or text_column")
     if formats == ["instruct"] and not (values.get("prompt_column") and values.get("response_column")):
         raise report.error(where, "prompt_column and response_column go together; set both")
+    if values.get("input_column") and formats != ["instruct"]:
+        raise report.error(where, "input_column adds Alpaca's input to the prompt; it goes with prompt_column + "
+                                  "response_column")
     if not formats:
         values["text_column"] = DEFAULT_TEXT_COLUMN
 

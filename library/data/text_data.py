@@ -68,6 +68,8 @@ _FORMAT_HINTS = (({"messages"}, 'messages_column = "messages"'),
                  ({"conversations"}, 'messages_column = "conversations" (ShareGPT from/value turns are read)'),
                  ({"prompt", "completion"}, 'prompt_column = "prompt" and response_column = "completion"'),
                  ({"prompt", "response"}, 'prompt_column = "prompt" and response_column = "response"'),
+                 ({"instruction", "input", "output"},
+                  'prompt_column = "instruction", input_column = "input" and response_column = "output" (Alpaca)'),
                  ({"instruction", "output"}, 'prompt_column = "instruction" and response_column = "output"'),
                  ({"text"}, 'text_column = "text"'))
 
@@ -126,7 +128,13 @@ class Tokenise:
             ids = self.prefix + self.ids(text) + self.suffix
             return ids, list(ids)
         if s.format == "instruct":
-            prompt = self.prefix + self.ids(_column(row, s.prompt_column, str))
+            text = _column(row, s.prompt_column, str)
+            extra = row.get(s.input_column) if s.input_column else None
+            if isinstance(extra, str) and extra.strip():  # Alpaca: the instruction, a blank line, the input
+                text = f"{text}\n\n{extra}"
+            elif extra is not None and not isinstance(extra, str):
+                raise RowError(f"column '{s.input_column}' is {type(extra).__name__}, expected str")
+            prompt = self.prefix + self.ids(text)
             response = self.ids(_column(row, s.response_column, str)) + self.suffix
             prompt_labels = list(prompt) if s.train_on_prompt else [IGNORE_INDEX] * len(prompt)
             return prompt + response, prompt_labels + response
