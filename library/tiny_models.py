@@ -79,6 +79,17 @@ def tiny_vae(seed: int = 0):
     )
 
 
+def tiny_sd2_unet(seed: int = 4):
+    """An SD 2.x-style tiny UNet: linear projections in the transformer blocks (SD 1.x uses 1x1 convs)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+
+
 def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """A complete StableDiffusionPipeline of tiny random models."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline

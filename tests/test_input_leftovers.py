@@ -183,16 +183,10 @@ def test_extract_tells_the_released_families_apart():
 def tiny_sd2_pair(folder: Path) -> tuple[Path, Path]:
     """SD 2.x in miniature (linear attention projections, a 32-wide text encoder), and a copy with one
     attention weight moved."""
-    from diffusers import UNet2DConditionModel
-
-    from library.tiny_models import tiny_sd_pipeline
+    from library.tiny_models import tiny_sd2_unet, tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed=4)
-    torch.manual_seed(4)
-    pipe.unet = UNet2DConditionModel(
-        sample_size=16, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+    pipe.unet = tiny_sd2_unet(seed=4)
     pipe.save_pretrained(folder / "base")
     with torch.no_grad():
         pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.add_(0.01)

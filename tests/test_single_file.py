@@ -19,7 +19,7 @@ import train_network
 from library import single_file as sf
 from library.errors import UserError
 from library.families import detect_model_type, load_family
-from library.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from library.tiny_models import tiny_sd2_unet, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
 def config_copy(folder: Path, target: Path) -> Path:
@@ -59,14 +59,9 @@ def tiny_xl(tmp_path_factory) -> Tiny:
 @pytest.fixture(scope="module")
 def tiny_sd2(tmp_path_factory) -> Tiny:
     """SD 2.x in miniature: linear projections, an OpenCLIP-layout text encoder, the v_pred marker."""
-    from diffusers import UNet2DConditionModel
 
     pipe = tiny_sd_pipeline(seed=4)
-    torch.manual_seed(4)
-    pipe.unet = UNet2DConditionModel(
-        sample_size=16, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+    pipe.unet = tiny_sd2_unet(seed=4)
     return Tiny(tmp_path_factory.mktemp("sd2"), pipe, "sd", v2=True, v_prediction=True)
 
 
