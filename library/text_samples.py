@@ -1,10 +1,10 @@
 """Sample texts during LLM training: the ``--sample_prompts`` of a causal-LM run.
 
-The same prompt files and schedule as sample images (library/sampling.py). Each prompt is one user turn,
-rendered with the tokenizer's chat template when it has one (a raw continuation otherwise), and answered
-greedily, so the texts of successive sampling points differ only by what the LoRA learned. ``--s`` sets the
-number of new tokens (default 128); image options (``--w``, ``--h``, ``--n``, ``--l``, ``--ss``, ``--d``)
-mean nothing here and are named in the log when a prompt sets them.
+The same prompt files and schedule as sample images (library/sampling.py). Each prompt is formatted as the
+training data was: one user turn of the chat template, the dataset's prompt_template, or the bare text; it is
+answered greedily up to the end of the turn, so the texts of successive sampling points differ only by what
+the LoRA learned. ``--s`` sets the number of new tokens (default 128); image options (``--w``, ``--h``,
+``--n``, ``--l``, ``--ss``, ``--d``) mean nothing here and are named in the log when a prompt sets them.
 
 Written to ``{sample folder}/{output_name}_{step:06d}.txt`` (atomically) and to the trackers as text
 (tensorboard's text tab, wandb), ``sample/NN`` per prompt.
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from library.data.prompt_templates import format_prompt
 from library.fileio import atomic_write
 
 DEFAULT_NEW_TOKENS = 128
@@ -33,24 +34,51 @@ def image_only_options(prompt: Any, defaults: Any) -> list[str]:
 
 def prompt_ids(tokenizer: Any, text: str, kind: str = "chat", template: str | None = None) -> list[int]:
     """Token ids of one user turn as training formatted its data: the chat template (``template``, else the
-    tokenizer's own) with the assistant's turn opened, or the raw text (``kind`` "raw", or no template)."""
+    tokenizer's own) with the assistant's turn opened; the prompt_template (``kind`` "prompt", ``template`` the
+    prompt_template); or the raw text (``kind`` "raw", or no chat template)."""
     if kind == "chat" and (template or getattr(tokenizer, "chat_template", None)):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True, chat_template=template)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    if kind == "prompt" and template is not None:
+        text = format_prompt(template, text)
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def stop_token_ids(model: Any, tokenizer: Any, kind: str = "chat", template: str | None = None) -> list[int]:
+    """Where a sample ends: the model's and the tokenizer's end-of-sequence tokens and, for chat data, the
+    chat template's end-of-turn token (Llama 3's ``<|eot_id|>``, ChatML's ``<|im_end|>``) when it is a special
+    token. A base model trained with a ChatML template learns to close its turn with ``<|im_end|>``, which its
+    generation config does not know, so without it every sample ran to ``--s`` tokens."""
+    found: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        found += [value] if isinstance(value, int) else list(value or [])
+    if kind == "chat" and (template or getattr(tokenizer, "chat_template", None)):
+        try:
+            probe = tokenizer.apply_chat_template([{"role": "user", "content": "\x01"},
+                                                   {"role": "assistant", "content": "\x02"}],
+                                                  tokenize=False, chat_template=template)
+        except Exception:  # a template that refuses the probe just has no known end-of-turn token
+            probe = ""
+        tail = probe[probe.index("\x02") + 1:].strip() if "\x02" in probe else ""
+        ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        if ids and ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values()):
+            found.append(ids[0])
+    return list(dict.fromkeys(found))
 
 
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, text: str, max_new_tokens: int, kind: str = "chat",
                   template: str | None = None) -> str:
     """The greedy continuation of one prompt (new tokens only, special tokens dropped), formatted as training
-    formatted its data (:func:`prompt_ids`)."""
+    formatted its data (:func:`prompt_ids`), up to the end of the turn (:func:`stop_token_ids`)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, text, kind, template)], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         use_cache=True, pad_token_id=pad)
+                         use_cache=True, pad_token_id=pad,
+                         eos_token_id=stop_token_ids(model, tokenizer, kind, template) or None)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -7,7 +7,8 @@
       messages_column = "messages"
 
 Keys at any level: ``num_repeats``, ``text_column``, ``prompt_column`` + ``response_column``,
-``messages_column``, ``chat_template`` (a Jinja file), ``train_on_prompt``, ``on_bad_row``.
+``messages_column``, ``chat_template`` (a Jinja file), ``prompt_template`` (library/data/prompt_templates.py),
+``train_on_prompt``, ``on_bad_row``.
 A value is looked up subset → dataset → ``[general]`` → command line (``--train_batch_size``) →
 default, as for images. A JSONL subset uses exactly one format: ``messages_column`` (chat),
 ``prompt_column`` + ``response_column`` (instruction), or ``text_column`` (default ``"text"``).
@@ -34,6 +35,7 @@ from library.data.config_checks import (
     _toml_repr,
     read_config_file,
 )
+from library.data.prompt_templates import check_prompt_template
 from library.dataset_config import ANY_LEVEL_KEYS as IMAGE_ANY_LEVEL_KEYS
 from library.dataset_config import DATASET_KEYS as IMAGE_DATASET_KEYS
 from library.dataset_config import SUBSET_KEYS as IMAGE_SUBSET_KEYS
@@ -56,6 +58,7 @@ class TextSubsetConfig:
     input_column: str | None = None  # Alpaca's "input": appended to the prompt after a blank line when not empty
     messages_column: str | None = None
     chat_template: Path | None = None
+    prompt_template: str | None = None  # instruction rows: "chat", "alpaca" or a text with {prompt}
     train_on_prompt: bool = False
     on_bad_row: str = "error"
     name: str = "subset"
@@ -89,6 +92,13 @@ class TextDatasetGroup:
     source: str = ""
 
 
+def _prompt_template(value: Any) -> str:
+    value = _str(allow_empty=False)(value)
+    if (why := check_prompt_template(value)) is not None:
+        raise _Bad(why)
+    return value
+
+
 def _choice(*options: str):
     def check(value: Any) -> str:
         if value not in options:
@@ -113,6 +123,7 @@ ANY_LEVEL_KEYS = {
     "input_column": _str(allow_empty=False),
     "messages_column": _str(allow_empty=False),
     "chat_template": _path,
+    "prompt_template": _prompt_template,
     "train_on_prompt": _bool,
     "on_bad_row": _choice("error", "skip"),
 }
@@ -212,7 +223,7 @@ def _subset(table: Any, where: str, inherited: dict[str, Any], report: Reporter)
         explicit = [k for k in COLUMN_KEYS if k in own]
         if explicit:
             raise report.error(f"{where}.{explicit[0]}", "text_file reads plain text; column keys apply to jsonl_file")
-        merged = {k: v for k, v in merged.items() if k not in COLUMN_KEYS and k != "chat_template"}
+        merged = {k: v for k, v in merged.items() if k not in (*COLUMN_KEYS, "chat_template", "prompt_template")}
     else:
         _check_columns(merged, where, report)
     if merged.get("chat_template") is not None and not merged["chat_template"].is_file():
@@ -232,6 +243,10 @@ def _check_columns(values: dict[str, Any], where: str, report: Reporter) -> None
     if values.get("input_column") and formats != ["instruct"]:
         raise report.error(where, "input_column adds Alpaca's input to the prompt; it goes with prompt_column + "
                                   "response_column")
+    if values.get("prompt_template") and formats != ["instruct"]:
+        hint = " (chat rows use chat_template)" if formats == ["chat"] else ""
+        raise report.error(f"{where}.prompt_template", "formats instruction rows; it goes with prompt_column + "
+                                                       f"response_column{hint}")
     if not formats:
         values["text_column"] = DEFAULT_TEXT_COLUMN
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from library.data.prompt_templates import CHAT, format_prompt
 from library.data.sampler import EpochBatchSampler, derive_seed
 from library.data.text_config import TextDatasetConfig, TextDatasetGroup, TextSubsetConfig
 from library.data.text_rows import RowError, read_rows  # noqa: F401  (read_rows: tools import it from here)
@@ -58,6 +59,15 @@ class SubsetReport:
     truncated: int = 0
     no_labels: int = 0
     longest: int = 0  # tokens of the longest row before cutting, for the "no usable rows" error
+    prompt_template: str | None = None
+
+    def describe_format(self) -> str:
+        if self.format != "instruct":
+            return self.format
+        if self.prompt_template is None:
+            return "instruct, no prompt_template: prompt and response joined as they are"
+        named = self.prompt_template if "{prompt}" not in self.prompt_template else "your text"
+        return f"instruct, prompt_template {named}"
 
 
 # --- reading rows -----------------------------------------------------------------------------
@@ -114,9 +124,12 @@ class Tokenise:
         self.prefix = [bos] if bos is not None and with_special and with_special[0] == bos else []
         self.suffix = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.template = subset.chat_template.read_text(encoding="utf-8") if subset.chat_template else None
-        if subset.format == "chat" and self.template is None and not getattr(tokenizer, "chat_template", None):
+        chat = subset.format == "chat" or subset.prompt_template == CHAT
+        if chat and self.template is None and not getattr(tokenizer, "chat_template", None):
+            fix = ('or use prompt_column + response_column' if subset.format == "chat" else
+                   'or a text prompt_template such as "alpaca"')
             raise UserError(f"{subset.name}: the tokenizer has no chat template; set chat_template = "
-                            '"template.jinja" (a Jinja file) or use prompt_column + response_column.')
+                            f'"template.jinja" (a Jinja file) {fix}.')
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
@@ -130,12 +143,14 @@ class Tokenise:
         if s.format == "instruct":
             text = _column(row, s.prompt_column, str)
             extra = row.get(s.input_column) if s.input_column else None
-            if isinstance(extra, str) and extra.strip():  # Alpaca: the instruction, a blank line, the input
-                text = f"{text}\n\n{extra}"
-            elif extra is not None and not isinstance(extra, str):
+            if extra is not None and not isinstance(extra, str):
                 raise RowError(f"column '{s.input_column}' is {type(extra).__name__}, expected str")
-            prompt = self.prefix + self.ids(text)
-            response = self.ids(_column(row, s.response_column, str)) + self.suffix
+            answer = _column(row, s.response_column, str)
+            if s.prompt_template == CHAT:
+                return self.chat([{"role": "user", "content": format_prompt(None, text, extra)},
+                                  {"role": "assistant", "content": answer}])
+            prompt = self.prefix + self.ids(format_prompt(s.prompt_template, text, extra))
+            response = self.ids(answer) + self.suffix
             prompt_labels = list(prompt) if s.train_on_prompt else [IGNORE_INDEX] * len(prompt)
             return prompt + response, prompt_labels + response
         return self.chat(_messages(row, s.messages_column))
@@ -257,7 +272,8 @@ def tokenise_dataset(config: TextDatasetConfig, tokenizer: Any) -> tuple[list[Sa
     reports = []
     row_id = 0
     for index, subset in enumerate(config.subsets):
-        report = SubsetReport(subset.name, subset.path.name, subset.format, subset.num_repeats)
+        report = SubsetReport(subset.name, subset.path.name, subset.format, subset.num_repeats,
+                              prompt_template=subset.prompt_template)
         tokenise = Tokenise(tokenizer, subset)
         for line, row in read_rows(subset):
             report.rows += 1
@@ -383,7 +399,7 @@ class TextDatasetData:
                  + (f" packed ({fill:.0%} full)" if c.packing else " (one sample each, no packing)")
                  + f", batch size {c.batch_size}, {len(self.validation)} validation samples"]
         for r in self.reports:
-            lines.append(f"  {r.name}: {r.file} ({r.format}), {r.rows} rows x {r.num_repeats} repeats, "
+            lines.append(f"  {r.name}: {r.file} ({r.describe_format()}), {r.rows} rows x {r.num_repeats} repeats, "
                          f"{len(r.skipped)} skipped, {r.truncated} cut to max_seq_length, "
                          f"{r.no_labels} dropped without tokens to learn")
             lines += [f"    skipped {where}" for where in r.skipped[:10]]
@@ -432,7 +448,8 @@ class TextData:
             "batch_size_per_device": d.config.batch_size, "num_train_samples": len(d.train),
             "num_sequences": len(d.sequences), "num_validation_samples": len(d.validation),
             "subsets": [{"file": r.file, "format": r.format, "num_repeats": r.num_repeats, "rows": r.rows,
-                         "skipped_rows": len(r.skipped)} for r in d.reports],
+                         "skipped_rows": len(r.skipped)}
+                        | ({"prompt_template": r.prompt_template} if r.prompt_template else {}) for r in d.reports],
         } for d in self.datasets]
 
 

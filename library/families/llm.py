@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from library.chunked_ce import causal_lm_loss
+from library.data.prompt_templates import CHAT
 from library.errors import UserError
 from library.families import DataRequest
 
@@ -52,14 +53,19 @@ IMAGE_ONLY_ARGUMENTS = (
 
 def training_format(subsets: list[Any]) -> tuple[str, str | None]:
     """How the run's data formats a prompt, for samples to match: ("chat", the TOML's chat_template text or None
-    for the tokenizer's own) when a subset is chat data, else ("raw", None): instruction and text rows train
-    without a template, so a sample prompt is the bare text too."""
-    chats = [subset for subset in subsets if subset.format == "chat"]
-    if not chats:
-        return ("raw", None)
-    templates = {subset.chat_template for subset in chats}
-    template = next(iter(templates)) if len(templates) == 1 else None
-    return ("chat", template.read_text(encoding="utf-8") if template is not None else None)
+    for the tokenizer's own) when a subset is chat data or instruction rows with ``prompt_template = "chat"``;
+    ("prompt", the template) when every instruction subset has the same text prompt_template; else ("raw", None):
+    rows train without a template, so a sample prompt is the bare text too."""
+    chats = [subset for subset in subsets
+             if subset.format == "chat" or getattr(subset, "prompt_template", None) == CHAT]
+    if chats:
+        templates = {subset.chat_template for subset in chats}
+        template = next(iter(templates)) if len(templates) == 1 else None
+        return ("chat", template.read_text(encoding="utf-8") if template is not None else None)
+    prompt_templates = {getattr(subset, "prompt_template", None) for subset in subsets if subset.format == "instruct"}
+    if len(prompt_templates) == 1 and (only := next(iter(prompt_templates))) is not None:
+        return ("prompt", only)
+    return ("raw", None)
 
 
 def keep_4bit_trainable(model: torch.nn.Module) -> int:
