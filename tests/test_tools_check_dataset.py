@@ -171,3 +171,31 @@ def test_an_llm_dataset_is_planned_as_the_trainer_plans_it(tmp_path, capsys):
     toml, model = llm_toml(tmp_path)
     assert check_dataset.main(["--dataset_config", str(toml), "--pretrained_model_name_or_path", str(model)]) == 0
     assert "= 3 epochs" in capsys.readouterr().out  # not kohya's 1600 steps: the trainer's LLM default
+
+
+def test_llm_samples_are_shown_with_the_learnt_tokens_marked(tmp_path, capsys):
+    toml, model = llm_toml(tmp_path)
+    assert check_dataset.main(["--dataset_config", str(toml), "--pretrained_model_name_or_path", str(model)]) == 0
+    out = capsys.readouterr().out
+    chat = out[out.index("datasets[0].subsets[0] sample 1"):out.index("datasets[0].subsets[1] sample 1")]
+    # the user turn is context, the assistant turn is learnt through its end-of-turn token
+    body = chat.split("):\n", 1)[1]
+    assert body.startswith("    <s><|user|>\n") and "⟦" not in body.split("<|assistant|>")[0]
+    assert "<|assistant|>\n    ⟦the capital of france is paris.<|end|>\n    ⟧" in body
+    text = out[out.index("datasets[0].subsets[1] sample 1"):]
+    assert text.split("\n")[1].startswith("    ⟦")  # plain text: every token is learnt
+    assert check_dataset.main(["--dataset_config", str(toml), "--pretrained_model_name_or_path", str(model),
+                               "--show_samples", "0"]) == 0
+    assert "sample 1" not in capsys.readouterr().out
+
+
+def test_render_sample_marks_runs_and_elides_the_middle():
+    from library.data.text_preview import render_sample
+    from library.tiny_llm import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer()
+    ids = tok("the sky is blue", add_special_tokens=False).input_ids
+    labels = [-100] * 2 + ids[2:]
+    assert render_sample(ids, labels, tok) == tok.decode(ids[:2]) + "⟦" + tok.decode(ids[2:]) + "⟧"
+    long = render_sample(ids * 50, [-100] * len(ids) * 50, tok, limit=40)
+    assert long.startswith(tok.decode(ids)[:20]) and " characters) … " in long and len(long) < 80

@@ -16,7 +16,8 @@ An LLM dataset TOML (jsonl_file / text_file subsets, max_seq_length, ...; see RE
 recognised by its keys and checked with the LLM schema: every row is read and its columns
 checked. With --pretrained_model_name_or_path (only the tokenizer and config.json are read,
 no weights) the rows are also tokenised and packed as in training, giving samples, tokens
-and steps:
+and steps, and the first sample of each subset is shown as text with the tokens the loss learns
+between ⟦ ⟧ (--show_samples N for more, 0 for none):
 
     python tools/check_dataset.py --dataset_config llm_data.toml --pretrained_model_name_or_path my-llm
 """
@@ -27,6 +28,7 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (decides a validation split, as in training)")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="LLM datasets: the model folder whose tokenizer tokenises and packs the rows")  # fmt: skip
+    p.add_argument("--show_samples", type=int, default=1,
+                   help="LLM datasets with a tokenizer: show the first N samples of each subset as text, the "
+                        "tokens the loss learns between ⟦ ⟧ (0: none)")  # fmt: skip
     return p
 
 
@@ -295,12 +300,26 @@ def tokenised_summary(group: text_config.TextDatasetGroup, args: argparse.Namesp
         problems.append(str(e))
         return []
     lines = [line for d in datasets for line in d.summary()]
+    lines += [line for d in datasets for line in sample_lines(d, tokenizer, args.show_samples)]
     batch_sizes = {d.config.batch_size for d in datasets}
     if len(batch_sizes) > 1:
         problems.append(f"datasets with different batch_size ({sorted(batch_sizes)}) are not supported")
         return lines
     buckets = [i for i, d in enumerate(datasets) for _ in d.sequences]  # as build_text_data: one per dataset
     return lines + steps_lines(buckets, batch_sizes.pop(), args, problems)
+
+
+def sample_lines(dataset: Any, tokenizer: Any, count: int) -> list[str]:
+    """The first ``count`` samples of each subset as text, with the tokens in the loss marked."""
+    from library.data.text_preview import CLOSE, OPEN, render_sample
+
+    lines = []
+    for index, report in enumerate(dataset.reports):
+        samples = [s for s in dataset.train if s.subset == index][:max(0, count)]
+        for n, sample in enumerate(samples):
+            lines.append(f"{report.name} sample {n + 1} (in the loss: {OPEN}...{CLOSE}):")
+            lines += [f"    {line}" for line in render_sample(sample.input_ids, sample.labels, tokenizer).split("\n")]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
