@@ -61,7 +61,7 @@ def stop_token_ids(model: Any, tokenizer: Any, kind: str = "chat", template: str
                                                   tokenize=False, chat_template=template)
         except Exception:  # a template that refuses the probe just has no known end-of-turn token
             probe = ""
-        tail = probe[probe.index("\x02") + 1:].strip() if "\x02" in probe else ""
+        tail = probe[probe.rindex("\x02") + 1:].strip() if "\x02" in probe else ""
         ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
         if ids and ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values()):
             found.append(ids[0])

@@ -103,6 +103,40 @@ def test_multi_turn_chat_with_a_last_turn_template_learns_every_assistant_turn(t
     assert torch.equal(torch.tensor(sample.labels), torch.tensor(labels))
 
 
+# As Qwen3's: earlier assistant turns lose their reasoning, the last one keeps it re-rendered in <think> tags.
+THINK_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}"
+    "{% set answer = m['content'].split('</think>')[-1].lstrip('\\n') %}{% if loop.last %}"
+    "{% set r = m['content'].split('</think>')[0].split('<think>')[-1].strip('\\n') %}<think>\n{{ r }}\n</think>\n\n"
+    "{% endif %}{{ answer }}{% else %}{{ m['content'] }}{% endif %}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_a_template_that_drops_earlier_reasoning_learns_the_turn_that_keeps_it(tmp_path, tok):  # noqa: F811
+    from library.data.text_data import IGNORE_INDEX
+
+    (tmp_path / "t.jinja").write_text(THINK_TEMPLATE, encoding="utf-8")
+    messages = [{"role": "user", "content": "count to three"},
+                {"role": "assistant", "content": "<think>easy</think>one two three"},
+                {"role": "user", "content": "and on?"},
+                {"role": "assistant", "content": "<think>\ncount on\n</think>\n\nfour five"}]
+    d = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])}"\n'
+                 f'messages_column = "messages"\nchat_template = "{tmp_path / "t.jinja"}"', tok=tok)
+    (sample,) = d.train
+    text = tok.decode(sample.input_ids)
+    assert "easy" not in text and "<think>\ncount on\n</think>\n\nfour five<|end|>" in text
+    runs, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels, strict=True):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = [*runs, tok.decode(current)], []
+    runs += [tok.decode(current)] if current else []
+    # the first answer, rendered without its reasoning, is context: learning it would teach skipping <think>
+    assert runs == ["<think>\ncount on\n</think>\n\nfour five<|end|>\n"]
+
+
 def test_an_assistant_turn_with_weight_zero_is_not_learnt(tmp_path, tok):  # noqa: F811
     from library.data.text_data import IGNORE_INDEX
 

@@ -198,20 +198,31 @@ class Tokenise:
         """Assistant spans for templates that render a turn differently once later turns follow it (Qwen3 drops
         reasoning and adds markers to the last turn only, so renderings are not prefixes of each other): each
         message's text is found in order in the full rendering, and an assistant turn's span runs through the
-        end-of-turn text the template puts after an assistant message."""
+        end-of-turn text the template puts after an assistant message. A turn with reasoning
+        (``<think>...</think>answer``) is found by its answer. Its span starts at the rendered ``<think>`` where
+        the template kept the reasoning (the last turn); where it dropped it (earlier turns) the turn is context,
+        not learnt: learning "answer straight after the turn opens" would teach the model to skip its reasoning
+        at the very position where it starts it at inference."""
         probe = self.render([{"role": "user", "content": "\x01"}, {"role": "assistant", "content": "\x02"}])
-        tail = probe[probe.index("\x02") + 1:] if "\x02" in probe else ""
+        tail = probe[probe.rindex("\x02") + 1:] if "\x02" in probe else ""
         spans, cursor = [], 0
         for message in messages:
-            at = full.find(message["content"], cursor)
+            content, start_at, learn = message["content"], None, True
+            if message["role"] == "assistant" and "</think>" in content and full.find(content, cursor) < 0:
+                answer = content.split("</think>")[-1].strip()
+                at = full.find(answer, cursor) if answer else -1
+                think = full.find("<think>", cursor, at) if at >= 0 else -1
+                content, start_at = answer, (think if think >= 0 else None)
+                learn = think >= 0
+            at = full.find(content, cursor)
             if at < 0:
-                raise RowError("the chat template changes the text of earlier turns (e.g. drops their reasoning), "
-                               "so the assistant turns cannot be located; set train_on_prompt = true for this subset")
-            cursor = at + len(message["content"])
+                raise RowError("the chat template changes the text of earlier turns, so the assistant turns cannot "
+                               "be located; set train_on_prompt = true for this subset")
+            cursor = at + len(content)
             if message["role"] == "assistant":
                 end = cursor + len(tail) if tail and full.startswith(tail, cursor) else cursor
-                if message.get("weight", 1) != 0:
-                    spans.append((at, end))
+                if learn and message.get("weight", 1) != 0:
+                    spans.append((at if start_at is None else start_at, end))
                 cursor = end
         return spans
 
