@@ -58,6 +58,9 @@ def check_ranges(args: argparse.Namespace) -> None:
         raise UserError(f"--text_encoder_lr {args.text_encoder_lr}: a learning rate must be at least 0.")
     if args.resolution is not None:  # "abc" or "512,x": said now, not after the model has loaded
         parse_resolution(args.resolution)
+    if not 0 <= args.validation_split < 1:  # the dataset TOML's own value is checked with the same range
+        raise UserError(f"--validation_split {args.validation_split}: expected a fraction from 0 up to (not "
+                        "including) 1, e.g. 0.1 to hold out a tenth of each subset's images.")
 
 
 def check_data_sources(args: argparse.Namespace) -> None:

@@ -141,6 +141,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side (px)")
     g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this")
     g.add_argument("--bucket_no_upscale", action="store_true", help="never upscale an image to fit a bucket")
+    g.add_argument("--validation_split", type=float, default=0.0,
+                   help="hold out this fraction of each subset's images (LLMs: rows) for the validation loss; "
+                   "a dataset TOML's validation_split wins over it")
+    g.add_argument("--validation_seed", type=int, default=None,
+                   help="seed of the validation split (default: --seed); a dataset TOML's validation_seed wins")
     g.add_argument("--alpha_mask", action="store_true",
                    help="with --masked_loss: each image's transparency is its loss mask (the folder layout)")
     g.add_argument("--caption_extension", type=str, default=".caption", help="caption side-file extension")

@@ -39,7 +39,6 @@ _TRAIN_BY_RESUME = "to continue a run, save its state (--save_state) and give th
 _LR_SCHEDULER = "passed to the cosine_with_min_lr / warmup_stable_decay / inverse_sqrt schedules, as sd-scripts does"
 _HF_UPLOAD = "uploading to Hugging Face is not built in; upload the output folder afterwards (huggingface-cli upload)"
 _DEEPSPEED = "DeepSpeed is not supported; for several GPUs use accelerate launch --num_processes N (DDP)"
-_VALIDATION = "set it in the dataset TOML ([general] or a [[datasets]] table), where this toolkit reads it"
 _HF_OPTION = "an option of --huggingface_repo_id uploads, which are not built in; nothing is uploaded"
 
 SD_SCRIPTS_ARGS: dict[str, SdScriptsArg] = {
@@ -81,9 +80,6 @@ SD_SCRIPTS_ARGS: dict[str, SdScriptsArg] = {
     "skip_image_resolution": SdScriptsArg("unsupported", "on the command line it is not read; set "
                                           "skip_image_resolution in the dataset TOML", str),
     "resize_interpolation": SdScriptsArg("unsupported", "the resize filter is not selectable here; remove it", str),
-    "validation_split": SdScriptsArg("unsupported", f"on the command line it is not read; {_VALIDATION}", float,
-                                     no_op=(0,)),
-    "validation_seed": SdScriptsArg("unsupported", f"on the command line it is not read; {_VALIDATION}", int),
     "initial_epoch": SdScriptsArg("unsupported", f"starting at a later epoch is not supported; {_TRAIN_BY_RESUME}",
                                   int, no_op=(1,)),
     "initial_step": SdScriptsArg("unsupported", f"starting at a later step is not supported; {_TRAIN_BY_RESUME}",

@@ -9,9 +9,10 @@
 Keys at any level: ``num_repeats``, ``text_column``, ``prompt_column`` + ``response_column``,
 ``messages_column``, ``chat_template`` (a Jinja file), ``prompt_template`` (library/data/prompt_templates.py),
 ``train_on_prompt``, ``on_bad_row``.
-A value is looked up subset → dataset → ``[general]`` → command line (``--train_batch_size``) →
-default, as for images. A JSONL subset uses exactly one format: ``messages_column`` (chat),
-``prompt_column`` + ``response_column`` (instruction), or ``text_column`` (default ``"text"``).
+A value is looked up subset → dataset → ``[general]`` → command line (``--train_batch_size``,
+``--validation_split``, ``--validation_seed``) → default, as for images. A JSONL subset uses exactly one
+format: ``messages_column`` (chat), ``prompt_column`` + ``response_column`` (instruction), or ``text_column``
+(default ``"text"``).
 Unknown keys, image keys and wrong types are errors naming the file, key path and line.
 """
 
@@ -166,15 +167,19 @@ def _unknown_key(report: Reporter, where: str, level: str, key: str) -> UserErro
     return report.error(path, f"unknown key '{key}'{did_you_mean(key, _LEVEL_KEYS[level])}")
 
 
-def load_text_dataset_config(path: Path | str, batch_size: int = 1) -> TextDatasetGroup:
-    """Read and validate an LLM dataset TOML (JSON when named .json); ``batch_size`` is ``--train_batch_size``."""
+def load_text_dataset_config(path: Path | str, batch_size: int = 1, *, validation_split: float = 0.0,
+                             validation_seed: int | None = None) -> TextDatasetGroup:
+    """Read and validate an LLM dataset TOML (JSON when named .json). ``batch_size``, ``validation_split`` and
+    ``validation_seed`` are the command line's (``--train_batch_size``, ...): the lowest level of the lookup."""
     path = Path(path)
     data, text = read_config_file(path)
-    return parse_text_dataset_config(data, batch_size, source=str(path), text=text)
+    return parse_text_dataset_config(data, batch_size, source=str(path), text=text,
+                                     validation_split=validation_split, validation_seed=validation_seed)
 
 
 def parse_text_dataset_config(data: Mapping[str, Any], batch_size: int = 1, source: str = "<dataset config>",
-                              text: str | None = None) -> TextDatasetGroup:
+                              text: str | None = None, *, validation_split: float = 0.0,
+                              validation_seed: int | None = None) -> TextDatasetGroup:
     """Validate an already-parsed LLM dataset TOML (``text`` adds line numbers to errors)."""
     report = Reporter(source, text)
     for key in data:
@@ -185,8 +190,9 @@ def parse_text_dataset_config(data: Mapping[str, Any], batch_size: int = 1, sour
     datasets = data.get("datasets")
     if not isinstance(datasets, list) or not datasets:
         raise report.error("datasets", 'no [[datasets]] table; add one with a [[datasets.subsets]] jsonl_file = "..."')
-    defaults = {"batch_size": batch_size, "max_seq_length": None, "packing": True, "validation_split": 0.0,
-                "validation_seed": None, "num_repeats": 1, "train_on_prompt": False, "on_bad_row": "error"}
+    defaults = {"batch_size": batch_size, "max_seq_length": None, "packing": True,
+                "validation_split": validation_split, "validation_seed": validation_seed, "num_repeats": 1,
+                "train_on_prompt": False, "on_bad_row": "error"}
     built = tuple(_dataset(t, i, {**defaults, **general}, report) for i, t in enumerate(datasets))
     return TextDatasetGroup(datasets=built, source=source)
 

@@ -144,7 +144,8 @@ def check_dataset_config(model_type: str, path: str | Path, defaults: Any) -> No
     if model_type == "llm":
         from library.data.text_config import load_text_dataset_config
 
-        load_text_dataset_config(path, defaults.batch_size)
+        load_text_dataset_config(path, defaults.batch_size, validation_split=defaults.validation_split,
+                                 validation_seed=defaults.validation_seed)
     else:
         from library.dataset_config import load_dataset_config
 
