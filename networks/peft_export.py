@@ -21,7 +21,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,13 @@ def _atomic_folder(folder: Path) -> Iterator[Path]:
 
 
 def write_peft_adapter(network: nn.Module, model: nn.Module, folder: str | os.PathLike,
-                       base_model_name_or_path: str, dtype: torch.dtype | None = None) -> Path:
-    """Write the adapter folder atomically (a killed save leaves the previous folder intact); returns it."""
+                       base_model_name_or_path: str, dtype: torch.dtype | None = None,
+                       extra_files: Callable[[dict[str, Any]], dict[str, str]] | None = None) -> Path:
+    """Write the adapter folder atomically (a killed save leaves the previous folder intact); returns it.
+
+    ``extra_files`` maps the adapter config to more text files of the folder (name → text): a model card,
+    the dataset's chat template.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -139,6 +144,8 @@ def write_peft_adapter(network: nn.Module, model: nn.Module, folder: str | os.Pa
     with _atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for name, text in (extra_files(config) if extra_files else {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return folder
 
 

@@ -132,3 +132,15 @@ def test_samples_stop_at_the_chat_templates_end_of_turn_token(tmp_path):
     calls.clear()
     generate_text(model, tokenizer, "name a colour", 8, "raw")
     assert len(calls) == 8
+
+
+def test_the_adapter_card_says_how_to_prompt():
+    from library.model_card import adapter_card
+
+    meta = {"ss_output_name": "mine", "ss_network_dim": "8", "ss_steps": "12"}
+    card = adapter_card("org/model", meta, ("prompt", "Q: {prompt}\nA:"), ["q_proj", "v_proj"])
+    assert card.startswith('---\nbase_model: "org/model"\nlibrary_name: peft\n')
+    assert "# mine" in card and "- rank: 8" in card and "- steps: 12" in card and "q_proj, v_proj" in card
+    assert "```text\nQ: <your prompt>\nA:\n```" in card
+    assert "the tokenizer's chat template" in adapter_card("m", {}, ("chat", None))
+    assert "bare text" in adapter_card("m", {}, ("raw", None))

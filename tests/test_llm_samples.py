@@ -104,3 +104,9 @@ def test_the_datasets_own_chat_template_is_used_and_saved_with_the_adapter(llm, 
             "--output_name", "lora", "--max_train_steps", "1"]
     assert train_network.main(argv) == 0
     assert (out / "lora" / "chat_template.jinja").read_text(encoding="utf-8") == template.read_text(encoding="utf-8")
+    card = (out / "lora" / "README.md").read_text(encoding="utf-8")  # how to prompt the adapter travels with it
+    assert "chat template in `chat_template.jinja`" in card and f'base_model: "{model}"' in card
+    assert "- steps: 1\n" in card and "- target modules: " in card and "q_proj" in card
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(out / "lora")).base_model_name_or_path == str(model)  # still a PEFT folder

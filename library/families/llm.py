@@ -237,13 +237,20 @@ class LLMFamily:
 
     def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
         """The PEFT folder ``{output_dir}/{stem}/``; for a .safetensors path also the kohya-style file."""
+        from library.model_card import adapter_card
         from networks.peft_export import write_peft_adapter
 
         path = Path(path)
-        folder = write_peft_adapter(network, self.model, path.with_suffix(""), self.model_path, dtype)
         kind, template = self.sample_format
-        if kind == "chat" and template is not None:  # the dataset's own template goes with the adapter
-            (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+        def extra_files(config: dict[str, Any]) -> dict[str, str]:
+            files = {"README.md": adapter_card(self.model_path, metadata, self.sample_format,
+                                               config.get("target_modules"))}
+            if kind == "chat" and template is not None:  # the dataset's own template goes with the adapter
+                files["chat_template.jinja"] = template
+            return files
+
+        folder = write_peft_adapter(network, self.model, path.with_suffix(""), self.model_path, dtype, extra_files)
         if path.suffix == ".safetensors":
             meta = {k: v for k, v in metadata.items() if k != "modelspec.resolution"}
             if "modelspec.architecture" in meta:
