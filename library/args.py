@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from library.dataset_config import RESIZE_INTERPOLATIONS
 from library.sample_prompts import SAMPLER_NAMES
 from library.sd_scripts_args import add_arguments as add_sd_scripts_arguments
 
@@ -168,6 +169,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
     g.add_argument("--color_aug", action="store_true", help="random hue shifts")
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crops")
+    g.add_argument("--resize_interpolation", type=str, default=None, choices=[None, *RESIZE_INTERPOLATIONS],
+                   help="filter that scales images to their bucket (unset: lanczos); area is PIL's HAMMING, as in "
+                   "sd-scripts; a dataset TOML's resize_interpolation wins over it")
     g.add_argument("--cache_latents", action="store_true", help="encode every image once, keep latents in memory")
     g.add_argument(
         "--cache_text_encoder_outputs",

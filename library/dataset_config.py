@@ -69,6 +69,7 @@ class DatasetDefaults:
     color_aug: bool = False
     random_crop: bool = False
     alpha_mask: bool = False
+    resize_interpolation: str | None = None  # None: LANCZOS (library/data/pixels.py)
     num_repeats: int = 1
     class_tokens: str | None = None
     train_data_dir: Path | None = None
@@ -107,6 +108,7 @@ class SubsetConfig:
     color_aug: bool = False
     random_crop: bool = False
     alpha_mask: bool = False  # --masked_loss: the image's transparency is the loss mask
+    resize_interpolation: str | None = None  # the filter that scales images to their bucket; None: LANCZOS
     conditioning_data_dir: Path | None = None  # --masked_loss: a folder of mask images named like the images
     metadata_file: Path | None = None  # set for fine-tuning subsets (captions from a JSON file)
     name: str = "subset"  # where it came from, for messages: "datasets[0].subsets[1]"
@@ -158,6 +160,16 @@ class DatasetGroupConfig:
     source: str = ""  # the TOML path or "--train_data_dir"
 
 
+# sd-scripts' names of the filter that scales an image to its bucket (library/data/pixels.py maps them to PIL's)
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+
+def _resize_interpolation(value: Any) -> str:
+    if value not in RESIZE_INTERPOLATIONS:
+        raise _Bad("one of " + ", ".join(f'"{name}"' for name in RESIZE_INTERPOLATIONS))
+    return value
+
+
 DATASET_KEYS: dict[str, Checker] = {
     "resolution": _resolution,
     "batch_size": _int(1),
@@ -189,6 +201,7 @@ ANY_LEVEL_KEYS: dict[str, Checker] = {
     "random_crop": _bool,
     "alpha_mask": _bool,
     "class_tokens": _str(allow_empty=True),
+    "resize_interpolation": _resize_interpolation,
 }
 SUBSET_KEYS: dict[str, Checker] = {
     "image_dir": _path,
@@ -203,8 +216,8 @@ HARMLESS_KEYS: dict[str, tuple[Checker, str]] = {
 }
 # sd-scripts keys this toolkit does not implement: refusing them beats ignoring them silently.
 UNSUPPORTED_KEYS = frozenset({
-    "token_warmup_min", "token_warmup_step", "face_crop_aug_range", "network_multiplier", "resize_interpolation",
-    "custom_attributes", "debug_dataset",
+    "token_warmup_min", "token_warmup_step", "face_crop_aug_range", "network_multiplier", "custom_attributes",
+    "debug_dataset",
 })  # fmt: skip
 # Command-line options of sd-scripts written into a dataset config (sd-scripts refuses them there too).
 COMMAND_LINE_KEYS = {

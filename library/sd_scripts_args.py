@@ -79,7 +79,6 @@ SD_SCRIPTS_ARGS: dict[str, SdScriptsArg] = {
                                           "conditioning_data_dir in a subset of the dataset TOML", str),
     "skip_image_resolution": SdScriptsArg("unsupported", "on the command line it is not read; set "
                                           "skip_image_resolution in the dataset TOML", str),
-    "resize_interpolation": SdScriptsArg("unsupported", "the resize filter is not selectable here; remove it", str),
     "initial_epoch": SdScriptsArg("unsupported", f"starting at a later epoch is not supported; {_TRAIN_BY_RESUME}",
                                   int, no_op=(1,)),
     "initial_step": SdScriptsArg("unsupported", f"starting at a later step is not supported; {_TRAIN_BY_RESUME}",

@@ -135,6 +135,7 @@ def dataset_defaults(args: argparse.Namespace, sources: dict[str, str] | None = 
         flip_aug=args.flip_aug,
         color_aug=args.color_aug,
         random_crop=args.random_crop,
+        resize_interpolation=args.resize_interpolation,
         alpha_mask=args.alpha_mask,
         train_data_dir=Path(args.train_data_dir) if args.train_data_dir else None,
         reg_data_dir=Path(args.reg_data_dir) if args.reg_data_dir else None,

@@ -94,3 +94,115 @@ def test_validation_flags_are_real_arguments_also_in_a_config_file(tmp_path):
     defaults = dataset_defaults(args, sources)
     assert (defaults.validation_split, defaults.validation_seed) == (0.2, 11)
     assert json.dumps(sources["validation_split"]).startswith('"config file')
+
+
+# --- --resize_interpolation ----------------------------------------------------------------------
+
+
+def test_every_sd_scripts_filter_name_has_a_pil_filter():
+    from library.data.pixels import RESIZE_FILTERS
+    from library.dataset_config import RESIZE_INTERPOLATIONS
+
+    assert set(RESIZE_FILTERS) == set(RESIZE_INTERPOLATIONS)
+    choices = next(a.choices for a in build_parser()._actions if a.dest == "resize_interpolation")
+    assert [c for c in choices if c] == list(RESIZE_INTERPOLATIONS)
+
+
+def test_unset_resize_is_lanczos_bit_for_bit_and_a_filter_changes_the_pixels():
+    import numpy as np
+    from PIL import Image
+
+    from library.data.pixels import resize_and_crop
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB")
+    unset, _ = resize_and_crop(image, (32, 32), False, (0.0, 0.0))
+    lanczos = image.resize((38, 32), Image.Resampling.LANCZOS).crop((3, 0, 35, 32))  # today's code, by hand
+    assert np.array_equal(np.asarray(unset), np.asarray(lanczos))
+    assert np.array_equal(np.asarray(resize_and_crop(image, (32, 32), False, (0.0, 0.0), "lanczos")[0]),
+                          np.asarray(unset))
+    nearest, _ = resize_and_crop(image, (32, 32), False, (0.0, 0.0), "nearest")
+    expected = image.resize((38, 32), Image.Resampling.NEAREST).crop((3, 0, 35, 32))
+    assert np.array_equal(np.asarray(nearest), np.asarray(expected))
+    assert not np.array_equal(np.asarray(nearest), np.asarray(unset))
+    area, _ = resize_and_crop(image, (32, 32), False, (0.0, 0.0), "area")  # sd-scripts' PIL "area": HAMMING
+    expected = image.resize((38, 32), Image.Resampling.HAMMING).crop((3, 0, 35, 32))
+    assert np.array_equal(np.asarray(area), np.asarray(expected))
+
+
+@pytest.mark.parametrize(("general", "subset", "expected"), [
+    ("", "", ["bicubic", "bicubic"]),  # the command line's filter when the TOML is silent
+    ('[general]\nresize_interpolation = "box"\n', "", ["box", "box"]),
+    ('[general]\nresize_interpolation = "box"\n', 'resize_interpolation = "nearest"', ["nearest", "box"]),
+])
+def test_resize_interpolation_follows_the_dataset_precedence(tmp_path, general, subset, expected):
+    args, sources = _args("--resize_interpolation", "bicubic")
+    text = (general + '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n' + subset
+            + '\n[[datasets.subsets]]\nimage_dir = "b"\n')
+    (d,) = load_dataset_config(_write(tmp_path / "d.toml", text), dataset_defaults(args, sources)).datasets
+    assert [s.resize_interpolation for s in d.subsets] == expected
+
+
+def test_a_wrong_filter_name_is_an_error_naming_the_key(tmp_path):
+    text = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nresize_interpolation = "lanczos3"\n'
+    where = r"datasets\[0\].subsets\[0\].resize_interpolation"
+    with pytest.raises(UserError, match=f'(?s){where}.*"lanczos3".*"nearest"'):
+        load_dataset_config(_write(tmp_path / "d.toml", text), dataset_defaults(*_args()))
+    with pytest.raises(SystemExit):  # argparse's choices on the command line
+        _args("--resize_interpolation", "lanczos3")
+
+
+def _cached_latents(tmp_path: Path, images: Path, interpolation: str | None) -> tuple[list[int], dict]:
+    """Cache the latents of ``images`` (resized 48x40 -> 32x32) to disk with a fake VAE; (images encoded, latents)."""
+    import torch
+
+    from library.data.image_data import build_image_data
+    from library.dataset_config import DatasetConfig, DatasetGroupConfig, SubsetConfig
+
+    subset = SubsetConfig(image_dir=images, resize_interpolation=interpolation)
+    config = DatasetGroupConfig((DatasetConfig(subsets=(subset,), resolution=(32, 32)),))
+    data = build_image_data(config, seed=0, on_bad_image="error", num_processes=1, rank=0, num_workers=0,
+                            persistent_workers=False)
+    encoded: list[int] = []
+
+    def encode(pixels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        encoded.extend(keys.tolist())
+        return torch.nn.functional.avg_pool2d(pixels, 8)  # the pixels decide the "latent"
+
+    data.cache_latents(encode, 4, torch.device("cpu"), to_disk=True, vae_fingerprint="fake")
+    return encoded, data.concat.latents
+
+
+def test_cached_latents_are_recomputed_when_the_resize_filter_changes(tmp_path):
+    import torch
+    from PIL import Image
+
+    images = write_synthetic_images(tmp_path / "img", count=3, size=48)
+    for path in images.glob("*.png"):  # not square: every image is scaled, so the filter matters
+        Image.open(path).resize((48, 40)).save(path)
+    first, lanczos = _cached_latents(tmp_path, images, None)
+    assert len(first) == 3
+    assert _cached_latents(tmp_path, images, "lanczos")[0] == []  # the same pixels as unset: files reused
+    again, nearest = _cached_latents(tmp_path, images, "nearest")
+    assert len(again) == 3 and not all(torch.equal(lanczos[k], nearest[k]) for k in lanczos)
+    assert _cached_latents(tmp_path, images, "nearest")[0] == []  # now cached for nearest
+    assert len(_cached_latents(tmp_path, images, None)[0]) == 3  # and back to lanczos: encoded again
+
+
+def test_resume_compares_the_resize_filter():
+    from library.dataset_config import DatasetConfig, SubsetConfig
+    from library.resume_check import check_resume_compatible, dataset_settings
+
+    def fingerprint(interpolation: str | None) -> dict:
+        subset = SubsetConfig(image_dir=Path("a"), resize_interpolation=interpolation)
+        return {"dataset settings": dataset_settings([DatasetConfig(subsets=(subset,))])}
+
+    with pytest.raises(UserError, match="resize_interpolation"):
+        check_resume_compatible(fingerprint(None), fingerprint("nearest"), False, "state")
+    assert check_resume_compatible(fingerprint("box"), fingerprint("box"), False, "state") == []
+    # a state saved before the option existed has no such field: unset resumes, a filter is a change
+    older = fingerprint(None)
+    del older["dataset settings"][0]["subsets"][0]["resize_interpolation"]
+    assert check_resume_compatible(older, fingerprint(None), False, "state") == []
+    with pytest.raises(UserError, match="resize_interpolation"):
+        check_resume_compatible(older, fingerprint("area"), False, "state")

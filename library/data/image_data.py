@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from library.data.images import ImageCaptionDataset, collate_fn
 from library.data.masks import to_latent_grid
+from library.data.pixels import resize_filter
 from library.data.sampler import EpochBatchSampler
 from library.dataset_config import DatasetGroupConfig, SubsetConfig
 from library.errors import UserError
@@ -263,8 +264,15 @@ class ImageData:
         # file written with flip_aug stays valid without it, and one written without gets the flip added.
         record = self._record(job)
         digest = hashlib.sha256(record.path.read_bytes()).hexdigest()[:32]
-        return {"image_sha256": digest, "bucket": f"{record.bucket[0]}x{record.bucket[1]}", "vae": vae_fingerprint,
-                "seed_key": str(self._seed_key(job, False)), "seed": str(self.datasets[job[0]].seed)}
+        key = {"image_sha256": digest, "bucket": f"{record.bucket[0]}x{record.bucket[1]}", "vae": vae_fingerprint,
+               "seed_key": str(self._seed_key(job, False)), "seed": str(self.datasets[job[0]].seed)}
+        # Another resize filter gives other pixels. Only a filter other than the default is named, so files
+        # cached before resize_interpolation existed (or with it at lanczos, the same pixels) stay valid; the
+        # filter's PIL name, so that the aliases (linear, bilinear) share their files.
+        pil_filter = resize_filter(self.datasets[job[0]].config.subsets[record.subset_index].resize_interpolation)
+        if pil_filter != resize_filter(None):
+            key["resize_filter"] = pil_filter.name
+        return key
 
     def _load_cached(self, job: tuple[int, int], vae_fingerprint: str) -> dict[str, torch.Tensor] | None:
         """The file's tensors ("latent", and "latent_flipped" if cached), or None when absent or stale."""
@@ -308,7 +316,7 @@ def _subset_metadata(subset: SubsetConfig, img_count: int) -> dict[str, Any]:
         "is_reg": subset.is_reg, "class_tokens": subset.class_tokens,
         **({"metadata_file": subset.metadata_file.name} if subset.metadata_file else {}),
         "color_aug": subset.color_aug, "flip_aug": subset.flip_aug, "random_crop": subset.random_crop,
-        "alpha_mask": subset.alpha_mask,
+        "alpha_mask": subset.alpha_mask, "resize_interpolation": subset.resize_interpolation,  # as sd-scripts
         "shuffle_caption": subset.shuffle_caption, "keep_tokens": subset.keep_tokens,
         "keep_tokens_separator": subset.keep_tokens_separator,
         "caption_prefix": subset.caption_prefix, "caption_suffix": subset.caption_suffix,

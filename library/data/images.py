@@ -280,7 +280,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         record = self.records[self._sample_record[index]]
         subset = self.config.subsets[record.subset_index]
         _, u_x, u_y, u_hue = self._uniforms(epoch, index)
-        image, _ = load_image(record.path, record.bucket, subset.random_crop, (u_x, u_y))
+        image, _ = load_image(record.path, record.bucket, subset.random_crop, (u_x, u_y), subset.resize_interpolation)
         if subset.color_aug:
             image = shift_hue(image, round((2 * u_hue - 1) * _HUE_SHIFT))
         tensor = to_tensor(image)
@@ -301,7 +301,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def record_image(self, record_index: int) -> torch.Tensor:
         """An image without augmentation (centre crop, no flip): what a latent cache encodes."""
         record = self.records[record_index]
-        image, _ = load_image(record.path, record.bucket, False, (0.0, 0.0))
+        interpolation = self.config.subsets[record.subset_index].resize_interpolation
+        image, _ = load_image(record.path, record.bucket, False, (0.0, 0.0), interpolation)
         return to_tensor(image)
 
     # --- reporting ------------------------------------------------------------------------

@@ -17,6 +17,20 @@ from library.data.buckets import Size, cover_size, crop_position
 from library.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# sd-scripts' resize_interpolation names and the PIL filter each means (its get_pil_interpolation); "area" is
+# HAMMING there as well. Unset is this toolkit's LANCZOS, so an unset run resizes exactly as before.
+RESIZE_FILTERS: dict[str, Image.Resampling] = {
+    "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.HAMMING, "box": Image.Resampling.BOX,
+}
+DEFAULT_RESIZE = "lanczos"
+
+
+def resize_filter(name: str | None) -> Image.Resampling:
+    """The PIL filter of a resize_interpolation name (None: the default, LANCZOS)."""
+    return RESIZE_FILTERS[name or DEFAULT_RESIZE]
 # Modes with more than 8 bits per sample, which PIL's convert("RGB") clips to 0..255 instead of
 # scaling: a 16-bit greyscale PNG (I;16, or I in older Pillow) would come out almost all white.
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -84,20 +98,22 @@ def open_rgb(path: Path) -> Image.Image:
 
 
 def resize_and_crop(
-    image: Image.Image, target: Size, random_crop: bool, uniforms: tuple[float, float]
+    image: Image.Image, target: Size, random_crop: bool, uniforms: tuple[float, float],
+    interpolation: str | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale so the image covers ``target`` (aspect kept), then crop to it; returns (image, (top, left))."""
+    """Scale so the image covers ``target`` (aspect kept), then crop to it; returns (image, (top, left)).
+    ``interpolation``: a :data:`RESIZE_FILTERS` name (None: LANCZOS)."""
     cover = cover_size(image.size, target)
     if cover != image.size:
-        image = image.resize(cover, Image.Resampling.LANCZOS)
+        image = image.resize(cover, resize_filter(interpolation))
     top, left = crop_position(image.size, target, random_crop, uniforms)
     return image.crop((left, top, left + target[0], top + target[1])), (top, left)
 
 
 def load_image(
-    path: Path, target: Size, random_crop: bool, uniforms: tuple[float, float]
+    path: Path, target: Size, random_crop: bool, uniforms: tuple[float, float], interpolation: str | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
-    return resize_and_crop(open_rgb(path), target, random_crop, uniforms)
+    return resize_and_crop(open_rgb(path), target, random_crop, uniforms, interpolation)
 
 
 def shift_hue(image: Image.Image, offset: int) -> Image.Image:
