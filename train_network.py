@@ -155,7 +155,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     if main:
         accelerator.init_trackers(args.log_tracker_name or "network_train",
                                   config=loggable_config(args, resolved) if args.log_config else {},
-                                  init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
+                                  init_kwargs=acc_settings.tracker_init_kwargs)
     log(data.summary() + "\n" + setup.describe_run({
         "global batch": f"{info.total_batch_size} = {data.batch_size} per process x {processes} processes x "
                         f"{accumulation} accumulation",

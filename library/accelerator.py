@@ -10,13 +10,17 @@ both, and a start-up table shows each effective value with its source (CONTRACTS
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from library.errors import UserError
+from library.errors import UserError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 # accelerate setting → (environment variable, key in accelerate's YAML or None, launch flag, default).
 # accelerate's YAML has no gradient_accumulation_steps (only DeepSpeed's nested config does), so none is read.
@@ -277,6 +281,8 @@ class AcceleratorSettings:
     dynamo_fullgraph: bool = False
     dynamo_dynamic: bool = False
     cpu: bool = False
+    # accelerate's init_trackers(init_kwargs=...): tracker name -> keywords of its run (library: read_tracker_config)
+    tracker_init_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def logging_run_dir(logging_dir: str | None, log_prefix: str | None) -> str | None:
@@ -327,6 +333,57 @@ def check_trackers_installed(log_with: str | None) -> None:
             also = (" (--log_with all means tensorboard and wandb, as in sd-scripts; choose --log_with "
                     "tensorboard for tensorboard only)") if log_with == "all" else ""
             raise UserError(f"--log_with {log_with} needs the {name} package: pip install {name}{also}.")
+
+
+# accelerate's tracker names (LoggerType), the tables a --log_tracker_config file may hold
+_TRACKER_NAMES = ("tensorboard", "wandb", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def read_tracker_config(path: str | None, wandb_run_name: str | None = None,
+                        log_with: str | None = None) -> dict[str, dict[str, Any]]:
+    """sd-scripts' ``--log_tracker_config``: a TOML of one table per tracker (``[wandb]`` name, tags, ...),
+    passed to ``accelerator.init_trackers`` as ``init_kwargs``; each table's keys go to that tracker's run
+    (wandb.init, tensorboard's SummaryWriter, ...). Read before anything loads, so a bad file costs nothing.
+
+    ``--wandb_run_name`` becomes ``[wandb] name`` (sd-scripts drops it when a file is given; here the two
+    must agree when both set it). ``log_with``: the trackers in use, to warn of tables no tracker reads.
+    """
+    kwargs: dict[str, dict[str, Any]] = {}
+    if path:
+        kwargs = _tracker_tables(Path(path))
+    if wandb_run_name:
+        named = kwargs.get("wandb", {}).get("name")
+        if named is not None and named != wandb_run_name:
+            raise UserError(f"--wandb_run_name {wandb_run_name!r} and name = {named!r} in the [wandb] table of "
+                            f"--log_tracker_config {path} disagree; keep one of them.")
+        kwargs.setdefault("wandb", {})["name"] = wandb_run_name
+    in_use = set(_TRACKER_PACKAGES) if log_with == "all" else {log_with} if log_with else set()
+    unused = [name for name in kwargs if name not in in_use]
+    if path and unused:
+        logger.warning("--log_tracker_config %s: [%s] configure%s a tracker this run does not use (--log_with %s); "
+                       "ignored", path, "], [".join(unused), "s" if len(unused) == 1 else "", log_with or "unset")
+    return kwargs
+
+
+def _tracker_tables(path: Path) -> dict[str, dict[str, Any]]:
+    where = f"--log_tracker_config {path}"
+    if not path.is_file():
+        raise UserError(f"{where}: file not found; give a TOML file with one table per tracker, e.g. "
+                        '[wandb] name = "run-1" and tags = ["lora"].')
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:  # the message says "(at line L, column C)"
+        raise UserError(f"{where}: TOML syntax error: {exc}") from None
+    for name, table in data.items():
+        if name not in _TRACKER_NAMES:
+            raise UserError(f"{where}: '{name}' is not a tracker{did_you_mean(name, _TRACKER_NAMES)}; the file "
+                            f"holds one table per tracker: {', '.join(f'[{n}]' for n in _TRACKER_NAMES)}.")
+        if not isinstance(table, dict):
+            raise UserError(f"{where}: '{name}' must be a table of that tracker's settings ([{name}] followed by "
+                            f"key = value lines), got {table!r}.")
+    return data
 
 
 def effective_log_with(log_with: str | None, logging_dir: str | None) -> str | None:

@@ -429,6 +429,9 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
                    help="prefix of the run folder name under --logging_dir (ignored without it)")
     g.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name (default network_train)")
     g.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
+    g.add_argument("--log_tracker_config", type=str, default=None,
+                   help="TOML with one table per tracker ([wandb] name, tags, ...; [tensorboard] ...): passed to "
+                   "each tracker's run as accelerate's init_kwargs, as in sd-scripts")
     g.add_argument("--wandb_api_key", type=str, default=None, help="never written to logs or configs")
     g.add_argument("--log_config", action="store_true", help="log the training arguments to the trackers")
 

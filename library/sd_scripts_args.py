@@ -100,8 +100,6 @@ SD_SCRIPTS_ARGS: dict[str, SdScriptsArg] = {
     "huggingface_repo_id": SdScriptsArg("unsupported", _HF_UPLOAD, str),
     "save_state_to_huggingface": SdScriptsArg("unsupported", _HF_UPLOAD),
     "resume_from_huggingface": SdScriptsArg("unsupported", "download the state folder and give its path to --resume"),
-    "log_tracker_config": SdScriptsArg("unsupported", "tracker settings from a file are not read; use "
-                                       "--log_tracker_name / --wandb_run_name (or WANDB_* variables)", str),
     "console_log_file": SdScriptsArg("unsupported", "redirect the output instead (... 2>&1 | tee train.log)", str),
     "deepspeed": SdScriptsArg("unsupported", _DEEPSPEED),
     "zero_stage": SdScriptsArg("unsupported", _DEEPSPEED, int, no_op=(2,)),

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from library.accelerator import AcceleratorSettings, LaunchContext, Setting, resolve_accelerate_settings
+from library.accelerator import (
+    AcceleratorSettings,
+    LaunchContext,
+    Setting,
+    effective_log_with,
+    read_tracker_config,
+    resolve_accelerate_settings,
+)
 from library.args import ACCELERATE_SETTINGS, MODEL_CARD
 from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
@@ -59,6 +66,9 @@ def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
         dynamo_mode=resolved["dynamo_mode"].value,
         dynamo_fullgraph=resolved["dynamo_fullgraph"].value,
         dynamo_dynamic=resolved["dynamo_dynamic"].value,
+        # first of all: a bad --log_tracker_config stops the run before any model loads or output is written
+        tracker_init_kwargs=read_tracker_config(args.log_tracker_config, args.wandb_run_name,
+                                                effective_log_with(args.log_with, args.logging_dir)),
     )
     return settings, resolved
 

@@ -206,3 +206,74 @@ def test_resume_compares_the_resize_filter():
     assert check_resume_compatible(older, fingerprint(None), False, "state") == []
     with pytest.raises(UserError, match="resize_interpolation"):
         check_resume_compatible(older, fingerprint("area"), False, "state")
+
+
+# --- --log_tracker_config ------------------------------------------------------------------------
+
+
+def test_tracker_config_tables_become_init_kwargs(tmp_path):
+    from library.accelerator import read_tracker_config
+
+    path = _write(tmp_path / "t.toml", '[wandb]\nname = "x"\ntags = ["a", "b"]\n[tensorboard]\nflush_secs = 5\n')
+    assert read_tracker_config(str(path), None, "all") == {"wandb": {"name": "x", "tags": ["a", "b"]},
+                                                          "tensorboard": {"flush_secs": 5}}
+    assert read_tracker_config(None, "run", "wandb") == {"wandb": {"name": "run"}}  # as before: the run name
+    assert read_tracker_config(None, None, None) == {}
+    assert read_tracker_config(str(path), "x", "all")["wandb"]["name"] == "x"  # the same name twice is fine
+    with pytest.raises(UserError, match=r"--wandb_run_name 'y' and name = 'x'.*disagree"):
+        read_tracker_config(str(path), "y", "all")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "file not found"),
+    ("[wandb\nname = 1\n", "TOML syntax error"),
+    ('[wnadb]\nname = "x"\n', "'wnadb' is not a tracker (did you mean 'wandb'?)"),
+    ('wandb = "x"\n', "'wandb' must be a table"),
+])
+def test_a_bad_tracker_config_is_an_error_naming_the_file(tmp_path, text, message):
+    from library.accelerator import read_tracker_config
+
+    path = tmp_path / "trackers.toml"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=f"--log_tracker_config {path}: .*{message}".replace("(", r"\(").replace(
+            ")", r"\)").replace("?", r"\?")):
+        read_tracker_config(str(path), None, "wandb")
+
+
+def _train_argv(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    data = _write(out.parent / f"{out.name}-data.toml", f'[[datasets]]\nresolution = 64\nbatch_size = 4\n'
+                  f'[[datasets.subsets]]\nimage_dir = "{images}"\n')
+    return ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data), "--output_dir", str(out),
+            "--output_name", "lora", "--network_dim", "4", "--seed", "3", "--cache_latents", *extra]
+
+
+def test_a_missing_tracker_config_stops_the_run_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images,
+                                                                       monkeypatch, capsys):
+    import train_network
+    from library import train_setup
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train_setup, "build_family", no_model)
+    out = tmp_path / "out"
+    argv = _train_argv(tiny_sd_dir, tiny_images, out, "--log_with", "tensorboard", "--logging_dir",
+                       str(tmp_path / "logs"), "--log_tracker_config", str(tmp_path / "nope.toml"))
+    assert train_network.main(argv) == 2
+    assert f"--log_tracker_config {tmp_path / 'nope.toml'}: file not found" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "logs").exists()
+
+
+def test_tensorboard_runs_with_the_tracker_config(tmp_path, tiny_sd_dir, tiny_images):
+    import train_network
+
+    # filename_suffix is a SummaryWriter keyword: the event file's name shows the table reached the tracker
+    config = _write(tmp_path / "trackers.toml", '[tensorboard]\nfilename_suffix = ".from-config"\n')
+    argv = _train_argv(tiny_sd_dir, tiny_images, tmp_path / "out", "--max_train_steps", "1", "--log_with",
+                       "tensorboard", "--logging_dir", str(tmp_path / "logs"), "--log_tracker_config", str(config),
+                       "--network_train_unet_only")
+    assert train_network.main(argv) == 0
+    # the run's own writer (the hparams writer that accelerate adds in a subfolder takes no keywords)
+    events = list((tmp_path / "logs").glob("*/network_train/events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].name.endswith(".from-config")
