@@ -96,6 +96,11 @@ def _add_network(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_weights", type=str, default=None,
                    help="start from these LoRA weights (.safetensors or a PEFT folder)")
     g.add_argument("--dim_from_weights", action="store_true", help="take dims from --network_weights")
+    g.add_argument("--base_weights", type=str, default=None, nargs="*",
+                   help="LoRA files merged into the frozen model before training (as tools/merge.py --sd_model / "
+                   "--llm_model bakes them); the new LoRA learns on top of them")
+    g.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*",
+                   help="multiplier of each --base_weights file (default 1.0 each; one value: for every file)")
     g.add_argument("--network_train_unet_only", action="store_true", help="train only the UNet LoRA")
     g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text encoder LoRA")
     g.add_argument("--training_comment", type=str, default=None, help="stored as ss_training_comment")

@@ -3,7 +3,8 @@
 A fingerprint of every setting that changes the training trajectory is stored in the state
 folder; on resume the current one is compared and differences are refused unless
 ``--resume_allow_changes``. Output names, logging, save cadence, sampling and the total
-number of steps or epochs are free to change.
+number of steps or epochs are free to change. The dataset settings include the resize filter
+(resize_interpolation); ``--base_weights`` (file names and multipliers) is compared when set.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def training_fingerprint(args: argparse.Namespace, *, seed: int, batch_size: int
                         if getattr(args, name, default) != default})
     if settings is not None:
         fingerprint["dataset settings"] = settings
+    if getattr(args, "base_weights", None):  # the model trained on: which LoRAs were merged into it, and how much
+        from library.base_weights import base_weights_metadata
+
+        fingerprint["base_weights"] = base_weights_metadata(args.base_weights, args.base_weights_multiplier)
     if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule != "constant":  # earlier runs: constant
         fingerprint["huber_schedule"] = args.huber_schedule
     if args.loss_type in ("huber", "smooth_l1") and args.huber_scale != 1.0:  # earlier runs: 1

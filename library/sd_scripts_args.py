@@ -93,10 +93,6 @@ SD_SCRIPTS_ARGS: dict[str, SdScriptsArg] = {
     "cpu_offload_checkpointing": SdScriptsArg("unsupported", "CPU offloading is not supported; use "
                                               "--gradient_checkpointing"),
     "mem_eff_save": SdScriptsArg("unsupported", "an option of sd-scripts' FLUX.1 fine-tuning; remove it"),
-    "base_weights": SdScriptsArg("unsupported", "merge those LoRAs into the model first (tools/merge.py --sd_model) "
-                                 "and train on the merged model", str, nargs="*"),
-    "base_weights_multiplier": SdScriptsArg("unsupported", "goes with --base_weights: merge with tools/merge.py "
-                                            "--ratios", float, nargs="*"),
     "huggingface_repo_id": SdScriptsArg("unsupported", _HF_UPLOAD, str),
     "save_state_to_huggingface": SdScriptsArg("unsupported", _HF_UPLOAD),
     "resume_from_huggingface": SdScriptsArg("unsupported", "download the state folder and give its path to --resume"),

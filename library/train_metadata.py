@@ -54,6 +54,9 @@ class RunInfo:
     datasets: list[dict[str, Any]] = field(default_factory=list)
     switches: dict[str, Any] = field(default_factory=dict)  # SWITCHES: argument name -> value
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    # --base_weights merged before training: [{"name", "multiplier"}]; sd-scripts records none, so a LoRA trained
+    # on top of them would not say what it needs underneath
+    base_weights: list[dict[str, Any]] = field(default_factory=list)
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     training_started_at: float = field(default_factory=time.time)
 
@@ -126,6 +129,7 @@ def training_metadata(info: RunInfo, epoch: int, step: int) -> dict[str, str]:
            if name not in _PATH_ARGUMENTS},
         **_vae_name(info.switches.get("vae")),
         **dataset_keys(info.datasets, legacy=info.switches.get("train_data_dir") is not None),
+        **({"ss_base_weights": json.dumps(info.base_weights)} if info.base_weights else {}),
     }
 
 

@@ -25,6 +25,7 @@ from library.accelerator import (
     resolve_accelerate_settings,
 )
 from library.args import ACCELERATE_SETTINGS, MODEL_CARD
+from library.base_weights import base_weights_metadata, check_base_weights, merge_base_weights
 from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
 from library.families import some_parameters_may_go_unused
@@ -315,6 +316,10 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
                   else detect_model_type(model_path, allow_pickle=args.allow_pickle))
     if args.dataset_config:
         check_dataset_config(model_type, args.dataset_config, dataset_defaults(args, sources))
+    base_multipliers = check_base_weights(args.base_weights, args.base_weights_multiplier)  # before the model loads
+    if args.base_weights and (args.load_in_4bit or args.load_in_8bit):
+        raise UserError("--base_weights cannot be merged into a 4-bit or 8-bit model (--load_in_4bit / "
+                        "--load_in_8bit): merge them first with tools/merge.py --llm_model and train on the result.")
     family = load_family(model_type, model_path, vae_path=args.vae, tokenizer_path=args.tokenizer_cache_dir,
                          v2=args.v2 or None, v_parameterization=args.v_parameterization or None,
                          noise=noise_settings(args), seed=seed, clip_skip=args.clip_skip,
@@ -322,6 +327,11 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
                          load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, allow_pickle=args.allow_pickle,
                          model_config_dir=args.model_config_dir)
     refuse_image_only_arguments(args, getattr(family, "image_only_arguments", ()), model_path)
+    if args.base_weights:  # into the frozen weights, before the network wraps them (and before fp8 / casting)
+        from accelerate import PartialState
+
+        merge_base_weights(family, model_type, model_path, args.base_weights, base_multipliers,
+                           print if PartialState().is_main_process else lambda _: None)
     if args.weighted_captions:
         family.weighted_captions = True
     for key, value in getattr(family, "network_defaults", {}).items():
@@ -445,6 +455,7 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
         training_comment=args.training_comment, datasets=data.metadata(), tag_frequency=data.tag_frequency(),
         model_card={key: value for key in MODEL_CARD if (value := getattr(args, f"metadata_{key}", None))},
         switches={name: getattr(args, name, None) for name in SWITCHES} | getattr(family, "metadata_switches", {}),
+        base_weights=base_weights_metadata(args.base_weights, args.base_weights_multiplier),
     )
 
 

@@ -83,7 +83,6 @@ def test_every_sd_scripts_name_is_an_argument_with_its_reason_in_the_help():
 REFUSED = [("debug_dataset", True), ("token_warmup_min", 3), ("token_warmup_step", 0.5),
            ("face_crop_aug_range", "2.0,4.0"), ("initial_epoch", 3), ("initial_step", 100),
            ("skip_until_initial_step", True), ("huggingface_repo_id", "me/lora"),
-           ("base_weights", ["a.safetensors"]),
            ("deepspeed", True), ("zero_stage", 3), ("fp8_base_unet", True), ("conditioning_data_dir", "masks")]
 
 

@@ -277,3 +277,117 @@ def test_tensorboard_runs_with_the_tracker_config(tmp_path, tiny_sd_dir, tiny_im
     # the run's own writer (the hparams writer that accelerate adds in a subfolder takes no keywords)
     events = list((tmp_path / "logs").glob("*/network_train/events.out.tfevents.*"))
     assert len(events) == 1 and events[0].name.endswith(".from-config")
+
+
+# --- --base_weights / --base_weights_multiplier --------------------------------------------------
+
+
+def test_base_weight_multipliers_one_per_file_or_one_for_all():
+    from library.base_weights import base_weight_multipliers
+
+    assert base_weight_multipliers(["a", "b"], None) == [1.0, 1.0]
+    assert base_weight_multipliers(["a", "b"], [0.5]) == [0.5, 0.5]
+    assert base_weight_multipliers(["a", "b"], [0.5, -1.0]) == [0.5, -1.0]
+    assert base_weight_multipliers(None, None) == []
+    with pytest.raises(UserError, match="3 --base_weights files but 2 --base_weights_multiplier values"):
+        base_weight_multipliers(["a", "b", "c"], [0.5, 1.0])
+    with pytest.raises(UserError, match="without --base_weights"):
+        base_weight_multipliers(None, [0.5])
+
+
+@pytest.fixture(scope="module")
+def base_lora(tmp_path_factory, tiny_sd_dir) -> Path:
+    """A networks.lora file for the tiny SD model with random up weights (every ΔW non-zero)."""
+    from test_tools_common import KOHYA_META, random_network
+
+    from library.diffusion_models import load_pipeline
+
+    path = tmp_path_factory.mktemp("base") / "style.safetensors"
+    random_network(load_pipeline(str(tiny_sd_dir)), dim=4, alpha=2.0, seed=5).save_weights(path, None, KOHYA_META)
+    return path
+
+
+def _family(tiny_sd_dir: Path, *extra: str):
+    from library.train_setup import build_family
+
+    args, sources = _args("--pretrained_model_name_or_path", str(tiny_sd_dir), *extra)
+    return build_family(args, sources, "no", seed=0)
+
+
+def test_training_starts_from_the_merged_weights(tmp_path, tiny_sd_dir, base_lora):
+    import safetensors.torch
+    import torch
+    from test_tools_common import state_deltas
+
+    from library.diffusion_models import load_models
+    from tools import merge
+
+    family = _family(tiny_sd_dir, "--base_weights", str(base_lora), "--base_weights_multiplier", "0.5")
+    plain = _family(tiny_sd_dir)
+    # what tools/merge.py --sd_model writes for the same file and ratio
+    assert merge.main(["--sd_model", str(tiny_sd_dir), "--models", str(base_lora), "--ratios", "0.5",
+                       "--save_to", str(tmp_path / "merged")]) == 0
+    merged = load_models(str(tmp_path / "merged"), "sd_model")
+    for ours, theirs in ((family.unet, merged.unet), (family.text_encoder, merged.text_encoders[0])):
+        mine, expected = ours.state_dict(), theirs.state_dict()
+        assert mine.keys() == expected.keys()
+        assert all(torch.equal(mine[k], expected[k].to(mine[k].dtype)) for k in mine)
+    # and the change is 0.5 ΔW of the file, by an independent computation
+    delta = state_deltas(safetensors.torch.load_file(base_lora))
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    change = family.unet.state_dict()[path].double() - plain.unet.state_dict()[path].double()
+    assert name in delta and torch.allclose(change, 0.5 * delta[name], atol=1e-6)
+
+
+def test_a_base_weights_file_for_another_model_is_refused(tmp_path, tiny_sd_dir):
+    import safetensors.torch
+    import torch
+
+    bad = tmp_path / "other.safetensors"  # an LLM's LoRA, by its keys
+    safetensors.torch.save_file({"lora_unet_model_layers_0_mlp_up_proj.lora_down.weight": torch.zeros(2, 4),
+                                 "lora_unet_model_layers_0_mlp_up_proj.lora_up.weight": torch.zeros(4, 2)}, str(bad))
+    with pytest.raises(UserError, match=r"other.safetensors is a LoRA for llm .* is a sd1 model"):
+        _family(tiny_sd_dir, "--base_weights", str(bad))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match=r"notes.txt"):  # not a LoRA file: load_lora says what it is
+        _family(tiny_sd_dir, "--base_weights", str(tmp_path / "notes.txt"))
+
+
+def test_a_missing_base_weights_file_stops_the_run_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images,
+                                                                          monkeypatch, capsys):
+    import train_network
+    from library import families
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(families, "load_family", no_model)
+    out = tmp_path / "out"
+    argv = _train_argv(tiny_sd_dir, tiny_images, out, "--base_weights", str(tmp_path / "nope.safetensors"))
+    assert train_network.main(argv) == 2
+    assert f"--base_weights {tmp_path / 'nope.safetensors'}: file not found" in capsys.readouterr().err
+    argv = _train_argv(tiny_sd_dir, tiny_images, out, "--base_weights", str(tmp_path), str(tmp_path),
+                       "--base_weights_multiplier", "1", "2", "3")
+    assert train_network.main(argv) == 2
+    assert "2 --base_weights files but 3 --base_weights_multiplier values" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_run_with_base_weights_records_them_and_resume_compares_them(tmp_path, tiny_sd_dir, tiny_images,
+                                                                       base_lora, capsys):
+    import train_network
+    from library.lora_files import read_metadata
+
+    out = tmp_path / "out"
+    base = ("--base_weights", str(base_lora), "--base_weights_multiplier", "0.5", "--network_train_unet_only")
+    assert train_network.main(_train_argv(tiny_sd_dir, tiny_images, out, "--max_train_steps", "1", "--save_state",
+                                          *base)) == 0
+    assert f"--base_weights: merged {base_lora}" in capsys.readouterr().out
+    meta = read_metadata(str(out / "lora.safetensors"))
+    assert json.loads(meta["ss_base_weights"]) == [{"name": "style.safetensors", "multiplier": 0.5}]
+    other = (*base[:3], "0.8", base[4])
+    assert train_network.main(_train_argv(tiny_sd_dir, tiny_images, out, "--max_train_steps", "2", "--resume",
+                                          "latest", *other)) == 2
+    err = capsys.readouterr().err
+    assert "base_weights" in err and "'multiplier': 0.5" in err and "'multiplier': 0.8" in err
