@@ -391,3 +391,23 @@ def test_a_run_with_base_weights_records_them_and_resume_compares_them(tmp_path,
                                           "latest", *other)) == 2
     err = capsys.readouterr().err
     assert "base_weights" in err and "'multiplier': 0.5" in err and "'multiplier': 0.8" in err
+
+
+def test_llm_training_starts_from_the_merged_weights(tmp_path):
+    import torch
+    from test_tools_merge_llm import _random_adapter
+    from transformers import AutoModelForCausalLM
+
+    from library.tiny_llm import save_tiny_llm
+    from tools import merge
+
+    base_dir = save_tiny_llm(tmp_path / "base")
+    adapter = _random_adapter(base_dir, tmp_path / "adapter")
+    family = _family(base_dir, "--base_weights", str(adapter), "--base_weights_multiplier", "0.7")
+    assert merge.main(["--llm_model", str(base_dir), "--models", str(adapter), "--ratios", "0.7",
+                       "--save_to", str(tmp_path / "merged")]) == 0
+    expected = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).state_dict()
+    mine = family.model.state_dict()
+    assert all(torch.allclose(mine[k].float(), expected[k].float(), atol=1e-6) for k in expected if k in mine)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir)).state_dict()
+    assert any(not torch.equal(mine[k].float(), base[k].float()) for k in base)
