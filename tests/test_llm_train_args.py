@@ -166,3 +166,11 @@ def test_without_a_length_an_llm_trains_three_epochs_not_1600_steps(llm_dir, dat
     assert train_network.main(argv) == 0
     printed = capsys.readouterr().out
     assert "epochs                 3" in printed, printed[-2000:]
+
+
+def test_command_line_validation_split_holds_out_llm_rows(llm_dir, data_toml, tmp_path, capsys):
+    # sd-scripts' --validation_split: the lowest level of the dataset lookup, for text TOMLs as for images
+    assert _run(llm_dir, data_toml, tmp_path / "out", "--validation_split", "0.5", "--validation_seed", "3") == 0
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("datasets[0]: "))
+    held = int(summary.split(", ")[-1].split(" validation samples")[0])
+    assert held > 0, summary

@@ -195,7 +195,10 @@ class LLMFamily:
         if not request.dataset_config:
             raise UserError("An LLM run needs --dataset_config: a TOML with jsonl_file or text_file subsets "
                             "(see configs/llm_example_data.toml).")
-        group = load_text_dataset_config(request.dataset_config, request.defaults.batch_size)
+        defaults = request.defaults
+        group = load_text_dataset_config(request.dataset_config, defaults.batch_size,
+                                         validation_split=defaults.validation_split,
+                                         validation_seed=defaults.validation_seed)
         group = replace_max_seq_length(group, self.default_max_seq_length,
                                        getattr(self.model.config, "max_position_embeddings", None))
         if any(d.packing for d in group.datasets) and not self.packing_is_isolated():
