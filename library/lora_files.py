@@ -1,10 +1,13 @@
 """LoRA files on disk: the one place the tools read them, the family a file is for, and writing kohya files.
 
 Every tool reads LoRAs through :func:`load_lora`, so a format or file type added here reaches them
-all: ``.safetensors`` (kohya, diffusers, ComfyUI naming), PEFT adapter folders, and the trainer's
-``--save_model_as ckpt`` / ``pt`` output (a torch state dict, loaded with ``weights_only=True`` so
-that no pickled code runs). :func:`detect_family` tells from the keys and metadata which model a
-file is for (sd1, sdxl, llm); convert names modules by it and merge refuses to combine families.
+all: ``.safetensors`` (kohya, diffusers, ComfyUI naming), PEFT adapter folders (an LLM's or a
+diffusers UNet's), and torch state dicts (the trainer's ``--save_model_as ckpt`` / ``pt`` output,
+diffusers' old ``pytorch_lora_weights.bin``; loaded with ``weights_only=True`` so that no pickled
+code runs). Other tools' layouts (old diffusers attention processors, PEFT on a UNet, diffusers'
+kohya output) are renamed by library/lora_foreign.py. :func:`detect_family` tells from the keys and
+metadata which model a file is for (sd1, sdxl, llm); convert names modules by it and merge refuses
+to combine families.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from library.errors import UserError
+from library.lora_foreign import diffusers_key, foreign_layout, is_unet_adapter, kohya_names, to_diffusers
 from library.lora_formats import (
     FAMILIES,
     LoRAState,
@@ -35,7 +39,9 @@ from networks.svd import LoRAFactors
 
 PRECISIONS: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")  # the trainer's --save_model_as ckpt / pt, and sd-scripts' .pth
+PEFT_WEIGHTS_BIN = "adapter_model.bin"  # PEFT before safetensors became its default
+# the trainer's --save_model_as ckpt / pt, sd-scripts' .pth, diffusers' old pytorch_lora_weights.bin
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -75,7 +81,7 @@ def read_metadata(path: str) -> dict[str, str]:
 
 
 def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A ``.ckpt`` / ``.pt`` LoRA: a dict of tensors, possibly under ``"state_dict"`` (as sd-scripts nests it).
+    """A ``.ckpt`` / ``.pt`` / ``.bin`` LoRA: a dict of tensors, maybe under ``"state_dict"`` (as sd-scripts nests it).
 
     ``weights_only=True`` refuses any pickled object that is not plain tensors and containers, so
     a crafted file cannot run code here (KOHYA_COMPAT.md §6).
@@ -88,7 +94,7 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not loadable as weights only ({first}); a .ckpt/.pt LoRA must be a plain "
+        raise UserError(f"{path}: not loadable as weights only ({first}); a .ckpt/.pt/.bin LoRA must be a plain "
                         "state dict of tensors (nothing else is unpickled, so no code in a file runs)") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
@@ -101,13 +107,13 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of one LoRA file; ``.ckpt`` / ``.pt`` files carry no metadata."""
+    """(tensors, metadata) of one LoRA file; torch state dicts (``.ckpt`` / ``.pt`` / ``.bin``) carry no metadata."""
     from library.fileio import load_safetensors
 
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return load_torch_state_dict(path), {}
     if path.suffix.lower() != ".safetensors":
-        raise UserError(f"{path}: a LoRA is a .safetensors file, a .ckpt/.pt state dict or a PEFT adapter folder")
+        raise UserError(f"{path}: a LoRA is a .safetensors file, a .ckpt/.pt/.bin state dict or a PEFT adapter folder")
     return load_safetensors(path, "LoRA"), read_metadata(str(path))
 
 
@@ -141,6 +147,15 @@ def _family_from_keys(keys: Iterable[str]) -> tuple[str | None, str]:
     sd1_sgm = next((k for k in keys if k.startswith(_SGM_BLOCKS) and _SD1_ONLY.search(k)), None)
     if sd1_sgm is not None:  # SD 1.x in the original (SGM) block names, as ComfyUI names every model's LoRA
         return "sd1", sd1_sgm.split(".", 1)[0]
+    # diffusers block names under lora_unet_: SD 1.x/2.x for kohya, but diffusers' convert_state_dict_to_kohya
+    # writes SDXL so too (and its text encoder as lora_te1_ even for SD 1.x), so the blocks decide first.
+    # Files with kohya's own names for either (lora_te_, SGM blocks) need no such help: the loop below decides.
+    kohya_own = any(k.startswith(("lora_te_", *_SGM_BLOCKS)) for k in keys)
+    diffusers_unet = [] if kohya_own else [k for k in keys if k.startswith(_DIFFUSERS_BLOCKS)]
+    for pattern, family in ((_SDXL_ONLY, "sdxl"), (_SD1_ONLY, "sd1")):
+        key = next((k for k in diffusers_unet if pattern.search(k)), None)
+        if key is not None:
+            return family, key.split(".", 1)[0]
     for raw in keys:
         key = raw.split(".", 1)[0] if raw.startswith("lora_") else raw  # kohya: the module name, for messages
         if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")):
@@ -176,7 +191,7 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str]) -> tuple[str
     diffusers or ComfyUI file with UNet modules only), and without metadata the blocks only one of them has.
     sd1 stands for SD 1.x and 2.x alike.
     """
-    keys = list(keys)
+    keys = [diffusers_key(k) for k in keys]  # other tools' layouts (PEFT on a UNet, old diffusers) as diffusers'
     family, key = _family_from_keys(keys)
     if family is not None:
         return family, f"key {key}"
@@ -185,9 +200,13 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str]) -> tuple[str
 
 
 def file_family(path: str) -> tuple[str | None, str]:
-    """:func:`detect_family` of a file or PEFT folder (a PEFT folder is an LLM adapter)."""
+    """:func:`detect_family` of a file or PEFT folder (a PEFT folder is an LLM adapter unless it adapts a UNet)."""
     p = Path(path)
     if p.is_dir():
+        tensors, metadata, config = read_peft_folder(p)
+        if is_unet_adapter(tensors, config):
+            family, why = detect_family(tensors, metadata)
+            return (family, why) if family else ("sd1", "a PEFT adapter of a UNet (SD 1.x/2.x unless --family)")
         return "llm", "a PEFT adapter folder"
     if p.suffix.lower() == ".safetensors" and p.is_file():
         from safetensors import safe_open
@@ -220,13 +239,17 @@ def check_same_family(paths: list[str], files: list[LoRAFile], model: tuple[str,
 
     Families come from :func:`detect_family`; files that both declare a base model must declare
     the same one (sd_v1 and sd_v2 share key names but not weights). ``model``: (how the model
-    was given, its family) when the LoRAs are baked into one.
+    was given, its family) when the LoRAs are baked into one, or ("--family sdxl", "sdxl") when the
+    user named the family of files it cannot be told of.
     """
     seen: list[tuple[str, str, str]] = []  # (path, family, why)
     for path, lora in zip(paths, files, strict=True):
         family, why = detect_family(lora.tensors, lora.metadata)
         if family is None:
             continue
+        if model is not None and family != model[1] and model[0].startswith("--family"):
+            raise UserError(f"{path} is a LoRA for {family} ({why}), not {model[1]} as {model[0]} says; "
+                            "leave --family out or give the family the files were made for")  # fmt: skip
         if model is not None and family != model[1]:
             raise UserError(f"{path} is a LoRA for {family} ({why}) but {model[0]} is a {model[1]} model; "
                             "give the model the LoRA was trained on")  # fmt: skip
@@ -256,26 +279,28 @@ def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -
     """
     p = Path(path)
     if p.is_dir():
-        if not (p / PEFT_WEIGHTS).is_file() or not (p / PEFT_CONFIG).is_file():
-            raise UserError(f"{p}: a PEFT adapter folder needs {PEFT_WEIGHTS} and {PEFT_CONFIG}")
-        tensors, metadata = read_lora_tensors(p / PEFT_WEIGHTS)
-        config = json.loads((p / PEFT_CONFIG).read_text(encoding="utf-8"))
-        namer = namer or Namer(FAMILIES["llm"])
-        comp = next((c for c in namer.family.components if c.peft_prefix), None)
-        if comp is None:
-            raise UserError(f"{p} is a PEFT adapter folder (an LLM adapter), but the {namer.family.name} family "
-                            "has no PEFT naming; use --family llm")  # fmt: skip
-        state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {comp.name: config})
-        lora = LoRAFile(state, metadata, "peft", tensors, magnitudes)
+        tensors, metadata, config = read_peft_folder(p)
+        if is_unet_adapter(tensors, config):  # PEFT on a diffusers UNet: read as diffusers' unet.* keys
+            lora = _read_foreign(tensors, metadata, namer, "peft", {"unet": config})
+        else:
+            namer = namer or Namer(FAMILIES["llm"])
+            comp = next((c for c in namer.family.components if c.peft_prefix), None)
+            if comp is None:
+                raise UserError(f"{p} is a PEFT adapter folder (an LLM adapter), but the {namer.family.name} "
+                                "family has no PEFT naming; use --family llm")  # fmt: skip
+            state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {comp.name: config})
+            lora = LoRAFile(state, metadata, "peft", tensors, magnitudes)
+    elif (layout := foreign_layout((loaded := read_lora_tensors(p))[0])) is not None:
+        lora = _read_foreign(*loaded, namer, layout, {})
     else:
-        tensors, metadata = read_lora_tensors(p)
+        tensors, metadata = loaded
         fmt = detect_format(tensors)
         if namer is None:
             family = detect_family(tensors, metadata)[0]
             namer = Namer(FAMILIES[family or ("llm" if fmt == "peft" else "sd1")])
         magnitudes: Magnitudes = {}
         if fmt == "kohya":
-            state, magnitudes = read_kohya(tensors)
+            state, magnitudes = kohya_names(*read_kohya(tensors), namer)
         elif fmt == "diffusers":
             configs = configs_from_diffusers_metadata(metadata)
             state, magnitudes = read_lora_a_b(tensors, namer, "diffusers_prefix", configs)
@@ -289,6 +314,41 @@ def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -
                         "this tool handles plain LoRAs only (tools/show.py and convert.py read DoRA, "
                         "merge.py bakes it into a model)")  # fmt: skip
     return lora
+
+
+def read_peft_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """(tensors, metadata, adapter_config.json) of a PEFT adapter folder."""
+    weights = next((folder / n for n in (PEFT_WEIGHTS, PEFT_WEIGHTS_BIN) if (folder / n).is_file()), None)
+    if weights is None or not (folder / PEFT_CONFIG).is_file():
+        raise UserError(f"{folder}: a PEFT adapter folder needs {PEFT_WEIGHTS} (or {PEFT_WEIGHTS_BIN}) and "
+                        f"{PEFT_CONFIG}")  # fmt: skip
+    try:
+        config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / PEFT_CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / PEFT_CONFIG}: expected a JSON object (a LoraConfig)")
+    return *read_lora_tensors(weights), config
+
+
+def _read_foreign(tensors: dict[str, torch.Tensor], metadata: dict[str, str], namer: Namer | None, layout: str,
+                  configs: dict[str, dict]) -> LoRAFile:  # fmt: skip
+    """A file in another tool's layout (library/lora_foreign.py), read as the diffusers keys it stands for.
+
+    ``configs``: component → LoraConfig (a PEFT folder's adapter_config.json); the alphas the file stores and the
+    diffusers metadata are added to it.
+    """
+    renamed, alphas = to_diffusers(tensors)
+    merged = configs_from_diffusers_metadata(metadata)
+    for comp, cfg in [*configs.items(), *alphas.items()]:
+        base = merged.setdefault(comp, {})
+        patterns = {**(base.get("alpha_pattern") or {}), **(cfg.get("alpha_pattern") or {})}
+        base.update(cfg)
+        base["alpha_pattern"] = patterns
+    if namer is None:
+        namer = Namer(FAMILIES[detect_family(tensors, metadata)[0] or "sd1"])
+    state, magnitudes = read_lora_a_b(renamed, namer, "diffusers_prefix", merged)
+    return LoRAFile(state, metadata, layout, tensors, magnitudes)
 
 
 def check_new_output(path: str, overwrite: bool) -> None:

@@ -216,12 +216,21 @@ def read_kohya(sd: Mapping[str, torch.Tensor]) -> tuple[LoRAState, Magnitudes]:
     known = ("lora_down.weight", "lora_up.weight", "alpha", KOHYA_MAGNITUDE)
     extra = set(sd) - {f"{n}.{k}" for n in names for k in known}
     if extra:
-        kinds = {".dora_scale": "LyCORIS / diffusers DoRA (dora_scale) is not supported; this toolkit's own DoRA "
-                 "files use 'magnitude'", ".lora_mid.": "Tucker-decomposed LoCon (lora_mid) is not supported",
-                 ".diff": "full weight differences (ComfyUI's LoraSave .diff / .diff_b) are not supported"}
-        why = next((text for fragment, text in kinds.items() if any(fragment in k for k in extra)), "")
-        raise UserError(f"unexpected keys in a kohya LoRA: {sorted(extra)[:5]}" + (f"; {why}" if why else ""))
+        raise UserError(f"unexpected keys in a kohya LoRA: {sorted(extra)[:5]}{_unsupported(extra)}")
     return state, magnitudes
+
+
+# Key fragments of LoRA variants no reader here maps exactly, and what they are.
+_UNSUPPORTED = {".dora_scale": "LyCORIS / diffusers DoRA (dora_scale) is not supported; this toolkit's own DoRA "
+                "files use 'magnitude'", ".lora_mid.": "Tucker-decomposed LoCon (lora_mid) is not supported",
+                ".diff": "full weight differences (ComfyUI's LoraSave .diff / .diff_b) are not supported"}
+
+
+def _unsupported(keys: Iterable[str]) -> str:
+    """"; <what these keys are>" for keys of an unsupported variant, else ""."""
+    keys = list(keys)
+    why = next((text for fragment, text in _UNSUPPORTED.items() if any(fragment in k for k in keys)), "")
+    return f"; {why}" if why else ""
 
 
 def write_kohya(state: Mapping[str, LoRAFactors], dtype: torch.dtype | None = None,
@@ -250,7 +259,7 @@ def _pairs(sd: Mapping[str, torch.Tensor], a: str, b: str) -> dict[str, tuple[to
                 break
         else:
             if not key.endswith(".alpha"):
-                raise UserError(f"unexpected key {key} (expected *.{a} / *.{b})")
+                raise UserError(f"unexpected key {key} (expected *.{a} / *.{b}){_unsupported([key])}")
     broken = [k for k, v in out.items() if v[0] is None or v[1] is None]
     if broken:
         raise UserError(f"{len(broken)} modules lack one of {a} / {b}, e.g. {broken[0]}")
@@ -411,8 +420,6 @@ def detect_format(keys: Iterable[str]) -> str:
 _LOOKS_LIKE = (
     (("hada_w1_a", "hada_w2_a"), "this is a LyCORIS LoHa file, which is not supported"),
     (("lokr_w1",), "this is a LyCORIS LoKr file, which is not supported"),
-    ((".lora.down.", "_lora.down.", "lora_linear_layer.down"), "this is an old diffusers LoRA (lora.down / "
-     "lora_linear_layer / processor keys), which is not supported: save it again with a recent diffusers"),
     (("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders."),
      "this looks like a model checkpoint, not a LoRA"),
     ((".resnets.0.conv1.weight", "model.layers.0.self_attn.q_proj.weight", "embed_tokens.weight"),

@@ -139,7 +139,7 @@ def test_pickled_code_in_a_ckpt_is_not_run(tmp_path, capsys):
     torch.save([torch.zeros(1)], not_a_lora)
     assert show.main(["--model", str(not_a_lora)]) == 2
     assert "expected a dict of LoRA tensors" in capsys.readouterr().err
-    assert show.main(["--model", str(tmp_path / "x.bin")]) == 2
+    assert show.main(["--model", str(tmp_path / "x.onnx")]) == 2  # .bin is a torch state dict (diffusers)
     assert ".ckpt/.pt" in capsys.readouterr().err
 
 
@@ -156,7 +156,7 @@ def test_only_the_stored_hashes_are_checked(lora_file, tmp_path, capsys):
 @pytest.mark.parametrize("tensors, said", [
     ({"lora_unet_a.hada_w1_a": (4, 8), "lora_unet_a.hada_w1_b": (8, 4)}, "LyCORIS LoHa"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (4, 4)}, "looks like a model checkpoint, not a LoRA"),
-    ({"unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": (4, 8)}, "old diffusers LoRA"),
+    ({"lora_unet_a.lokr_w1": (4, 4), "lora_unet_a.lokr_w2": (2, 2)}, "LyCORIS LoKr"),  # old diffusers keys are read
     ({"lora_unet_a.lora_down.weight": (4, 8), "lora_unet_a.lora_up.weight": (8, 4),
       "lora_unet_a.dora_scale": (1, 8)}, "dora_scale"),
 ])

@@ -2,8 +2,9 @@
 
     python tools/show.py my_lora.safetensors
     python tools/show.py --model my_lora.safetensors --json > info.json
-    python tools/show.py output/my_llm_lora          # a PEFT adapter folder (read as an LLM adapter)
+    python tools/show.py output/my_llm_lora          # a PEFT adapter folder (an LLM's, or a diffusers UNet's)
     python tools/show.py output/last.ckpt            # the trainer's --save_model_as ckpt / pt output
+    python tools/show.py pytorch_lora_weights.bin    # diffusers' old output (attention-processor keys)
 
 The sshs hashes are recomputed from the tensors and compared with the stored ones, so a file
 whose tensors were changed after hashing (or a copy truncated on the way) shows up. DoRA files
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("path", nargs="?", default=None, help="the LoRA (the same as --model)")
     p.add_argument("--model", default=None,
-                   help="LoRA file (.safetensors: kohya, diffusers, ComfyUI; .ckpt/.pt state dict) or PEFT folder")
+                   help="LoRA file (.safetensors: kohya, diffusers, ComfyUI; .ckpt/.pt/.bin state dict) or PEFT folder")
     p.add_argument("--family", default=None, choices=sorted(FAMILIES),
                    help="family for non-kohya names (default: detected from the names and metadata, "
                         "sd1 if undecided)")  # fmt: skip
@@ -99,7 +100,7 @@ def summarize(path: str, lora: LoRAFile) -> dict:
     return {
         "file": path,
         "format": lora.format,
-        "family": detect_family(lora.tensors, lora.metadata)[0] if lora.format != "peft" else "llm",
+        "family": detect_family(lora.tensors, lora.metadata)[0],
         "dora": lora.is_dora,
         "modules": len(rows),
         "modules_by_prefix": dict(prefixes),
