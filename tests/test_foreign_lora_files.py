@@ -1,5 +1,6 @@
 """Other tools' LoRA files, read by every tool (library/lora_foreign.py): PEFT on a diffusers UNet, diffusers'
-kohya output, old diffusers attention-processor keys and ``pytorch_lora_weights.bin``.
+kohya output, old diffusers attention-processor keys, ``pytorch_lora_weights.bin``, and ``--family`` for resize
+and merge.
 
 The files are written here by the other tools themselves (peft ``save_pretrained`` /
 ``get_peft_model_state_dict``, diffusers' ``convert_state_dict_to_kohya``) or, for the old diffusers layout that
@@ -20,7 +21,7 @@ from test_sdxl_lora import module_table as sgm_table
 from library.errors import UserError
 from library.lora_files import file_family, load_lora
 from library.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
-from tools import show
+from tools import merge, resize, show
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
@@ -285,6 +286,60 @@ def test_pytorch_lora_weights_bin_is_read_as_weights_only(sd1, tmp_path, capsys)
     torch.save({"x": torch.zeros(1), "code": print}, evil)  # a pickled function: never unpickled
     with pytest.raises(UserError, match="weights only"):
         load_lora(str(evil))
+
+
+# --- 5. --family for resize and merge ------------------------------------------------------
+
+
+@pytest.fixture
+def undecidable(sdxl, tmp_path):
+    """An SDXL UNet LoRA in diffusers names, no metadata, only modules SD 1.x has too (its middle block's first
+    transformer block and ResNets)."""
+    pipe, table, _ = sdxl
+
+    def shared(key: str) -> bool:
+        return key.startswith("unet.mid_block.") and "transformer_blocks.1" not in key
+
+    sd = {k: v for k, v in peft_state(pipe.unet, "unet.").items() if shared(k)}
+    path = tmp_path / "mid.safetensors"
+    safetensors.torch.save_file(sd, path)
+    assert file_family(str(path)) == (None, "")
+    return path, table, a_b_deltas(sd, "unet.")
+
+
+def test_resize_family_names_an_undetectable_file(undecidable, tmp_path):
+    path, table, expected = undecidable
+    out = tmp_path / "out.safetensors"
+    assert resize.main(["--model", str(path), "--save_to", str(out), "--new_rank", "4", "--family", "sdxl"]) == 0
+    names = {k.split(".")[0] for k in safetensors.torch.load_file(out)}
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q" in names
+    assert names <= set(table)
+    resized = load_lora(str(out))
+    assert_reads_as(resized, table, expected, rtol=1e-4)  # rank 4 of rank ≤ 4: exact up to the SVD's rounding
+
+    assert resize.main(["--model", str(path), "--save_to", str(out), "--new_rank", "4", "--overwrite"]) == 0
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in safetensors.torch.load_file(
+        out)  # without --family: SD 1.x names, which an SDXL loader does not match
+
+
+def test_merge_family_names_undetectable_files_and_checks_the_others(undecidable, sdxl, sd1, tmp_path, capsys):
+    path, table, expected = undecidable
+    out = tmp_path / "merged.safetensors"
+    assert merge.main(["--models", str(path), str(path), "--ratios", "1", "0.5", "--family", "sdxl",
+                       "--save_to", str(out)]) == 0  # fmt: skip
+    merged = load_lora(str(out))
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q" in merged.state
+    assert_reads_as(merged, table, {k: v * 1.5 for k, v in expected.items()}, rtol=1e-4)
+
+    sd1_file = tmp_path / "sd1.safetensors"
+    safetensors.torch.save_file(peft_state(sd1[0].unet, "unet."), sd1_file)  # detected as SD 1.x by its blocks
+    assert merge.main(["--models", str(path), str(sd1_file), "--family", "sdxl", "--save_to",
+                       str(tmp_path / "x.safetensors")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "is a LoRA for sd1" in err and "--family sdxl" in err
+    assert merge.main(["--models", str(path), "--family", "sdxl", "--sd_model", str(tmp_path),
+                       "--save_to", str(tmp_path / "y")]) == 2  # fmt: skip
+    assert "--family applies to merging LoRAs" in capsys.readouterr().err
 
 
 # --- still refused, saying what the file is -------------------------------------------------

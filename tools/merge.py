@@ -48,7 +48,7 @@ from library.lora_files import (  # noqa: E402
     load_lora,
     save_kohya_file,
 )
-from library.lora_formats import LoRAState, Magnitudes  # noqa: E402
+from library.lora_formats import FAMILIES, LoRAState, Magnitudes, Namer  # noqa: E402
 from networks.functional import merged_weight  # noqa: E402
 from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference  # noqa: E402
 
@@ -56,7 +56,8 @@ from networks.svd import LoRAFactors, concatenate, refactorize, relative_differe
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", required=True,
-                   help="LoRA files (kohya, diffusers or ComfyUI naming; .safetensors or .ckpt/.pt)")
+                   help="LoRA files or PEFT folders (kohya, diffusers, PEFT or ComfyUI naming; .safetensors, "
+                        ".ckpt/.pt/.bin)")
     p.add_argument("--ratios", nargs="+", type=float, default=None, help="one multiplier per file (default 1.0 each)")
     p.add_argument("--sd_model", default=None,
                    help="bake into this SD 1.x/2.x or SDXL model (diffusers folder); omit to merge LoRAs")
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the output (default: the model's as stored / the first LoRA's)")  # fmt: skip
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="float",
                    help="dtype the deltas are computed in (default float)")  # fmt: skip
+    p.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                   help="LoRA merge: model family of the files (default: detected from the key names and "
+                        "ss_base_model_version / modelspec.architecture, sd1 if undecided); with --sd_model / "
+                        "--llm_model the model decides")  # fmt: skip
     p.add_argument("--new_rank", type=int, default=None, help="LoRA merge: SVD to this rank instead of concatenating")
     p.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 conv modules (default: --new_rank)")
     p.add_argument("--concat", action="store_true", help="accepted for sd-scripts compatibility: the default here")
@@ -301,8 +306,9 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
     if args.new_rank is not None and args.new_rank < 1:
         raise UserError("--new_rank must be at least 1")
     check_new_output(args.save_to, args.overwrite)
-    files = [load_lora(p, allow_dora=True) for p in args.models]
-    check_same_family(args.models, files)
+    namer = Namer(FAMILIES[args.family]) if args.family else None  # names diffusers / ComfyUI / PEFT keys
+    files = [load_lora(p, namer, allow_dora=True) for p in args.models]
+    check_same_family(args.models, files, (f"--family {args.family}", args.family) if args.family else None)
     dora = [p for p, f in zip(args.models, files, strict=True) if f.is_dora]
     if dora:
         raise UserError(f"{dora[0]} is a DoRA adapter: its magnitude rescales each whole weight row, which no "
@@ -328,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         ratios = ratios_for(args)
         if args.sd_model and args.llm_model:
             raise UserError("give --sd_model or --llm_model, not both")
+        if args.family and (args.sd_model or args.llm_model):
+            raise UserError("--family applies to merging LoRAs; with --sd_model / --llm_model the model tells the "
+                            "family, so leave --family out")  # fmt: skip
         if args.sd_model:
             merge_into_model(args, ratios)
         elif args.llm_model:

@@ -28,13 +28,17 @@ import torch  # noqa: E402
 
 from library.errors import UserError  # noqa: E402
 from library.lora_files import PRECISIONS, check_new_output, load_lora, save_kohya_file  # noqa: E402
+from library.lora_formats import FAMILIES, Namer  # noqa: E402
 from networks.svd import DYNAMIC_METHODS, LoRAFactors, RankReport, refactorize, with_scale  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True, help="LoRA file to resize (.safetensors or .ckpt/.pt)")
+    p.add_argument("--model", required=True, help="LoRA file or PEFT folder to resize (.safetensors or .ckpt/.pt/.bin)")
     p.add_argument("--save_to", required=True, help="output .safetensors file")
+    p.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                   help="model family, for diffusers / ComfyUI / PEFT names (default: detected from the key names "
+                        "and ss_base_model_version / modelspec.architecture, sd1 if undecided)")  # fmt: skip
     p.add_argument("--new_rank", type=int, default=4, help="rank of the output (the cap for dynamic methods)")
     p.add_argument("--new_conv_rank", type=int, default=None, help="rank of conv 3x3 modules (default: --new_rank)")
     p.add_argument("--dynamic_method", choices=DYNAMIC_METHODS, default=None,
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         check_new_output(args.save_to, args.overwrite)
-        lora = load_lora(args.model)
+        lora = load_lora(args.model, Namer(FAMILIES[args.family]) if args.family else None)
         conv_rank = args.new_conv_rank or args.new_rank
         with torch.no_grad():
             state, reports = resize_state(lora.state, args.new_rank, conv_rank, args.dynamic_method,
