@@ -78,6 +78,13 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="LLMs: QLoRA, base Linear layers in 4-bit NF4 (double quantization, bf16 compute)",
     )
     g.add_argument("--load_in_8bit", action="store_true", help="LLMs: base Linear layers in 8-bit (LLM.int8)")
+    g.add_argument(
+        "--attn_implementation",
+        choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        default=None,
+        help="LLMs: transformers' attention (default: transformers' choice, SDPA); flash_attention_2 needs the "
+        "flash-attn package and trains packed rows with its variable-length kernel",
+    )
 
 
 def _add_network(p: argparse.ArgumentParser) -> None:

@@ -325,6 +325,7 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
                          noise=noise_settings(args), seed=seed, clip_skip=args.clip_skip,
                          max_token_length=args.max_token_length, weight_dtype=weight_dtype_for(mixed_precision),
                          load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, allow_pickle=args.allow_pickle,
+                         attn_implementation=args.attn_implementation,
                          model_config_dir=args.model_config_dir)
     refuse_image_only_arguments(args, getattr(family, "image_only_arguments", ()), model_path)
     if args.base_weights:  # into the frozen weights, before the network wraps them (and before fp8 / casting)

@@ -317,9 +317,23 @@ def test_gpt2_style_conv1d_model_gets_a_clear_error():
 
 
 def test_options_are_checked_per_family(llm_dir):
-    with pytest.raises(UserError, match="--load_in_4bit quantizes a causal LM; it does not apply to --model_type sd"):
+    with pytest.raises(UserError, match="--load_in_4bit is an option of causal LMs; it does not apply to "
+                                        "--model_type sd"):
         load_family("sd", str(llm_dir), load_in_4bit=True)
+    with pytest.raises(UserError, match="--attn_implementation is an option of causal LMs"):
+        load_family("sdxl", str(llm_dir), attn_implementation="sdpa")
     with pytest.raises(UserError, match="--vae applies to diffusion models"):
         load_family("llm", str(llm_dir), vae_path="some/vae", device="cpu")
     with pytest.raises(UserError, match="exclude each other"):
         load_family("llm", str(llm_dir), load_in_4bit=True, load_in_8bit=True, device="cpu")
+
+
+def test_attn_implementation_reaches_the_model(llm_dir):
+    family = load_family("llm", str(llm_dir), attn_implementation="eager", device="cpu")
+    assert family.model.config._attn_implementation == "eager"
+    assert load_family("llm", str(llm_dir), device="cpu").model.config._attn_implementation == "sdpa"
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:  # the CPU machines: a named error, not a traceback
+        with pytest.raises(UserError, match="--attn_implementation flash_attention_2"):
+            load_family("llm", str(llm_dir), attn_implementation="flash_attention_2", device="cpu")

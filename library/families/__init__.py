@@ -135,7 +135,7 @@ def some_parameters_may_go_unused(model_type: str, train_text_encoder: bool, cli
 
 
 # Options only the LLM family reads; the diffusion families refuse a set value and never see them.
-LLM_OPTIONS = ("load_in_4bit", "load_in_8bit")
+LLM_OPTIONS = ("load_in_4bit", "load_in_8bit", "attn_implementation")
 
 
 def check_dataset_config(model_type: str, path: str | Path, defaults: Any) -> None:
@@ -161,8 +161,8 @@ def load_family(model_type: str, model_path: str, **options: Any) -> ModelFamily
             options.pop(key, None)
         return LLMFamily.load(model_path, **options)
     for key in LLM_OPTIONS:
-        if options.pop(key, False):
-            raise UserError(f"--{key} quantizes a causal LM; it does not apply to --model_type {model_type}.")
+        if options.pop(key, None):
+            raise UserError(f"--{key} is an option of causal LMs; it does not apply to --model_type {model_type}.")
     options.pop("weight_dtype", None)  # the diffusion families cast in prepare()
     from library.weights_check import check_model_folder, check_weight_file
 

@@ -127,8 +127,9 @@ class LLMFamily:
     @staticmethod
     def load(model_path: str, *, tokenizer_path: str | None = None, seed: int = 0, load_in_4bit: bool = False,
              load_in_8bit: bool = False, weight_dtype: torch.dtype | None = None, device: Any = None,
-             noise: Any = None, **diffusion_options: Any) -> LLMFamily:
-        """Load the model (bf16/fp16/fp32 = ``weight_dtype``, optionally quantized) and its tokenizer.
+             noise: Any = None, attn_implementation: str | None = None, **diffusion_options: Any) -> LLMFamily:
+        """Load the model (bf16/fp16/fp32 = ``weight_dtype``, optionally quantized, with transformers'
+        ``attn_implementation`` when given, else its default) and its tokenizer.
 
         ``noise`` and unset diffusion options are accepted and ignored (train_network passes them to every
         family); a diffusion option the user set is an error.
@@ -151,10 +152,14 @@ class LLMFamily:
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
             # Quantization happens while loading, on the device that will train.
+            attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quant,
-                                                         device_map={"": str(device)} if quant else None)
+                                                         device_map={"": str(device)} if quant else None, **attention)
+        except ImportError as e:  # flash-attn / kernels not installed for the chosen attention
+            raise UserError(f"--attn_implementation {attn_implementation} cannot run here: {e}") from None
         except (OSError, ValueError) as e:
-            raise UserError(f"Cannot load the causal LM from {model_path}: {e}") from None
+            why = f" with --attn_implementation {attn_implementation}" if attn_implementation else ""
+            raise UserError(f"Cannot load the causal LM from {model_path}{why}: {e}") from None
         model.requires_grad_(False)
         model.config.use_cache = False  # a KV cache only costs memory in training (and hides packing)
         if load_in_4bit:
