@@ -271,7 +271,10 @@ def check_same_family(paths: list[str], files: list[LoRAFile], model: tuple[str,
 
 
 def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -> LoRAFile:
-    """Read a LoRA file or PEFT folder (format detected); module names in kohya naming.
+    """Read a LoRA file or PEFT folder (format detected); module names in kohya naming, as the trainer writes them.
+
+    Other tools' layouts (library/lora_foreign.py: old diffusers keys, PEFT on a UNet, diffusers' kohya output)
+    are read as the modules they stand for.
 
     Without ``namer``, diffusers and ComfyUI names are mapped with the family :func:`detect_family`
     finds (sd1 when undecided). DoRA is refused unless ``allow_dora``: a tool working on ΔW alone
@@ -290,30 +293,37 @@ def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -
                                 "family has no PEFT naming; use --family llm")  # fmt: skip
             state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {comp.name: config})
             lora = LoRAFile(state, metadata, "peft", tensors, magnitudes)
-    elif (layout := foreign_layout((loaded := read_lora_tensors(p))[0])) is not None:
-        lora = _read_foreign(*loaded, namer, layout, {})
     else:
-        tensors, metadata = loaded
-        fmt = detect_format(tensors)
-        if namer is None:
-            family = detect_family(tensors, metadata)[0]
-            namer = Namer(FAMILIES[family or ("llm" if fmt == "peft" else "sd1")])
-        magnitudes: Magnitudes = {}
-        if fmt == "kohya":
-            state, magnitudes = kohya_names(*read_kohya(tensors), namer)
-        elif fmt == "diffusers":
-            configs = configs_from_diffusers_metadata(metadata)
-            state, magnitudes = read_lora_a_b(tensors, namer, "diffusers_prefix", configs)
-        elif fmt == "comfyui":
-            state = read_comfy(tensors, namer)
+        tensors, metadata = read_lora_tensors(p)
+        layout = foreign_layout(tensors)
+        if layout is not None:
+            lora = _read_foreign(tensors, metadata, namer, layout, {})
         else:
-            state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {})
-        lora = LoRAFile(state, metadata, fmt, tensors, magnitudes)
+            lora = _read_format(tensors, metadata, namer)
     if lora.is_dora and not allow_dora:
         raise UserError(f"{path} is a DoRA adapter ({len(lora.magnitudes)} modules with a magnitude vector); "
                         "this tool handles plain LoRAs only (tools/show.py and convert.py read DoRA, "
                         "merge.py bakes it into a model)")  # fmt: skip
     return lora
+
+
+def _read_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str], namer: Namer | None) -> LoRAFile:
+    """A file in one of lora_formats' FORMATS; kohya names diffusers writes are renamed to the trainer's."""
+    fmt = detect_format(tensors)
+    if namer is None:
+        family = detect_family(tensors, metadata)[0]
+        namer = Namer(FAMILIES[family or ("llm" if fmt == "peft" else "sd1")])
+    magnitudes: Magnitudes = {}
+    if fmt == "kohya":
+        state, magnitudes = kohya_names(*read_kohya(tensors), namer)
+    elif fmt == "diffusers":
+        configs = configs_from_diffusers_metadata(metadata)
+        state, magnitudes = read_lora_a_b(tensors, namer, "diffusers_prefix", configs)
+    elif fmt == "comfyui":
+        state = read_comfy(tensors, namer)
+    else:
+        state, magnitudes = read_lora_a_b(tensors, namer, "peft_prefix", {})
+    return LoRAFile(state, metadata, fmt, tensors, magnitudes)
 
 
 def read_peft_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:

@@ -145,6 +145,10 @@ def test_peft_folder_of_a_unet_is_read_as_its_family(kind, sd1, sdxl, tmp_path):
             else "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_k")  # fmt: skip
     assert lora.state[name].alpha == 2.0  # the alpha_pattern of adapter_config.json
 
+    peft_model.save_pretrained(tmp_path / "bin", safe_serialization=False)  # adapter_model.bin, as older PEFT saved
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    assert_reads_as(load_lora(str(tmp_path / "bin")), table, only(expected, "unet"))
+
 
 @pytest.mark.parametrize("prefix", ["base_model.model.", ""])
 def test_peft_state_dict_of_a_unet_in_a_safetensors_file(prefix, sd1, sdxl, tmp_path, capsys):

@@ -63,7 +63,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True, help="input LoRA (.safetensors, .ckpt/.pt state dict or PEFT folder)")
+    p.add_argument("--model", required=True, help="input LoRA (.safetensors, .ckpt/.pt/.bin state dict or PEFT folder)")
     p.add_argument("--save_to", required=True, help="output file (kohya, diffusers, comfyui) or folder (peft)")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("--family", choices=sorted(FAMILIES), default=None,
