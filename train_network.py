@@ -318,7 +318,7 @@ def _main(argv: list[str] | None) -> int:
             path = write_output_config(parser, args)
             print(f"wrote the effective non-default arguments to {path}")
             return 0
-        check_combinations(args, build_parser().parse_args([]))
+        check_combinations(args, build_parser().parse_args([]), sources)
         with terminate_as_exception():
             train(args, sources)
     except UserError as e:

@@ -83,9 +83,11 @@ def check_data_sources(args: argparse.Namespace) -> None:
                         "TOML, set metadata_file in the subset instead.")
 
 
-def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
-    """Reject arguments that are not implemented yet or that contradict each other (and normalise a few)."""
-    apply_sd_scripts_args(args)  # first: an alias such as --use_8bit_adam sets what the checks below look at
+def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace,
+                       sources: dict[str, str] | None = None) -> None:
+    """Reject arguments that are not implemented yet or that contradict each other (and normalise a few);
+    ``sources`` (where each value came from) lets the command line win over a config file's alias."""
+    apply_sd_scripts_args(args, sources)  # first: an alias such as --use_8bit_adam sets what the checks below look at
     if isinstance(args.text_encoder_lr, list):  # nargs="*", as sd-scripts: one value is a plain number
         lrs = args.text_encoder_lr
         args.text_encoder_lr = None if not lrs else lrs[0] if len(lrs) == 1 else lrs

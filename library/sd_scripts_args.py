@@ -143,8 +143,12 @@ def _show(value: Any) -> str:
     return " " + " ".join(map(str, value)) if isinstance(value, list) else f" {value}"
 
 
-def apply_sd_scripts_args(args: argparse.Namespace) -> None:
-    """Refuse unsupported values and map the ``used`` arguments onto this toolkit's own (before other checks)."""
+def apply_sd_scripts_args(args: argparse.Namespace, sources: dict[str, str] | None = None) -> None:
+    """Refuse unsupported values and map the ``used`` arguments onto this toolkit's own (before other checks).
+
+    ``sources`` (argument → where its value came from, library/config_file.py): when an alias and the argument
+    it stands for disagree and one was given on the command line, the other in ``--config_file``, the command
+    line wins, as it does for every argument; from the same place they are an error."""
     refused = [(name, arg) for name, arg in SD_SCRIPTS_ARGS.items()
                if arg.handling == "unsupported" and not _asks_for_nothing(arg, getattr(args, name, None))]
     if refused:
@@ -153,16 +157,20 @@ def apply_sd_scripts_args(args: argparse.Namespace) -> None:
                         "default):\n  " + "\n  ".join(lines))
     alias = getattr(args, "caption_extention", None)
     if alias:
-        if args.caption_extension not in (".caption", alias):
+        if args.caption_extension not in (".caption", alias) and not _command_line_wins(
+                sources, "caption_extention", "caption_extension", args.caption_extension):
             raise UserError(f"--caption_extention {alias} (sd-scripts' misspelt alias) and --caption_extension "
                             f"{args.caption_extension} disagree; keep --caption_extension.")
-        args.caption_extension = alias
+        if args.caption_extension in (".caption", alias) or _from_command_line(sources, "caption_extention"):
+            args.caption_extension = alias
     for switch, optimizer in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
         if getattr(args, switch, False):
-            if args.optimizer_type not in ("", optimizer):
+            if args.optimizer_type not in ("", optimizer) and not _command_line_wins(
+                    sources, switch, "optimizer_type", args.optimizer_type):
                 raise UserError(f"--{switch} means --optimizer_type {optimizer}, but --optimizer_type is "
                                 f"{args.optimizer_type}; keep one of them.")
-            args.optimizer_type = optimizer
+            if args.optimizer_type in ("", optimizer) or _from_command_line(sources, switch):
+                args.optimizer_type = optimizer
     _apply_save_n_epoch_ratio(args)
     if getattr(args, "cache_text_encoder_outputs_to_disk", False):
         args.cache_text_encoder_outputs = True
@@ -170,6 +178,28 @@ def apply_sd_scripts_args(args: argparse.Namespace) -> None:
     if level:
         logging.basicConfig(format="%(message)s")  # a handler, so that INFO / DEBUG show at all
         logging.getLogger().setLevel(level)
+
+
+def _from_command_line(sources: dict[str, str] | None, name: str) -> bool:
+    from library.config_file import SOURCE_CLI
+
+    return bool(sources) and sources.get(name) == SOURCE_CLI
+
+
+def _command_line_wins(sources: dict[str, str] | None, alias: str, name: str, value: Any) -> bool:
+    """Whether exactly one of ``alias`` and ``name`` came from the command line (the other from a config file);
+    that one is then used, and the log says which value was set aside."""
+    from library.config_file import SOURCE_CLI, SOURCE_DEFAULT
+
+    if not sources or SOURCE_DEFAULT in (sources.get(alias), sources.get(name)):
+        return False
+    if (sources.get(alias) == SOURCE_CLI) == (sources.get(name) == SOURCE_CLI):
+        return False
+    loser = name if sources.get(alias) == SOURCE_CLI else alias
+    logging.getLogger(__name__).warning("--%s from %s is set aside: the command line sets it too (as --%s), and the "
+                                        "command line wins.", loser, sources[loser],
+                                        alias if loser == name else name)
+    return True
 
 
 def _apply_save_n_epoch_ratio(args: argparse.Namespace) -> None:

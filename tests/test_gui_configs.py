@@ -41,8 +41,8 @@ def _parse(argv):
 
 
 def _checked(argv):
-    args, _ = _parse(argv)
-    check_combinations(args, build_parser().parse_args([]))
+    args, sources = _parse(argv)
+    check_combinations(args, build_parser().parse_args([]), sources)
     return args
 
 
@@ -120,6 +120,20 @@ def test_sd_scripts_aliases_set_this_toolkits_arguments(tmp_path):
         _checked([*BASE, "--caption_extention", ".txt", "--caption_extension", ".tags"])
     args = _checked([*BASE, "--cache_text_encoder_outputs_to_disk"])
     assert args.cache_text_encoder_outputs and any("in memory" in n for n in no_op_notes(vars(args)))
+
+
+def test_the_command_line_beats_a_config_files_alias_and_the_other_way_round(tmp_path, caplog):
+    # a GUI config has caption_extention / use_8bit_adam; the user overrides on the command line, as for any key
+    config = _config(tmp_path, {"caption_extention": ".txt", "use_8bit_adam": True})
+    args = _checked([*BASE, *config, "--caption_extension", ".tags", "--optimizer_type", "Lion"])
+    assert args.caption_extension == ".tags" and args.optimizer_type == "Lion"
+    assert "--caption_extention from config file gui.toml is set aside" in caplog.text
+    config = _config(tmp_path, {"caption_extension": ".tags", "optimizer_type": "Lion"}, "plain.toml")
+    args = _checked([*BASE, *config, "--caption_extention", ".txt", "--use_8bit_adam"])
+    assert args.caption_extension == ".txt" and args.optimizer_type == "AdamW8bit"
+    both = _config(tmp_path, {"caption_extention": ".txt", "caption_extension": ".tags"}, "both.toml")
+    with pytest.raises(UserError, match="disagree"):  # one file saying both: which one was meant is unknown
+        _checked([*BASE, *both])
 
 
 def test_save_n_epoch_ratio_sets_the_epoch_cadence_as_sd_scripts(tmp_path):
