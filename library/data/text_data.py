@@ -30,7 +30,14 @@ import torch
 from library.data.prompt_templates import CHAT, format_prompt
 from library.data.sampler import EpochBatchSampler, derive_seed
 from library.data.text_config import TextDatasetConfig, TextDatasetGroup, TextSubsetConfig
-from library.data.text_rows import RowError, read_rows  # noqa: F401  (read_rows: tools import it from here)
+from library.data.text_rows import (  # noqa: F401  (check_row, read_rows: tools import them from here)
+    RowError,
+    _column,
+    _messages,
+    _system_into_first_user,
+    check_row,
+    read_rows,
+)
 from library.errors import UserError
 
 IGNORE_INDEX = -100
@@ -68,46 +75,6 @@ class SubsetReport:
             return "instruct, no prompt_template: prompt and response joined as they are"
         named = self.prompt_template if "{prompt}" not in self.prompt_template else "your text"
         return f"instruct, prompt_template {named}"
-
-
-# --- reading rows -----------------------------------------------------------------------------
-
-
-# Columns that tell which dataset TOML key a row's format wants, for the "no column" message.
-_FORMAT_HINTS = (({"messages"}, 'messages_column = "messages"'),
-                 ({"conversations"}, 'messages_column = "conversations" (ShareGPT from/value turns are read)'),
-                 ({"prompt", "completion"}, 'prompt_column = "prompt" and response_column = "completion"'),
-                 ({"prompt", "response"}, 'prompt_column = "prompt" and response_column = "response"'),
-                 ({"instruction", "input", "output"},
-                  'prompt_column = "instruction", input_column = "input" and response_column = "output" (Alpaca)'),
-                 ({"instruction", "output"}, 'prompt_column = "instruction" and response_column = "output"'),
-                 ({"text"}, 'text_column = "text"'))
-
-
-def _column(row: dict, column: str, kind: type) -> Any:
-    if column not in row:
-        hint = next((f"; set {key} in the dataset TOML" for names, key in _FORMAT_HINTS if names <= row.keys()), "")
-        raise RowError(f"no column '{column}' (the row has: {', '.join(sorted(row)) or 'no columns'}){hint}")
-    value = row[column]
-    if not isinstance(value, kind):
-        raise RowError(f"column '{column}' is {type(value).__name__}, expected {kind.__name__}")
-    if kind is str and not value.strip():
-        raise RowError(f"column '{column}' is empty")
-    return value
-
-
-def check_row(subset: TextSubsetConfig, row: Any) -> None:
-    """Raise :class:`RowError` for a row the tokeniser would refuse (missing/empty columns, malformed chat),
-    without tokenising; tools/check_dataset.py reports with it what training would say."""
-    if isinstance(row, RowError):
-        raise row
-    if subset.format == "chat":
-        _messages(row, subset.messages_column)
-    elif subset.format == "instruct":
-        _column(row, subset.prompt_column, str)
-        _column(row, subset.response_column, str)
-    elif not isinstance(row, str):
-        _column(row, subset.text_column, str)
 
 
 # --- tokenising -------------------------------------------------------------------------------
@@ -225,47 +192,6 @@ class Tokenise:
                     spans.append((at if start_at is None else start_at, end))
                 cursor = end
         return spans
-
-
-# ShareGPT's speaker names (``{"from": "human", "value": ...}``), as axolotl and LLaMA-Factory read them.
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "chatgpt": "assistant", "bing": "assistant", "system": "system"}
-
-
-def _message(m: Any, where: str) -> dict:
-    """One turn as {"role", "content"}: OpenAI's form, ShareGPT's from/value, or content given as text parts."""
-    if isinstance(m, dict) and "from" in m and "value" in m and "role" not in m:
-        if m["from"] not in _SHAREGPT_ROLES:
-            raise RowError(f"{where}: ShareGPT speaker '{m['from']}' is not one of {', '.join(_SHAREGPT_ROLES)}")
-        m = {"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]}
-    if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
-        parts = m["content"]
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-            raise RowError(f"{where}: only text content parts can be trained ({{\"type\": \"text\", \"text\": ...}})")
-        m = {**m, "content": "".join(p["text"] for p in parts)}
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-        raise RowError(f"{where} is not {{\"role\": str, \"content\": str}} (nor ShareGPT's {{\"from\", \"value\"}})")
-    return m
-
-
-def _system_into_first_user(messages: list[dict]) -> list[dict]:
-    """The system message's text put before the first user turn's, for templates without a system role."""
-    system, rest = messages[0], list(messages[1:])
-    for i, m in enumerate(rest):
-        if m["role"] == "user":
-            rest[i] = {**m, "content": f"{system['content']}\n\n{m['content']}"}
-            return rest
-    return [{"role": "user", "content": system["content"]}, *rest]
-
-
-def _messages(row: dict, column: str) -> list[dict]:
-    messages = [_message(m, f"{column}[{i}]") for i, m in enumerate(_column(row, column, list))]
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowError(f"'{column}' has no assistant message to learn")
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():  # as for an empty response_column
-            raise RowError(f"{column}[{i}] is an empty assistant message")
-    return messages
 
 
 def _fit(ids: list[int], labels: list[int], max_len: int, chunk: bool) -> list[tuple[list[int], list[int]]]:

@@ -1,4 +1,5 @@
-"""Reading the rows of an LLM data file: JSON Lines (also gzipped), a JSON array, or plain text blocks.
+"""Reading the rows of an LLM data file: JSON Lines (also gzipped), a JSON array, or plain text blocks; and
+the columns of a row: a text column, or chat turns as {"role", "content"} (OpenAI, ShareGPT, text parts).
 
 JSON Lines is what the dataset TOML's ``jsonl_file`` names; a ``.json`` file holding one array of objects
 (Alpaca and many exported datasets) and a ``.jsonl.gz`` / ``.json.gz`` file are read too, as TRL, axolotl and
@@ -110,3 +111,84 @@ def _json_array_rows(path: Path):
                         f"{type(data).__name__}; one object per line is JSON Lines: name it .jsonl")
     for number, row in enumerate(data, start=1):
         yield number, row if isinstance(row, dict) else RowError("not a JSON object")
+
+
+# --- the columns of a row ------------------------------------------------------------------------
+
+
+# Columns that tell which dataset TOML key a row's format wants, for the "no column" message.
+_FORMAT_HINTS = (({"messages"}, 'messages_column = "messages"'),
+                 ({"conversations"}, 'messages_column = "conversations" (ShareGPT from/value turns are read)'),
+                 ({"prompt", "completion"}, 'prompt_column = "prompt" and response_column = "completion"'),
+                 ({"prompt", "response"}, 'prompt_column = "prompt" and response_column = "response"'),
+                 ({"instruction", "input", "output"},
+                  'prompt_column = "instruction", input_column = "input" and response_column = "output" (Alpaca)'),
+                 ({"instruction", "output"}, 'prompt_column = "instruction" and response_column = "output"'),
+                 ({"text"}, 'text_column = "text"'))
+
+
+def _column(row: dict, column: str, kind: type) -> Any:
+    if column not in row:
+        hint = next((f"; set {key} in the dataset TOML" for names, key in _FORMAT_HINTS if names <= row.keys()), "")
+        raise RowError(f"no column '{column}' (the row has: {', '.join(sorted(row)) or 'no columns'}){hint}")
+    value = row[column]
+    if not isinstance(value, kind):
+        raise RowError(f"column '{column}' is {type(value).__name__}, expected {kind.__name__}")
+    if kind is str and not value.strip():
+        raise RowError(f"column '{column}' is empty")
+    return value
+
+
+def check_row(subset: TextSubsetConfig, row: Any) -> None:
+    """Raise :class:`RowError` for a row the tokeniser would refuse (missing/empty columns, malformed chat),
+    without tokenising; tools/check_dataset.py reports with it what training would say."""
+    if isinstance(row, RowError):
+        raise row
+    if subset.format == "chat":
+        _messages(row, subset.messages_column)
+    elif subset.format == "instruct":
+        _column(row, subset.prompt_column, str)
+        _column(row, subset.response_column, str)
+    elif not isinstance(row, str):
+        _column(row, subset.text_column, str)
+
+
+# ShareGPT's speaker names (``{"from": "human", "value": ...}``), as axolotl and LLaMA-Factory read them.
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bing": "assistant", "system": "system"}
+
+
+def _message(m: Any, where: str) -> dict:
+    """One turn as {"role", "content"}: OpenAI's form, ShareGPT's from/value, or content given as text parts."""
+    if isinstance(m, dict) and "from" in m and "value" in m and "role" not in m:
+        if m["from"] not in _SHAREGPT_ROLES:
+            raise RowError(f"{where}: ShareGPT speaker '{m['from']}' is not one of {', '.join(_SHAREGPT_ROLES)}")
+        m = {"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]}
+    if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
+        parts = m["content"]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+            raise RowError(f"{where}: only text content parts can be trained ({{\"type\": \"text\", \"text\": ...}})")
+        m = {**m, "content": "".join(p["text"] for p in parts)}
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        raise RowError(f"{where} is not {{\"role\": str, \"content\": str}} (nor ShareGPT's {{\"from\", \"value\"}})")
+    return m
+
+
+def _system_into_first_user(messages: list[dict]) -> list[dict]:
+    """The system message's text put before the first user turn's, for templates without a system role."""
+    system, rest = messages[0], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {**m, "content": f"{system['content']}\n\n{m['content']}"}
+            return rest
+    return [{"role": "user", "content": system["content"]}, *rest]
+
+
+def _messages(row: dict, column: str) -> list[dict]:
+    messages = [_message(m, f"{column}[{i}]") for i, m in enumerate(_column(row, column, list))]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(f"'{column}' has no assistant message to learn")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():  # as for an empty response_column
+            raise RowError(f"{column}[{i}] is an empty assistant message")
+    return messages
