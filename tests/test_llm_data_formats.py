@@ -137,6 +137,46 @@ def test_a_template_that_drops_earlier_reasoning_learns_the_turn_that_keeps_it(t
     assert runs == ["<think>\ncount on\n</think>\n\nfour five<|end|>\n"]
 
 
+def _learnt_runs(tokenizer, sample) -> list[str]:
+    from library.data.text_data import IGNORE_INDEX
+
+    runs, current = [], []
+    for token, label in [*zip(sample.input_ids, sample.labels, strict=True), (None, IGNORE_INDEX)]:
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = [*runs, tokenizer.decode(current)], []
+    return runs
+
+
+@pytest.mark.parametrize(("reasoning", "answer"), [("two and two make four", "four"), ("the first letter", "a")])
+def test_a_reasoning_that_mentions_the_answer_is_not_taken_for_it(tmp_path, tok, reasoning, answer):  # noqa: F811
+    # written without the newlines the template adds, after an earlier exchange (so renderings are no prefixes
+    # of each other): the turn is found by its parts
+    (tmp_path / "t.jinja").write_text(THINK_TEMPLATE, encoding="utf-8")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>greet</think>hello"},
+                {"role": "user", "content": "what is two plus two?"},
+                {"role": "assistant", "content": f"<think>{reasoning}</think>{answer}"}]
+    d = _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])}"\n'
+                 f'messages_column = "messages"\nchat_template = "{tmp_path / "t.jinja"}"', tok=tok)
+    assert _learnt_runs(tok, d.train[0]) == [f"<think>\n{reasoning}\n</think>\n\n{answer}<|end|>\n"]
+
+
+def test_a_template_that_drops_the_last_turns_reasoning_says_what_to_do(tmp_path, tok):  # noqa: F811
+    # As DeepSeek-R1's: every turn loses its reasoning, so the data's reasoning could never be learnt
+    r1 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+          "{% else %}{% set c = m['content'] %}{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}"
+          "{% endif %}<|assistant|>{{ c }}<|end|>{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}")
+    (tmp_path / "r1.jinja").write_text(r1, encoding="utf-8")
+    messages = [{"role": "user", "content": "two plus two?"},
+                {"role": "assistant", "content": "<think>\nadd them\n</think>\n\nfour"}]
+    with pytest.raises(UserError, match="c.jsonl:1: the chat template drops the <think> reasoning of the last "
+                                        "assistant turn.*chat_template"):
+        _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])}"\n'
+                 f'messages_column = "messages"\nchat_template = "{tmp_path / "r1.jinja"}"', tok=tok)
+
+
 def test_an_assistant_turn_with_weight_zero_is_not_learnt(tmp_path, tok):  # noqa: F811
     from library.data.text_data import IGNORE_INDEX
 

@@ -166,21 +166,20 @@ class Tokenise:
         reasoning and adds markers to the last turn only, so renderings are not prefixes of each other): each
         message's text is found in order in the full rendering, and an assistant turn's span runs through the
         end-of-turn text the template puts after an assistant message. A turn with reasoning
-        (``<think>...</think>answer``) is found by its answer. Its span starts at the rendered ``<think>`` where
-        the template kept the reasoning (the last turn); where it dropped it (earlier turns) the turn is context,
-        not learnt: learning "answer straight after the turn opens" would teach the model to skip its reasoning
-        at the very position where it starts it at inference."""
+        (``<think>...</think>answer``) that is not rendered verbatim is found by its parts (:meth:`_reasoning`)."""
         probe = self.render([{"role": "user", "content": "\x01"}, {"role": "assistant", "content": "\x02"}])
         tail = probe[probe.rindex("\x02") + 1:] if "\x02" in probe else ""
+        # What opens an assistant turn after a user turn ("<|end|>\n<|assistant|>\n"): skipped before searching,
+        # so that a short answer is not found inside it.
+        header = probe[probe.index("\x01") + 1:probe.index("\x02")].split("<think>")[0] if "\x02" in probe else ""
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         spans, cursor = [], 0
-        for message in messages:
+        for i, message in enumerate(messages):
             content, start_at, learn = message["content"], None, True
             if message["role"] == "assistant" and "</think>" in content and full.find(content, cursor) < 0:
-                answer = content.split("</think>")[-1].strip()
-                at = full.find(answer, cursor) if answer else -1
-                think = full.find("<think>", cursor, at) if at >= 0 else -1
-                content, start_at = answer, (think if think >= 0 else None)
-                learn = think >= 0
+                begin = cursor + len(header) if header and full.startswith(header, cursor) else cursor
+                content, cursor, start_at = self._reasoning(full, content, begin, is_last=i == last)
+                learn = start_at is not None
             at = full.find(content, cursor)
             if at < 0:
                 raise RowError("the chat template changes the text of earlier turns, so the assistant turns cannot "
@@ -192,6 +191,28 @@ class Tokenise:
                     spans.append((at if start_at is None else start_at, end))
                 cursor = end
         return spans
+
+    @staticmethod
+    def _reasoning(full: str, content: str, begin: int, is_last: bool) -> tuple[str, int, int | None]:
+        """(answer, where to search it, where the learnt span starts) for an assistant turn with reasoning.
+
+        Where the template kept the reasoning (Qwen3's last turn, re-rendered as ``<think>\\n...\\n</think>``),
+        the span starts at its ``<think>`` and the answer is searched after its ``</think>`` (a reasoning that
+        mentions the answer must not be taken for it). Where it dropped it (Qwen3's earlier turns), the turn
+        is context, not learnt (None): learning "answer straight after the turn opens" would teach the model to
+        skip its reasoning at the very position where it starts it at inference. A template that drops the
+        reasoning of the last turn too (DeepSeek-R1's) cannot train it: the row is refused with what to do."""
+        reasoning = content.split("</think>")[0].split("<think>")[-1].strip()
+        answer = content.split("</think>")[-1].strip()
+        opened = full.find("<think>", begin)
+        closed = full.find("</think>", opened) if opened >= 0 else -1
+        if closed >= 0 and (not reasoning or full.find(reasoning, opened, closed) >= 0):
+            return answer, closed + len("</think>"), opened
+        if is_last:
+            raise RowError("the chat template drops the <think> reasoning of the last assistant turn, so it cannot "
+                           "be learnt; give a chat_template that keeps it (chat_template = \"file.jinja\") or "
+                           "remove the reasoning from the data")
+        return answer, begin, None
 
 
 def _fit(ids: list[int], labels: list[int], max_len: int, chunk: bool) -> list[tuple[list[int], list[int]]]:
