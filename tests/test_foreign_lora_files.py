@@ -326,6 +326,14 @@ def test_resize_family_names_an_undetectable_file(undecidable, tmp_path):
         out)  # without --family: SD 1.x names, which an SDXL loader does not match
 
 
+
+def test_show_reports_the_family_given_for_an_undetectable_file(undecidable, capsys):
+    assert show.main(["--model", str(undecidable[0]), "--family", "sdxl", "--no_modules"]) == 0
+    assert "family sdxl" in capsys.readouterr().out
+    assert show.main(["--model", str(undecidable[0]), "--no_modules"]) == 0
+    assert "family unknown" in capsys.readouterr().out
+
+
 def test_merge_family_names_undetectable_files_and_checks_the_others(undecidable, sdxl, sd1, tmp_path, capsys):
     path, table, expected = undecidable
     out = tmp_path / "merged.safetensors"
@@ -357,3 +365,17 @@ def test_comfyui_lorasave_differences_are_named(tmp_path, capsys):
     safetensors.torch.save_file(sd, tmp_path / "lorasave.safetensors")
     assert show.main([str(tmp_path / "lorasave.safetensors")]) == 2
     assert "ComfyUI's LoraSave .diff" in capsys.readouterr().err
+
+
+def test_a_family_override_that_contradicts_the_file_is_refused(sd1, tmp_path, capsys):
+    # resize / convert / show force --family on undetectable files; on a detectable one it must agree
+    f = tmp_path / "sd1.safetensors"
+    safetensors.torch.save_file(peft_state(sd1[0].unet, "unet."), f)
+    out = tmp_path / "out.safetensors"
+    from tools import convert
+
+    for tool, argv in ((resize, ["--save_to", str(out), "--new_rank", "2"]),
+                       (convert, ["--to", "kohya", "--save_to", str(out)]), (show, [])):
+        assert tool.main(["--model", str(f), "--family", "sdxl", *argv]) == 2, tool.__name__
+        assert "is a LoRA for sd1" in capsys.readouterr().err and not out.exists()
+    assert show.main(["--model", str(f), "--family", "sd1", "--no_modules"]) == 0

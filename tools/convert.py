@@ -41,6 +41,7 @@ from library.lora_files import (  # noqa: E402
     PRECISIONS,
     LoRAFile,
     check_new_output,
+    check_same_family,
     file_family,
     load_lora,
     save_kohya_file,
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         check_new_output(args.save_to, args.overwrite)
         namer = make_namer(family, args.base_model)
         source = load_lora(args.model, namer, allow_dora=True)
+        if args.family:  # a file detected as another family would get names that fit neither
+            check_same_family([args.model], [source], (f"--family {args.family}", args.family))
         dtype = PRECISIONS[args.save_precision] if args.save_precision else source.weight_dtype
         write_output(source, args, namer, dtype)
         result = load_lora(args.save_to, namer, allow_dora=True)

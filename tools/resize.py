@@ -27,7 +27,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from library.errors import UserError  # noqa: E402
-from library.lora_files import PRECISIONS, check_new_output, load_lora, save_kohya_file  # noqa: E402
+from library.lora_files import (  # noqa: E402
+    PRECISIONS,
+    check_new_output,
+    check_same_family,
+    load_lora,
+    save_kohya_file,
+)
 from library.lora_formats import FAMILIES, Namer  # noqa: E402
 from networks.svd import DYNAMIC_METHODS, LoRAFactors, RankReport, refactorize, with_scale  # noqa: E402
 
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         check_new_output(args.save_to, args.overwrite)
         lora = load_lora(args.model, Namer(FAMILIES[args.family]) if args.family else None)
+        if args.family:  # a file detected as another family would get names that fit neither
+            check_same_family([args.model], [lora], (f"--family {args.family}", args.family))
         conv_rank = args.new_conv_rank or args.new_rank
         with torch.no_grad():
             state, reports = resize_state(lora.state, args.new_rank, conv_rank, args.dynamic_method,

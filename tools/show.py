@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from library.errors import UserError  # noqa: E402
-from library.lora_files import LoRAFile, detect_family, load_lora  # noqa: E402
+from library.lora_files import LoRAFile, check_same_family, detect_family, load_lora  # noqa: E402
 from library.lora_formats import FAMILIES, Namer  # noqa: E402
 from library.metadata import compute_sshs_hashes  # noqa: E402
 from networks.svd import LoRAFactors  # noqa: E402
@@ -92,7 +92,8 @@ def metadata_checks(metadata: dict[str, str], rows: list[dict]) -> list[str]:
     return notes
 
 
-def summarize(path: str, lora: LoRAFile) -> dict:
+def summarize(path: str, lora: LoRAFile, family: str | None = None) -> dict:
+    """What show prints; ``family``: --family, shown when the names and metadata do not tell."""
     rows = module_rows(lora.state, lora.magnitudes)
     prefixes = Counter(r["name"].split("_")[1] if r["name"].startswith("lora_") else "?" for r in rows)
     params = sum(t.numel() for t in lora.tensors.values())
@@ -100,7 +101,7 @@ def summarize(path: str, lora: LoRAFile) -> dict:
     return {
         "file": path,
         "format": lora.format,
-        "family": detect_family(lora.tensors, lora.metadata)[0],
+        "family": detect_family(lora.tensors, lora.metadata)[0] or family,
         "dora": lora.is_dora,
         "modules": len(rows),
         "modules_by_prefix": dict(prefixes),
@@ -168,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         # Without --family, load_lora names diffusers / ComfyUI files by the detected family (as convert.py).
         namer = Namer(FAMILIES[args.family]) if args.family else None
         lora = load_lora(path, namer, allow_dora=True)
+        if args.family:
+            check_same_family([path], [lora], (f"--family {args.family}", args.family))
         with torch.no_grad():
-            info = summarize(path, lora)
+            info = summarize(path, lora, args.family)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
