@@ -199,3 +199,23 @@ def test_render_sample_marks_runs_and_elides_the_middle():
     assert render_sample(ids, labels, tok) == tok.decode(ids[:2]) + "⟦" + tok.decode(ids[2:]) + "⟧"
     long = render_sample(ids * 50, [-100] * len(ids) * 50, tok, limit=40)
     assert long.startswith(tok.decode(ids)[:20]) and " characters) … " in long and len(long) < 80
+
+
+def test_render_sample_keeps_the_space_a_sentencepiece_decoder_drops_at_a_runs_start():
+    # Llama 2 / Mistral / Gemma decode a run on its own without its leading space; the preview must not show
+    # a missing separator that the data does not have
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from library.data.text_preview import render_sample
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    raw.train_from_iterator(["Question: what is two plus two? Answer: four five six"] * 20,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    prompt = tok("Question: what is two plus two? Answer:", add_special_tokens=False).input_ids
+    answer = tok(" four", add_special_tokens=False).input_ids
+    assert tok.decode(answer) == "four"  # the trap: decoded alone, the space is gone
+    rendered = render_sample(prompt + answer, [-100] * len(prompt) + answer, tok)
+    assert rendered == "Question: what is two plus two? Answer:⟦ four⟧"

@@ -7,6 +7,7 @@ learnt) is invisible in counts but obvious in one rendered sample. Tokens in the
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import groupby
 from typing import Any
 
@@ -15,11 +16,21 @@ OPEN, CLOSE = "⟦", "⟧"
 
 
 def render_sample(input_ids: list[int], labels: list[int], tokenizer: Any, limit: int = 1200) -> str:
-    """The decoded sample with the learnt runs of tokens marked; the middle elided past ``limit`` characters."""
-    parts = []
-    for learnt, run in groupby(zip(input_ids, labels, strict=True), key=lambda pair: pair[1] != IGNORE_INDEX):
-        text = tokenizer.decode([token for token, _ in run], skip_special_tokens=False)
-        parts.append(f"{OPEN}{text}{CLOSE}" if learnt else text)
+    """The decoded sample with the learnt runs of tokens marked; the middle elided past ``limit`` characters.
+
+    The whole sample is decoded once and cut where the runs meet (each cut from the decoded prefix):
+    SentencePiece decoders (Llama 2, Mistral, Gemma) drop the leading space of a text decoded on its own, so
+    decoding run by run would show a missing separator that is not in the data.
+    """
+    decode = partial(tokenizer.decode, skip_special_tokens=False)
+    runs = [(learnt, len(list(run))) for learnt, run in groupby(labels, key=lambda label: label != IGNORE_INDEX)]
+    whole, parts, start, done = decode(input_ids), [], 0, 0
+    for learnt, length in runs:
+        done += length
+        end = len(whole) if done == len(input_ids) else len(decode(input_ids[:done]))
+        end = min(max(end, start), len(whole))  # a prefix's decoding may end mid-character: keep cuts in order
+        parts.append(f"{OPEN}{whole[start:end]}{CLOSE}" if learnt else whole[start:end])
+        start = end
     text = "".join(parts)
     if len(text) > limit:  # the answer is usually at the end: keep both ends
         half = limit // 2
