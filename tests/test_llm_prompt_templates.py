@@ -138,9 +138,26 @@ def test_the_adapter_card_says_how_to_prompt():
     from library.model_card import adapter_card
 
     meta = {"ss_output_name": "mine", "ss_network_dim": "8", "ss_steps": "12"}
-    card = adapter_card("org/model", meta, ("prompt", "Q: {prompt}\nA:"), ["q_proj", "v_proj"])
+    card = adapter_card("org/model", meta, [("prompt", "Q: {prompt}\nA:")], ["q_proj", "v_proj"])
     assert card.startswith('---\nbase_model: "org/model"\nlibrary_name: peft\n')
     assert "# mine" in card and "- rank: 8" in card and "- steps: 12" in card and "q_proj, v_proj" in card
-    assert "```text\nQ: <your prompt>\nA:\n```" in card
-    assert "the tokenizer's chat template" in adapter_card("m", {}, ("chat", None))
-    assert "bare text" in adapter_card("m", {}, ("raw", None))
+    assert "```text\nQ: <your prompt>\nA:\n```" in card and "several formats" not in card
+    assert "the tokenizer's chat template" in adapter_card("m", {}, [("chat", None)])
+    assert "bare text" in adapter_card("m", {}, [("raw", None)])
+    mixed = adapter_card("m", {}, [("chat", None), ("prompt", "alpaca")])  # as configs/llm_example_data.toml
+    assert "several formats" in mixed and "apply_chat_template" in mixed and "### Instruction:" in mixed
+    # an adapter trained over merged LoRAs says so: on the plain base model it would see other weights
+    merged = adapter_card("m", {"ss_base_weights": '[{"name": "style.safetensors", "multiplier": 0.5}]'},
+                          [("raw", None)])
+    assert "## Base weights" in merged and "- `style.safetensors` × 0.5" in merged
+    assert "Base weights" not in adapter_card("m", {}, [("raw", None)])
+
+
+def test_subset_formats_lists_each_format_once():
+    from library.families.llm import subset_formats
+
+    chat = SimpleNamespace(format="chat", chat_template=None, prompt_template=None)
+    alpaca = SimpleNamespace(format="instruct", chat_template=None, prompt_template="alpaca")
+    text = SimpleNamespace(format="text", chat_template=None, prompt_template=None)
+    assert subset_formats([chat, alpaca, chat, text]) == [("chat", None), ("prompt", "alpaca")]
+    assert subset_formats([text]) == [("raw", None)]

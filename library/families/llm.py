@@ -68,6 +68,12 @@ def training_format(subsets: list[Any]) -> tuple[str, str | None]:
     return ("raw", None)
 
 
+def subset_formats(subsets: list[Any]) -> list[tuple[str, str | None]]:
+    """Each distinct prompt format of the run's subsets, as :func:`training_format` names one (for the card)."""
+    formats = [training_format([subset]) for subset in subsets if subset.format != "text"]
+    return list(dict.fromkeys(formats)) or [("raw", None)]
+
+
 def keep_4bit_trainable(model: torch.nn.Module) -> int:
     """Keep bitsandbytes' 4-bit layers off their CPU inference path; returns how many layers.
 
@@ -123,6 +129,7 @@ class LLMFamily:
     # How training formats a prompt, which samples follow: "chat" with this template (None: the tokenizer's own),
     # or "raw" text when no subset is chat data (build_data sets it).
     sample_format: tuple[str, str | None] = ("chat", None)
+    data_formats: list[tuple[str, str | None]] = field(default_factory=list)  # every subset's, for the model card
 
     @staticmethod
     def load(model_path: str, *, tokenizer_path: str | None = None, seed: int = 0, load_in_4bit: bool = False,
@@ -209,7 +216,8 @@ class LLMFamily:
         if any(d.packing for d in group.datasets) and not self.packing_is_isolated():
             raise UserError(f"{type(self.model).__name__} lets packed samples attend to each other (it ignores "
                             "position_ids for its attention mask); set packing = false in the dataset TOML.")
-        self.sample_format = training_format([s for d in group.datasets for s in d.subsets])
+        subsets = [s for d in group.datasets for s in d.subsets]
+        self.sample_format, self.data_formats = training_format(subsets), subset_formats(subsets)
         return build_text_data(group, self.tokenizer, seed=request.seed, num_processes=request.num_processes,
                                rank=request.rank, accumulation=request.accumulation)
 
@@ -252,7 +260,7 @@ class LLMFamily:
         kind, template = self.sample_format
 
         def extra_files(config: dict[str, Any]) -> dict[str, str]:
-            files = {"README.md": adapter_card(self.model_path, metadata, self.sample_format,
+            files = {"README.md": adapter_card(self.model_path, metadata, self.data_formats or [self.sample_format],
                                                config.get("target_modules"))}
             if kind == "chat" and template is not None:  # the dataset's own template goes with the adapter
                 files["chat_template.jinja"] = template
