@@ -336,6 +336,13 @@ def check_trackers_installed(log_with: str | None) -> None:
 
 
 # accelerate's tracker names (LoggerType), the tables a --log_tracker_config file may hold
+# (init key, tracker) → the argument that gives it: accelerate passes the project name and the logging folder to
+# the tracker itself, so the same key from the file is a "got multiple values" TypeError at init_trackers.
+_SET_BY_ARGUMENTS = {("project", "wandb"): "--log_tracker_name", ("project", "trackio"): "--log_tracker_name",
+                     ("project", "swanlab"): "--log_tracker_name", ("project_name", "comet_ml"): "--log_tracker_name",
+                     ("experiment_name", "mlflow"): "--log_tracker_name", ("log_dir", "tensorboard"): "--logging_dir",
+                     ("logdir", "tensorboard"): "--logging_dir", ("logging_dir", "mlflow"): "--logging_dir",
+                     ("repo", "aim"): "--logging_dir"}
 _TRACKER_NAMES = ("tensorboard", "wandb", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 
 
@@ -383,6 +390,11 @@ def _tracker_tables(path: Path) -> dict[str, dict[str, Any]]:
         if not isinstance(table, dict):
             raise UserError(f"{where}: '{name}' must be a table of that tracker's settings ([{name}] followed by "
                             f"key = value lines), got {table!r}.")
+        for key in table:  # accelerate passes these itself: a second value fails only once training has begun
+            if (key, name) in _SET_BY_ARGUMENTS or (key, "*") in _SET_BY_ARGUMENTS:
+                argument = _SET_BY_ARGUMENTS.get((key, name)) or _SET_BY_ARGUMENTS[(key, "*")]
+                raise UserError(f"{where}: [{name}] {key} is what {argument} sets (accelerate passes it to the "
+                                f"tracker itself); remove it from the file and use {argument}.")
     return data
 
 
