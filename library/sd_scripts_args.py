@@ -156,21 +156,16 @@ def apply_sd_scripts_args(args: argparse.Namespace, sources: dict[str, str] | No
         raise UserError("This sd-scripts argument is not supported by this toolkit (remove it or leave it at its "
                         "default):\n  " + "\n  ".join(lines))
     alias = getattr(args, "caption_extention", None)
-    if alias:
-        if args.caption_extension not in (".caption", alias) and not _command_line_wins(
-                sources, "caption_extention", "caption_extension", args.caption_extension):
-            raise UserError(f"--caption_extention {alias} (sd-scripts' misspelt alias) and --caption_extension "
-                            f"{args.caption_extension} disagree; keep --caption_extension.")
-        if args.caption_extension in (".caption", alias) or _from_command_line(sources, "caption_extention"):
-            args.caption_extension = alias
+    if alias and _alias_wins(sources, "caption_extention", "caption_extension", args.caption_extension, alias,
+                             (".caption",), f"--caption_extention {alias} (sd-scripts' misspelt alias) and "
+                             f"--caption_extension {args.caption_extension} disagree; keep --caption_extension."):
+        args.caption_extension = alias
     for switch, optimizer in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
-        if getattr(args, switch, False):
-            if args.optimizer_type not in ("", optimizer) and not _command_line_wins(
-                    sources, switch, "optimizer_type", args.optimizer_type):
-                raise UserError(f"--{switch} means --optimizer_type {optimizer}, but --optimizer_type is "
-                                f"{args.optimizer_type}; keep one of them.")
-            if args.optimizer_type in ("", optimizer) or _from_command_line(sources, switch):
-                args.optimizer_type = optimizer
+        if getattr(args, switch, False) and _alias_wins(
+                sources, switch, "optimizer_type", args.optimizer_type, optimizer, ("",),
+                f"--{switch} means --optimizer_type {optimizer}, but --optimizer_type is {args.optimizer_type}; "
+                "keep one of them."):
+            args.optimizer_type = optimizer
     _apply_save_n_epoch_ratio(args)
     if getattr(args, "cache_text_encoder_outputs_to_disk", False):
         args.cache_text_encoder_outputs = True
@@ -180,26 +175,28 @@ def apply_sd_scripts_args(args: argparse.Namespace, sources: dict[str, str] | No
         logging.getLogger().setLevel(level)
 
 
-def _from_command_line(sources: dict[str, str] | None, name: str) -> bool:
-    from library.config_file import SOURCE_CLI
-
-    return bool(sources) and sources.get(name) == SOURCE_CLI
-
-
-def _command_line_wins(sources: dict[str, str] | None, alias: str, name: str, value: Any) -> bool:
-    """Whether exactly one of ``alias`` and ``name`` came from the command line (the other from a config file);
-    that one is then used, and the log says which value was set aside."""
+def _alias_wins(sources: dict[str, str] | None, alias: str, name: str, value: Any, meaning: Any,
+                unset: tuple[Any, ...], conflict: str) -> bool:
+    """Whether the alias's meaning replaces ``name``'s ``value``: yes when ``name`` was not given or agrees; when
+    they disagree, the one given on the command line wins over the one from ``--config_file`` (with a warning),
+    and from the same place they are an error (``conflict``). A value in ``unset`` counts as not given unless it
+    was typed on the command line."""
     from library.config_file import SOURCE_CLI, SOURCE_DEFAULT
 
-    if not sources or SOURCE_DEFAULT in (sources.get(alias), sources.get(name)):
-        return False
-    if (sources.get(alias) == SOURCE_CLI) == (sources.get(name) == SOURCE_CLI):
-        return False
-    loser = name if sources.get(alias) == SOURCE_CLI else alias
-    logging.getLogger(__name__).warning("--%s from %s is set aside: the command line sets it too (as --%s), and the "
-                                        "command line wins.", loser, sources[loser],
-                                        alias if loser == name else name)
-    return True
+    source = sources.get(name, SOURCE_DEFAULT) if sources else None
+    # A config file's default-looking value (the kohya_ss GUI writes every key) counts as not given; one typed on
+    # the command line counts even then.
+    given = value not in unset or source == SOURCE_CLI if sources else value not in unset
+    given = given and source != SOURCE_DEFAULT
+    if not given or value == meaning:
+        return True
+    alias_cli, name_cli = (bool(sources) and sources.get(n) == SOURCE_CLI for n in (alias, name))
+    if alias_cli == name_cli:
+        raise UserError(conflict)
+    loser, winner = (name, alias) if alias_cli else (alias, name)
+    logging.getLogger(__name__).warning("--%s from %s is set aside: --%s on the command line sets the same thing, "
+                                        "and the command line wins.", loser, sources[loser], winner)
+    return alias_cli
 
 
 def _apply_save_n_epoch_ratio(args: argparse.Namespace) -> None:

@@ -131,6 +131,15 @@ def test_the_command_line_beats_a_config_files_alias_and_the_other_way_round(tmp
     config = _config(tmp_path, {"caption_extension": ".tags", "optimizer_type": "Lion"}, "plain.toml")
     args = _checked([*BASE, *config, "--caption_extention", ".txt", "--use_8bit_adam"])
     assert args.caption_extension == ".txt" and args.optimizer_type == "AdamW8bit"
+    # an explicit default typed on the command line still counts as given
+    args = _checked([*BASE, *_config(tmp_path, {"caption_extention": ".txt"}, "alias.toml"),
+                     "--caption_extension", ".caption"])
+    assert args.caption_extension == ".caption"
+    # a file that writes every key (the GUI) with the default next to the alias: the alias is meant
+    gui = _config(tmp_path, {"caption_extention": ".txt", "caption_extension": ".caption", "optimizer_type": "",
+                             "use_8bit_adam": True}, "gui_all.toml")
+    args = _checked([*BASE, *gui])
+    assert args.caption_extension == ".txt" and args.optimizer_type == "AdamW8bit"
     both = _config(tmp_path, {"caption_extention": ".txt", "caption_extension": ".tags"}, "both.toml")
     with pytest.raises(UserError, match="disagree"):  # one file saying both: which one was meant is unknown
         _checked([*BASE, *both])
