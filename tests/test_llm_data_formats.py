@@ -218,6 +218,6 @@ def test_alpaca_input_joins_the_instruction_after_a_blank_line(tmp_path, tok):  
     assert first.input_ids[:len(prompt)] == prompt and first.labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
     assert second.input_ids[:len(tok("say hi", add_special_tokens=False).input_ids)] == tok(
         "say hi", add_special_tokens=False).input_ids  # an empty input adds nothing
-    with pytest.raises(UserError, match="input_column adds Alpaca's input to the prompt"):
+    with pytest.raises(UserError, match=r"input_column \(line \d+\): adds Alpaca's input to the prompt"):
         _dataset(tmp_path, f'jsonl_file = "{tmp_path / "a.jsonl"}"\nmessages_column = "m"\ninput_column = "input"',
                  tok=tok)

@@ -161,3 +161,22 @@ def test_subset_formats_lists_each_format_once():
     text = SimpleNamespace(format="text", chat_template=None, prompt_template=None)
     assert subset_formats([chat, alpaca, chat, text]) == [("chat", None), ("prompt", "alpaca")]
     assert subset_formats([text]) == [("raw", None)]
+
+
+def test_a_prompt_template_in_general_applies_to_the_instruction_subsets_only(tmp_path, tok):  # noqa: F811
+    from library.data.text_config import load_text_dataset_config
+
+    rows = _jsonl(tmp_path / "a.jsonl", [ROW])
+    texts = _jsonl(tmp_path / "t.jsonl", [{"text": "plain words"}])
+    chats = _jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": "hello"}]}])
+    (tmp_path / "plain.txt").write_text("more words\n", encoding="utf-8")
+    (tmp_path / "d.toml").write_text(
+        'general.prompt_template = "alpaca"\ngeneral.input_column = "input"\n[[datasets]]\n'
+        f'[[datasets.subsets]]\njsonl_file = "{rows}"\nprompt_column = "instruction"\nresponse_column = "output"\n'
+        f'[[datasets.subsets]]\njsonl_file = "{texts}"\n[[datasets.subsets]]\njsonl_file = "{chats}"\n'
+        f'messages_column = "messages"\n[[datasets.subsets]]\ntext_file = "{tmp_path / "plain.txt"}"\n',
+        encoding="utf-8")
+    subsets = load_text_dataset_config(tmp_path / "d.toml").datasets[0].subsets
+    assert [(s.format, s.prompt_template, s.input_column) for s in subsets] == [
+        ("instruct", "alpaca", "input"), ("text", None, None), ("chat", None, None), ("text", None, None)]

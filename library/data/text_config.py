@@ -231,13 +231,13 @@ def _subset(table: Any, where: str, inherited: dict[str, Any], report: Reporter)
             raise report.error(f"{where}.{explicit[0]}", "text_file reads plain text; column keys apply to jsonl_file")
         merged = {k: v for k, v in merged.items() if k not in (*COLUMN_KEYS, "chat_template", "prompt_template")}
     else:
-        _check_columns(merged, where, report)
+        _check_columns(merged, where, report, own)
     if merged.get("chat_template") is not None and not merged["chat_template"].is_file():
         raise report.error(f"{where}.chat_template", f"file not found: {merged['chat_template']}")
     return TextSubsetConfig(path=path, kind=kind, name=where, **merged)
 
 
-def _check_columns(values: dict[str, Any], where: str, report: Reporter) -> None:
+def _check_columns(values: dict[str, Any], where: str, report: Reporter, own: dict[str, Any]) -> None:
     formats = [f for f, keys in (("chat", ("messages_column",)), ("instruct", ("prompt_column", "response_column")),
                                  ("text", ("text_column",))) if any(values.get(k) for k in keys)]
     if len(formats) > 1:
@@ -246,13 +246,15 @@ def _check_columns(values: dict[str, Any], where: str, report: Reporter) -> None
                                   "messages_column (chat), prompt_column + response_column, or text_column")
     if formats == ["instruct"] and not (values.get("prompt_column") and values.get("response_column")):
         raise report.error(where, "prompt_column and response_column go together; set both")
-    if values.get("input_column") and formats != ["instruct"]:
-        raise report.error(where, "input_column adds Alpaca's input to the prompt; it goes with prompt_column + "
-                                  "response_column")
-    if values.get("prompt_template") and formats != ["instruct"]:
-        hint = " (chat rows use chat_template)" if formats == ["chat"] else ""
-        raise report.error(f"{where}.prompt_template", "formats instruction rows; it goes with prompt_column + "
-                                                       f"response_column{hint}")
+    if formats != ["instruct"]:
+        # Keys of instruction rows: set in this subset they are a mistake; inherited from [general] or the
+        # dataset (for the instruction subsets beside this one) they do not apply here.
+        for key, why in (("input_column", "adds Alpaca's input to the prompt"),
+                         ("prompt_template", "formats instruction rows")):
+            if values.get(key) and key in own:
+                hint = " (chat rows use chat_template)" if key == "prompt_template" and formats == ["chat"] else ""
+                raise report.error(f"{where}.{key}", f"{why}; it goes with prompt_column + response_column{hint}")
+            values.pop(key, None)
     if not formats:
         values["text_column"] = DEFAULT_TEXT_COLUMN
 
