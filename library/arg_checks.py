@@ -60,7 +60,7 @@ def check_ranges(args: argparse.Namespace) -> None:
         parse_resolution(args.resolution)
     if not 0 <= args.validation_split < 1:  # the dataset TOML's own value is checked with the same range
         raise UserError(f"--validation_split {args.validation_split}: expected a fraction from 0 up to (not "
-                        "including) 1, e.g. 0.1 to hold out a tenth of each subset's images.")
+                        "including) 1, e.g. 0.1 to hold out a tenth of each subset's images (rows, for LLM data).")
 
 
 def check_data_sources(args: argparse.Namespace) -> None:

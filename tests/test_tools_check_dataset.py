@@ -219,3 +219,15 @@ def test_render_sample_keeps_the_space_a_sentencepiece_decoder_drops_at_a_runs_s
     assert tok.decode(answer) == "four"  # the trap: decoded alone, the space is gone
     rendered = render_sample(prompt + answer, [-100] * len(prompt) + answer, tok)
     assert rendered == "Question: what is two plus two? Answer:⟦ four⟧"
+
+
+def test_command_line_validation_split_is_planned_as_the_trainer_plans_it(tmp_path, capsys):
+    toml, model = llm_toml(tmp_path)
+    argv = ["--dataset_config", str(toml), "--pretrained_model_name_or_path", str(model), "--show_samples", "0"]
+    assert check_dataset.main(argv) == 0
+    assert ", 0 validation samples" in capsys.readouterr().out
+    assert check_dataset.main([*argv, "--validation_split", "0.5", "--validation_seed", "2"]) == 0
+    summary = next(line for line in capsys.readouterr().out.splitlines() if "validation samples" in line)
+    assert int(summary.split(", ")[-1].split(" validation samples")[0]) > 0, summary
+    assert check_dataset.main([*argv, "--validation_split", "1"]) == 2
+    assert "--validation_split 1.0: expected a fraction" in capsys.readouterr().err

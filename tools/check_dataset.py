@@ -42,6 +42,7 @@ from library.data.sampler import steps_per_epoch  # noqa: E402
 from library.dataset_config import (  # noqa: E402
     ANY_LEVEL_KEYS,
     DATASET_KEYS,
+    RESIZE_INTERPOLATIONS,
     SUBSET_KEYS,
     DatasetDefaults,
     DatasetGroupConfig,
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on_bad_image", choices=("error", "skip"), default="error",
                    help="as the trainer: corrupt images stop the run (error) or are left out (skip)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (decides a validation split, as in training)")
+    p.add_argument("--validation_split", type=float, default=0.0,
+                   help="as the trainer: the dataset default (a TOML value wins)")
+    p.add_argument("--validation_seed", type=int, default=None, help="as the trainer: the dataset default")
+    p.add_argument("--resize_interpolation", default=None, choices=RESIZE_INTERPOLATIONS,
+                   help="as the trainer: the dataset default (images are decoded with it)")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="LLM datasets: the model folder whose tokenizer tokenises and packs the rows")  # fmt: skip
     p.add_argument("--show_samples", type=int, default=1,
@@ -95,6 +101,8 @@ def defaults_from(args: argparse.Namespace) -> DatasetDefaults:
         train_data_dir=Path(args.train_data_dir) if args.train_data_dir else None,
         reg_data_dir=Path(args.reg_data_dir) if args.reg_data_dir else None,
         in_json=Path(args.in_json) if args.in_json else None, dataset_repeats=args.dataset_repeats,
+        validation_split=args.validation_split, validation_seed=args.validation_seed,
+        resize_interpolation=args.resize_interpolation,
     )  # fmt: skip
 
 
@@ -261,7 +269,9 @@ def survey_text_subset(subset: text_config.TextSubsetConfig, problems: list[str]
 
 def check_text(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The LLM schema, every row, and with a tokenizer the samples, packing and steps the trainer would get."""
-    group = text_config.load_text_dataset_config(args.dataset_config, args.train_batch_size)
+    group = text_config.load_text_dataset_config(args.dataset_config, args.train_batch_size,
+                                                 validation_split=args.validation_split,
+                                                 validation_seed=args.validation_seed)
     lines, problems = [f"dataset config: {group.source} (LLM text data)"], []
     for dataset in group.datasets:
         lines.append(f"{dataset.name}: max_seq_length {dataset.max_seq_length or 'model default'}, "
@@ -325,6 +335,9 @@ def sample_lines(dataset: Any, tokenizer: Any, count: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if not 0 <= args.validation_split < 1:  # the trainer's own check (library/arg_checks.check_ranges)
+            raise UserError(f"--validation_split {args.validation_split}: expected a fraction from 0 up to (not "
+                            "including) 1")
         text = bool(args.dataset_config) and is_text_dataset_toml(args.dataset_config)
         if args.max_train_steps is None and args.max_train_epochs is None and text:
             from library.families.llm import DEFAULT_EPOCHS
