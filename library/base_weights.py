@@ -38,14 +38,30 @@ def base_weight_multipliers(paths: list[str] | None, multipliers: list[float] | 
     return list(multipliers)
 
 
-def check_base_weights(paths: list[str] | None, multipliers: list[float] | None) -> list[float]:
-    """The multipliers, after checking that every file exists: called before the model loads."""
+# The LoRA family (library/lora_files.py) each model type takes.
+_FAMILY_OF_MODEL_TYPE = {"sd": "sd1", "sdxl": "sdxl", "llm": "llm"}
+
+
+def check_base_weights(paths: list[str] | None, multipliers: list[float] | None,
+                       model_type: str | None = None) -> list[float]:
+    """The multipliers, after checking that every file exists and, where its key names tell (the header
+    only: no tensor is read), that it is a LoRA for ``model_type``: called before the model loads."""
+    from library.lora_files import file_family
+
+    chosen = base_weight_multipliers(paths, multipliers)
     for path in paths or []:
         p = Path(path)
         if not p.exists():
             raise UserError(f"--base_weights {path}: file not found; give a LoRA file (.safetensors, .ckpt/.pt) "
                             "or a PEFT adapter folder to merge into the model before training.")
-    return base_weight_multipliers(paths, multipliers)
+        expected = _FAMILY_OF_MODEL_TYPE.get(model_type or "")
+        if expected is None or not (p.is_dir() or p.suffix.lower() == ".safetensors"):
+            continue
+        family, why = file_family(path)
+        if family is not None and family != expected:
+            raise UserError(f"--base_weights {path} is a LoRA for {family} ({why}), but the model is "
+                            f"--model_type {model_type}; give LoRAs made for this model.")
+    return chosen
 
 
 def base_weights_metadata(paths: list[str] | None, multipliers: list[float] | None) -> list[dict[str, Any]]:

@@ -316,7 +316,8 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
                   else detect_model_type(model_path, allow_pickle=args.allow_pickle))
     if args.dataset_config:
         check_dataset_config(model_type, args.dataset_config, dataset_defaults(args, sources))
-    base_multipliers = check_base_weights(args.base_weights, args.base_weights_multiplier)  # before the model loads
+    base_multipliers = check_base_weights(args.base_weights, args.base_weights_multiplier,
+                                          model_type)  # before the model loads
     if args.base_weights and (args.load_in_4bit or args.load_in_8bit):
         raise UserError("--base_weights cannot be merged into a 4-bit or 8-bit model (--load_in_4bit / "
                         "--load_in_8bit): merge them first with tools/merge.py --llm_model and train on the result.")

@@ -343,15 +343,19 @@ def test_training_starts_from_the_merged_weights(tmp_path, tiny_sd_dir, base_lor
     assert name in delta and torch.allclose(change, 0.5 * delta[name], atol=1e-6)
 
 
-def test_a_base_weights_file_for_another_model_is_refused(tmp_path, tiny_sd_dir):
+def test_a_base_weights_file_for_another_model_is_refused(tmp_path, tiny_sd_dir, monkeypatch):
     import safetensors.torch
     import torch
+
+    from library import families
 
     bad = tmp_path / "other.safetensors"  # an LLM's LoRA, by its keys
     safetensors.torch.save_file({"lora_unet_model_layers_0_mlp_up_proj.lora_down.weight": torch.zeros(2, 4),
                                  "lora_unet_model_layers_0_mlp_up_proj.lora_up.weight": torch.zeros(4, 2)}, str(bad))
-    with pytest.raises(UserError, match=r"other.safetensors is a LoRA for llm .* is a sd1 model"):
-        _family(tiny_sd_dir, "--base_weights", str(bad))
+    with monkeypatch.context() as m:  # told from the file's header, before the model loads
+        m.setattr(families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+        with pytest.raises(UserError, match=r"other.safetensors is a LoRA for llm .*--model_type sd; give LoRAs"):
+            _family(tiny_sd_dir, "--base_weights", str(bad))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match=r"notes.txt"):  # not a LoRA file: load_lora says what it is
         _family(tiny_sd_dir, "--base_weights", str(tmp_path / "notes.txt"))
