@@ -418,3 +418,17 @@ def test_llm_training_starts_from_the_merged_weights(tmp_path):
     assert all(torch.allclose(mine[k].float(), expected[k].float(), atol=1e-6) for k in expected if k in mine)
     base = AutoModelForCausalLM.from_pretrained(str(base_dir)).state_dict()
     assert any(not torch.equal(mine[k].float(), base[k].float()) for k in base)
+    # independent of the merge tool: W + 0.7 · (alpha / r) · B A from the adapter's own tensors and config
+    import json
+
+    from safetensors.torch import load_file
+
+    tensors, config = load_file(str(adapter / "adapter_model.safetensors")), json.loads(
+        (adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    modules = [k[len("base_model.model."):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
+    assert len(modules) >= 7  # every linear layer of the tiny model's attention and MLP
+    for module in modules:
+        a, b = (tensors[f"base_model.model.{module}.lora_{x}.weight"].float() for x in "AB")
+        want = base[f"{module}.weight"].float() + 0.7 * scale * (b @ a)
+        assert torch.allclose(mine[f"{module}.weight"].float(), want, atol=1e-6), module
