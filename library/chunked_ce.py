@@ -132,17 +132,25 @@ def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def causal_lm_loss_from_hidden(hidden_states: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, *,
-                               chunk_size: int | None = None, use_liger: bool | None = None) -> torch.Tensor:
+                               chunk_size: int | None = None, use_liger: bool | None = None,
+                               positions: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' causal-LM loss from the decoder's last hidden states (B, T, H) and labels (B, T).
 
     ``hidden_states[:, t]`` predicts ``labels[:, t + 1]``; labels equal to -100 are ignored and their
     positions are never projected. The mean is over the remaining tokens (nan when there are none, like
     transformers). ``use_liger`` None means: liger where it is available, chunked PyTorch otherwise.
+    ``positions``: the flat (batch x position) indices of exactly those predictions, when the caller has them
+    (the LLM collate finds them on the CPU): selecting by index needs no device sync, a boolean mask does.
     """
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    keep = shifted != IGNORE_INDEX
-    hidden = hidden_states[keep]
-    targets = shifted[keep]
+    if positions is not None:
+        positions = positions.to(hidden_states.device)
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, positions)
+        targets = shifted.reshape(-1).index_select(0, positions.to(shifted.device))
+    else:
+        keep = shifted != IGNORE_INDEX
+        hidden = hidden_states[keep]
+        targets = shifted[keep]
     weight, bias = lm_head.weight, lm_head.bias
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -201,15 +209,16 @@ def why_not_chunked(model: torch.nn.Module) -> str | None:
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                   labels: torch.Tensor, *, chunk_size: int | None = None,
-                   use_liger: bool | None = None) -> torch.Tensor:
+                   labels: torch.Tensor, *, chunk_size: int | None = None, use_liger: bool | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
     """``model(input_ids, position_ids=..., labels=...).loss`` without materialising the logits where exact.
 
-    Models that :func:`why_not_chunked` rejects get transformers' loss unchanged.
+    Models that :func:`why_not_chunked` rejects get transformers' loss unchanged. ``positions``: see
+    :func:`causal_lm_loss_from_hidden`.
     """
     if why_not_chunked(model) is not None:
         return model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False).loss
     out = model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return causal_lm_loss_from_hidden(hidden, model.get_output_embeddings(), labels, chunk_size=chunk_size,
-                                      use_liger=use_liger)
+                                      use_liger=use_liger, positions=positions)

@@ -70,6 +70,29 @@ def test_loss_and_gradients_equal_transformers(bias, chunk_size):
     assert torch.all(grad_hidden[1] == 0) and torch.all(grad_hidden[:, -1] == 0)
 
 
+def test_positions_from_the_collate_select_the_same_tokens_as_the_mask():
+    # the LLM collate finds the loss positions on the CPU (no device sync for a boolean mask each micro-step)
+    from library.data.text_data import collate
+
+    torch.manual_seed(0)
+    labels = _labels(3, 19, 50)
+    items = [{"input_ids": list(range(19)), "labels": row.tolist(), "position_ids": list(range(19)), "index": i}
+             for i, row in enumerate(labels)]
+    items[2] = {k: v[:11] if isinstance(v, list) else v for k, v in items[2].items()}  # a shorter row: padding
+    batch = collate(items, pad_id=0)
+    keep = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:] != -100
+    assert torch.equal(batch["loss_positions"], keep.flatten().nonzero().squeeze(1))
+    assert batch["num_label_tokens"] == int(keep.sum())
+    hidden = torch.randn(3, 19, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50)
+    masked = causal_lm_loss_from_hidden(hidden, head, batch["labels"], chunk_size=7)
+    indexed = causal_lm_loss_from_hidden(hidden, head, batch["labels"], chunk_size=7,
+                                         positions=batch["loss_positions"])
+    assert torch.equal(masked, indexed)
+    for a, b in zip(_grads(masked, hidden, head.weight), _grads(indexed, hidden, head.weight), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_without_any_label_token_the_loss_is_nan_and_the_gradient_zero_like_transformers():
     hidden = torch.randn(2, 5, 8, requires_grad=True)
     head = torch.nn.Linear(8, 11)

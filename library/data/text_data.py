@@ -305,13 +305,18 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
         missing = width - len(item[key])
         return item[key] + (list(range(missing)) if key == "position_ids" else [fill] * missing)
 
+    labels = torch.tensor([row(i, "labels", IGNORE_INDEX) for i in items], dtype=torch.long)
+    predicts = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
     return {
         "input_ids": torch.tensor([row(i, "input_ids", pad_id) for i in items], dtype=torch.long),
-        "labels": torch.tensor([row(i, "labels", IGNORE_INDEX) for i in items], dtype=torch.long),
+        "labels": labels,
         "position_ids": torch.tensor([row(i, "position_ids", 0) for i in items], dtype=torch.long),
         "indices": torch.tensor([i["index"] for i in items], dtype=torch.long),
         # tokens in the loss (labels are shifted by one inside the model): the loop weights by them
-        "num_label_tokens": sum(sum(label != IGNORE_INDEX for label in i["labels"][1:]) for i in items),
+        "num_label_tokens": int(predicts.sum()),
+        # where those predictions are made (flat batch x position indices), found here on the CPU so that the
+        # loss selects them on the device without the sync a boolean mask there would cost each micro-step
+        "loss_positions": predicts.flatten().nonzero().squeeze(1),
     }
 
 

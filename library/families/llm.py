@@ -243,7 +243,8 @@ class LLMFamily:
         projected, chunk by chunk (library/chunked_ce.py); other models use transformers' own loss.
         """
         # No attention mask: transformers derives the block-diagonal mask of packed samples from position_ids.
-        return causal_lm_loss(self.model, batch["input_ids"], batch["position_ids"], batch["labels"])
+        return causal_lm_loss(self.model, batch["input_ids"], batch["position_ids"], batch["labels"],
+                              positions=batch.get("loss_positions"))
 
     def generate_sample(self, text: str, max_new_tokens: int) -> str:
         """The greedy answer to one prompt with the LoRA as trained so far (--sample_prompts)."""
