@@ -17,6 +17,7 @@ from library.args import NO_OP_ARGUMENTS, NOT_IMPLEMENTED_YET
 from library.config_file import IGNORED_KEYS_ATTR
 from library.dataset_config import DatasetGroupConfig, parse_resolution
 from library.errors import UserError
+from library.foreign_args import apply_foreign_args, foreign_notes
 from library.sd_scripts_args import GUI_ONLY_KEYS, apply_sd_scripts_args, sd_scripts_notes
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def no_op_notes(values: dict[str, object]) -> list[str]:
     if values.get("log_prefix") and not values.get("logging_dir"):
         notes.append(f"--log_prefix {values['log_prefix']}: ignored without --logging_dir (it only prefixes the "
                      "tracker run folder there).")
-    notes += sd_scripts_notes(values)
+    notes += sd_scripts_notes(values) + foreign_notes(values)
     ignored = values.get(IGNORED_KEYS_ATTR) or []
     if ignored:  # one note for all of them: a GUI export holds several in every file
         keys = "; ".join(f"{key} = {value!r} ({GUI_ONLY_KEYS[key]})" for _, key, value in ignored)
@@ -88,6 +89,7 @@ def check_combinations(args: argparse.Namespace, defaults: argparse.Namespace,
     """Reject arguments that are not implemented yet or that contradict each other (and normalise a few);
     ``sources`` (where each value came from) lets the command line win over a config file's alias."""
     apply_sd_scripts_args(args, sources)  # first: an alias such as --use_8bit_adam sets what the checks below look at
+    apply_foreign_args(args, defaults, sources)  # likewise diffusers' and TRL's names (--rank, --max_steps, --bf16)
     if isinstance(args.text_encoder_lr, list):  # nargs="*", as sd-scripts: one value is a plain number
         lrs = args.text_encoder_lr
         args.text_encoder_lr = None if not lrs else lrs[0] if len(lrs) == 1 else lrs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from library.dataset_config import RESIZE_INTERPOLATIONS
+from library.foreign_args import add_arguments as add_foreign_arguments
 from library.sample_prompts import SAMPLER_NAMES
 from library.sd_scripts_args import add_arguments as add_sd_scripts_arguments
 
@@ -492,7 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sampling,
         _add_logging,
         _add_distributed,
-        add_sd_scripts_arguments,  # last: sd-scripts names without a counterpart here (library/sd_scripts_args.py)
+        add_sd_scripts_arguments,  # sd-scripts names without a counterpart here (library/sd_scripts_args.py)
+        # last: diffusers' and TRL's names (library/foreign_args.py); as real arguments their exact names can no
+        # longer be taken by argparse for an abbreviation of one of ours (--max_steps, --optim)
+        add_foreign_arguments,
     ):
         add(p)
     return p

@@ -156,12 +156,12 @@ def apply_sd_scripts_args(args: argparse.Namespace, sources: dict[str, str] | No
         raise UserError("This sd-scripts argument is not supported by this toolkit (remove it or leave it at its "
                         "default):\n  " + "\n  ".join(lines))
     alias = getattr(args, "caption_extention", None)
-    if alias and _alias_wins(sources, "caption_extention", "caption_extension", args.caption_extension, alias,
+    if alias and alias_wins(sources, "caption_extention", "caption_extension", args.caption_extension, alias,
                              (".caption",), f"--caption_extention {alias} (sd-scripts' misspelt alias) and "
                              f"--caption_extension {args.caption_extension} disagree; keep --caption_extension."):
         args.caption_extension = alias
     for switch, optimizer in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
-        if getattr(args, switch, False) and _alias_wins(
+        if getattr(args, switch, False) and alias_wins(
                 sources, switch, "optimizer_type", args.optimizer_type, optimizer, ("",),
                 f"--{switch} means --optimizer_type {optimizer}, but --optimizer_type is {args.optimizer_type}; "
                 "keep one of them."):
@@ -175,7 +175,7 @@ def apply_sd_scripts_args(args: argparse.Namespace, sources: dict[str, str] | No
         logging.getLogger().setLevel(level)
 
 
-def _alias_wins(sources: dict[str, str] | None, alias: str, name: str, value: Any, meaning: Any,
+def alias_wins(sources: dict[str, str] | None, alias: str, name: str, value: Any, meaning: Any,
                 unset: tuple[Any, ...], conflict: str) -> bool:
     """Whether the alias's meaning replaces ``name``'s ``value``: yes when ``name`` was not given or agrees; when
     they disagree, the one given on the command line wins over the one from ``--config_file`` (with a warning),
