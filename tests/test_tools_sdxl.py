@@ -252,10 +252,10 @@ def test_convert_detects_sdxl_without_family(sdxl, sdxl_loras, tmp_path, capsys)
     assert convert.main(["--model", str(a), "--to", "comfyui", "--base_model", str(base_dir),
                          "--save_to", str(comfy)]) == 0  # fmt: skip
     assert any(k.startswith("text_encoders.clip_g.") for k in safetensors.torch.load_file(comfy))
-    # an explicit --family still wins (here wrongly: refused, nothing written)
+    # an explicit --family that contradicts the detected family is refused, nothing written
     wrong = tmp_path / "wrong.safetensors"
     assert convert.main(["--model", str(a), "--family", "sd1", "--to", "diffusers", "--save_to", str(wrong)]) == 2
-    assert "not a sd1 module name" in capsys.readouterr().err and not wrong.exists()
+    assert "is a LoRA for sdxl" in capsys.readouterr().err and not wrong.exists()
 
 
 def test_merge_refuses_sd1_with_sdxl(sdxl, sdxl_loras, tmp_path, capsys):
