@@ -348,7 +348,14 @@ class LoRANetwork(nn.Module):
         # Parts the user chose not to train (--network_train_*_only) are skipped, as in sd-scripts.
         ignored = [k for k in weights_sd if k.partition(".")[0] in self._dropped]
         if ignored:
-            logger.info("%s: ignoring %d tensors of modules not being trained", file, len(ignored))
+            # A warning, not a note: the files this run writes will not hold these modules, so a LoRA continued
+            # for its UNet only loses its text-encoder half (the trigger word then works worse).
+            modules = sorted({k.partition(".")[0] for k in ignored})
+            logger.warning("%s: %d modules (e.g. %s) belong to the part this run does not train "
+                           "(--network_train_unet_only / --network_train_text_encoder_only); they are left out of "
+                           "the files this run writes. To keep them unchanged, train both parts and set that "
+                           "part's learning rate to 0 (--text_encoder_lr 0 or --unet_lr 0) instead.",
+                           file, len(modules), modules[0])
             weights_sd = {k: v for k, v in weights_sd.items() if k.partition(".")[0] not in self._dropped}
         expected = set(self.state_dict())
         unexpected = sorted(set(weights_sd) - expected)

@@ -372,7 +372,7 @@ def test_load_weights_refreshes_scale(pristine, tmp_path):
     assert all(m.scale == 0.5 for m in target.all_loras())
 
 
-def test_load_weights_skips_parts_not_trained(models, tmp_path):
+def test_load_weights_skips_parts_not_trained(models, tmp_path, caplog):
     te, unet = models
     full = lora.create_network(1.0, 4, 1.0, None, te, unet)
     randomise(full)
@@ -380,9 +380,20 @@ def test_load_weights_skips_parts_not_trained(models, tmp_path):
     full.save_weights(path, None, None)
     network = lora.create_network(1.0, 4, 1.0, None, te, unet)
     network.apply_to(te, unet, apply_text_encoder=False)
-    network.load_weights(path)  # --network_train_unet_only with a file that also has text encoder weights
+    with caplog.at_level("WARNING"):
+        network.load_weights(path)  # --network_train_unet_only with a file that also has text encoder weights
     expected = full.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in network.state_dict().items())
+    # the output will lack the text encoder half: said as a warning (shown at the default level), with the way
+    # to keep it, which does keep it (frozen at a learning rate of 0, and saved)
+    assert "left out of the files this run writes" in caplog.text and "--text_encoder_lr 0" in caplog.text
+    kept = lora.create_network(1.0, 4, 1.0, None, te, unet)
+    kept.apply_to(te, unet)
+    kept.load_weights(path)
+    groups, descriptions = kept.prepare_optimizer_params(0.0, 1e-3, 1e-3)
+    assert descriptions == ["unet"] and not any(p.requires_grad for m in kept.text_encoder_loras
+                                                 for p in m.parameters())
+    assert kept.state_dict().keys() == expected.keys()
 
 
 def test_weights_for_another_model_are_refused(pristine):
