@@ -45,6 +45,15 @@ _AT_LEAST: dict[str, tuple[float, str]] = {
     "train_batch_size": (1, "images per process and step"), "gradient_accumulation_steps": (1, "micro-batches"),
     "max_train_steps": (1, "optimizer steps"), "max_train_epochs": (1, "epochs"), "network_dim": (1, "the rank"),
     "learning_rate": (0, "a learning rate"), "unet_lr": (0, "a learning rate"), "network_alpha": (0, "alpha"),
+    "prior_loss_weight": (0, "a loss weight"), "keep_tokens": (0, "a number of tags"),
+    "caption_dropout_every_n_epochs": (0, "a number of epochs"), "clip_skip": (1, "a layer count from the end"),
+    "max_grad_norm": (0, "a gradient norm (0: no clipping)"), "min_timestep": (0, "a timestep"),
+    "max_timestep": (1, "a timestep (exclusive)"),
+}
+# name → (lowest, highest, whether the highest itself is allowed, what it means)
+_FRACTIONS: dict[str, tuple[float, float, bool, str]] = {
+    "caption_dropout_rate": (0, 1, True, "a probability"), "caption_tag_dropout_rate": (0, 1, True, "a probability"),
+    "network_dropout": (0, 1, False, "a dropout probability"),
 }
 
 
@@ -54,6 +63,17 @@ def check_ranges(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise UserError(f"--{name} {value}: {what} must be at least {low:g}.")
+    for name, (low, high, inclusive, what) in _FRACTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None and not (low <= value <= high if inclusive else low <= value < high):
+            upper = f"{high:g}" if inclusive else f"below {high:g}"
+            raise UserError(f"--{name} {value}: {what} must be from {low:g} to {upper}.")
+    if getattr(args, "min_snr_gamma", None) is not None and args.min_snr_gamma <= 0:  # <= 0: gradient ascent
+        raise UserError(f"--min_snr_gamma {args.min_snr_gamma}: gamma must be above 0 (5 is the usual value).")
+    low, high = getattr(args, "min_timestep", None), getattr(args, "max_timestep", None)
+    if (low or 0) >= (1000 if high is None else high) or (high is not None and high > 1000):
+        raise UserError(f"--min_timestep {low} / --max_timestep {high}: training draws timesteps from min "
+                        "(included, default 0) to max (excluded, default 1000), so 0 <= min < max <= 1000.")
     lrs = args.text_encoder_lr if isinstance(args.text_encoder_lr, list) else [args.text_encoder_lr]
     if any(lr is not None and lr < 0 for lr in lrs):
         raise UserError(f"--text_encoder_lr {args.text_encoder_lr}: a learning rate must be at least 0.")

@@ -490,6 +490,15 @@ def test_a_signal_while_the_model_loads_stops_cleanly(tmp_path, tiny_sd_dir, tin
     (["--text_encoder_lr", "0.0001", "-0.0001"], "--text_encoder_lr [0.0001, -0.0001]: a learning rate"),
     (["--max_train_steps", "0"], "--max_train_steps 0: optimizer steps must be at least 1"),
     (["--full_bf16", "--mixed_precision", "no"], "--full_bf16 keeps the LoRA in bf16, which needs"),
+    (["--min_snr_gamma", "-5"], "--min_snr_gamma -5.0: gamma must be above 0"),  # a negative loss: ascent
+    (["--prior_loss_weight", "-1"], "--prior_loss_weight -1.0: a loss weight must be at least 0"),
+    (["--caption_dropout_rate", "1.5"], "--caption_dropout_rate 1.5: a probability must be from 0 to 1"),
+    (["--network_dropout", "1"], "--network_dropout 1.0: a dropout probability must be from 0 to below 1"),
+    (["--keep_tokens", "-1"], "--keep_tokens -1: a number of tags must be at least 0"),
+    (["--clip_skip", "0"], "--clip_skip 0: a layer count from the end must be at least 1"),
+    (["--min_timestep", "500", "--max_timestep", "500"], "so 0 <= min < max <= 1000"),  # was a crash at step 1
+    (["--min_timestep", "1000"], "--min_timestep 1000 / --max_timestep None"),
+    (["--max_timestep", "1200"], "so 0 <= min < max <= 1000"),
 ])
 def test_numbers_out_of_range_stop_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys, monkeypatch,
                                                           extra, message):
@@ -536,3 +545,30 @@ def test_newer_loss_options_are_compared_on_resume_and_old_states_resume():
                   ["--noise_offset", "0.1", "--adaptive_noise_scale", "0.01"]):
         with pytest.raises(UserError, match=extra[-1].lstrip("-") if extra[-1].startswith("--") else extra[-2][2:]):
             check_resume_compatible(plain, fingerprint(*extra), False, "s")
+
+
+def test_clip_skip_past_the_text_encoders_depth_is_refused_when_the_model_loads(tiny_sd_dir):
+    from library.families import load_family
+
+    with pytest.raises(UserError, match=r"--clip_skip 9: the text encoder has \d+ layers; use 1"):
+        load_family("sd", str(tiny_sd_dir), clip_skip=9)  # was an IndexError at the first step
+    assert load_family("sd", str(tiny_sd_dir), clip_skip=2).clip_skip == 2
+
+
+def test_v2_on_an_sd1_model_is_refused(tiny_sd_dir, monkeypatch):
+    # --v2 would label the LoRA SD 2 (ss_base_model_version, modelspec), which A1111 uses to hide it on SD 1.x
+    from transformers import CLIPTextModel
+
+    from library.families import load_family
+
+    original = CLIPTextModel.from_pretrained.__func__
+
+    def sd1_width(cls, *args, **kwargs):  # the tiny encoder, reporting SD 1.x's CLIP ViT-L width
+        model = original(cls, *args, **kwargs)
+        model.config.hidden_size = 768
+        return model
+
+    monkeypatch.setattr(CLIPTextModel, "from_pretrained", classmethod(sd1_width))
+    with pytest.raises(UserError, match="--v2 says .* is SD 2.x, but its text encoder is SD 1.x's"):
+        load_family("sd", str(tiny_sd_dir), v2=True)
+    assert not load_family("sd", str(tiny_sd_dir)).v2

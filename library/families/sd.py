@@ -29,6 +29,15 @@ from library.fp8 import compute_dtype_of
 from library.prompt_weighting import apply_weights, chunk_budget, encoder_inputs, weighted_chunks
 
 
+def _check_clip_skip(clip_skip: int | None, text_encoder: Any) -> None:
+    """--clip_skip N reads the N-th last layer: more than the encoder has is an error now, not an IndexError at
+    the first step."""
+    layers = text_encoder.config.num_hidden_layers
+    if clip_skip and clip_skip > layers:
+        raise UserError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers; use 1 (the last layer) to "
+                        f"{layers} (2 is the usual value for anime-style SD 1.x models).")
+
+
 @dataclass
 class SDFamily:
     """SD 1.x / 2.x training: epsilon or v-prediction, optional cached latents."""
@@ -63,6 +72,10 @@ class SDFamily:
             ckpt, scheduler, noise = load_single_file(
                 root, "sd", tokenizer_path=tokenizer_path, model_config_dir=model_config_dir,
                 allow_pickle=allow_pickle, vae_path=vae_path, v_parameterization=v_parameterization, noise=noise)
+            if v2 and ckpt.kind.name == "sd_v1":
+                raise UserError(f"--v2 says {model_path} is SD 2.x, but its keys are SD 1.x's (CLIP ViT-L text "
+                                "encoder); remove --v2 (it is detected from the model).")
+            _check_clip_skip(clip_skip, ckpt.text_encoders[0])
             return SDFamily(ckpt.tokenizers[0], ckpt.text_encoders[0], ckpt.vae, ckpt.unet, scheduler,
                             bool(v2) or ckpt.kind.name == "sd_v2", noise, seed, clip_skip,
                             max_token_length=max_token_length)
@@ -72,6 +85,10 @@ class SDFamily:
         unet = _load("UNet", UNet2DConditionModel.from_pretrained, str(root), subfolder="unet")
         vae = load_vae(root, vae_path, allow_pickle)
         scheduler, noise = load_scheduler(root, v_parameterization, noise)
+        if v2 and text_encoder.config.hidden_size == 768:  # SD 1.x's CLIP ViT-L; SD 2.x's OpenCLIP is 1024 wide
+            raise UserError(f"--v2 says {model_path} is SD 2.x, but its text encoder is SD 1.x's (768 wide, CLIP "
+                            "ViT-L); remove --v2 (it is detected from the model).")
+        _check_clip_skip(clip_skip, text_encoder)
         is_v2 = bool(v2) or text_encoder.config.hidden_size == 1024
         for module in (text_encoder, vae, unet):
             module.requires_grad_(False)
