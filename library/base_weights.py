@@ -46,22 +46,29 @@ def check_base_weights(paths: list[str] | None, multipliers: list[float] | None,
                        model_type: str | None = None) -> list[float]:
     """The multipliers, after checking that every file exists and, where its key names tell (the header
     only: no tensor is read), that it is a LoRA for ``model_type``: called before the model loads."""
-    from library.lora_files import file_family
-
     chosen = base_weight_multipliers(paths, multipliers)
     for path in paths or []:
         p = Path(path)
         if not p.exists():
             raise UserError(f"--base_weights {path}: file not found; give a LoRA file (.safetensors, .ckpt/.pt) "
                             "or a PEFT adapter folder to merge into the model before training.")
-        expected = _FAMILY_OF_MODEL_TYPE.get(model_type or "")
-        if expected is None or not (p.is_dir() or p.suffix.lower() == ".safetensors"):
-            continue
-        family, why = file_family(path)
-        if family is not None and family != expected:
-            raise UserError(f"--base_weights {path} is a LoRA for {family} ({why}), but the model is "
-                            f"--model_type {model_type}; give LoRAs made for this model.")
+        check_lora_family("--base_weights", path, model_type)
     return chosen
+
+
+def check_lora_family(flag: str, path: str, model_type: str | None) -> None:
+    """Refuse a LoRA file or PEFT folder whose key names (read from the header: no tensor is loaded) tell another
+    model family than ``model_type``'s, before the model loads; files that do not tell pass."""
+    from library.lora_files import file_family
+
+    p = Path(path)
+    expected = _FAMILY_OF_MODEL_TYPE.get(model_type or "")
+    if expected is None or not (p.is_dir() or p.suffix.lower() == ".safetensors"):
+        return
+    family, why = file_family(path)
+    if family is not None and family != expected:
+        raise UserError(f"{flag} {path} is a LoRA for {family} ({why}), but the model is --model_type "
+                        f"{model_type}; give LoRAs made for this model.")
 
 
 def base_weights_metadata(paths: list[str] | None, multipliers: list[float] | None) -> list[dict[str, Any]]:

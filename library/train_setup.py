@@ -25,7 +25,7 @@ from library.accelerator import (
     resolve_accelerate_settings,
 )
 from library.args import ACCELERATE_SETTINGS, MODEL_CARD
-from library.base_weights import base_weights_metadata, check_base_weights, merge_base_weights
+from library.base_weights import base_weights_metadata, check_base_weights, check_lora_family, merge_base_weights
 from library.dataset_config import DatasetDefaults, parse_resolution
 from library.errors import UserError
 from library.families import some_parameters_may_go_unused
@@ -318,6 +318,8 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
         check_dataset_config(model_type, args.dataset_config, dataset_defaults(args, sources))
     base_multipliers = check_base_weights(args.base_weights, args.base_weights_multiplier,
                                           model_type)  # before the model loads
+    if args.network_weights and Path(args.network_weights).exists():  # a missing file: named where it is read
+        check_lora_family("--network_weights", args.network_weights, model_type)
     if args.base_weights and (args.load_in_4bit or args.load_in_8bit):
         raise UserError("--base_weights cannot be merged into a 4-bit or 8-bit model (--load_in_4bit / "
                         "--load_in_8bit): merge them first with tools/merge.py --llm_model and train on the result.")

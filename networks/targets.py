@@ -210,7 +210,10 @@ def shape_mismatch(loaded: Mapping[str, torch.Tensor], own: Mapping[str, torch.T
     mine = sorted({int(own[k].shape[0]) for k in wrong if k.endswith(".lora_down.weight")})
     rank_note = (f" The file has rank {', '.join(map(str, ranks))} where this network has "
                  f"{', '.join(map(str, mine))}: pass --dim_from_weights (or the file's --network_dim / conv_dim)."
-                 if ranks else "")
+                 if ranks and ranks != mine else
+                 " The ranks agree, so the layers themselves differ: the file is for a model of another "
+                 "architecture or size (SD 2.x's linear projections against SD 1.x's 1x1 convolutions, or other "
+                 "widths); give the model it was trained on." if ranks else "")
     return (f"{len(wrong)} tensors have other shapes, e.g. {wrong[0]} {tuple(loaded[wrong[0]].shape)} vs "
             f"{tuple(own[wrong[0]].shape)}." + rank_note)
 

@@ -432,3 +432,33 @@ def test_llm_training_starts_from_the_merged_weights(tmp_path):
         a, b = (tensors[f"base_model.model.{module}.lora_{x}.weight"].float() for x in "AB")
         want = base[f"{module}.weight"].float() + 0.7 * scale * (b @ a)
         assert torch.allclose(mine[f"{module}.weight"].float(), want, atol=1e-6), module
+
+
+def test_network_weights_for_another_model_family_are_refused_before_the_model_loads(tmp_path, tiny_sd_dir,
+                                                                                      monkeypatch):
+    import safetensors.torch
+    import torch
+
+    from library import families
+
+    sdxl = tmp_path / "xl.safetensors"  # an SDXL LoRA by its key names (two text encoders)
+    safetensors.torch.save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4),
+                                 "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2),
+                                 "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4),
+                                 "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2)},
+                                str(sdxl))
+    monkeypatch.setattr(families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=r"--network_weights .*xl.safetensors is a LoRA for sdxl .*--model_type sd"):
+        _family(tiny_sd_dir, "--network_weights", str(sdxl))
+
+
+def test_same_rank_other_shapes_name_the_model_not_dim_from_weights():
+    import torch
+
+    from networks.targets import shape_mismatch
+
+    loaded = {"m.lora_down.weight": torch.zeros(4, 32)}  # SD 2.x: a linear proj_in
+    own = {"m.lora_down.weight": torch.zeros(4, 32, 1, 1)}  # SD 1.x: a 1x1 conv
+    message = shape_mismatch(loaded, own)
+    assert "ranks agree" in message and "give the model it was trained on" in message
+    assert "--dim_from_weights" not in message
