@@ -432,6 +432,15 @@ def validation_sums(family: Any, loader: Any, accelerator: Any, max_batches: int
     return sums
 
 
+def optimizer_label(optimizer: Any, optimizer_args: list[str] | None) -> str:
+    """``ss_optimizer`` as sd-scripts writes it: the class's module path and name, then its ``--optimizer_args``
+    in parentheses (``prodigyopt.prodigy.Prodigy(decouple=True,d_coef=2)``), so the settings travel with the
+    file."""
+    cls = type(optimizer)
+    extra = ",".join(a.strip() for a in optimizer_args or [])
+    return f"{cls.__module__}.{cls.__name__}" + (f"({extra})" if extra else "")
+
+
 def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, plan: StepPlan, optimizer: Any,
              mixed_precision: str, accumulation: int, num_processes: int, seed: int, output_name: str,
              net_kwargs: dict[str, str]):
@@ -450,7 +459,8 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
         num_reg_images=data.num_reg_images, num_batches_per_epoch=plan.batches_per_epoch,
         num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps,
         lr_scheduler=effective_scheduler_name(inner, args.lr_scheduler, args.lr_scheduler_type),
-        lr_warmup_steps=warmup_steps(args.lr_warmup_steps, plan.max_train_steps), optimizer=type(inner).__name__,
+        lr_warmup_steps=warmup_steps(args.lr_warmup_steps, plan.max_train_steps), optimizer=optimizer_label(
+            inner, args.optimizer_args),
         mixed_precision=mixed_precision, seed=seed, gradient_accumulation_steps=accumulation,
         total_batch_size=data.batch_size * num_processes * accumulation, noise_offset=args.noise_offset,
         min_snr_gamma=args.min_snr_gamma, clip_skip=args.clip_skip, prior_loss_weight=args.prior_loss_weight,

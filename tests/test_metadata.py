@@ -209,6 +209,7 @@ def test_legacy_layout_writes_sd_scripts_flat_keys(tmp_path, tiny_sd_dir):
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_sks": {"n_repeats": 2, "img_count": 4},
                                                    "1_red": {"n_repeats": 1, "img_count": 2}}
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_thing": {"n_repeats": 1, "img_count": 5}}
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW"  # sd-scripts' form: module path and class
     # the buckets training used: 10 training samples, the reg images balanced to 10 as well
     buckets = json.loads(meta["ss_bucket_info"])["buckets"]
     counts = {tuple(b["resolution"]): b["count"] for b in buckets.values()}
@@ -283,3 +284,14 @@ def test_model_card_arguments_fill_the_modelspec(tmp_path, tiny_sd_dir, tiny_ima
     meta = _train(tiny_sd_dir, tmp_path / "empty", "--dataset_config", str(data), "--metadata_title", "",
                   "--metadata_author", "")
     assert meta["modelspec.title"] == "lora" and "modelspec.author" not in meta
+
+
+def test_ss_optimizer_names_the_class_path_and_its_arguments_as_sd_scripts():
+    import torch
+
+    from library.train_setup import optimizer_label
+
+    adamw = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    assert optimizer_label(adamw, None) == "torch.optim.adamw.AdamW"
+    assert optimizer_label(adamw, ["weight_decay=0.05", " betas=0.9,0.99"]) == (
+        "torch.optim.adamw.AdamW(weight_decay=0.05,betas=0.9,0.99)")
