@@ -24,7 +24,10 @@ def import_network_module(name: str):
     try:
         module = importlib.import_module(name)
     except ImportError as e:
-        raise UserError(f"--network_module {name}: cannot import it ({e}).") from None
+        shipped = ("networks.dylora", "networks.lora_fa", "networks.oft", "networks.lora_flux", "networks.lora_sd3")
+        hint = ("; sd-scripts ships it, this toolkit does not: use networks.lora (or lycoris.kohya with LyCORIS "
+                "installed)" if name in shipped else "")
+        raise UserError(f"--network_module {name}: cannot import it ({e}){hint}.") from None
     for required in ("create_network", "create_network_from_weights"):
         if not hasattr(module, required):
             raise UserError(f"--network_module {name} has no {required}(); it must provide kohya's network API.")

@@ -52,3 +52,13 @@ def test_peft_spellings_of_network_args():
     assert parse_network_args({"target_modules": "[q_proj, 'v_proj']"})["target_modules"] == ("q_proj", "v_proj")
     with pytest.raises(UserError, match="lora_dropout: PEFT's name; here .* is --network_dropout"):
         parse_network_args({"lora_dropout": "0.05"})
+
+
+def test_an_sd_scripts_network_module_this_toolkit_lacks_says_so():
+    from library.network_setup import import_network_module
+
+    with pytest.raises(UserError, match="networks.dylora: cannot import it .*sd-scripts ships it, this toolkit "
+                                        "does not: use networks.lora"):
+        import_network_module("networks.dylora")
+    with pytest.raises(UserError, match=r"no_such_module: cannot import it \(No module named 'no_such_module'\)\.$"):
+        import_network_module("no_such_module")
