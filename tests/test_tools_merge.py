@@ -165,3 +165,30 @@ def test_files_naming_one_base_model_in_the_two_vocabularies_merge(loras, tmp_pa
     meta["modelspec.architecture"] = "stable-diffusion-v2-512/lora"
     safetensors.torch.save_file(safetensors.torch.load_file(b), str(v2), meta)
     assert merge.main(["--models", str(a), str(v2), "--save_to", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_bake_into_a_single_file_checkpoint_writes_one(loras, base_dir, tmp_path, capsys):
+    # what A1111 / Forge / ComfyUI load, as sd-scripts' merge_lora.py: a single file in, a single file out
+    from diffusers import StableDiffusionPipeline
+    from test_single_file import config_copy
+
+    from library.single_file import load_checkpoint, save_original
+
+    _, a, b = loras
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_dir), safety_checker=None, requires_safety_checker=False)
+    source = save_original(tmp_path / "model.safetensors", pipe.unet, pipe.vae, [pipe.text_encoder])
+    configs = config_copy(base_dir, tmp_path / "configs")  # the tiny architecture (a real one needs none)
+    args = ["--models", str(a), str(b), "--ratios", "0.8", "0.5"]
+    assert merge.main(["--sd_model", str(base_dir), *args, "--save_to", str(tmp_path / "folder")]) == 0
+    reference = StableDiffusionPipeline.from_pretrained(str(tmp_path / "folder"), safety_checker=None,
+                                                        requires_safety_checker=False)
+    for model, out in ((source, tmp_path / "from_file.safetensors"), (base_dir, tmp_path / "from_folder.safetensors")):
+        assert merge.main(["--sd_model", str(model), "--model_config_dir", str(configs), *args,
+                           "--save_to", str(out)]) == 0, capsys.readouterr().err
+        merged = load_checkpoint(out, "sd", model_config_dir=str(configs))
+        assert torch.allclose(unet_output(merged.unet), unet_output(reference.unet), atol=1e-5)
+        assert torch.allclose(te_output(merged.text_encoders[0]), te_output(reference.text_encoder), atol=1e-5)
+        assert not list(tmp_path.glob(".*.tmp"))
+    assert not torch.allclose(unet_output(merged.unet), unet_output(pipe.unet), atol=1e-3)
+    assert merge.main(["--sd_model", str(source), *args, "--save_to", str(tmp_path / "as_folder")]) == 2
+    assert "single-file checkpoint: give --save_to a .safetensors file" in capsys.readouterr().err

@@ -32,6 +32,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -60,10 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                         ".ckpt/.pt/.bin)")
     p.add_argument("--ratios", nargs="+", type=float, default=None, help="one multiplier per file (default 1.0 each)")
     p.add_argument("--sd_model", default=None,
-                   help="bake into this SD 1.x/2.x or SDXL model (diffusers folder); omit to merge LoRAs")
+                   help="bake into this SD 1.x/2.x or SDXL model (a diffusers folder or a single-file .safetensors "
+                        "checkpoint); omit to merge LoRAs")
+    p.add_argument("--model_config_dir", default=None,
+                   help="single-file --sd_model of a non-standard architecture: a diffusers folder holding its "
+                        "configs (as the trainer's --model_config_dir)")
     p.add_argument("--llm_model", default=None,
                    help="bake into this causal LM (transformers folder) and write a full model folder")
-    p.add_argument("--save_to", required=True, help="output: a folder (with --sd_model) or a .safetensors LoRA")
+    p.add_argument("--save_to", required=True,
+                   help="output: with --sd_model a diffusers folder, or a .safetensors single-file checkpoint (what "
+                        "A1111 / Forge / ComfyUI load; always for a single-file --sd_model); else a .safetensors LoRA")
     p.add_argument("--save_precision", choices=sorted(PRECISIONS), default=None,
                    help="dtype of the output (default: the model's as stored / the first LoRA's)")  # fmt: skip
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="float",
@@ -149,22 +156,67 @@ def save_folder_atomically(pipe, target: Path, overwrite: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_single_file_parts(path: Path, model_config_dir: str | None) -> tuple[Any, Any, list[Any], bool, bool]:
+    """(unet, vae, text encoders, is SD 2.x, v-prediction) of a single-file checkpoint, read as the trainer reads
+    it (library/single_file.py) but without tokenizers, which baking does not need."""
+    from library import single_file as sf
+
+    state = sf.read_checkpoint(path)
+    kind = sf.detect_kind(state, state.__getitem__, str(path))
+    configs = sf.config_folder(kind, model_config_dir)
+    v_prediction, _ = sf.detect_v_prediction(kind, state, state.__getitem__)
+    encoders = [sf.load_text_encoder(state, prefix, style, configs, sub) for prefix, style, sub in kind.text_encoders]
+    unet = sf.load_unet(state, configs)
+    vae = sf.load_vae({k[len(sf.VAE):]: v for k, v in state.items() if k.startswith(sf.VAE)}, configs, str(path))
+    return unet, vae, encoders, kind.name == "sd_v2", v_prediction
+
+
+def save_single_file_atomically(target: Path, overwrite: bool, unet: Any, vae: Any, encoders: list[Any], v2: bool,
+                                v_prediction: bool, dtype: torch.dtype | None) -> None:
+    """The merged model as one original-layout checkpoint, written next to ``target`` and renamed into place."""
+    from library.single_file import save_original
+
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it")
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_original(tmp, unet, vae, encoders, v2=v2, v_prediction=v_prediction, dtype=dtype)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
     if args.new_rank is not None:
         raise UserError("--new_rank applies to merging LoRAs; leave it out with --sd_model")
     check_new_output(args.save_to, args.overwrite)
-    pipe = load_pipeline(args.sd_model)
-    text_encoders = pipeline_text_encoders(pipe)
-    modules = target_modules(pipe.unet, text_encoders)
-    namer = lora_namer(pipe.unet, text_encoders)  # diffusers / ComfyUI files are read into this model's kohya names
+    source, single_out = Path(args.sd_model), args.save_to.lower().endswith(".safetensors")
+    if source.is_file():
+        if not single_out:
+            raise UserError(f"--sd_model {source} is a single-file checkpoint: give --save_to a .safetensors file "
+                            "(the merged checkpoint, in the same layout)")
+        unet, vae, text_encoders, v2, v_prediction = load_single_file_parts(source, args.model_config_dir)
+        pipe = None
+    else:
+        pipe = load_pipeline(args.sd_model)
+        unet, vae, text_encoders = pipe.unet, pipe.vae, pipeline_text_encoders(pipe)
+        v2 = text_encoders[0].config.hidden_size == 1024 and len(text_encoders) == 1
+        v_prediction = pipe.scheduler.config.get("prediction_type") == "v_prediction"
+    modules = target_modules(unet, text_encoders)
+    namer = lora_namer(unet, text_encoders)  # diffusers / ComfyUI files are read into this model's kohya names
     dtype = PRECISIONS[args.precision]
     files = [load_lora(path, namer, allow_dora=True) for path in args.models]
     check_same_family(args.models, files, (f"--sd_model {args.sd_model}", namer.family.name))
     for path, ratio, lora in zip(args.models, ratios, files, strict=True):
         n = bake(modules, lora.state, ratio, path, args.device, dtype, lora.magnitudes)
         print(f"{path}: merged {n} {'DoRA ' if lora.is_dora else ''}modules with ratio {ratio}")
-    if args.save_precision:
-        pipe.to(PRECISIONS[args.save_precision])
+    save_dtype = PRECISIONS[args.save_precision] if args.save_precision else None
+    if single_out:
+        save_single_file_atomically(Path(args.save_to), args.overwrite, unet, vae, text_encoders, v2, v_prediction,
+                                    save_dtype)
+        return
+    if save_dtype is not None:
+        pipe.to(save_dtype)
     save_folder_atomically(pipe, Path(args.save_to), args.overwrite)
 
 
