@@ -11,6 +11,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -59,6 +60,20 @@ def add_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str])
     """A copy of ``metadata`` with ``sshs_model_hash`` and ``sshs_legacy_hash`` added."""
     model_hash, legacy_hash = compute_sshs_hashes(tensors, metadata)
     return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+
+
+def checkpoint_hashes(path: str | Path) -> tuple[str, str]:
+    """(A1111's legacy model hash, the file's full SHA-256) of a checkpoint file, as sd-scripts records them in
+    ``ss_sd_model_hash`` / ``ss_new_sd_model_hash`` (and the VAE's): the legacy one is the first 8 hex digits of
+    the SHA-256 of the 64 KiB at offset 1 MiB, the new one the whole file's, read in 1 MiB blocks."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        f.seek(0)
+        full = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            full.update(block)
+    return legacy, full.hexdigest()
 
 
 def to_metadata_value(value: object) -> str:

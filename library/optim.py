@@ -363,3 +363,12 @@ def create_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: i
     except (TypeError, ValueError) as e:
         raise UserError(f"--lr_scheduler {name} --lr_scheduler_args {' '.join(scheduler_args or [])}: "
                         f"the scheduler rejects them ({e}).") from None
+
+
+def optimizer_label(optimizer: Any, optimizer_args: list[str] | None) -> str:
+    """``ss_optimizer`` as sd-scripts writes it: the class's module path and name, then its ``--optimizer_args``
+    in parentheses (``prodigyopt.prodigy.Prodigy(decouple=True,d_coef=2)``), so the settings travel with the
+    file."""
+    cls = type(optimizer)
+    extra = ",".join(a.strip() for a in optimizer_args or [])
+    return f"{cls.__module__}.{cls.__name__}" + (f"({extra})" if extra else "")

@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from library.metadata import minimal_metadata
@@ -51,6 +52,7 @@ class RunInfo:
     model_name: str
     training_comment: str | None
     model_card: dict[str, str] = field(default_factory=dict)  # --metadata_title etc., set ones only
+    file_hashes: dict[str, str] = field(default_factory=dict)  # ss_sd_model_hash ... of single-file model / VAE
     datasets: list[dict[str, Any]] = field(default_factory=list)
     switches: dict[str, Any] = field(default_factory=dict)  # SWITCHES: argument name -> value
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -130,7 +132,21 @@ def training_metadata(info: RunInfo, epoch: int, step: int) -> dict[str, str]:
         **_vae_name(info.switches.get("vae")),
         **dataset_keys(info.datasets, legacy=info.switches.get("train_data_dir") is not None),
         **({"ss_base_weights": json.dumps(info.base_weights)} if info.base_weights else {}),
+        **info.file_hashes,
     }
+
+
+def file_hashes(model: str, vae: str | None) -> dict[str, str]:
+    """``ss_sd_model_hash`` / ``ss_new_sd_model_hash`` (and ``ss_vae_hash`` / ``ss_new_vae_hash``) for a model
+    (VAE) given as one file, as sd-scripts writes them: tools that find a LoRA's base model by its hash (A1111's
+    model hash, Civitai) look there. A diffusers folder has no file hash, so nothing is written for one."""
+    from library.metadata import checkpoint_hashes
+
+    hashes: dict[str, str] = {}
+    for path, name in ((model, "sd_model"), (vae, "vae")):
+        if path and Path(path).is_file():
+            hashes[f"ss_{name}_hash"], hashes[f"ss_new_{name}_hash"] = checkpoint_hashes(path)
+    return hashes
 
 
 def _vae_name(vae: Any) -> dict[str, str]:

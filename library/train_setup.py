@@ -432,23 +432,16 @@ def validation_sums(family: Any, loader: Any, accelerator: Any, max_batches: int
     return sums
 
 
-def optimizer_label(optimizer: Any, optimizer_args: list[str] | None) -> str:
-    """``ss_optimizer`` as sd-scripts writes it: the class's module path and name, then its ``--optimizer_args``
-    in parentheses (``prodigyopt.prodigy.Prodigy(decouple=True,d_coef=2)``), so the settings travel with the
-    file."""
-    cls = type(optimizer)
-    extra = ",".join(a.strip() for a in optimizer_args or [])
-    return f"{cls.__module__}.{cls.__name__}" + (f"({extra})" if extra else "")
-
-
 def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, plan: StepPlan, optimizer: Any,
              mixed_precision: str, accumulation: int, num_processes: int, seed: int, output_name: str,
              net_kwargs: dict[str, str]):
     """The facts the ss_* metadata records."""
     from pathlib import Path
 
-    from library.optim import effective_scheduler_name, warmup_steps
-    from library.train_metadata import SWITCHES, RunInfo
+    from accelerate import PartialState
+
+    from library.optim import effective_scheduler_name, optimizer_label, warmup_steps
+    from library.train_metadata import SWITCHES, RunInfo, file_hashes
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     return RunInfo(
@@ -470,6 +463,9 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
         model_card={key: value for key in MODEL_CARD if (value := getattr(args, f"metadata_{key}", None))},
         switches={name: getattr(args, name, None) for name in SWITCHES} | getattr(family, "metadata_switches", {}),
         base_weights=base_weights_metadata(args.base_weights, args.base_weights_multiplier),
+        # read once, by the process that writes the files (a whole SDXL checkpoint takes seconds to hash)
+        file_hashes=file_hashes(args.pretrained_model_name_or_path, args.vae) if PartialState().is_main_process
+        else {},
     )
 
 

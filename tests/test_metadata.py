@@ -289,7 +289,7 @@ def test_model_card_arguments_fill_the_modelspec(tmp_path, tiny_sd_dir, tiny_ima
 def test_ss_optimizer_names_the_class_path_and_its_arguments_as_sd_scripts():
     import torch
 
-    from library.train_setup import optimizer_label
+    from library.optim import optimizer_label
 
     adamw = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     assert optimizer_label(adamw, None) == "torch.optim.adamw.AdamW"

@@ -268,3 +268,15 @@ def test_training_from_the_file_equals_training_from_the_folder(name, request, t
     assert any(k.startswith("lora_te") for k in from_file) and any(k.startswith("lora_unet_") for k in from_file)
     for key, value in from_folder.items():
         assert torch.allclose(from_file[key], value, atol=1e-6), key
+    # as sd-scripts: a model given as a file is recorded by its hashes too (A1111's legacy hash and SHA-256)
+    import hashlib
+
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "b" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    content = tiny.file.read_bytes()
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(content).hexdigest()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(content[0x100000:0x110000]).hexdigest()[:8]
+    with safe_open(str(tmp_path / "a" / "lora.safetensors"), "pt") as f:
+        assert "ss_sd_model_hash" not in f.metadata()  # a diffusers folder has no file hash
