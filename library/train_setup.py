@@ -314,7 +314,7 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
     model_path = args.pretrained_model_name_or_path
     model_type = (checked_model_type(args.model_type, model_path, args.allow_pickle) if args.model_type != "auto"
                   else detect_model_type(model_path, allow_pickle=args.allow_pickle))
-    if args.dataset_config:
+    if args.dataset_config or args.train_data_dir:
         check_dataset_config(model_type, args.dataset_config, dataset_defaults(args, sources))
     base_multipliers = check_base_weights(args.base_weights, args.base_weights_multiplier,
                                           model_type)  # before the model loads

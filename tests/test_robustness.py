@@ -572,3 +572,19 @@ def test_v2_on_an_sd1_model_is_refused(tiny_sd_dir, monkeypatch):
     with pytest.raises(UserError, match="--v2 says .* is SD 2.x, but its text encoder is SD 1.x's"):
         load_family("sd", str(tiny_sd_dir), v2=True)
     assert not load_family("sd", str(tiny_sd_dir)).v2
+
+
+def test_a_wrong_train_data_dir_layout_stops_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys,
+                                                                    monkeypatch):
+    import shutil
+
+    import library.families
+
+    flat = tmp_path / "10_sks dog"  # the N_name folder itself given, not its parent
+    shutil.copytree(tiny_images, flat)
+    monkeypatch.setattr(library.families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--train_data_dir", str(flat), "--output_dir",
+            str(out), "--resolution", "64", "--max_train_steps", "1"]
+    assert train_network.main(argv) == 2
+    assert "no N_name subfolder" in capsys.readouterr().err and not out.exists()

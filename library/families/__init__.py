@@ -138,9 +138,22 @@ def some_parameters_may_go_unused(model_type: str, train_text_encoder: bool, cli
 LLM_OPTIONS = ("load_in_4bit", "load_in_8bit", "attn_implementation")
 
 
-def check_dataset_config(model_type: str, path: str | Path, defaults: Any) -> None:
-    """Parse and check the dataset TOML the way ``model_type``'s build_data will, before the model loads:
-    a typo then costs a second, not a model load (SDXL: a minute). The family parses it again later."""
+def check_dataset_config(model_type: str, path: str | Path | None, defaults: Any) -> None:
+    """Parse and check the dataset TOML (or, without one, the --train_data_dir folder layout) the way
+    ``model_type``'s build_data will, before the model loads: a typo or a wrong folder then costs a second, not
+    a model load (SDXL: a minute). The family reads it again later."""
+    if path is None:
+        if model_type != "llm" and getattr(defaults, "train_data_dir", None) is not None:
+            import logging
+
+            from library.dataset_config import config_from_train_data_dir
+
+            logging.disable(logging.WARNING)  # its notes (skipped folders) are printed when the data is built
+            try:
+                config_from_train_data_dir(defaults)
+            finally:
+                logging.disable(logging.NOTSET)
+        return
     if model_type == "llm":
         from library.data.text_config import load_text_dataset_config
 
