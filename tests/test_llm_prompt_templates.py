@@ -180,3 +180,20 @@ def test_a_prompt_template_in_general_applies_to_the_instruction_subsets_only(tm
     subsets = load_text_dataset_config(tmp_path / "d.toml").datasets[0].subsets
     assert [(s.format, s.prompt_template, s.input_column) for s in subsets] == [
         ("instruct", "alpaca", "input"), ("text", None, None), ("chat", None, None), ("text", None, None)]
+
+
+def test_the_command_lines_validation_seed_decides_which_llm_rows_are_held_out(tmp_path, tok):  # noqa: F811
+    from library.data.text_config import load_text_dataset_config
+    from library.data.text_data import build_dataset
+
+    rows = _jsonl(tmp_path / "t.jsonl", [{"text": f"row number {i}"} for i in range(20)])
+    toml = f'[[datasets]]\nmax_seq_length = 64\n[[datasets.subsets]]\njsonl_file = "{rows}"\n'
+    (tmp_path / "d.toml").write_text(toml, encoding="utf-8")
+
+    def held_out(seed: int) -> list[str]:
+        config = load_text_dataset_config(tmp_path / "d.toml", validation_split=0.25, validation_seed=seed)
+        data = build_dataset(config.datasets[0], tok, seed=0)
+        return sorted(tok.decode(s.input_ids, skip_special_tokens=True) for s in data.validation)
+
+    assert len(held_out(1)) == 5 and held_out(1) == held_out(1)
+    assert held_out(1) != held_out(2)
