@@ -65,7 +65,10 @@ def check_lora_family(flag: str, path: str, model_type: str | None) -> None:
     expected = _FAMILY_OF_MODEL_TYPE.get(model_type or "")
     if expected is None or not (p.is_dir() or p.suffix.lower() == ".safetensors"):
         return
-    family, why = file_family(path)
+    try:
+        family, why = file_family(path)
+    except UserError:  # not a readable LoRA: reading it later says so in its own terms (e.g. what a folder lacks)
+        return
     if family is not None and family != expected:
         raise UserError(f"{flag} {path} is a LoRA for {family} ({why}), but the model is --model_type "
                         f"{model_type}; give LoRAs made for this model.")
