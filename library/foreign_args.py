@@ -80,6 +80,8 @@ _FOLDER = ("images live in a folder named N_<caption> (N = repeats per epoch; th
 _CLASS = ("regularisation images live in a folder named N_<class prompt> under --reg_data_dir, or in a dataset TOML "
           "subset with is_reg = true (the snippet below); they are not generated: make them beforehand "
           "(--prior_loss_weight is the same here)")
+_CAPTIONS = ("captions are read from a text file next to each image (--caption_extension .txt) or from a metadata "
+             "JSON (--in_json)")
 _SAMPLES = ("write the prompts to a file (one per line, options --n --w --h --s --d --l) and pass --sample_prompts "
             "FILE with --sample_every_n_steps N or --sample_every_n_epochs N")
 _NO_DOWNLOAD = ("nothing is downloaded: image data is a folder (--train_data_dir) or a dataset TOML; LLM data is a "
@@ -164,10 +166,8 @@ FOREIGN_ARGS: dict[str, ForeignArg] = {
     "validation_epochs": ForeignArg(DIFFUSERS, "refused", _SAMPLES, int),
     "num_validation_images": ForeignArg(DIFFUSERS, "refused", "one image per line of the --sample_prompts file "
                                         "(repeat a line for more, with --d SEED to vary them)", int),
-    "image_column": ForeignArg(DIFFUSERS, "refused", "captions are read from a text file next to each image "
-                               "(--caption_extension .txt) or from a metadata JSON (--in_json)", str),
-    "caption_column": ForeignArg(DIFFUSERS, "refused", "captions are read from a text file next to each image "
-                                 "(--caption_extension .txt) or from a metadata JSON (--in_json)", str),
+    "image_column": ForeignArg(DIFFUSERS, "refused", _CAPTIONS, str),
+    "caption_column": ForeignArg(DIFFUSERS, "refused", _CAPTIONS, str),
     "scale_lr": ForeignArg(DIFFUSERS, "refused", "multiply --learning_rate by batch size x gradient accumulation "
                            "steps x processes yourself"),
     "max_train_samples": ForeignArg(DIFFUSERS, "refused", "train on a smaller folder, or stop earlier with "
