@@ -22,8 +22,8 @@ class RunInfo:
     """Facts about the run that the metadata records; filled once at start-up."""
 
     network_module: str
-    network_dim: int
-    network_alpha: float
+    network_dim: int | str  # "Dynamic" when the modules' ranks differ (sd-scripts' resize writes the same)
+    network_alpha: float | str
     network_args: dict[str, str]
     base_model_version: str
     output_name: str
@@ -85,6 +85,34 @@ _LEGACY_SUBSET_KEYS = ("color_aug", "flip_aug", "random_crop", "shuffle_caption"
 
 def _s(value: Any) -> str:
     return "None" if value is None else str(value)
+
+
+def ranks_of_modules(loras: list[Any]) -> tuple[int | str, float | str, dict[str, str]] | None:
+    """(dim, alpha, conv network_args) of a network as its modules are, or None when they carry no ranks.
+
+    For a network shaped by a file (``--dim_from_weights``) the command line's ``--network_dim`` /
+    ``--network_alpha`` say nothing; sd-scripts records them anyway. A value that differs between modules is
+    "Dynamic", as sd-scripts' resize records ranks it chose per module. kxk conv modules give ``conv_dim`` /
+    ``conv_alpha``, which is where a kohya network keeps them.
+    """
+    linear: list[tuple[int, float]] = []
+    conv: list[tuple[int, float]] = []
+    for lora in loras:
+        dim, alpha = getattr(lora, "lora_dim", None), getattr(lora, "alpha", None)
+        if not isinstance(dim, int) or alpha is None:
+            return None  # another package's module: its own attributes, nothing to read here
+        kernel = getattr(getattr(lora, "lora_down", None), "kernel_size", (1, 1))
+        (conv if tuple(kernel) != (1, 1) else linear).append((dim, float(alpha)))
+
+    def one(values: set) -> Any:
+        return next(iter(values)) if len(values) == 1 else "Dynamic"
+
+    if not linear:
+        return None
+    dim, alpha = one({d for d, _ in linear}), one({a for _, a in linear})
+    conv_args = {"conv_dim": str(one({d for d, _ in conv})), "conv_alpha": str(one({a for _, a in conv}))} \
+        if conv else {}
+    return dim, alpha, conv_args
 
 
 def training_metadata(info: RunInfo, epoch: int, step: int) -> dict[str, str]:

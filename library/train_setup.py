@@ -441,12 +441,18 @@ def run_info(args: argparse.Namespace, *, network: Any, family: Any, data: Any, 
     from accelerate import PartialState
 
     from library.optim import effective_scheduler_name, optimizer_label, warmup_steps
-    from library.train_metadata import SWITCHES, RunInfo, file_hashes
+    from library.train_metadata import SWITCHES, RunInfo, file_hashes, ranks_of_modules
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    dim, alpha = getattr(network, "lora_dim", args.network_dim or 4), args.network_alpha
+    loras = [m for m in network.modules() if m is not network and hasattr(m, "lora_dim")]
+    from_file = ranks_of_modules(loras) if args.dim_from_weights else None
+    if from_file is not None:  # the file's ranks, not the command line's (which were not used)
+        dim, alpha, conv = from_file
+        net_kwargs = {key: value for key, value in net_kwargs.items() if key not in ("conv_dim", "conv_alpha")} | conv
     return RunInfo(
-        network_module=args.network_module, network_dim=getattr(network, "lora_dim", args.network_dim or 4),
-        network_alpha=args.network_alpha, network_args=net_kwargs, base_model_version=family.base_model_version,
+        network_module=args.network_module, network_dim=dim,
+        network_alpha=alpha, network_args=net_kwargs, base_model_version=family.base_model_version,
         output_name=output_name, learning_rate=args.learning_rate, unet_lr=args.unet_lr,
         text_encoder_lr=args.text_encoder_lr, num_train_images=data.num_train_images,
         num_reg_images=data.num_reg_images, num_batches_per_epoch=plan.batches_per_epoch,

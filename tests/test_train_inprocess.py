@@ -6,6 +6,7 @@ to keep the suite fast; tests/test_e2e_sd.py covers the launched path.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,33 @@ def test_network_weights_continue_from_a_file(tmp_path, tiny_sd_dir, tiny_images
                 "--network_weights", str(first / "lora.safetensors")) == 0
     a, b = load_file(str(first / "lora.safetensors")), load_file(str(second / "lora.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dim_from_weights_records_the_files_ranks_not_the_command_lines(tmp_path, tiny_sd_dir, tiny_images):
+    data = _data_toml(tmp_path, tiny_images)
+    first = tmp_path / "first"
+    assert _run(tiny_sd_dir, data, first, "--max_train_steps", "1", "--network_alpha", "2", "--network_args",
+                "conv_dim=2", "conv_alpha=1") == 0
+    second = tmp_path / "second"
+    # --network_dim 8 / --network_alpha 8 are not used (the file decides), so they must not be recorded
+    assert _run(tiny_sd_dir, data, second, "--max_train_steps", "1", "--network_dim", "8", "--network_alpha", "8",
+                "--network_weights", str(first / "lora.safetensors"), "--dim_from_weights") == 0
+    with safe_open(str(second / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+
+
+def test_ranks_of_modules_says_dynamic_where_modules_differ():
+    from library.train_metadata import ranks_of_modules
+    from networks.lora import LoRAModule
+
+    loras = [LoRAModule("a", torch.nn.Linear(8, 8), lora_dim=4, alpha=2),
+             LoRAModule("b", torch.nn.Linear(8, 8), lora_dim=2, alpha=2),
+             LoRAModule("c", torch.nn.Conv2d(8, 8, 3), lora_dim=2, alpha=1)]
+    assert ranks_of_modules(loras) == ("Dynamic", 2.0, {"conv_dim": "2", "conv_alpha": "1.0"})
+    assert ranks_of_modules(loras[:1]) == (4, 2.0, {})
+    assert ranks_of_modules([torch.nn.Linear(2, 2)]) is None  # not a LoRA module: the caller keeps its values
 
 
 def test_missing_caption_files_are_reported(tmp_path, tiny_sd_dir, tiny_images, capsys):
