@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from library import model_setup as loading
 from library import train_setup as setup
 from library.accelerator import prepare_accelerator, settings_table
 from library.arg_checks import check_combinations, no_op_notes
@@ -90,14 +91,17 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     prompts = prompt_source.load() if prompt_source else []
 
     # --- model, data, network, optimizer -------------------------------------------------------
-    family = setup.build_family(args, sources, acc_settings.mixed_precision, seed)
+    choice = loading.choose_model(args, sources)
+    # the images and their captions are read now, so that a missing caption file stops the run before the model loads
+    request = loading.scan_data(choice.model_type, loading.data_request(args, accelerator, seed, sources))
+    family = loading.build_family(args, sources, acc_settings.mixed_precision, seed, choice)
     weight_dtype = setup.weight_dtype_for(acc_settings.mixed_precision)
     family.prepare(accelerator.device, weight_dtype, not args.network_train_unet_only, args.gradient_checkpointing,
                    torch.float32 if args.no_half_vae else weight_dtype)
     if args.fp8_base:  # before the network wraps the modules; the text encoders keep their dtype
         n = store_in_fp8(family.network_inputs()[2], weight_dtype)  # computes in the model's own dtype
         log(f"--fp8_base: {n} frozen base layers stored in float8")
-    data = setup.build_data(args, family, accelerator, seed, sources)
+    data = loading.build_data(args, family, request, seed)
     plan = setup.plan_steps(len(data.sampler), accumulation, args.max_train_steps, args.max_train_epochs)
     if args.save_n_epoch_ratio and args.save_every_n_epochs is None:  # the epoch count is known only now
         args.save_every_n_epochs = epoch_cadence(args.save_n_epoch_ratio, plan.num_epochs)

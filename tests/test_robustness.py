@@ -510,6 +510,31 @@ def test_numbers_out_of_range_stop_before_the_model_loads(tmp_path, tiny_sd_dir,
     assert message in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("problem, message", [
+    ("caption", 'have no caption file ".caption"'),
+    ("image", "unreadable image(s)"),
+])
+def test_caption_and_image_problems_stop_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys,
+                                                                 monkeypatch, problem, message):
+    import shutil
+
+    import library.families
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny_images, images)
+    if problem == "caption":
+        next(images.glob("*.caption")).unlink()
+    else:
+        next(images.glob("*.png")).write_bytes(b"not an image")
+    data = tmp_path / "data.toml"
+    data.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{images}"\n'
+                    'caption_extension = ".caption"\n')
+    monkeypatch.setattr(library.families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    assert train_network.main(_args(tiny_sd_dir, data, out)) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_states_saved_before_newer_dataset_options_still_resume_unless_one_is_on():
     """A state's "dataset settings" lacks the options added after it was saved (enable_wildcard, alpha_mask, ...):
     off, they change nothing; on, they are a change the saved run could not have had."""

@@ -254,12 +254,12 @@ def _train_argv(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
 def test_a_missing_tracker_config_stops_the_run_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images,
                                                                        monkeypatch, capsys):
     import train_network
-    from library import train_setup
+    from library import model_setup
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(train_setup, "build_family", no_model)
+    monkeypatch.setattr(model_setup, "build_family", no_model)
     out = tmp_path / "out"
     argv = _train_argv(tiny_sd_dir, tiny_images, out, "--log_with", "tensorboard", "--logging_dir",
                        str(tmp_path / "logs"), "--log_tracker_config", str(tmp_path / "nope.toml"))
@@ -311,7 +311,7 @@ def base_lora(tmp_path_factory, tiny_sd_dir) -> Path:
 
 
 def _family(tiny_sd_dir: Path, *extra: str):
-    from library.train_setup import build_family
+    from library.model_setup import build_family
 
     args, sources = _args("--pretrained_model_name_or_path", str(tiny_sd_dir), *extra)
     return build_family(args, sources, "no", seed=0)

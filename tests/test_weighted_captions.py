@@ -113,7 +113,7 @@ def test_tag_shuffling_with_weighted_captions_is_warned_about(caplog):
     from types import SimpleNamespace
 
     from library.dataset_config import DatasetConfig, SubsetConfig
-    from library.train_setup import warn_weighted_tag_splits
+    from library.model_setup import warn_weighted_tag_splits
 
     shuffled = DatasetConfig(subsets=(SubsetConfig(image_dir=Path("a"), shuffle_caption=True, name="s0"),))
     warn_weighted_tag_splits([SimpleNamespace(config=shuffled)])

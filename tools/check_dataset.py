@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_train_steps is None and args.max_train_epochs is None and text:
             from library.families.llm import DEFAULT_EPOCHS
 
-            args.max_train_epochs = DEFAULT_EPOCHS  # the trainer's LLM default (library/train_setup.build_family)
+            args.max_train_epochs = DEFAULT_EPOCHS  # the trainer's LLM default (library/model_setup.build_family)
         elif args.max_train_steps is None:
             args.max_train_steps = 1600  # kohya's default
         if text:

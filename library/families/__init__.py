@@ -38,6 +38,7 @@ class DataRequest:
     cache_text_encoder_outputs: bool = False  # encode each fixed caption once (frozen text encoders)
     accumulation: int = 1  # gradient_accumulation_steps: the sampler groups each optimizer step's batches
     masked_loss: bool = False  # image datasets: load the subsets' loss masks (alpha_mask, conditioning_data_dir)
+    scanned: Any = None  # image runs: (config, ImageData) scanned before the model loaded (model_setup.scan_data)
 
 
 class TrainData(Protocol):

@@ -111,15 +111,22 @@ def with_loss_masks(config: Any, masked_loss: bool) -> Any:
     return dataclasses.replace(config, datasets=datasets)
 
 
-def build_images(request: DataRequest, config: Any,
-                 encode_images: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """Image datasets of ``config`` for this process; latents cached on request."""
+def scan_images(request: DataRequest) -> tuple[Any, Any]:
+    """(config, ImageData) of the request's image datasets: listed, captioned and bucketed; no latents yet."""
     from library.data.image_data import build_image_data
 
-    data = build_image_data(config, seed=request.seed, on_bad_image=request.on_bad_image,
-                            num_processes=request.num_processes, rank=request.rank,
-                            num_workers=request.num_workers, persistent_workers=request.persistent_workers,
-                            accumulation=request.accumulation)
+    if request.scanned is not None:  # scanned before the model loaded
+        return request.scanned
+    config = image_dataset_config(request)
+    return config, build_image_data(config, seed=request.seed, on_bad_image=request.on_bad_image,
+                                    num_processes=request.num_processes, rank=request.rank,
+                                    num_workers=request.num_workers, persistent_workers=request.persistent_workers,
+                                    accumulation=request.accumulation)
+
+
+def build_images(request: DataRequest, data: Any,
+                 encode_images: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """The scanned image data (scan_images) for this process, latents cached on request."""
     if request.cache_latents or request.cache_latents_to_disk:
         from library.data.image_data import vae_fingerprint
 

@@ -15,13 +15,13 @@ from library.families.diffusion import NoiseSettings, denoising_loss
 from library.families.diffusion_parts import (
     build_images,
     encode_latents,
-    image_dataset_config,
     latent_scale,
     load_scheduler,
     load_single_file,
     load_vae,
     merge_chunks,
     place_modules,
+    scan_images,
     token_chunks,
 )
 from library.families.diffusion_parts import load_part as _load
@@ -124,9 +124,9 @@ class SDFamily:
         if request.cache_text_encoder_outputs:
             raise UserError("--cache_text_encoder_outputs is for SDXL (as in sd-scripts); SD 1.x/2.x encodes "
                             "captions with one small text encoder per step. Remove the option.")
-        config = image_dataset_config(request)
+        config, data = scan_images(request)
         check_sd_sides(config, self.unet.config, self.latent_scale)
-        return build_images(request, config, self.encode_images)
+        return build_images(request, data, self.encode_images)
 
     def save_network(self, network: Any, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
         network.save_weights(str(path), dtype, metadata)

@@ -30,7 +30,6 @@ from library.families.diffusion_parts import (
     cached_text_outputs,
     encode_latents,
     fixed_captions,
-    image_dataset_config,
     latent_scale,
     load_part,
     load_scheduler,
@@ -38,6 +37,7 @@ from library.families.diffusion_parts import (
     load_vae,
     merge_chunks,
     place_modules,
+    scan_images,
     token_chunks,
 )
 from library.fp8 import compute_dtype_of
@@ -168,12 +168,12 @@ class SDXLFamily:
 
     def build_data(self, request: DataRequest):
         """Image datasets (sides checked), latents and text encoder outputs cached on request."""
-        config = image_dataset_config(request)
-        check_sides(config)
         if request.cache_text_encoder_outputs and self.train_text_encoder:
             raise UserError("--cache_text_encoder_outputs needs frozen text encoders: add "
                             "--network_train_unet_only (the text encoder LoRA cannot train on cached outputs).")
-        data = build_images(request, config, self.encode_images)
+        config, data = scan_images(request)
+        check_sides(config)
+        data = build_images(request, data, self.encode_images)
         if request.cache_text_encoder_outputs:
             self.cache_text(fixed_captions(data), data.batch_size)
         return data
