@@ -24,16 +24,15 @@ from networks.block_lr import BLOCK_KEYS, LR_KEYS, block_plan, reject_for_weight
 from networks.fast_lora import fast_kind, install_compute_copies, lora_forward, plain_delta
 from networks.functional import delta_norm, max_norm_ratios, merged_weight
 from networks.lora_args import NETWORK_ARGS, parse_network_args  # noqa: F401  (re-exported)
+from networks.lora_fit import fit_to_network
 from networks.targets import (
     CLIP_TEXT,
     SD_UNET,
     Target,
     TargetSpec,
     find_targets,
-    format_keys,
     input_embedding_weight,
     ranks_from_weights,
-    shape_mismatch,
     text_encoder_specs,
 )
 
@@ -344,35 +343,8 @@ class LoRANetwork(nn.Module):
         """Load a kohya LoRA file or a PEFT adapter folder; mismatched keys or shapes raise a UserError naming it."""
         from networks.peft_export import load_network_weights
 
-        weights_sd = load_network_weights(file)
-        # Parts the user chose not to train (--network_train_*_only) are skipped, as in sd-scripts.
-        ignored = [k for k in weights_sd if k.partition(".")[0] in self._dropped]
-        if ignored:
-            # A warning, not a note: the files this run writes will not hold these modules, so a LoRA continued
-            # for its UNet only loses its text-encoder half (the trigger word then works worse).
-            modules = sorted({k.partition(".")[0] for k in ignored})
-            logger.warning("%s: %d modules (e.g. %s) belong to the part this run does not train "
-                           "(--network_train_unet_only / --network_train_text_encoder_only); they are left out of "
-                           "the files this run writes. To keep them unchanged, train both parts and set that "
-                           "part's learning rate to 0 (--text_encoder_lr 0 or --unet_lr 0) instead.",
-                           file, len(modules), modules[0])
-            weights_sd = {k: v for k, v in weights_sd.items() if k.partition(".")[0] not in self._dropped}
-        expected = set(self.state_dict())
-        unexpected = sorted(set(weights_sd) - expected)
-        missing = sorted(expected - set(weights_sd))
-        if unexpected or missing:
-            block_lr = getattr(self._block_ranks, "lr_blocks", None) is not None
-            raise UserError(
-                f"{file} does not match this network: {len(unexpected)} unexpected keys {format_keys(unexpected)}, "
-                f"{len(missing)} missing keys {format_keys(missing)}. "
-                "Was it trained with another dim/conv_dim, model or --network_train_*_only setting?"
-                " (--dim_from_weights takes the ranks from the file)"
-                + (" With down/mid/up_lr_weight, blocks weighted at or below block_lr_zero_threshold get no"
-                   " LoRA modules, so a file that has them cannot load: raise those weights above the threshold."
-                   if block_lr and unexpected else "")
-            )
-        if wrong := shape_mismatch(weights_sd, self.state_dict()):  # one line with the fix, not torch's list
-            raise UserError(f"{file} does not match this network: {wrong}")
+        weights_sd = fit_to_network(file, load_network_weights(file), self.state_dict(), self._dropped,
+                                    getattr(self._block_ranks, "lr_blocks", None) is not None)
         try:
             return self.load_state_dict(weights_sd, strict=True)
         except RuntimeError as e:
