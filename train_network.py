@@ -92,8 +92,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
 
     # --- model, data, network, optimizer -------------------------------------------------------
     choice = loading.choose_model(args, sources)
-    # the images and their captions are read now, so that a missing caption file stops the run before the model loads
-    request = loading.scan_data(choice.model_type, loading.data_request(args, accelerator, seed, sources))
+    # the data is read now (images and captions, or tokenised rows), so that a bad file stops the run before the
+    # model loads
+    request = loading.scan_data(choice.model_type, loading.data_request(args, accelerator, seed, sources),
+                                args.pretrained_model_name_or_path, args.tokenizer_cache_dir)
     family = loading.build_family(args, sources, acc_settings.mixed_precision, seed, choice)
     weight_dtype = setup.weight_dtype_for(acc_settings.mixed_precision)
     family.prepare(accelerator.device, weight_dtype, not args.network_train_unet_only, args.gradient_checkpointing,

@@ -60,6 +60,10 @@ def choose_model(args: argparse.Namespace, sources: dict[str, str]) -> ModelChoi
     base_multipliers = check_base_weights(args.base_weights, args.base_weights_multiplier, model_type)
     if args.network_weights and Path(args.network_weights).exists():  # a missing file: named where it is read
         check_lora_family("--network_weights", args.network_weights, model_type)
+    if model_type == "llm":  # arguments that do nothing for a causal LM
+        from library.families.llm import IMAGE_ONLY_ARGUMENTS
+
+        refuse_image_only_arguments(args, IMAGE_ONLY_ARGUMENTS, model_path)
     if args.base_weights and (args.load_in_4bit or args.load_in_8bit):
         raise UserError("--base_weights cannot be merged into a 4-bit or 8-bit model (--load_in_4bit / "
                         "--load_in_8bit): merge them first with tools/merge.py --llm_model and train on the result.")
@@ -82,7 +86,6 @@ def build_family(args: argparse.Namespace, sources: dict[str, str], mixed_precis
                          load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, allow_pickle=args.allow_pickle,
                          attn_implementation=args.attn_implementation,
                          model_config_dir=args.model_config_dir)
-    refuse_image_only_arguments(args, getattr(family, "image_only_arguments", ()), model_path)
     if args.base_weights:  # into the frozen weights, before the network wraps them (and before fp8 / casting)
         from accelerate import PartialState
 
@@ -126,13 +129,15 @@ def data_request(args: argparse.Namespace, accelerator: Any, seed: int,
         accumulation=accelerator.gradient_accumulation_steps, masked_loss=args.masked_loss)
 
 
-def scan_data(model_type: str, request: DataRequest) -> DataRequest:
-    """``request`` with its image datasets scanned now, before the model loads: the images listed, their caption
-    files read and their sizes probed, so a missing caption or an unreadable image stops the run in seconds. The
-    family's build_data takes them from the request (nothing is read twice). Text data is left to the family:
-    its tokenizer and its model's context length shape it."""
+def scan_data(model_type: str, request: DataRequest, model_path: str, tokenizer_path: str | None) -> DataRequest:
+    """``request`` with its data read now, before the model loads, so that a missing caption file, an unreadable
+    image or a bad JSONL row stops the run in seconds. Images are listed, captioned and probed; text rows are
+    tokenised with the model's tokenizer (only its tokenizer and config.json are read). The family's build_data
+    takes them from the request, so nothing is read twice."""
     if model_type == "llm":
-        return request
+        from library.families.llm import scan_before_load
+
+        return dataclasses.replace(request, scanned=scan_before_load(request, model_path, tokenizer_path))
     from library.families.diffusion_parts import scan_images
 
     return dataclasses.replace(request, scanned=scan_images(request))

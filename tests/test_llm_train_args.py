@@ -38,13 +38,51 @@ def _run(model: Path, data: Path, out: Path, *extra: str) -> int:
                                "--learning_rate", "1e-3", "--seed", "1", "--save_model_as", "safetensors", *extra])
 
 
-def test_image_only_arguments_are_refused_for_an_llm(llm_dir, data_toml, tmp_path, capsys):
+def _no_model_load(monkeypatch) -> None:
+    import library.families
+
+    monkeypatch.setattr(library.families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def test_image_only_arguments_are_refused_for_an_llm(llm_dir, data_toml, tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
     out = tmp_path / "out"
     assert _run(llm_dir, data_toml, out, "--noise_offset", "0.1", "--min_snr_gamma", "5", "--cache_latents") == 2
     err = capsys.readouterr().err
     assert "apply to diffusion models, not to the causal LM" in err
     assert all(name in err for name in ("--noise_offset", "--min_snr_gamma", "--cache_latents"))
     assert not any(out.glob("lora*")), "a refused run leaves no output"
+
+
+def test_a_bad_row_stops_the_run_before_the_model_loads(llm_dir, tmp_path, capsys, monkeypatch):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', encoding="utf-8")
+    data = tmp_path / "data.toml"
+    data.write_text(f'[[datasets]]\nmax_seq_length = 64\n[[datasets.subsets]]\njsonl_file = "{rows}"\n'
+                    'prompt_column = "prompt"\nresponse_column = "response"\n')
+    _no_model_load(monkeypatch)
+    out = tmp_path / "out"
+    assert _run(llm_dir, data, out) == 2
+    err = capsys.readouterr().err
+    assert f"{rows}:2" in err and "response" in err
+    assert not out.exists()
+
+
+def test_rows_read_before_the_model_loads_are_the_rows_it_trains_on(llm_dir, data_toml, tmp_path, monkeypatch):
+    """The data is tokenised once, before the model loads (with its tokenizer and config.json only), and the
+    family trains on those sequences instead of reading the rows again."""
+    from library.data import text_data
+
+    calls = []
+    real = text_data.build_text_data
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(text_data, "build_text_data", counting)
+    assert _run(llm_dir, data_toml, tmp_path / "out") == 0
+    assert len(calls) == 1
 
 
 def test_fp8_base_without_mixed_precision_trains_an_llm(llm_dir, data_toml, tmp_path):

@@ -292,7 +292,7 @@ def tokenised_summary(group: text_config.TextDatasetGroup, args: argparse.Namesp
     from transformers import AutoConfig, AutoTokenizer
 
     from library.data.text_data import build_dataset
-    from library.families.llm import DEFAULT_MAX_SEQ_LENGTH
+    from library.families.llm import default_max_seq_length
 
     model = args.pretrained_model_name_or_path
     try:
@@ -301,10 +301,8 @@ def tokenised_summary(group: text_config.TextDatasetGroup, args: argparse.Namesp
     except (OSError, ValueError) as e:
         raise UserError(f"--pretrained_model_name_or_path {model}: cannot read its tokenizer / config.json "
                         f"({e}); give the model folder") from None
-    # the LLM family's default_max_seq_length, from config.json instead of the loaded model
-    default = min(DEFAULT_MAX_SEQ_LENGTH, positions) if positions else DEFAULT_MAX_SEQ_LENGTH
     try:
-        group = text_config.replace_max_seq_length(group, default, positions)
+        group = text_config.replace_max_seq_length(group, default_max_seq_length(positions), positions)
         datasets = [build_dataset(d, tokenizer, args.seed) for d in group.datasets]
     except UserError as e:
         problems.append(str(e))

@@ -33,7 +33,7 @@ DEFAULT_EPOCHS = 3
 _DIFFUSION_ONLY = {"vae_path": "--vae", "v2": "--v2", "v_parameterization": "--v_parameterization",
                    "clip_skip": "--clip_skip", "max_token_length": "--max_token_length"}
 # Training arguments of the image trainers that do nothing for a causal LM (no latents, noise schedule,
-# captions, buckets or text encoder): train_setup refuses them when set, rather than record them unused.
+# captions, buckets or text encoder): model_setup refuses them when set, rather than record them unused.
 IMAGE_ONLY_ARGUMENTS = (
     "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
     "train_data_dir", "reg_data_dir", "in_json", "dataset_repeats", "caption_extension", "shuffle_caption",
@@ -108,6 +108,53 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: t
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def default_max_seq_length(positions: int | None) -> int:
+    """max_seq_length where the dataset TOML sets none: 2048, or the model's max_position_embeddings if less."""
+    return min(DEFAULT_MAX_SEQ_LENGTH, positions) if positions else DEFAULT_MAX_SEQ_LENGTH
+
+
+def load_tokenizer(model_path: str, tokenizer_path: str | None = None) -> Any:
+    """The model's tokenizer (or ``tokenizer_path``'s), as training and sampling use it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"Cannot load the tokenizer of the causal LM {tokenizer_path or model_path}: {e}") from None
+
+
+def scan_text(request: DataRequest, tokenizer: Any, positions: int | None):
+    """(group, data): the dataset TOML read and every row tokenised and packed for this process.
+
+    ``positions``: the model's max_position_embeddings (None when unknown), which bounds max_seq_length and
+    gives its default (2048, or less for a shorter model)."""
+    from library.data.text_config import load_text_dataset_config, replace_max_seq_length
+    from library.data.text_data import build_text_data
+
+    if not request.dataset_config:
+        raise UserError("An LLM run needs --dataset_config: a TOML with jsonl_file or text_file subsets "
+                        "(see configs/llm_example_data.toml).")
+    defaults = request.defaults
+    group = load_text_dataset_config(request.dataset_config, defaults.batch_size,
+                                     validation_split=defaults.validation_split,
+                                     validation_seed=defaults.validation_seed)
+    group = replace_max_seq_length(group, default_max_seq_length(positions), positions)
+    return group, build_text_data(group, tokenizer, seed=request.seed, num_processes=request.num_processes,
+                                  rank=request.rank, accumulation=request.accumulation)
+
+
+def scan_before_load(request: DataRequest, model_path: str, tokenizer_path: str | None):
+    """What LLMFamily.build_data takes as ``request.scanned``, read before the model loads: (the context length
+    it assumed, group, data). Only the model's config.json and tokenizer are read."""
+    from transformers import AutoConfig
+
+    try:
+        positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None  # the model's loading reports it; the data is then read after the model loads
+    return (positions, *scan_text(request, load_tokenizer(model_path, tokenizer_path), positions))
+
+
 @dataclass
 class LLMFamily:
     """A causal LM and its tokenizer; the LoRA network is hooked into the model's Linear layers."""
@@ -124,7 +171,6 @@ class LLMFamily:
     v2: bool = False
     network_defaults: dict[str, Any] = field(default_factory=lambda: dict(NETWORK_DEFAULTS))
     default_epochs: int = DEFAULT_EPOCHS  # when neither --max_train_steps nor --max_train_epochs is given
-    image_only_arguments: tuple[str, ...] = IMAGE_ONLY_ARGUMENTS
     metadata_switches: dict[str, Any] = field(default_factory=lambda: {"loss_type": "cross_entropy"})
     # How training formats a prompt, which samples follow: "chat" with this template (None: the tokenizer's own),
     # or "raw" text when no subset is chat data (build_data sets it).
@@ -141,7 +187,7 @@ class LLMFamily:
         ``noise`` and unset diffusion options are accepted and ignored (train_network passes them to every
         family); a diffusion option the user set is an error.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         for key, value in diffusion_options.items():
             if key not in _DIFFUSION_ONLY:
@@ -157,7 +203,7 @@ class LLMFamily:
 
             device = PartialState().device
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+            tokenizer = load_tokenizer(model_path, tokenizer_path)
             # Quantization happens while loading, on the device that will train.
             attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quant,
@@ -194,32 +240,20 @@ class LLMFamily:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.model.train()  # transformers checkpoints only in training mode
 
-    @property
-    def default_max_seq_length(self) -> int:
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        return min(DEFAULT_MAX_SEQ_LENGTH, positions) if positions else DEFAULT_MAX_SEQ_LENGTH
-
     def build_data(self, request: DataRequest):
-        """Token sequences from the LLM dataset TOML (library/data/text_config.py)."""
-        from library.data.text_config import load_text_dataset_config, replace_max_seq_length
-        from library.data.text_data import build_text_data
-
-        if not request.dataset_config:
-            raise UserError("An LLM run needs --dataset_config: a TOML with jsonl_file or text_file subsets "
-                            "(see configs/llm_example_data.toml).")
-        defaults = request.defaults
-        group = load_text_dataset_config(request.dataset_config, defaults.batch_size,
-                                         validation_split=defaults.validation_split,
-                                         validation_seed=defaults.validation_seed)
-        group = replace_max_seq_length(group, self.default_max_seq_length,
-                                       getattr(self.model.config, "max_position_embeddings", None))
+        """Token sequences from the LLM dataset TOML (library/data/text_config.py), tokenised before the model
+        loaded (model_setup.scan_data) or now."""
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        scanned = request.scanned
+        if scanned is None or scanned[0] != positions:  # the model's own config decides the context length
+            scanned = (positions, *scan_text(request, self.tokenizer, positions))
+        _, group, data = scanned
         if any(d.packing for d in group.datasets) and not self.packing_is_isolated():
             raise UserError(f"{type(self.model).__name__} lets packed samples attend to each other (it ignores "
                             "position_ids for its attention mask); set packing = false in the dataset TOML.")
         subsets = [s for d in group.datasets for s in d.subsets]
         self.sample_format, self.data_formats = training_format(subsets), subset_formats(subsets)
-        return build_text_data(group, self.tokenizer, seed=request.seed, num_processes=request.num_processes,
-                               rank=request.rank, accumulation=request.accumulation)
+        return data
 
     @torch.no_grad()
     def packing_is_isolated(self) -> bool:
