@@ -60,6 +60,14 @@ def choose_model(args: argparse.Namespace, sources: dict[str, str]) -> ModelChoi
     base_multipliers = check_base_weights(args.base_weights, args.base_weights_multiplier, model_type)
     if args.network_weights and Path(args.network_weights).exists():  # a missing file: named where it is read
         check_lora_family("--network_weights", args.network_weights, model_type)
+    if model_type == "sd":
+        from library.families.sd import check_text_caching
+
+        check_text_caching(args.cache_text_encoder_outputs)
+    elif model_type == "sdxl":
+        from library.families.sdxl import check_text_caching
+
+        check_text_caching(args.cache_text_encoder_outputs, not args.network_train_unet_only)
     if model_type == "llm":  # arguments that do nothing for a causal LM
         from library.families.llm import IMAGE_ONLY_ARGUMENTS
 
@@ -140,7 +148,12 @@ def scan_data(model_type: str, request: DataRequest, model_path: str, tokenizer_
         return dataclasses.replace(request, scanned=scan_before_load(request, model_path, tokenizer_path))
     from library.families.diffusion_parts import scan_images
 
-    return dataclasses.replace(request, scanned=scan_images(request))
+    scanned = scan_images(request)
+    if model_type == "sdxl":  # bucket sides: the config alone tells (SD's need its UNet's config)
+        from library.families.sdxl import check_sides
+
+        check_sides(scanned[0])
+    return dataclasses.replace(request, scanned=scanned)
 
 
 def build_data(args: argparse.Namespace, family: Any, request: DataRequest, seed: int):

@@ -499,6 +499,7 @@ def test_a_signal_while_the_model_loads_stops_cleanly(tmp_path, tiny_sd_dir, tin
     (["--min_timestep", "500", "--max_timestep", "500"], "so 0 <= min < max <= 1000"),  # was a crash at step 1
     (["--min_timestep", "1000"], "--min_timestep 1000 / --max_timestep None"),
     (["--max_timestep", "1200"], "so 0 <= min < max <= 1000"),
+    (["--cache_text_encoder_outputs"], "--cache_text_encoder_outputs is for SDXL"),  # an SD model
 ])
 def test_numbers_out_of_range_stop_before_the_model_loads(tmp_path, tiny_sd_dir, tiny_images, capsys, monkeypatch,
                                                           extra, message):

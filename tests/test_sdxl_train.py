@@ -203,12 +203,20 @@ def test_bad_dataset_settings_are_refused(family, tmp_path, tiny_images, extra, 
         family.build_data(_request(data, cache_text_encoder_outputs=True))
 
 
-def test_cache_needs_frozen_text_encoders(tmp_path, model_dir, tiny_images, capsys):
-    data = data_toml(tmp_path / "data.toml", tiny_images)
+@pytest.mark.parametrize("steps, extra, message", [
+    (32, ["--cache_text_encoder_outputs"], "--network_train_unet_only"),
+    (48, [], "multiples of 32"),
+])
+def test_sdxl_only_problems_stop_the_run_before_the_model_loads(tmp_path, model_dir, tiny_images, capsys,
+                                                                 monkeypatch, steps, extra, message):
+    import library.families
+
+    monkeypatch.setattr(library.families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = data_toml(tmp_path / "data.toml", tiny_images, "", steps)
     argv = ["--pretrained_model_name_or_path", str(model_dir), "--dataset_config", str(data),
-            "--output_dir", str(tmp_path / "out"), "--cache_text_encoder_outputs"]
+            "--output_dir", str(tmp_path / "out"), *extra]
     assert train_network.main(argv) == 2
-    assert "--network_train_unet_only" in capsys.readouterr().err
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_sample_pipeline_sees_the_network(family):

@@ -38,6 +38,13 @@ def _check_clip_skip(clip_skip: int | None, text_encoder: Any) -> None:
                         f"{layers} (2 is the usual value for anime-style SD 1.x models).")
 
 
+def check_text_caching(cache_text_encoder_outputs: bool) -> None:
+    """--cache_text_encoder_outputs is refused for SD 1.x/2.x (checked before the model loads, too)."""
+    if cache_text_encoder_outputs:
+        raise UserError("--cache_text_encoder_outputs is for SDXL (as in sd-scripts); SD 1.x/2.x encodes "
+                        "captions with one small text encoder per step. Remove the option.")
+
+
 @dataclass
 class SDFamily:
     """SD 1.x / 2.x training: epsilon or v-prediction, optional cached latents."""
@@ -121,9 +128,7 @@ class SDFamily:
 
     def build_data(self, request: DataRequest):
         """Image datasets from the kohya TOML (or --train_data_dir), latents cached on request."""
-        if request.cache_text_encoder_outputs:
-            raise UserError("--cache_text_encoder_outputs is for SDXL (as in sd-scripts); SD 1.x/2.x encodes "
-                            "captions with one small text encoder per step. Remove the option.")
+        check_text_caching(request.cache_text_encoder_outputs)
         config, data = scan_images(request)
         check_sd_sides(config, self.unet.config, self.latent_scale)
         return build_images(request, data, self.encode_images)

@@ -75,6 +75,13 @@ def check_sides(config: Any) -> None:
                             f"{h // SIDE_MULTIPLE * SIDE_MULTIPLE or 32}, or enable_bucket.")
 
 
+def check_text_caching(cache_text_encoder_outputs: bool, train_text_encoder: bool) -> None:
+    """--cache_text_encoder_outputs needs frozen text encoders (checked before the model loads, too)."""
+    if cache_text_encoder_outputs and train_text_encoder:
+        raise UserError("--cache_text_encoder_outputs needs frozen text encoders: add "
+                        "--network_train_unet_only (the text encoder LoRA cannot train on cached outputs).")
+
+
 @dataclass
 class SDXLFamily:
     """SDXL training: epsilon or v-prediction, optional cached latents and text encoder outputs."""
@@ -168,9 +175,7 @@ class SDXLFamily:
 
     def build_data(self, request: DataRequest):
         """Image datasets (sides checked), latents and text encoder outputs cached on request."""
-        if request.cache_text_encoder_outputs and self.train_text_encoder:
-            raise UserError("--cache_text_encoder_outputs needs frozen text encoders: add "
-                            "--network_train_unet_only (the text encoder LoRA cannot train on cached outputs).")
+        check_text_caching(request.cache_text_encoder_outputs, self.train_text_encoder)
         config, data = scan_images(request)
         check_sides(config)
         data = build_images(request, data, self.encode_images)
