@@ -138,11 +138,16 @@ def write_peft_adapter(network: nn.Module, model: nn.Module, folder: str | os.Pa
     """
     from safetensors.torch import save_file
 
+    from library.fileio import atomic_path
+
     folder = Path(folder)
     tensors = peft_state_dict(network, model, dtype)
     config = adapter_config(network, model, base_model_name_or_path)
     with _atomic_folder(folder) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        # atomic_path gives the weights the umask's permissions (save_file creates its files 0600), as the
+        # kohya file and the text files beside them get.
+        with atomic_path(tmp / ADAPTER_WEIGHTS) as weights:
+            save_file(tensors, str(weights), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, text in (extra_files(config) if extra_files else {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
