@@ -158,16 +158,10 @@ def place_modules(device: torch.device, weight_dtype: torch.dtype, vae_dtype: to
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout
         if train_text_encoder:
-            # Non-reentrant, as the LLM family: the reentrant form (transformers 4.x's default) gives the LoRA
-            # inside a checkpointed layer no gradient when the layer's input does not require one (frozen
-            # embeddings), and breaks DDP's search for unused parameters.
-            kwargs = {"use_reentrant": False}
-            for te in text_encoders:
-                if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-                    te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-                else:
-                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-                te.train()
+            from library.checkpointing import enable_checkpointing
+
+            for te in text_encoders:  # non-reentrant, in eval mode (library/checkpointing.py)
+                enable_checkpointing(te)
 
 
 def latent_scale(vae: torch.nn.Module) -> int:

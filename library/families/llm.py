@@ -231,14 +231,10 @@ class LLMFamily:
                 self.model.to(dtype=weight_dtype)
         # Frozen weights in eval mode: their dropout would only add noise to the LoRA's gradient.
         self.model.eval()
-        if gradient_checkpointing:
-            # Non-reentrant checkpointing gives the LoRA its gradients without the inputs requiring grad.
-            kwargs = {"use_reentrant": False}
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            self.model.train()  # transformers checkpoints only in training mode
+        if gradient_checkpointing:  # in eval mode still: checkpointing must not turn the model's dropout on
+            from library.checkpointing import enable_checkpointing
+
+            enable_checkpointing(self.model)
 
     def build_data(self, request: DataRequest):
         """Token sequences from the LLM dataset TOML (library/data/text_config.py), tokenised before the model
