@@ -21,7 +21,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,66 @@ def write_peft_adapter(network: nn.Module, model: nn.Module, folder: str | os.Pa
     return folder
 
 
+def _saved_module(key: str) -> str | None:
+    """The module a ``modules_to_save`` tensor key copies (``lm_head``), else None (a LoRA key, or foreign)."""
+    if not key.startswith(PEFT_PREFIX) or ".lora_" in key:
+        return None
+    path = key[len(PEFT_PREFIX):]
+    if ".modules_to_save." in path:  # the in-memory name; save_pretrained strips ".modules_to_save.<adapter>"
+        return path.split(".modules_to_save.", 1)[0]
+    module, _, leaf = path.rpartition(".")
+    return module if module and leaf in ("weight", "bias") else None
+
+
+def refuse_modules_to_save(where: str | os.PathLike, config: Mapping[str, Any], keys: Iterable[str]) -> None:
+    """A UserError naming ``where`` when the adapter holds ``modules_to_save`` copies (full layers, not LoRAs).
+
+    TRL's / axolotl's ``lora_modules_to_save`` (``lm_head`` / ``embed_tokens`` after adding tokens) store whole
+    layers beside the LoRA factors (``base_model.model.lm_head.weight``); our networks hold LoRAs only.
+    """
+    modules = sorted({m for m in map(_saved_module, keys) if m})
+    if not modules:
+        return
+    listed = config.get("modules_to_save") or sorted({m.rsplit(".", 1)[-1] for m in modules})
+    shown = ", ".join(modules[:3]) + (f", ... ({len(modules)} in all)" if len(modules) > 3 else "")
+    raise UserError(
+        f"{where}: this PEFT adapter holds full copies of layers ({shown}; modules_to_save = {list(listed)} in its "
+        f"{ADAPTER_CONFIG}), as TRL's / axolotl's lora_modules_to_save write them (lm_head / embed_tokens after "
+        "adding tokens, for instance). modules_to_save is not supported by this toolkit's LoRA, which holds LoRA "
+        "A/B factors and DoRA magnitudes only. Train the adapter without modules_to_save, or merge it into the "
+        "base model with peft first (PeftModel.from_pretrained(model, folder).merge_and_unload().save_pretrained"
+        "(...)) and use the merged model as the base model."
+    )
+
+
+def peft_tensor_keys(weights: str | os.PathLike) -> list[str]:
+    """The tensor names of a ``.safetensors`` file, without reading the tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return list(f.keys())
+
+
+def check_peft_folder(folder: str | os.PathLike) -> None:
+    """Refuse a PEFT folder (or its weight file) with ``modules_to_save`` copies before the tools read it.
+
+    Reads ``adapter_config.json`` and the weight file's key names only; a folder that is not a readable
+    PEFT adapter is left to the reader's own errors.
+    """
+    folder = Path(folder)
+    if folder.name == ADAPTER_WEIGHTS and folder.is_file():
+        folder = folder.parent
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not folder.is_dir() or not config_path.is_file() or not weights_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        keys = peft_tensor_keys(weights_path)
+    except Exception:  # noqa: BLE001 - the reader reports unreadable files with its own message
+        return
+    refuse_modules_to_save(weights_path, config if isinstance(config, dict) else {}, keys)
+
+
 def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(adapter_config, tensors) of a PEFT LoRA folder; anything else is a UserError naming the folder."""
     from safetensors.torch import load_file
@@ -168,7 +228,9 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         raise UserError(f"{config_path}: not valid JSON ({e})") from None
     if config.get("peft_type") != "LORA":
         raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are read.")
-    return config, load_file(str(weights_path))
+    tensors = load_file(str(weights_path))
+    refuse_modules_to_save(weights_path, config, list(tensors))
+    return config, tensors
 
 
 def load_network_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

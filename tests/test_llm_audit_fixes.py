@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
+import pytest
+
+from library.errors import UserError
 from networks import lora
 
 
@@ -32,3 +36,54 @@ def test_the_peft_adapter_weights_follow_the_umask(tmp_path):
         os.umask(old)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644, name
+
+
+# --- #9: PEFT adapters with modules_to_save are refused with what they are and what to do -----------------
+
+
+def _adapter_with_modules_to_save(tmp_path, key: str = "base_model.model.lm_head.weight"):
+    from safetensors.torch import load_file, save_file
+
+    from networks.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_peft_adapter
+
+    model, network = _tiny_network()
+    folder = write_peft_adapter(network, model, tmp_path / "mts", "base")
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    tensors[key] = model.lm_head.weight.detach().clone()
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS))
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config["modules_to_save"] = ["lm_head"]
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("key", ["base_model.model.lm_head.weight",
+                                 "base_model.model.lm_head.modules_to_save.default.weight"])
+def test_network_weights_with_modules_to_save_say_what_they_are(tmp_path, key):
+    from networks.peft_export import load_network_weights
+
+    folder = _adapter_with_modules_to_save(tmp_path, key)
+    with pytest.raises(UserError) as e:
+        load_network_weights(folder)
+    text = str(e.value)
+    assert str(folder) in text and "modules_to_save" in text and "lm_head" in text, text
+    assert "not supported" in text and "without modules_to_save" in text and "merge" in text, text
+
+
+def test_show_refuses_modules_to_save_naming_the_folder(tmp_path, capsys):
+    from tools import show
+
+    folder = _adapter_with_modules_to_save(tmp_path)
+    assert show.main([str(folder)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and str(folder) in out.err and "modules_to_save" in out.err, out.err
+    assert "Traceback" not in out.err
+
+
+def test_a_plain_peft_adapter_still_loads(tmp_path):
+    from networks.peft_export import check_peft_folder, load_network_weights, write_peft_adapter
+
+    model, network = _tiny_network()
+    folder = write_peft_adapter(network, model, tmp_path / "plain", "base")
+    check_peft_folder(folder)
+    assert any(k.endswith(".lora_down.weight") for k in load_network_weights(folder))

@@ -30,6 +30,7 @@ from library.errors import UserError  # noqa: E402
 from library.lora_files import LoRAFile, check_same_family, detect_family, load_lora  # noqa: E402
 from library.lora_formats import FAMILIES, Namer  # noqa: E402
 from library.metadata import compute_sshs_hashes  # noqa: E402
+from networks.peft_export import check_peft_folder  # noqa: E402
 from networks.svd import LoRAFactors  # noqa: E402
 
 
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Without --family, load_lora names diffusers / ComfyUI files by the detected family (as convert.py).
         namer = Namer(FAMILIES[args.family]) if args.family else None
+        check_peft_folder(path)  # modules_to_save copies: say what they are, not "unexpected key"
         lora = load_lora(path, namer, allow_dora=True)
         if args.family:
             check_same_family([path], [lora], (f"--family {args.family}", args.family))
