@@ -9,6 +9,7 @@ math lives in :mod:`networks.functional`, the naming rules in :mod:`networks.tar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -206,7 +207,8 @@ class LoRANetwork(nn.Module):
         )
 
         if self._modules_dim is not None:
-            self._check_all_found(te_specs if text_encoders else [], unet_spec if unet is not None else None)
+            self._check_all_found(list(zip(text_encoders, te_specs, strict=True))
+                                  + ([(unet, unet_spec)] if unet is not None else []))
 
     def _rank_for(self, target: Target) -> tuple[int, float | None] | None:
         """(dim, alpha) of a target, or None to leave it out. Block-wise ranks plug in here."""
@@ -241,15 +243,33 @@ class LoRANetwork(nn.Module):
             loras.append(self.module_class(target.lora_name, target.module, self.multiplier, dim, alpha, *dropouts))
         return loras
 
-    def _check_all_found(self, te_specs: Sequence[TargetSpec], unet_spec: TargetSpec | None) -> None:
+    def _check_all_found(self, roots: Sequence[tuple[nn.Module, TargetSpec]]) -> None:
         # A file for another architecture would otherwise load as a silent no-op.
-        prefixes = [s.prefix + "_" for s in te_specs] + ([unet_spec.prefix + "_"] if unet_spec else [])
-        missing = [n for n in self._modules_dim if n not in self._modules and n.startswith(tuple(prefixes))]
-        if missing:
-            raise UserError(
-                f"{len(missing)} LoRA modules in the weights have no matching layer in the model, e.g. "
-                f"{', '.join(missing[:5])}; were these weights trained for another model architecture?"
-            )
+        prefixes = tuple(spec.prefix + "_" for _, spec in roots)
+        missing = [n for n in self._modules_dim if n not in self._modules and n.startswith(prefixes)]
+        if not missing:
+            return
+        # A target_modules network_arg that leaves out modules of the weights is the user's choice to revisit,
+        # not another architecture: the layers are there, the filter excludes them.
+        narrowed = [(root, spec) for root, spec in roots if spec.target_modules]
+        if narrowed:
+            unfiltered = {t.lora_name: t.path for root, spec in narrowed
+                          for t in find_targets(root, dataclasses.replace(spec, target_modules=None), True)}
+            excluded = [n for n in missing if n in unfiltered]
+            if excluded:
+                given = ",".join(dict.fromkeys(m for _, spec in narrowed for m in spec.target_modules))
+                leaves = sorted({unfiltered[n].rsplit(".", 1)[-1] for n in excluded})
+                raise UserError(
+                    f"--network_args target_modules={given} leaves out {len(excluded)} LoRA modules the weights "
+                    f"contain ({', '.join(leaves[:6])}{', ...' if len(leaves) > 6 else ''}), e.g. "
+                    f"{', '.join(excluded[:3])}; leave target_modules out (the weights decide the modules when "
+                    f"they are loaded with --dim_from_weights) or list those too "
+                    f"(target_modules={','.join(dict.fromkeys([*given.split(','), *leaves]))})."
+                )
+        raise UserError(
+            f"{len(missing)} LoRA modules in the weights have no matching layer in the model, e.g. "
+            f"{', '.join(missing[:5])}; were these weights trained for another model architecture?"
+        )
 
     def all_loras(self) -> list[LoRAModule]:
         return self.text_encoder_loras + self.unet_loras

@@ -87,3 +87,33 @@ def test_a_plain_peft_adapter_still_loads(tmp_path):
     folder = write_peft_adapter(network, model, tmp_path / "plain", "base")
     check_peft_folder(folder)
     assert any(k.endswith(".lora_down.weight") for k in load_network_weights(folder))
+
+
+# --- #8: a target_modules network_arg narrower than the loaded weights is named, not the architecture -----
+
+
+def test_weights_with_a_narrower_target_modules_blame_target_modules():
+    from library.tiny_llm import tiny_llama
+
+    _, network = _tiny_network("q_proj,v_proj")
+    weights = {k: v.clone() for k, v in network.state_dict().items()}
+    with pytest.raises(UserError) as e:
+        lora.create_network_from_weights(1.0, None, None, None, tiny_llama(64), weights, target_modules="q_proj")
+    text = str(e.value)
+    assert "target_modules=q_proj leaves out 2 LoRA modules" in text and "(v_proj)" in text, text
+    assert "self_attn_v_proj" in text and "architecture" not in text, text
+    assert "leave target_modules out" in text and "target_modules=q_proj,v_proj" in text, text
+    # the weights' own modules load as before
+    net, _ = lora.create_network_from_weights(1.0, None, None, None, tiny_llama(64), weights,
+                                              target_modules="q_proj,v_proj")
+    assert len(net.all_loras()) == 4
+
+
+def test_weights_for_another_model_still_blame_the_architecture():
+    from library.tiny_llm import tiny_llama
+
+    _, network = _tiny_network("q_proj")
+    weights = {k.replace("self_attn_q_proj", "self_attn_qkv_proj"): v.clone() for k, v in network.state_dict().items()}
+    for args in ({}, {"target_modules": "q_proj"}):
+        with pytest.raises(UserError, match="another model architecture"):
+            lora.create_network_from_weights(1.0, None, None, None, tiny_llama(64), weights, **args)
