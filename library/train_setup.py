@@ -294,10 +294,14 @@ def validation_loss(family: Any, network: torch.nn.Module, loader: Any, accelera
 
     Each process evaluates every num_processes-th batch and the sums are added up, so N GPUs share the
     work and report the value one process would."""
-    network.eval()
-    sums = validation_sums(family, loader, accelerator, max_batches, accelerator.process_index,
-                           accelerator.num_processes)
-    network.train()
+    from library.sampling import eval_mode
+
+    # the frozen models too: one in training mode (transformers' own checkpointing) would add its dropout
+    parts = [network, *(p for part in family.network_inputs() for p in (part if isinstance(part, list) else [part]))]
+    modules = [m for m in parts if isinstance(m, torch.nn.Module)]
+    with eval_mode(*modules):
+        sums = validation_sums(family, loader, accelerator, max_batches, accelerator.process_index,
+                               accelerator.num_processes)
     if accelerator.num_processes > 1:
         sums = accelerator.reduce(sums, reduction="sum")
     return (sums[0] / sums[1].clamp_min(1.0)).item()

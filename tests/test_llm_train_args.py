@@ -120,8 +120,14 @@ def test_validation_loss_is_the_mean_over_label_tokens():
     from library.train_setup import validation_loss
 
     class Family:
+        model = torch.nn.Dropout(0.5)  # in training mode, as transformers' own checkpointing leaves a model
+
         def loss(self, batch, epoch):
+            assert not self.model.training, "the validation loss ran with the model's dropout on"
             return batch["mean"]
+
+        def network_inputs(self):
+            return None, None, self.model
 
     class Accelerator:
         device = torch.device("cpu")
@@ -139,6 +145,8 @@ def test_validation_loss_is_the_mean_over_label_tokens():
     # two processes share the batches (every other one) and their sums add up to the one-process sums
     from library.train_setup import validation_sums
 
+    assert Family.model.training, "the model's own mode is restored afterwards"
+    Family.model.eval()  # validation_sums alone does not set modes
     three = [*batches, {"mean": torch.tensor(5.0), "num_label_tokens": torch.tensor(2)}]
     shares = [validation_sums(Family(), three, Accelerator(), None, rank, 2) for rank in (0, 1)]
     assert shares[1].tolist() == [9.0, 3.0]  # only the second batch
