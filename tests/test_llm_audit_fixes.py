@@ -117,3 +117,84 @@ def test_weights_for_another_model_still_blame_the_architecture():
     for args in ({}, {"target_modules": "q_proj"}):
         with pytest.raises(UserError, match="another model architecture"):
             lora.create_network_from_weights(1.0, None, None, None, tiny_llama(64), weights, **args)
+
+
+# --- #5: a data file given as --dataset_config gets the dataset TOML that wraps it ------------------------
+
+CHAT_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+ALPACA_ROW = {"instruction": "add", "input": "1 and 2", "output": "3"}
+
+
+def _wrapping_toml(message: str) -> str:
+    assert "not a dataset TOML" in message and "pass that as --dataset_config" in message, message
+    return message.split("\n\n", 1)[1]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("train.jsonl", json.dumps(CHAT_ROW) + "\n" + json.dumps(CHAT_ROW) + "\n", {"messages_column": "messages"}),
+    ("train.json", json.dumps(CHAT_ROW) + "\n" + json.dumps(CHAT_ROW) + "\n", {"messages_column": "messages"}),
+    ("alpaca.json", json.dumps([ALPACA_ROW, ALPACA_ROW], indent=2),
+     {"prompt_column": "instruction", "input_column": "input", "response_column": "output",
+      "prompt_template": "alpaca"}),
+    ("pc.jsonl", json.dumps({"prompt": "a", "completion": "b"}) + "\n",
+     {"prompt_column": "prompt", "response_column": "completion"}),
+    ("corpus.toml", json.dumps({"text": "some text"}) + "\n", {"text_column": "text"}),
+])
+def test_a_data_file_as_dataset_config_prints_the_toml_to_use(tmp_path, name, text, expected):
+    import tomllib
+
+    from library.data.config_checks import read_config_file
+
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_config_file(path)
+    message = str(e.value)
+    assert str(path) in message and "looks like JSON" not in message, message
+    subset = tomllib.loads(_wrapping_toml(message))["datasets"][0]["subsets"][0]
+    jsonl = path.with_suffix(".jsonl") if name == "train.json" else path
+    assert subset == {"jsonl_file": str(jsonl.resolve()), **expected}
+    if name == "train.json":
+        assert "rename the file train.jsonl" in message
+
+
+def test_the_printed_toml_reads_the_data(tmp_path):
+    from library.data.config_checks import read_config_file
+    from library.data.text_config import load_text_dataset_config
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(CHAT_ROW) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_config_file(data)
+    toml = tmp_path / "data.toml"
+    toml.write_text(_wrapping_toml(str(e.value)), encoding="utf-8")
+    group = load_text_dataset_config(toml)
+    assert group.datasets[0].subsets[0].messages_column == "messages"
+
+
+def test_dataset_configs_are_still_read(tmp_path):
+    from library.data.config_checks import read_config_file
+
+    json_config = tmp_path / "data.json"
+    json_config.write_text(json.dumps({"datasets": [{"subsets": [{"jsonl_file": "x.jsonl", "text_column": "text"}]}]}))
+    assert read_config_file(json_config)[0]["datasets"][0]["subsets"][0]["text_column"] == "text"
+    toml = tmp_path / "data.toml"
+    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  jsonl_file = "x.jsonl"\n', encoding="utf-8")
+    assert read_config_file(toml)[0]["datasets"][0]["subsets"][0]["jsonl_file"] == "x.jsonl"
+
+
+def test_the_trainer_stops_on_a_data_file_as_dataset_config(tmp_path, capsys, monkeypatch):
+    import library.families
+    import train_network
+    from library.tiny_llm import save_tiny_llm
+
+    monkeypatch.setattr(library.families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+    model = save_tiny_llm(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(CHAT_ROW) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert train_network.main(["--pretrained_model_name_or_path", str(model), "--dataset_config", str(data),
+                               "--output_dir", str(out), "--max_train_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and 'messages_column = "messages"' in err and f'jsonl_file = "{data}"' in err
+    assert not out.exists()

@@ -102,6 +102,81 @@ def is_json(path: Path | str) -> bool:
     return Path(path).suffix.lower() == ".json"
 
 
+# A data file's columns → the dataset TOML keys that read them (the first whose columns a row has all wins).
+_DATA_COLUMNS: tuple[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], ...] = (
+    (("messages",), (("messages_column", "messages"),)),
+    (("conversations",), (("messages_column", "conversations"),)),
+    (("instruction", "input", "output"),
+     (("prompt_column", "instruction"), ("input_column", "input"), ("response_column", "output"),
+      ("prompt_template", "alpaca"))),
+    (("instruction", "output"), (("prompt_column", "instruction"), ("response_column", "output"),
+                                 ("prompt_template", "alpaca"))),
+    (("prompt", "completion"), (("prompt_column", "prompt"), ("response_column", "completion"))),
+    (("prompt", "response"), (("prompt_column", "prompt"), ("response_column", "response"))),
+    (("text",), (("text_column", "text"),)),
+)
+_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+
+
+def _data_rows(text: str) -> list[dict] | None:
+    """The first rows of ``text`` when it is a data file (JSON Lines or a JSON array of objects with a known
+    column), else None."""
+    rows: list[Any] = []
+    text = text.removeprefix("\ufeff")
+    try:
+        data = json.loads(text)
+        rows = data[:5] if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        for line in [line for line in text.splitlines() if line.strip()][:5]:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                return None
+    rows = [row for row in rows if isinstance(row, dict)]
+    if rows and any(set(names) <= row.keys() for row in rows for names, _ in _DATA_COLUMNS):
+        return rows
+    return None
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+
+
+def data_file_error(path: Path, text: str | None) -> UserError | None:
+    """The error for a data file given as ``--dataset_config``: the dataset TOML that wraps it; else None.
+
+    A ``.jsonl`` name, or rows that are objects with messages / conversations / prompt / instruction / text
+    columns, make it a data file (what TRL's ``--dataset_name`` takes), not a dataset TOML.
+    """
+    rows = _data_rows(text) if text is not None else None
+    if rows is None and not path.name.lower().endswith(_DATA_SUFFIXES):
+        return None
+    seen = next((keys for names, keys in _DATA_COLUMNS for row in rows or [] if set(names) <= row.keys()), None)
+    data_path, note = path.resolve(), ""
+    if rows is not None and is_json(path):
+        try:
+            whole = json.loads((text or "").removeprefix("\ufeff"))
+        except json.JSONDecodeError:  # one object per line named .json: the data reader wants .jsonl
+            data_path = data_path.with_suffix(".jsonl")
+            note = f"; one object per line is JSON Lines: rename the file {data_path.name}"
+        else:
+            if not isinstance(whole, list):
+                note = "; a .json data file holds an array of rows [{...}, ...]: put the row in one"
+    lines = ["[[datasets]]", "  [[datasets.subsets]]", f"  jsonl_file = {_toml_string(str(data_path))}"]
+    lines += [f"  {key} = {_toml_string(value)}" for key, value in seen or ()]
+    if seen is None:
+        lines.append('  messages_column = "messages"   # or prompt_column + response_column, or text_column')
+        columns = sorted({c for row in rows or [] for c in row})
+        what = f"a data file (JSON Lines{'; its rows have ' + ', '.join(columns) if columns else ''})"
+    else:
+        columns = [repr(value) for key, value in seen if key.endswith("_column")]
+        named = f"a {columns[0]} column" if len(columns) == 1 else f"{', '.join(columns)} columns"
+        what = f"a data file (rows with {named})"
+    toml = "\n".join(lines)
+    return UserError(f"--dataset_config {path} is {what}, not a dataset TOML{note}. Save these lines as a .toml "
+                     f"file (e.g. data.toml) and pass that as --dataset_config:\n\n{toml}\n")
+
+
 def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
     """The parsed file and its text; a missing file or a syntax error is a UserError with the line."""
     if not path.is_file():
@@ -109,7 +184,11 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
+        if error := data_file_error(path, None):
+            raise error from None
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if error := data_file_error(path, text):
+        raise error
     if is_json(path):
         try:
             data = json.loads(text)
