@@ -132,12 +132,28 @@ class Variant:
         """Record the options on the network (the PEFT export reads them) and check the targets."""
         network.use_rslora, network.use_dora = self.use_rslora, self.use_dora
         network.target_modules = self.target_modules
-        if self.target_modules and not network.all_loras():
-            # the model's own Linear names, so a Phi-3 (qkv_proj) or GPT-NeoX (query_key_value) user sees theirs
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in (model.named_modules() if model is not None else [])
-                            if isinstance(m, nn.Linear)} - {"lm_head"})
-            example = ",".join(names) if names else "q_proj,k_proj,v_proj,o_proj"
-            raise UserError(f"--network_args target_modules={','.join(self.target_modules)} matched no Linear "
-                            f"layer of the model; this model's Linear layers are named {example} "
-                            "(a name matches a module path that equals it or ends with '.name').")
+        if not self.target_modules:
+            return network
+        # the model's own Linear names, so a Phi-3 (qkv_proj) or GPT-NeoX (query_key_value) user sees theirs
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in (model.named_modules() if model is not None else [])
+                        if isinstance(m, nn.Linear)} - {"lm_head"})
+        example = ",".join(names) if names else "q_proj,k_proj,v_proj,o_proj"
+        rule = "(a name matches a module path that equals it or ends with '.name')"
+        given = ",".join(self.target_modules)
+        if not network.all_loras():
+            raise UserError(f"--network_args target_modules={given} matched no Linear layer of the model; this "
+                            f"model's Linear layers are named {example} {rule}.")
+        if model is not None:  # one misspelt name among good ones would otherwise train silently without it
+            adapted = {id(lora.org_module) for lora in getattr(network, "unet_loras", [])}
+            paths = [path for path, m in model.named_modules() if id(m) in adapted]
+            unmatched = [t for t in self.target_modules
+                         if not any(path == t or path.endswith("." + t) for path in paths)]
+            sized_by_file = getattr(network, "_modules_dim", None) is not None  # create_network_from_weights
+            if unmatched and sized_by_file:
+                raise UserError(f"--network_args target_modules={given}: the weights have no module for "
+                                f"{', '.join(unmatched)} (with --dim_from_weights the file decides the modules); "
+                                "leave those names out, or train a new LoRA without --dim_from_weights.")
+            if unmatched:
+                raise UserError(f"--network_args target_modules={given}: {', '.join(unmatched)} matched no Linear "
+                                f"layer of the model; this model's Linear layers are named {example} {rule}.")
         return network

@@ -146,6 +146,17 @@ def test_llm_defaults_target_every_linear_of_attention_and_mlp(llm_dir):
     with pytest.raises(UserError, match="target_modules=qproj matched no Linear .* named down_proj,gate_proj,"
                                         "k_proj,o_proj,q_proj,up_proj,v_proj"):
         lora.create_network(1.0, 4, 4.0, None, None, _base(llm_dir), target_modules="qproj")
+    # one misspelt name among good ones is an error too, not a LoRA silently without that layer
+    with pytest.raises(UserError, match=r"target_modules=q_proj,v_prj: v_prj matched no Linear .* named down_proj"):
+        lora.create_network(1.0, 4, 4.0, None, None, _base(llm_dir), target_modules="q_proj,v_prj")
+    # a name that matches a module which is not a Linear layer (the attention block) adapts nothing either
+    with pytest.raises(UserError, match="self_attn matched no Linear"):
+        lora.create_network(1.0, 4, 4.0, None, None, _base(llm_dir), target_modules="q_proj,self_attn")
+    # the file decides the modules with --dim_from_weights: a name the weights lack says so
+    weights = {k: v for k, v in lora.create_network(1.0, 4, 4.0, None, None, _base(llm_dir),
+                                                    target_modules="q_proj").state_dict().items()}
+    with pytest.raises(UserError, match="the weights have no module for k_proj"):
+        lora.create_network_from_weights(1.0, None, None, None, _base(llm_dir), weights, target_modules="q_proj,k_proj")
 
 
 
