@@ -167,3 +167,34 @@ def test_max_seq_length_above_the_model_positions_is_refused(tmp_path):
     toml.write_text(f'[[datasets]]\n[[datasets.subsets]]\njsonl_file = "{f}"\n', encoding="utf-8")
     unset = load_text_dataset_config(toml)
     assert replace_max_seq_length(unset, 512, limit=512).datasets[0].max_seq_length == 512
+
+
+# --- subsets beside each other --------------------------------------------------------------------------
+
+
+def _two_subsets(tmp_path: Path, tok, small: list, large: list, dataset_lines: str):
+    a, b = _write(tmp_path / "small.jsonl", small), _write(tmp_path / "large.jsonl", large)
+    (tmp_path / "data.toml").write_text(
+        f"[[datasets]]\n{dataset_lines}\n[[datasets.subsets]]\njsonl_file = \"{a}\"\nmessages_column = \"messages\"\n"
+        f"[[datasets.subsets]]\njsonl_file = \"{b}\"\ntext_column = \"text\"\n", encoding="utf-8")
+    return build_dataset(load_text_dataset_config(tmp_path / "data.toml").datasets[0], tok, seed=0)
+
+
+def test_a_subset_that_gives_no_sample_is_an_error_not_a_silent_omission(tmp_path, tok):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, CHAT["messages"][1]]}
+    with pytest.raises(UserError, match=r"datasets\[0\].subsets\[0\] gave no sample to train on: .*small.jsonl: "
+                                        r"all 2 rows are longer than max_seq_length=64.*remove the subset"):
+        _two_subsets(tmp_path, tok, [long_prompt, long_prompt], [{"text": "a short text"}] * 3,
+                     "max_seq_length = 64\npacking = false")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_validation_split_holds_out_each_subsets_share(tmp_path, tok, seed):
+    """validation_split = 0.2 of 5 chat rows and 20 text rows: 1 and 4 rows, whatever the seed (a split over
+    the pooled rows would take anything from 0 to 5 of the small subset)."""
+    texts = [{"text": f"text number {i}"} for i in range(20)]
+    data = _two_subsets(tmp_path, tok, [CHAT] * 5, texts,
+                        f"max_seq_length = 64\npacking = false\nvalidation_split = 0.2\nvalidation_seed = {seed}")
+    held = [s.subset for s in data.validation]
+    assert (held.count(0), held.count(1)) == (1, 4)
+    assert len(data.train) == 4 + 16

@@ -329,16 +329,20 @@ class _Collate:  # a class, not a lambda, so DataLoader workers can pickle it
 
 
 def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(train, validation): whole rows held out, chosen by a shuffle keyed on ``seed``."""
+    """(train, validation): whole rows held out from each subset alike (``fraction`` of its rows, at least one and
+    never all; none from a one-row subset), chosen by a shuffle keyed on ``seed`` and the subset, as image
+    subsets are split. A small subset beside a large one keeps its share instead of losing most of its rows."""
     if fraction <= 0:
         return samples, []
-    rows = sorted({s.row for s in samples})
-    held = max(1, round(len(rows) * fraction))
-    if held >= len(rows):
-        raise UserError(f"validation_split {fraction} leaves no training rows out of {len(rows)}; lower it.")
-    random.Random(derive_seed(seed, "validation")).shuffle(rows)
-    chosen = set(rows[:held])
-    return [s for s in samples if s.row not in chosen], [s for s in samples if s.row in chosen]
+    chosen: set[tuple[int, int]] = set()
+    for subset in sorted({s.subset for s in samples}):
+        rows = sorted({s.row for s in samples if s.subset == subset})
+        if len(rows) < 2:
+            continue
+        random.Random(derive_seed(seed, "validation", subset)).shuffle(rows)
+        chosen |= {(subset, row) for row in rows[:min(len(rows) - 1, max(1, round(len(rows) * fraction)))]}
+    return ([s for s in samples if (s.subset, s.row) not in chosen],
+            [s for s in samples if (s.subset, s.row) in chosen])
 
 
 # --- the run's data ---------------------------------------------------------------------------
@@ -438,6 +442,13 @@ def build_dataset(config: TextDatasetConfig, tokenizer: Any, seed: int) -> TextD
     if not samples:  # checked before the split, which would blame validation_split for it
         why = [_why_unused(s, r, config.max_seq_length) for s, r in zip(config.subsets, reports, strict=True)]
         raise UserError(f"{config.name}: no usable rows: " + "; ".join(why))
+    used = {s.subset for s in samples}
+    unused = [(subset, report) for i, (subset, report) in enumerate(zip(config.subsets, reports, strict=True))
+              if i not in used]
+    if unused:  # the run would train on the other subsets alone, while the model card lists this one's format
+        why = "; ".join(_why_unused(subset, report, config.max_seq_length) for subset, report in unused)
+        raise UserError(f"{', '.join(subset.name for subset, _ in unused)} gave no sample to train on: {why}. "
+                        "Fix the rows or remove the subset.")
     train, validation = split_validation(samples, config.validation_split,
                                          config.validation_seed if config.validation_seed is not None else seed)
     repeats = [s for s in train for _ in range(config.subsets[s.subset].num_repeats)]
