@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     if args.fp8_base:  # before the network wraps the modules; the text encoders keep their dtype
         n = store_in_fp8(family.network_inputs()[2], weight_dtype)  # computes in the model's own dtype
         log(f"--fp8_base: {n} frozen base layers stored in float8")
-    data = loading.build_data(args, family, request, seed)
+    data = loading.build_data(args, family, request, seed, sources)
     plan = setup.plan_steps(len(data.sampler), accumulation, args.max_train_steps, args.max_train_epochs)
     if args.save_n_epoch_ratio and args.save_every_n_epochs is None:  # the epoch count is known only now
         args.save_every_n_epochs = epoch_cadence(args.save_n_epoch_ratio, plan.num_epochs)

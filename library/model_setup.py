@@ -156,9 +156,12 @@ def scan_data(model_type: str, request: DataRequest, model_path: str, tokenizer_
     return dataclasses.replace(request, scanned=scanned)
 
 
-def build_data(args: argparse.Namespace, family: Any, request: DataRequest, seed: int):
+def build_data(args: argparse.Namespace, family: Any, request: DataRequest, seed: int,
+               sources: dict[str, str] | None = None):
     """The family's data for this process (sampler, loader, optional validation loader)."""
     data = family.build_data(request)
+    note_batch_size_override(args.train_batch_size, (sources or {}).get("train_batch_size"), data.batch_size,
+                             args.dataset_config)
     # torch's DataLoader draws its workers' base seed from the global RNG each time an epoch's iterator
     # starts, unless it has a generator of its own. A resumed run starts one right after the state restore,
     # which would shift every later draw from that RNG (LoRA dropout) away from the uninterrupted run.
@@ -180,3 +183,17 @@ def warn_weighted_tag_splits(datasets: list[Any]) -> None:
             "--weighted_captions with shuffle_caption / caption_tag_dropout_rate / keep_tokens_separator (%s): tags "
             "are split at the caption separator first, so a weighted group must not hold one, e.g. write "
             "(red hair:1.2), (blue eyes:1.2) rather than (red hair, blue eyes:1.2)", ", ".join(split))
+
+
+def note_batch_size_override(given: int, source: str | None, used: int, dataset_config: str | None) -> None:
+    """A warning when a --train_batch_size the user gave loses to the dataset TOML's batch_size: the TOML wins (as
+    in sd-scripts), and someone lowering the batch to fit memory would otherwise train at the larger one."""
+    from library.config_file import SOURCE_DEFAULT
+
+    if source in (None, SOURCE_DEFAULT) or given == used or not dataset_config:
+        return
+    logging.getLogger(__name__).warning(
+        "--train_batch_size %d (%s) is not used: batch_size = %d in %s wins (the dataset TOML's values beat the "
+        "command line's dataset defaults, as in sd-scripts); change batch_size there instead", given, source, used,
+        dataset_config)
+

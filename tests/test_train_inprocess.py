@@ -134,6 +134,17 @@ def test_ranks_of_modules_says_dynamic_where_modules_differ():
     assert ranks_of_modules([torch.nn.Linear(2, 2)]) is None  # not a LoRA module: the caller keeps its values
 
 
+def test_a_train_batch_size_the_toml_overrides_is_warned_about(tmp_path, tiny_sd_dir, tiny_images, caplog):
+    data = _data_toml(tmp_path, tiny_images, batch_size=2)
+    with caplog.at_level("WARNING"):
+        assert _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "1", "--train_batch_size", "1") == 0
+    assert f"--train_batch_size 1 (command line) is not used: batch_size = 2 in {data} wins" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the same value, or none given: nothing to say
+        assert _run(tiny_sd_dir, data, tmp_path / "again", "--max_train_steps", "1", "--train_batch_size", "2") == 0
+    assert "--train_batch_size" not in caplog.text
+
+
 def test_missing_caption_files_are_reported(tmp_path, tiny_sd_dir, tiny_images, capsys):
     data = tmp_path / "data.toml"
     data.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n"
