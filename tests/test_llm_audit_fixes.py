@@ -198,3 +198,83 @@ def test_the_trainer_stops_on_a_data_file_as_dataset_config(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "Traceback" not in err and 'messages_column = "messages"' in err and f'jsonl_file = "{data}"' in err
     assert not out.exists()
+
+
+# --- #11: data-format rough edges -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from library.tiny_llm import tiny_bpe_tokenizer
+
+    return tiny_bpe_tokenizer()
+
+
+def _chat_dataset(tmp_path, tok, rows, column="messages", extra=""):
+    from tests.test_llm_data import _dataset, _jsonl
+
+    return _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "c.jsonl", rows)}"\n'
+                    f'messages_column = "{column}"\n{extra}', tok=tok)
+
+
+def _samples(dataset):
+    return [(s.input_ids, s.labels) for s in dataset.train]
+
+
+@pytest.mark.parametrize(("user", "assistant"), [("human", "gpt"), ("user", "chatgpt")])
+def test_sharegpt_speaker_names_under_role_map_as_under_from(tmp_path, tok, user, assistant):
+    openai = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    named = [{"messages": [{"role": user, "content": "hi"}, {"role": assistant, "content": "hello"}]}]
+    assert _samples(_chat_dataset(tmp_path, tok, named)) == _samples(_chat_dataset(tmp_path, tok, openai))
+
+
+def test_an_unknown_role_is_refused_with_file_and_line(tmp_path, tok):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    with pytest.raises(UserError) as e:
+        _chat_dataset(tmp_path, tok, rows)
+    assert "c.jsonl:2" in str(e.value) and "role 'bot' is not one of system, user, assistant, tool" in str(e.value)
+
+
+def test_trl_conversational_prompt_completion_rows_say_to_use_messages(tmp_path, tok):
+    from tests.test_llm_data import _dataset, _jsonl
+
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}]
+    with pytest.raises(UserError) as e:
+        _dataset(tmp_path, f'jsonl_file = "{_jsonl(tmp_path / "pc.jsonl", rows)}"\nprompt_column = "prompt"\n'
+                 'response_column = "completion"', tok=tok)
+    text = str(e.value)
+    assert "pc.jsonl:1" in text and "holds chat turns" in text and 'messages_column = "messages"' in text, text
+    assert "is list, expected str" not in text
+
+
+def test_openai_tool_call_rows_are_refused_as_unsupported(tmp_path, tok):
+    rows = [{"messages": [{"role": "user", "content": "weather?"},
+                          {"role": "assistant", "content": None,
+                           "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+                          {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "sunny"}]}]
+    with pytest.raises(UserError) as e:
+        _chat_dataset(tmp_path, tok, rows)
+    assert "c.jsonl:1" in str(e.value) and "messages[1] has tool_calls: tool calls are not supported" in str(e.value)
+
+
+def test_a_jsonl_file_as_text_file_warns_once(tmp_path, caplog):
+    import logging
+
+    from library.data import text_config
+    from tests.test_llm_data import _config, _jsonl
+
+    data = _jsonl(tmp_path / "chat.jsonl", [{"text": "a"}])
+    body = f'[[datasets]]\n[[datasets.subsets]]\ntext_file = "{data}"\n[[datasets.subsets]]\ntext_file = "{data}"\n'
+    text_config._warned_json_text_files.discard(data.resolve())
+    with caplog.at_level(logging.WARNING, logger="library.data.text_config"):
+        _config(tmp_path, body)
+        _config(tmp_path, body)
+    warnings = [r.getMessage() for r in caplog.records if "raw JSON" in r.getMessage()]
+    assert len(warnings) == 1 and str(data) in warnings[0] and f'jsonl_file = "{data}"' in warnings[0], warnings
+    caplog.clear()
+    plain = tmp_path / "corpus.txt"
+    plain.write_text("some text\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="library.data.text_config"):
+        _config(tmp_path, f'[[datasets]]\n[[datasets.subsets]]\ntext_file = "{plain}"\n')
+    assert not [r for r in caplog.records if "raw JSON" in r.getMessage()]

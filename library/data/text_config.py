@@ -19,6 +19,7 @@ Unknown keys, image keys and wrong types are errors naming the file, key path an
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,12 @@ from library.dataset_config import DATASET_KEYS as IMAGE_DATASET_KEYS
 from library.dataset_config import SUBSET_KEYS as IMAGE_SUBSET_KEYS
 from library.errors import UserError, did_you_mean
 
+logger = logging.getLogger(__name__)
+
 FORMATS = ("chat", "instruct", "text")
 DEFAULT_TEXT_COLUMN = "text"
+_JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+_warned_json_text_files: set[Path] = set()  # a file is warned about once per process
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,7 @@ def _subset(table: Any, where: str, inherited: dict[str, Any], report: Reporter)
         raise report.error(f"{where}.{files[0]}", f"file not found: {path}")
     merged = {k: inherited[k] for k in ANY_LEVEL_KEYS if k in inherited} | own
     if kind == "text":
+        _warn_json_as_text(path, report.at(f"{where}.text_file"), report.source)
         explicit = [k for k in COLUMN_KEYS if k in own]
         if explicit:
             raise report.error(f"{where}.{explicit[0]}", "text_file reads plain text; column keys apply to jsonl_file")
@@ -235,6 +241,16 @@ def _subset(table: Any, where: str, inherited: dict[str, Any], report: Reporter)
     if merged.get("chat_template") is not None and not merged["chat_template"].is_file():
         raise report.error(f"{where}.chat_template", f"file not found: {merged['chat_template']}")
     return TextSubsetConfig(path=path, kind=kind, name=where, **merged)
+
+
+def _warn_json_as_text(path: Path, at: str, source: str) -> None:
+    """A JSON (Lines) file as text_file trains on its raw JSON text, braces and keys included: say so, once."""
+    if not path.name.lower().endswith(_JSON_SUFFIXES) or path.resolve() in _warned_json_text_files:
+        return
+    _warned_json_text_files.add(path.resolve())
+    logger.warning("%s: %s: text_file = %s is read as plain text, so the model trains on its raw JSON (braces, "
+                   "quotes and keys included); jsonl_file = \"%s\" (with messages_column, prompt_column + "
+                   "response_column or text_column) is probably meant", source, at, path, path)
 
 
 def _check_columns(values: dict[str, Any], where: str, report: Reporter, own: dict[str, Any]) -> None:

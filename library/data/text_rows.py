@@ -132,11 +132,22 @@ def _column(row: dict, column: str, kind: type) -> Any:
         hint = next((f"; set {key} in the dataset TOML" for names, key in _FORMAT_HINTS if names <= row.keys()), "")
         raise RowError(f"no column '{column}' (the row has: {', '.join(sorted(row)) or 'no columns'}){hint}")
     value = row[column]
+    if kind is str and _is_message_list(value):
+        # TRL's conversational prompt/completion: {"prompt": [turns], "completion": [turns]}
+        raise RowError(f"column '{column}' holds chat turns (TRL's conversational prompt/completion), not text; "
+                       "chat rows are read from one column: write each row as {\"messages\": prompt + completion} "
+                       "(e.g. jq -c '{messages: (.prompt + .completion)}' in.jsonl > out.jsonl) and set "
+                       'messages_column = "messages" (the assistant turns are learnt, as TRL\'s completion)')
     if not isinstance(value, kind):
         raise RowError(f"column '{column}' is {type(value).__name__}, expected {kind.__name__}")
     if kind is str and not value.strip():
         raise RowError(f"column '{column}' is empty")
     return value
+
+
+def _is_message_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and ("role" in m or "from" in m) for m in value)
 
 
 def check_row(subset: TextSubsetConfig, row: Any) -> None:
@@ -158,12 +169,30 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "chatgpt": "assistant", "bing": "assistant", "system": "system"}
 
 
+# The roles a turn may have (ShareGPT's speaker names are mapped to them).
+_ROLES = ("system", "user", "assistant", "tool")
+
+
 def _message(m: Any, where: str) -> dict:
-    """One turn as {"role", "content"}: OpenAI's form, ShareGPT's from/value, or content given as text parts."""
+    """One turn as {"role", "content"}: OpenAI's form, ShareGPT's from/value, or content given as text parts.
+
+    ShareGPT's speaker names are mapped under ``role`` too (``{"role": "human"}`` is a user turn, as
+    ``{"from": "human"}`` is); any other role is refused rather than rendered as an unknown speaker.
+    """
     if isinstance(m, dict) and "from" in m and "value" in m and "role" not in m:
         if m["from"] not in _SHAREGPT_ROLES:
             raise RowError(f"{where}: ShareGPT speaker '{m['from']}' is not one of {', '.join(_SHAREGPT_ROLES)}")
         m = {"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]}
+    if isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call")):
+        key = "tool_calls" if m.get("tool_calls") else "function_call"
+        raise RowError(f"{where} has {key}: tool calls are not supported (only text turns are trained); "
+                       "leave such rows out of the file")
+    if isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"] not in _ROLES:
+        role = m["role"]
+        if role not in _SHAREGPT_ROLES:
+            raise RowError(f"{where}: role '{role}' is not one of {', '.join(_ROLES)} (nor ShareGPT's "
+                           f"{', '.join(r for r in _SHAREGPT_ROLES if r not in _ROLES)})")
+        m = {**m, "role": _SHAREGPT_ROLES[role]}
     if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
         parts = m["content"]
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
