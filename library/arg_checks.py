@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from library.accelerator import check_trackers_installed, effective_log_with
@@ -77,11 +78,42 @@ def check_ranges(args: argparse.Namespace) -> None:
     lrs = args.text_encoder_lr if isinstance(args.text_encoder_lr, list) else [args.text_encoder_lr]
     if any(lr is not None and lr < 0 for lr in lrs):
         raise UserError(f"--text_encoder_lr {args.text_encoder_lr}: a learning rate must be at least 0.")
+    _check_llm_learning_rate(args)
     if args.resolution is not None:  # "abc" or "512,x": said now, not after the model has loaded
         parse_resolution(args.resolution)
     if not 0 <= args.validation_split < 1:  # the dataset TOML's own value is checked with the same range
         raise UserError(f"--validation_split {args.validation_split}: expected a fraction from 0 up to (not "
                         "including) 1, e.g. 0.1 to hold out a tenth of each subset's images (rows, for LLM data).")
+
+
+def _is_llm(args: argparse.Namespace) -> bool:
+    """Whether the model is a causal LM, from --model_type or the folder's config.json alone (nothing loads);
+    False when that cannot be told cheaply (the model-type check later says what is wrong with the path)."""
+    model_type = getattr(args, "model_type", "auto")
+    if model_type != "auto" or not getattr(args, "pretrained_model_name_or_path", None):
+        return model_type == "llm"
+    from library.families import detect_model_type
+
+    path = Path(args.pretrained_model_name_or_path)
+    if not (path / "config.json").is_file():  # a diffusers folder, a single file or no model: not an LLM here
+        return False
+    try:
+        return detect_model_type(path) == "llm"
+    except UserError:
+        return False
+
+
+def _check_llm_learning_rate(args: argparse.Namespace) -> None:
+    """An LLM's LoRA has one learning rate (--unet_lr, else --learning_rate); 0 leaves nothing to train. Said
+    here, before the model loads, without the diffusion models' --text_encoder_lr (refused for an LLM)."""
+    lr = args.unet_lr if getattr(args, "unet_lr", None) is not None else args.learning_rate
+    if lr != 0 or not _is_llm(args):
+        return
+    given = f"--unet_lr {args.unet_lr:g}" if getattr(args, "unet_lr", None) is not None else \
+        f"--learning_rate {args.learning_rate:g}"
+    raise UserError(f"{given}: the LLM's LoRA would train nothing (it takes --unet_lr when given, else "
+                    "--learning_rate; --text_encoder_lr is for diffusion models); give a rate above 0, e.g. "
+                    "--learning_rate 1e-4.")
 
 
 def check_data_sources(args: argparse.Namespace) -> None:

@@ -278,3 +278,52 @@ def test_a_jsonl_file_as_text_file_warns_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="library.data.text_config"):
         _config(tmp_path, f'[[datasets]]\n[[datasets.subsets]]\ntext_file = "{plain}"\n')
     assert not [r for r in caplog.records if "raw JSON" in r.getMessage()]
+
+
+# --- #12: small message and cosmetic issues ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    from library.tiny_llm import save_tiny_llm
+
+    return save_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-llm", seed=0)
+
+
+def _chat_toml(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(CHAT_ROW) + "\n", encoding="utf-8")
+    toml = tmp_path / "data.toml"
+    toml.write_text(f'[[datasets]]\nmax_seq_length = 64\n  [[datasets.subsets]]\n  jsonl_file = "{data}"\n'
+                    '  messages_column = "messages"\n', encoding="utf-8")
+    return toml
+
+
+@pytest.mark.parametrize("lr_args", [["--learning_rate", "0"], ["--learning_rate", "1e-4", "--unet_lr", "0"]])
+def test_an_llm_learning_rate_of_0_does_not_mention_text_encoder_lr_as_a_fix(llm_dir, tmp_path, capsys, monkeypatch,
+                                                                              lr_args):
+    import library.families
+    import train_network
+
+    monkeypatch.setattr(library.families, "load_family", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    assert train_network.main(["--pretrained_model_name_or_path", str(llm_dir), "--dataset_config",
+                               str(_chat_toml(tmp_path)), "--output_dir", str(out), "--max_train_steps", "1",
+                               *lr_args]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {' '.join(lr_args[-2:])}: the LLM's LoRA would train nothing" in err, err
+    assert "Check --learning_rate, --unet_lr and --text_encoder_lr" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_llm_check_leaves_diffusion_models_alone(tmp_path):
+    import argparse
+
+    from library.arg_checks import _is_llm
+
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}", encoding="utf-8")
+    for path, model_type in ((tmp_path / "sd", "auto"), (tmp_path / "missing", "auto"), (None, "auto"),
+                             (tmp_path / "sd", "sdxl")):
+        assert not _is_llm(argparse.Namespace(pretrained_model_name_or_path=path and str(path), model_type=model_type))
+    assert _is_llm(argparse.Namespace(pretrained_model_name_or_path=None, model_type="llm"))
