@@ -327,3 +327,19 @@ def test_the_llm_check_leaves_diffusion_models_alone(tmp_path):
                              (tmp_path / "sd", "sdxl")):
         assert not _is_llm(argparse.Namespace(pretrained_model_name_or_path=path and str(path), model_type=model_type))
     assert _is_llm(argparse.Namespace(pretrained_model_name_or_path=None, model_type="llm"))
+
+
+def test_show_labels_an_llm_adapters_modules_as_llm(tmp_path, capsys):
+    from networks.peft_export import write_peft_adapter
+    from tools import show
+
+    model, network = _tiny_network()
+    folder = write_peft_adapter(network, model, tmp_path / "adapter", "base")
+    kohya = tmp_path / "adapter.safetensors"
+    network.save_weights(kohya, None, {"ss_network_dim": "4"})
+    for path in (folder, kohya):
+        assert show.main([str(path), "--json", "--no_modules"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["family"] == "llm" and info["modules_by_prefix"] == {"llm": len(network.all_loras())}, path
+    assert show.main([str(kohya), "--no_modules"]) == 0
+    assert "'unet'" not in capsys.readouterr().out

@@ -96,13 +96,16 @@ def metadata_checks(metadata: dict[str, str], rows: list[dict]) -> list[str]:
 def summarize(path: str, lora: LoRAFile, family: str | None = None) -> dict:
     """What show prints; ``family``: --family, shown when the names and metadata do not tell."""
     rows = module_rows(lora.state, lora.magnitudes)
+    family = detect_family(lora.tensors, lora.metadata)[0] or family
     prefixes = Counter(r["name"].split("_")[1] if r["name"].startswith("lora_") else "?" for r in rows)
+    if family == "llm" and "unet" in prefixes:  # an LLM's kohya names keep sd-scripts' lora_unet_ prefix
+        prefixes["llm"] = prefixes.pop("unet")
     params = sum(t.numel() for t in lora.tensors.values())
     bytes_ = sum(t.numel() * t.element_size() for t in lora.tensors.values())
     return {
         "file": path,
         "format": lora.format,
-        "family": detect_family(lora.tensors, lora.metadata)[0] or family,
+        "family": family,
         "dora": lora.is_dora,
         "modules": len(rows),
         "modules_by_prefix": dict(prefixes),
