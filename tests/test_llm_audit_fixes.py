@@ -343,3 +343,14 @@ def test_show_labels_an_llm_adapters_modules_as_llm(tmp_path, capsys):
         assert info["family"] == "llm" and info["modules_by_prefix"] == {"llm": len(network.all_loras())}, path
     assert show.main([str(kohya), "--no_modules"]) == 0
     assert "'unet'" not in capsys.readouterr().out
+
+
+def test_a_samples_first_token_is_not_marked_as_learnt():
+    from library.data.text_preview import render_sample
+    from library.tiny_llm import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer()
+    ids = tok("the quick brown fox", add_special_tokens=False).input_ids
+    assert render_sample(ids, list(ids), tok) == tok.decode(ids[:1]) + "⟦" + tok.decode(ids[1:]) + "⟧"
+    labels = [-100] * 2 + ids[2:]  # a masked prompt: unchanged
+    assert render_sample(ids, labels, tok) == tok.decode(ids[:2]) + "⟦" + tok.decode(ids[2:]) + "⟧"

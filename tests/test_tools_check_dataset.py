@@ -183,7 +183,8 @@ def test_llm_samples_are_shown_with_the_learnt_tokens_marked(tmp_path, capsys):
     assert body.startswith("    <s><|user|>\n") and "⟦" not in body.split("<|assistant|>")[0]
     assert "<|assistant|>\n    ⟦the capital of france is paris.<|end|>\n    ⟧" in body
     text = out[out.index("datasets[0].subsets[1] sample 1"):]
-    assert text.split("\n")[1].startswith("    ⟦")  # plain text: every token is learnt
+    first = text.split("\n")[1]  # plain text: every token is learnt but the first, which nothing predicts
+    assert not first.startswith("    ⟦") and "⟦" in first
     assert check_dataset.main(["--dataset_config", str(toml), "--pretrained_model_name_or_path", str(model),
                                "--show_samples", "0"]) == 0
     assert "sample 1" not in capsys.readouterr().out

@@ -2,7 +2,8 @@
 
 A template or label mask that is wrong (a missing separator, the prompt learnt, the end-of-turn token not
 learnt) is invisible in counts but obvious in one rendered sample. Tokens in the loss are put between ⟦ and
-⟧; special tokens are shown as they are (``<|im_end|>``, ``</s>``), so the end of each learnt turn is visible.
+⟧ (never a sample's first token, which nothing predicts); special tokens are shown as they are
+(``<|im_end|>``, ``</s>``), so the end of each learnt turn is visible.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def render_sample(input_ids: list[int], labels: list[int], tokenizer: Any, limit
     decoding run by run would show a missing separator that is not in the data.
     """
     decode = partial(tokenizer.decode, skip_special_tokens=False)
+    # The first token is never predicted (each label is the next token after a position): a plain-text
+    # sample's labels include it, but the loss does not, so it is not marked.
+    labels = [IGNORE_INDEX, *labels[1:]] if labels else labels
     runs = [(learnt, len(list(run))) for learnt, run in groupby(labels, key=lambda label: label != IGNORE_INDEX)]
     whole, parts, start, done = decode(input_ids), [], 0, 0
     for learnt, length in runs:
