@@ -83,6 +83,18 @@ _CAPTION_KEYS = ("caption_dropout_rate", "caption_tag_dropout_rate", "caption_dr
 _LEGACY_SUBSET_KEYS = ("color_aug", "flip_aug", "random_crop", "shuffle_caption", "keep_tokens")
 
 
+# Keys of diffusion training that say nothing about an LLM run (base_model_version "llm"): its image-only
+# arguments are refused, so these would only record defaults of settings that do not exist for it.
+_DIFFUSION_ONLY_KEYS = frozenset({
+    "ss_v2", "ss_v_parameterization", "ss_text_encoder_lr", "ss_num_reg_images", "ss_noise_offset",
+    "ss_min_snr_gamma", "ss_clip_skip", "ss_prior_loss_weight", "ss_tag_frequency", "ss_multires_noise_iterations",
+    "ss_multires_noise_discount", "ss_zero_terminal_snr", "ss_debiased_estimation", "ss_noise_offset_random_strength",
+    "ss_ip_noise_gamma", "ss_ip_noise_gamma_random_strength", "ss_huber_schedule", "ss_huber_scale", "ss_huber_c",
+    "ss_max_token_length", "ss_cache_latents", "ss_min_timestep", "ss_max_timestep",
+    "ss_scale_v_pred_loss_like_noise_pred", "ss_adaptive_noise_scale", "ss_face_crop_aug_range", "ss_masked_loss",
+})
+
+
 def _s(value: Any) -> str:
     return "None" if value is None else str(value)
 
@@ -116,8 +128,8 @@ def ranks_of_modules(loras: list[Any]) -> tuple[int | str, float | str, dict[str
 
 
 def training_metadata(info: RunInfo, epoch: int, step: int) -> dict[str, str]:
-    """All ss_* keys for a file saved at ``epoch`` / ``step``."""
-    return {
+    """All ss_* keys for a file saved at ``epoch`` / ``step`` (an LLM's without the diffusion-only ones)."""
+    metadata = {
         "ss_session_id": info.session_id,
         "ss_training_started_at": _s(info.training_started_at),
         "ss_training_finished_at": _s(time.time()),
@@ -162,6 +174,9 @@ def training_metadata(info: RunInfo, epoch: int, step: int) -> dict[str, str]:
         **({"ss_base_weights": json.dumps(info.base_weights)} if info.base_weights else {}),
         **info.file_hashes,
     }
+    if info.base_model_version == "llm":
+        metadata = {k: v for k, v in metadata.items() if k not in _DIFFUSION_ONLY_KEYS}
+    return metadata
 
 
 def file_hashes(model: str, vae: str | None) -> dict[str, str]:

@@ -354,3 +354,20 @@ def test_a_samples_first_token_is_not_marked_as_learnt():
     assert render_sample(ids, list(ids), tok) == tok.decode(ids[:1]) + "⟦" + tok.decode(ids[1:]) + "⟧"
     labels = [-100] * 2 + ids[2:]  # a masked prompt: unchanged
     assert render_sample(ids, labels, tok) == tok.decode(ids[:2]) + "⟦" + tok.decode(ids[2:]) + "⟧"
+
+
+def test_an_llm_files_metadata_leaves_out_diffusion_keys():
+    from library.train_metadata import training_metadata
+    from tests.test_metadata import _run_info
+
+    switches = {"huber_c": 0.1, "huber_schedule": "snr", "multires_noise_discount": 0.3, "face_crop_aug_range": None,
+                "max_grad_norm": 1.0, "gradient_checkpointing": True, "loss_type": "cross_entropy"}
+    diffusion = ("ss_huber_c", "ss_huber_schedule", "ss_multires_noise_discount", "ss_prior_loss_weight", "ss_v2",
+                 "ss_face_crop_aug_range", "ss_v_parameterization", "ss_text_encoder_lr", "ss_noise_offset")
+    llm = training_metadata(_run_info(base_model_version="llm", switches=switches), 1, 1)
+    assert not [k for k in diffusion if k in llm], [k for k in diffusion if k in llm]
+    assert llm["ss_base_model_version"] == "llm" and llm["ss_max_grad_norm"] == "1.0"
+    assert llm["ss_gradient_checkpointing"] == "True" and llm["ss_loss_type"] == "cross_entropy"
+    assert llm["ss_learning_rate"] == "0.0001" and llm["ss_steps"] == "1"
+    sd = training_metadata(_run_info(switches=switches), 1, 1)  # diffusion files keep sd-scripts' keys
+    assert all(k in sd for k in diffusion)
