@@ -164,7 +164,13 @@ def find_resume_state(resume: str, output_dir: Path) -> Path:
             raise UserError(f"--resume {path} is a file; give the run's state folder (written with --save_state, "
                             "e.g. lora-state) or --resume latest. A LoRA file continues with --network_weights.")
         if not (path / STATE_MARKER).is_file():
-            raise UserError(f"--resume {path}: not a complete training state folder ({STATE_MARKER} missing).")
+            adapter = ""
+            if (path / "adapter_config.json").is_file():  # TRL's --resume_from_checkpoint habit, or our own output
+                adapter = (f" {path} is a PEFT adapter folder (adapter_config.json): a LoRA / adapter continues "
+                           f"with --network_weights {path} (and --dim_from_weights for its rank and targets); "
+                           "--resume takes the state folder a run writes with --save_state.")
+            raise UserError(f"--resume {path}: not a complete training state folder ({STATE_MARKER} missing)."
+                            + adapter)
         return path
     candidates = [p for p in output_dir.glob("*-state") if (p / STATE_MARKER).is_file()]
     if not candidates:

@@ -371,3 +371,21 @@ def test_an_llm_files_metadata_leaves_out_diffusion_keys():
     assert llm["ss_learning_rate"] == "0.0001" and llm["ss_steps"] == "1"
     sd = training_metadata(_run_info(switches=switches), 1, 1)  # diffusion files keep sd-scripts' keys
     assert all(k in sd for k in diffusion)
+
+
+def test_resume_to_a_peft_adapter_folder_points_at_network_weights(tmp_path):
+    from library.checkpoint import find_resume_state
+
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError) as e:
+        find_resume_state(str(adapter), tmp_path)
+    text = str(e.value)
+    assert "not a complete training state folder" in text and f"--network_weights {adapter}" in text, text
+    empty = tmp_path / "some-state"
+    empty.mkdir()
+    with pytest.raises(UserError) as e:
+        find_resume_state(str(empty), tmp_path)
+    assert "--network_weights" not in str(e.value)
