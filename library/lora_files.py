@@ -338,6 +338,9 @@ def read_peft_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise UserError(f"{folder / PEFT_CONFIG}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise UserError(f"{folder / PEFT_CONFIG}: expected a JSON object (a LoraConfig)")
+    from networks.peft_export import check_peft_folder
+
+    check_peft_folder(folder)  # modules_to_save copies: said as such, not as an unexpected key
     return *read_lora_tensors(weights), config
 
 

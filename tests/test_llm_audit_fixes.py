@@ -80,6 +80,16 @@ def test_show_refuses_modules_to_save_naming_the_folder(tmp_path, capsys):
     assert "Traceback" not in out.err
 
 
+def test_convert_refuses_modules_to_save_naming_the_folder(tmp_path, capsys):
+    from tools import convert
+
+    folder = _adapter_with_modules_to_save(tmp_path)
+    assert convert.main(["--model", str(folder), "--to", "kohya", "--save_to", str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "modules_to_save" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_a_plain_peft_adapter_still_loads(tmp_path):
     from networks.peft_export import check_peft_folder, load_network_weights, write_peft_adapter
 
