@@ -198,3 +198,16 @@ def test_validation_split_holds_out_each_subsets_share(tmp_path, tok, seed):
     held = [s.subset for s in data.validation]
     assert (held.count(0), held.count(1)) == (1, 4)
     assert len(data.train) == 4 + 16
+
+
+def test_long_documents_do_not_raise_transformers_indexing_warning(tmp_path, tok, caplog):
+    """Long rows are chunked to max_seq_length here, so the tokenizer's "will result in indexing errors" warning
+    (about its own model_max_length) is not shown."""
+    from library.tiny_llm import tiny_bpe_tokenizer
+
+    fresh = tiny_bpe_tokenizer()  # its own "already warned" flags
+    f = _write(tmp_path / "t.jsonl", [{"text": "word " * (fresh.model_max_length + 100)}])
+    with caplog.at_level("WARNING"):
+        data = _dataset(tmp_path, f'jsonl_file = "{f}"\ntext_column = "text"', fresh, "max_seq_length = 64")
+    assert len(data.train) > 1  # chunked
+    assert "indexing errors" not in caplog.text

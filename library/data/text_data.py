@@ -86,6 +86,11 @@ class Tokenise:
     def __init__(self, tokenizer: Any, subset: TextSubsetConfig) -> None:
         self.tok = tokenizer
         self.subset = subset
+        # Rows are cut (text: chunked) to max_seq_length here; transformers' "Token indices sequence length is
+        # longer than the specified maximum ... will result in indexing errors" (about its model_max_length) would
+        # only mislead, so it is marked as already shown.
+        if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+            tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         with_special = tokenizer("a", add_special_tokens=True).input_ids
         bos = tokenizer.bos_token_id
         self.prefix = [bos] if bos is not None and with_special and with_special[0] == bos else []
