@@ -9,7 +9,6 @@ math lives in :mod:`networks.functional`, the naming rules in :mod:`networks.tar
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from networks.block_lr import BLOCK_KEYS, LR_KEYS, block_plan, reject_for_weight
 from networks.fast_lora import fast_kind, install_compute_copies, lora_forward, plain_delta
 from networks.functional import delta_norm, max_norm_ratios, merged_weight
 from networks.lora_args import NETWORK_ARGS, parse_network_args  # noqa: F401  (re-exported)
-from networks.lora_fit import fit_to_network
+from networks.lora_fit import check_all_found, fit_to_network
 from networks.targets import (
     CLIP_TEXT,
     SD_UNET,
@@ -244,32 +243,7 @@ class LoRANetwork(nn.Module):
         return loras
 
     def _check_all_found(self, roots: Sequence[tuple[nn.Module, TargetSpec]]) -> None:
-        # A file for another architecture would otherwise load as a silent no-op.
-        prefixes = tuple(spec.prefix + "_" for _, spec in roots)
-        missing = [n for n in self._modules_dim if n not in self._modules and n.startswith(prefixes)]
-        if not missing:
-            return
-        # A target_modules network_arg that leaves out modules of the weights is the user's choice to revisit,
-        # not another architecture: the layers are there, the filter excludes them.
-        narrowed = [(root, spec) for root, spec in roots if spec.target_modules]
-        if narrowed:
-            unfiltered = {t.lora_name: t.path for root, spec in narrowed
-                          for t in find_targets(root, dataclasses.replace(spec, target_modules=None), True)}
-            excluded = [n for n in missing if n in unfiltered]
-            if excluded:
-                given = ",".join(dict.fromkeys(m for _, spec in narrowed for m in spec.target_modules))
-                leaves = sorted({unfiltered[n].rsplit(".", 1)[-1] for n in excluded})
-                raise UserError(
-                    f"--network_args target_modules={given} leaves out {len(excluded)} LoRA modules the weights "
-                    f"contain ({', '.join(leaves[:6])}{', ...' if len(leaves) > 6 else ''}), e.g. "
-                    f"{', '.join(excluded[:3])}; leave target_modules out (the weights decide the modules when "
-                    f"they are loaded with --dim_from_weights) or list those too "
-                    f"(target_modules={','.join(dict.fromkeys([*given.split(','), *leaves]))})."
-                )
-        raise UserError(
-            f"{len(missing)} LoRA modules in the weights have no matching layer in the model, e.g. "
-            f"{', '.join(missing[:5])}; were these weights trained for another model architecture?"
-        )
+        check_all_found(self._modules_dim, self._modules, roots)
 
     def all_loras(self) -> list[LoRAModule]:
         return self.text_encoder_loras + self.unet_loras

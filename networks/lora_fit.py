@@ -5,14 +5,16 @@ The errors name the file and say what differs (keys, or one shape with the fix) 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 
 from library.errors import UserError
-from networks.targets import format_keys, shape_mismatch
+from networks.targets import TargetSpec, find_targets, format_keys, shape_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -49,3 +51,35 @@ def fit_to_network(file: str | os.PathLike, weights_sd: Mapping[str, torch.Tenso
     if wrong := shape_mismatch(kept, expected):  # one line with the fix, not torch's list
         raise UserError(f"{file} does not match this network: {wrong}")
     return kept
+
+
+def check_all_found(modules_dim: Mapping[str, int], present: Mapping[str, object],
+                    roots: Sequence[tuple[nn.Module, TargetSpec]]) -> None:
+    """Every module of a file (``modules_dim``) found among the network's (``present``), or a UserError that says
+    why not: a target_modules network_arg that leaves them out, or weights of another architecture."""
+    # A file for another architecture would otherwise load as a silent no-op.
+    prefixes = tuple(spec.prefix + "_" for _, spec in roots)
+    missing = [n for n in modules_dim if n not in present and n.startswith(prefixes)]
+    if not missing:
+        return
+    # A target_modules network_arg that leaves out modules of the weights is the user's choice to revisit,
+    # not another architecture: the layers are there, the filter excludes them.
+    narrowed = [(root, spec) for root, spec in roots if spec.target_modules]
+    if narrowed:
+        unfiltered = {t.lora_name: t.path for root, spec in narrowed
+                      for t in find_targets(root, dataclasses.replace(spec, target_modules=None), True)}
+        excluded = [n for n in missing if n in unfiltered]
+        if excluded:
+            given = ",".join(dict.fromkeys(m for _, spec in narrowed for m in spec.target_modules))
+            leaves = sorted({unfiltered[n].rsplit(".", 1)[-1] for n in excluded})
+            raise UserError(
+                f"--network_args target_modules={given} leaves out {len(excluded)} LoRA modules the weights "
+                f"contain ({', '.join(leaves[:6])}{', ...' if len(leaves) > 6 else ''}), e.g. "
+                f"{', '.join(excluded[:3])}; leave target_modules out (the weights decide the modules when "
+                f"they are loaded with --dim_from_weights) or list those too "
+                f"(target_modules={','.join(dict.fromkeys([*given.split(','), *leaves]))})."
+            )
+    raise UserError(
+        f"{len(missing)} LoRA modules in the weights have no matching layer in the model, e.g. "
+        f"{', '.join(missing[:5])}; were these weights trained for another model architecture?"
+    )
