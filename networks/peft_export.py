@@ -282,6 +282,11 @@ def peft_to_kohya(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             out[f"{name}.lora_up.weight"] = value
         elif kind == "magnitude_vector":
             out[f"{name}.magnitude"] = value
+        elif kind == "B.bias" or key.endswith(".bias"):  # LoraConfig(bias="lora_only" / "all")
+            bias = config.get("bias", "all")
+            raise UserError(f"{key}: this PEFT adapter trains biases (LoraConfig bias=\"{bias}\"), "
+                            "which a kohya LoRA (and this toolkit) cannot hold; merge it with peft "
+                            "(merge_and_unload) or train it with bias=\"none\".")
         else:
             raise UserError(f"unexpected key {key} in a PEFT adapter (only LoRA A/B and DoRA magnitudes are read).")
     return out

@@ -7,6 +7,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from library.errors import UserError
 from networks import lora
@@ -88,6 +89,23 @@ def test_convert_refuses_modules_to_save_naming_the_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(folder) in err and "modules_to_save" in err and "Traceback" not in err, err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_peft_adapter_with_trained_biases_says_so(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from networks.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_network_weights, write_peft_adapter
+
+    model, network = _tiny_network()
+    folder = write_peft_adapter(network, model, tmp_path / "bias", "base")
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    b_key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[b_key.replace(".weight", ".bias")] = torch.zeros(tensors[b_key].shape[0])
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS))
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "bias": "lora_only"}), encoding="utf-8")
+    with pytest.raises(UserError, match=r'trains biases \(LoraConfig bias="lora_only"\).*bias="none"'):
+        load_network_weights(folder)
 
 
 def test_a_plain_peft_adapter_still_loads(tmp_path):
