@@ -13,6 +13,7 @@ to combine families.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -300,11 +301,27 @@ def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -
             lora = _read_foreign(tensors, metadata, namer, layout, {})
         else:
             lora = _read_format(tensors, metadata, namer)
+    check_factors(path, lora.state)
     if lora.is_dora and not allow_dora:
         raise UserError(f"{path} is a DoRA adapter ({len(lora.magnitudes)} modules with a magnitude vector); "
                         "this tool handles plain LoRAs only (tools/show.py and convert.py read DoRA, "
                         "merge.py bakes it into a model)")  # fmt: skip
     return lora
+
+
+def check_factors(path: str | Path, state: Mapping[str, LoRAFactors]) -> None:
+    """Every module's lora_up and lora_down of one rank and finite: a damaged or diverged file is named here,
+    not met as a traceback or written on as if it were fine (sd-scripts users run check_lora_weights.py for it)."""
+    ranks = [f"{n} (lora_down {tuple(f.down.shape)}, lora_up {tuple(f.up.shape)})" for n, f in state.items()
+             if f.up.dim() < 2 or f.up.shape[1] != f.down.shape[0]]
+    if ranks:
+        raise UserError(f"{path}: lora_up and lora_down of {len(ranks)} modules have different ranks, e.g. "
+                        f"{'; '.join(ranks[:3])}: the file is damaged or not a LoRA.")
+    broken = [n for n, f in state.items() if not (math.isfinite(f.alpha) and bool(torch.isfinite(f.down).all())
+                                                   and bool(torch.isfinite(f.up).all()))]
+    if broken:
+        raise UserError(f"{path}: {len(broken)} modules hold NaN/inf values (e.g. {', '.join(broken[:3])}); the "
+                        "LoRA is broken (a run whose loss diverged, or an fp16 overflow): use an earlier file.")
 
 
 def _read_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str], namer: Namer | None) -> LoRAFile:

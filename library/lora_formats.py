@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -246,7 +247,12 @@ def write_kohya(state: Mapping[str, LoRAFactors], dtype: torch.dtype | None = No
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return (t if dtype is None else t.to(dtype)).detach().cpu().contiguous()
+    out = (t if dtype is None else t.to(dtype)).detach().cpu().contiguous()
+    if dtype is not None and out.is_floating_point() and not bool(torch.isfinite(out).all()) \
+            and bool(torch.isfinite(t).all()):
+        raise UserError(f"values up to {float(t.abs().max()):.3g} exceed the range of {str(dtype).split('.')[-1]} "
+                        "(they would be saved as inf): use --save_precision bf16 or float")
+    return out
 
 
 def _pairs(sd: Mapping[str, torch.Tensor], a: str, b: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -449,6 +455,9 @@ def compare_states(source: Mapping[str, LoRAFactors], result: Mapping[str, LoRAF
     bad = []
     for name, f in source.items():
         err = relative_difference(result[name].delta(), f.delta())
+        if not math.isfinite(err):  # NaN compares as "not above rtol": a broken ΔW must not pass as verified
+            bad.append(f"{name} (not finite)")
+            continue
         worst = max(worst, err)
         if err > rtol:
             bad.append(f"{name} ({err:.2e})")

@@ -195,3 +195,48 @@ def test_dora_to_a_format_without_magnitudes_is_refused(dora, target, tmp_path, 
     assert convert.main(["--model", str(dora["kohya"]), "--family", "llm", "--to", target, "--save_to", str(out)]) == 2
     err = capsys.readouterr().err
     assert "DoRA" in err and "--to kohya or --to peft" in err and not out.exists()
+
+
+# --- broken and overflowing files (the tools audit) ------------------------------------------------------
+
+
+def _damaged(kohya, tmp_path, how: str):
+    _, path, _ = kohya
+    sd = safetensors.torch.load_file(path)
+    up = next(k for k in sd if k.endswith("lora_up.weight"))
+    if how == "nan":
+        sd[up] = sd[up].clone()
+        sd[up][0, 0] = float("nan")
+    elif how == "rank":
+        sd[up] = sd[up][:, :2].clone()
+    else:  # "huge": finite in float32, past fp16's range
+        sd = {k: v * 1e7 if k.endswith("lora_up.weight") else v for k, v in sd.items()}
+    out = tmp_path / f"{how}.safetensors"
+    safetensors.torch.save_file(sd, str(out), KOHYA_META)
+    return out, up.split(".")[0]
+
+
+@pytest.mark.parametrize("how, message", [("nan", "modules hold NaN/inf values"),
+                                          ("rank", "have different ranks")])
+def test_a_broken_file_is_named_by_every_tool_and_nothing_is_written(kohya, tmp_path, capsys, how, message):
+    from tools import merge, show
+
+    bad, module = _damaged(kohya, tmp_path, how)
+    out = tmp_path / "out.safetensors"
+    assert convert.main(["--model", str(bad), "--to", "diffusers", "--save_to", str(out)]) == 2
+    assert merge.main(["--models", str(bad), str(kohya[1]), "--save_to", str(out)]) == 2
+    assert show.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{bad}: ") == 3 and message in err and module in err and "Traceback" not in err, err
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_an_fp16_overflow_fails_and_overwrite_keeps_the_file(kohya, tmp_path, capsys):
+    huge, _ = _damaged(kohya, tmp_path, "huge")
+    before = huge.read_bytes()
+    # in place, as a user converting a file to fp16 "to save space" might: the check fails, the file stays
+    code = convert.main(["--model", str(huge), "--to", "kohya", "--save_precision", "fp16", "--save_to", str(huge),
+                         "--overwrite"])
+    assert code == 2 and "exceed the range of float16" in capsys.readouterr().err
+    assert huge.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.safetensors"]  # no partial file left

@@ -222,14 +222,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.family:  # a file detected as another family would get names that fit neither
             check_same_family([args.model], [source], (f"--family {args.family}", args.family))
         dtype = PRECISIONS[args.save_precision] if args.save_precision else source.weight_dtype
-        write_output(source, args, namer, dtype)
-        result = load_lora(args.save_to, namer, allow_dora=True)
+        # Written beside the target and checked there; only a verified result replaces it, so a failed check
+        # never costs the file --overwrite named (possibly --model itself).
+        target = Path(args.save_to)
+        partial = target.with_name(f".{target.stem}.partial{target.suffix}")
+        _remove(partial)
         try:
+            write_output(source, argparse.Namespace(**{**vars(args), "save_to": str(partial)}), namer, dtype)
+            result = load_lora(str(partial), namer, allow_dora=True)
             worst = compare_states(source.state, result.state, TOLERANCE.get(dtype, 1e-5))
             compare_magnitudes(source.magnitudes, result.magnitudes, TOLERANCE.get(dtype, 1e-5))
-        except UserError:
-            _remove(Path(args.save_to))
+        except BaseException:
+            _remove(partial)
             raise
+        if partial.is_dir() and target.exists():
+            _remove(target)  # a folder cannot be renamed over another
+        os.replace(partial, target)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
