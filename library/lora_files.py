@@ -281,7 +281,20 @@ def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -
     finds (sd1 when undecided). DoRA is refused unless ``allow_dora``: a tool working on ΔW alone
     would silently drop the magnitudes.
     """
-    p = Path(path)
+    try:
+        lora = _read_any(Path(path), namer)
+    except UserError as e:  # with several --models, say which file
+        raise (e if str(path) in str(e) else UserError(f"{path}: {e}")) from None
+    check_factors(path, lora.state)
+    if lora.is_dora and not allow_dora:
+        raise UserError(f"{path} is a DoRA adapter ({len(lora.magnitudes)} modules with a magnitude vector); "
+                        "this tool handles plain LoRAs only (tools/show.py and convert.py read DoRA, "
+                        "merge.py bakes it into a model)")  # fmt: skip
+    return lora
+
+
+def _read_any(p: Path, namer: Namer | None) -> LoRAFile:
+    """A PEFT folder or a LoRA file in any format :func:`load_lora` reads."""
     if p.is_dir():
         tensors, metadata, config = read_peft_folder(p)
         if is_unet_adapter(tensors, config):  # PEFT on a diffusers UNet: read as diffusers' unet.* keys
@@ -301,11 +314,6 @@ def load_lora(path: str, namer: Namer | None = None, allow_dora: bool = False) -
             lora = _read_foreign(tensors, metadata, namer, layout, {})
         else:
             lora = _read_format(tensors, metadata, namer)
-    check_factors(path, lora.state)
-    if lora.is_dora and not allow_dora:
-        raise UserError(f"{path} is a DoRA adapter ({len(lora.magnitudes)} modules with a magnitude vector); "
-                        "this tool handles plain LoRAs only (tools/show.py and convert.py read DoRA, "
-                        "merge.py bakes it into a model)")  # fmt: skip
     return lora
 
 

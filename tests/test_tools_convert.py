@@ -240,3 +240,13 @@ def test_an_fp16_overflow_fails_and_overwrite_keeps_the_file(kohya, tmp_path, ca
     assert code == 2 and "exceed the range of float16" in capsys.readouterr().err
     assert huge.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.safetensors"]  # no partial file left
+
+
+def test_a_format_error_among_several_models_names_the_file(kohya, tmp_path, capsys):
+    from tools import merge
+
+    loha = tmp_path / "loha.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(loha))
+    assert merge.main(["--models", str(kohya[1]), str(loha), "--save_to", str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"{loha}: unknown LoRA format" in err and "LoHa" in err, err
