@@ -148,8 +148,9 @@ def detect_kind(keys: Iterable[str], get: Callable[[str], torch.Tensor], source:
 
     if not has(UNET):
         if any(k.startswith(("lora_", "lycoris_")) for k in keys):
-            raise UserError(f"{source} is a LoRA/network file, not a model: give the base model as "
-                            "--pretrained_model_name_or_path (a LoRA to continue from goes in --network_weights).")
+            raise UserError(f"{source} is a LoRA/network file, not a model: give the base model there (training: "
+                            "--pretrained_model_name_or_path, a LoRA to continue from in --network_weights; "
+                            "tools/merge.py: --sd_model, the LoRAs in --models).")
         if has("down_blocks.") or has("unet.") or has("encoder.down_blocks."):
             raise UserError(f"{source} holds diffusers-named weights, not an original single-file checkpoint: "
                             "give the diffusers model folder instead.")
@@ -262,7 +263,7 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 
 _ADVICE = ("For a non-standard model, give a diffusers-style config folder (unet/, vae/, text_encoder/ config.json "
-           "files; a diffusers folder of the model will do) as --tokenizer_cache_dir.")
+           "files; a diffusers folder of the model will do) as --model_config_dir.")
 
 
 def _convert(what: str, configs: Path, convert: Callable[..., dict[str, torch.Tensor]], *args: Any,

@@ -250,3 +250,12 @@ def test_a_format_error_among_several_models_names_the_file(kohya, tmp_path, cap
     assert merge.main(["--models", str(kohya[1]), str(loha), "--save_to", str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err
     assert f"{loha}: unknown LoRA format" in err and "LoHa" in err, err
+
+
+def test_a_lora_given_as_merges_model_says_where_each_goes(kohya, tmp_path, capsys):
+    from tools import merge
+
+    out = str(tmp_path / "m.safetensors")
+    assert merge.main(["--sd_model", str(kohya[1]), "--models", str(kohya[1]), "--save_to", out]) == 2
+    err = capsys.readouterr().err
+    assert "is a LoRA/network file, not a model" in err and "tools/merge.py: --sd_model" in err, err
