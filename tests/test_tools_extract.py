@@ -90,3 +90,12 @@ def test_same_model_twice_is_an_error(models, capsys):
     code = extract.main(["--model_org", str(base), "--model_tuned", str(base), "--save_to",
                          str(folder / "none.safetensors")])  # fmt: skip
     assert code == 2 and "do not differ" in capsys.readouterr().err
+
+
+def test_v2_on_an_sd1_base_is_refused(models, capsys):
+    folder, base, tuned, *_ = models
+    out = folder / "v2.safetensors"
+    code = extract.main(["--model_org", str(base), "--model_tuned", str(tuned), "--save_to", str(out), "--v2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--v2: {base} is an SD 1.x folder" in err, err
+    assert not out.exists()

@@ -18,6 +18,7 @@ sd-scripts' --v2 and --v_parameterization force SD 2.x / v-prediction, --sdxl is
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -94,6 +95,14 @@ def check_family_flags(args: argparse.Namespace) -> None:
                         "(add --v2 for SD 2.x)")
     if args.v2 and sdxl:
         raise UserError(f"--v2: {args.model_org} is an SDXL folder; leave --v2 out")
+    if args.v2:  # SD 2.x's UNet projects with Linear layers and its OpenCLIP text encoder is 1024 wide
+        folder = Path(args.model_org)
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        te_config = folder / "text_encoder" / "config.json"
+        width = json.loads(te_config.read_text(encoding="utf-8")).get("hidden_size") if te_config.is_file() else None
+        if unet.get("use_linear_projection") is False or width == 768:
+            raise UserError(f"--v2: {args.model_org} is an SD 1.x folder (its UNet has no linear projections"
+                            f"{', its text encoder is 768 wide' if width == 768 else ''}); leave --v2 out")
 
 
 def output_metadata(args: argparse.Namespace, base: DiffusionModels) -> dict:
