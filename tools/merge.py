@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import sys
@@ -318,8 +319,11 @@ def check_sum(merged: LoRAState, states: list[LoRAState], ratios: list[float], r
     worst = 0.0
     for name, f in merged.items():
         want = sum(r * s[name].delta() for s, r in zip(states, ratios, strict=True) if name in s)
-        worst = max(worst, relative_difference(f.delta(), want))
-    if worst > rtol:
+        err = relative_difference(f.delta(), want)
+        worst = err if not math.isfinite(err) else max(worst, err)  # max() would hide a NaN
+        if not math.isfinite(worst):
+            break
+    if not worst <= rtol:
         raise UserError(f"internal check failed: merged ΔW differs from the weighted sum by {worst:.2e}")
     return worst
 
