@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import safetensors.torch
@@ -24,6 +25,11 @@ def unet_output(unet) -> torch.Tensor:
 def te_output(te) -> torch.Tensor:
     with torch.no_grad():
         return te(torch.tensor([[0, 3, 8, 20, 1, 1]])).last_hidden_state
+
+
+def only_conv(da: dict, db: dict) -> str:
+    """A module only the conv LoRA has (b's kxk convs)."""
+    return next(n for n in db if n not in da)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,9 @@ def test_concatenation_is_exact_sum(loras, capsys):
     meta = read_metadata(str(out))
     assert "a.safetensors (0.8)" in meta["ss_training_comment"] and meta["ss_base_model_version"] == "sd_v1"
     assert "sshs_model_hash" in meta
+    # the conv modules' alpha as written (concatenation folds the scales: alpha = rank), not left out
+    conv_alpha = next(float(v) for k, v in sd.items() if k.startswith(only_conv(da, db)) and k.endswith(".alpha"))
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": str(conv_alpha)}
 
 
 def test_svd_merge_to_rank(loras, capsys):

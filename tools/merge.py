@@ -338,8 +338,11 @@ def merged_metadata(metas: list[dict[str, str]], args: argparse.Namespace, merge
         "ss_network_dim": str(max((f.rank for f in linear), default=0)),
         "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
     }
-    if convs:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(max(f.rank for f in convs))})
+    if convs:  # conv_alpha too: a kohya loader reading conv_dim alone would assume alpha = conv_dim
+        conv_alphas = {f.alpha for f in convs}
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(max(f.rank for f in convs)),
+                                              "conv_alpha": str(conv_alphas.pop()) if len(conv_alphas) == 1
+                                              else "Dynamic"})
     versions = {m.get("ss_base_model_version") for m in metas} - {None}
     if len(versions) == 1:
         meta["ss_base_model_version"] = versions.pop()
