@@ -478,4 +478,4 @@ def create_network_from_weights(
         module_class=variant.module_class,
     )
     network.set_loraplus_lr_ratio(*(args.get(k) for k in LORAPLUS_KEYS))
-    return variant.attach(network, unet), weights_sd
+    return variant.attach(network, unet, from_weights=True), weights_sd

@@ -128,8 +128,11 @@ class Variant:
             return unet_spec_for(model, base, self.target_modules, from_weights)
         return dataclasses.replace(base, target_modules=self.target_modules) if self.target_modules else base
 
-    def attach(self, network: nn.Module, model: nn.Module | None = None) -> nn.Module:
-        """Record the options on the network (the PEFT export reads them) and check the targets."""
+    def attach(self, network: nn.Module, model: nn.Module | None = None, from_weights: bool = False) -> nn.Module:
+        """Record the options on the network (the PEFT export reads them) and check the targets.
+
+        ``from_weights``: the network was sized by a file (create_network_from_weights), which decides the modules.
+        """
         network.use_rslora, network.use_dora = self.use_rslora, self.use_dora
         network.target_modules = self.target_modules
         if not self.target_modules:
@@ -148,8 +151,7 @@ class Variant:
             paths = [path for path, m in model.named_modules() if id(m) in adapted]
             unmatched = [t for t in self.target_modules
                          if not any(path == t or path.endswith("." + t) for path in paths)]
-            sized_by_file = getattr(network, "_modules_dim", None) is not None  # create_network_from_weights
-            if unmatched and sized_by_file:
+            if unmatched and from_weights:
                 raise UserError(f"--network_args target_modules={given}: the weights have no module for "
                                 f"{', '.join(unmatched)} (with --dim_from_weights the file decides the modules); "
                                 "leave those names out, or train a new LoRA without --dim_from_weights.")
