@@ -99,3 +99,15 @@ def test_v2_on_an_sd1_base_is_refused(models, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"--v2: {base} is an SD 1.x folder" in err, err
     assert not out.exists()
+
+
+def test_sd_scripts_load_options_are_ignored_with_a_reason(models, tmp_path, capsys):
+    folder, base, tuned, deltas, _ = models
+    out = tmp_path / "diff.safetensors"
+    args = ["--model_org", str(base), "--model_tuned", str(tuned), "--save_to", str(out), "--dim", "2",
+            "--load_precision", "fp16", "--load_original_model_to", "cpu", "--load_tuned_model_to", "cpu"]
+    assert extract.main(args) == 0
+    printed = capsys.readouterr().out
+    for name in ("load_precision", "load_original_model_to", "load_tuned_model_to"):
+        assert f"--{name} (sd-scripts) is ignored" in printed
+    assert out.exists()

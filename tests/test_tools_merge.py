@@ -201,3 +201,26 @@ def test_bake_into_a_single_file_checkpoint_writes_one(loras, base_dir, tmp_path
     assert not torch.allclose(unet_output(merged.unet), unet_output(pipe.unet), atol=1e-3)
     assert merge.main(["--sd_model", str(source), *args, "--save_to", str(tmp_path / "as_folder")]) == 2
     assert "single-file checkpoint: give --save_to a .safetensors file" in capsys.readouterr().err
+
+
+def test_sd_scripts_merge_options_are_understood(loras, tmp_path, capsys):
+    """sd-scripts' merge_lora.py / sdxl_merge_lora.py command lines run: each option ignored with a reason, mapped,
+    or refused by name (argparse said 'unrecognized arguments')."""
+    folder, a, b = loras
+    out = tmp_path / "ab.safetensors"
+    args = ["--models", str(a), str(b), "--save_to", str(out), "--v2", "--shuffle", "--no_metadata",
+            "--loading_device", "cpu", "--working_device", "cpu"]  # fmt: skip
+    assert merge.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "--shuffle (sd-scripts) is ignored" in printed and "--v2 (sd-scripts) is ignored" in printed
+    assert "--working_device cpu: read as --device cpu" in printed
+    meta = read_metadata(str(out))
+    assert "ss_training_comment" not in meta and not any(k.startswith("modelspec.") for k in meta)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+
+    assert merge.main(["--models", str(a), "--save_to", str(tmp_path / "x.safetensors"), "--lbws", "[1,0]"]) == 2
+    err = capsys.readouterr().err
+    assert "--lbws" in err and "--ratios" in err and not (tmp_path / "x.safetensors").exists()
+    assert merge.main(["--models", str(a), "--save_to", str(tmp_path / "x.safetensors"), "--device", "cuda",
+                       "--working_device", "cpu"]) == 2  # fmt: skip
+    assert "disagree" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()

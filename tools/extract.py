@@ -38,6 +38,7 @@ from library.diffusion_models import (  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_files import PRECISIONS, check_new_output, save_kohya_file  # noqa: E402
 from library.metadata import minimal_metadata, modelspec_architecture, modelspec_metadata  # noqa: E402
+from library.tool_compat import EXTRACT_ARGS, add_tool_args, apply_tool_args  # noqa: E402
 from networks.svd import LoRAFactors, RankReport, factorize  # noqa: E402
 
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark the LoRA as v-prediction (default: the base model's scheduler config)")
     p.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_* keys")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_to")
+    add_tool_args(p, EXTRACT_ARGS)
     return p
 
 
@@ -121,6 +123,8 @@ def output_metadata(args: argparse.Namespace, base: DiffusionModels) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for note in apply_tool_args(args, EXTRACT_ARGS, {}):
+            print(note)
         if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):
             raise UserError("--dim and --conv_dim must be at least 1")
         check_new_output(args.save_to, args.overwrite)

@@ -51,6 +51,7 @@ from library.lora_files import (  # noqa: E402
     save_kohya_file,
 )
 from library.lora_formats import FAMILIES, LoRAState, Magnitudes, Namer  # noqa: E402
+from library.tool_compat import MERGE_ARGS, add_tool_args, apply_tool_args  # noqa: E402
 from networks.functional import merged_weight  # noqa: E402
 from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference  # noqa: E402
 
@@ -84,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 conv modules (default: --new_rank)")
     p.add_argument("--concat", action="store_true", help="accepted for sd-scripts compatibility: the default here")
     p.add_argument("--device", default="cpu", help="device for the merge arithmetic, e.g. cuda")
+    p.add_argument("--no_metadata", action="store_true",
+                   help="merged LoRA: write only the minimal ss_* keys (no comment, no modelspec.*), as sd-scripts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_to")
+    add_tool_args(p, MERGE_ARGS)
     return p
 
 
@@ -347,6 +351,8 @@ def merged_metadata(metas: list[dict[str, str]], args: argparse.Namespace, merge
     if len(versions) == 1:
         meta["ss_base_model_version"] = versions.pop()
         meta["ss_v2"] = str(meta["ss_base_model_version"].startswith("sd_v2"))
+    if args.no_metadata:
+        return meta
     sources = ", ".join(f"{Path(p).name} ({r:g})" for p, r in zip(args.models, ratios, strict=True))
     meta["ss_training_comment"] = f"merged from {sources}" + (f", SVD rank {args.new_rank}" if args.new_rank else "")
     for key in ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
@@ -388,8 +394,11 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        for note in apply_tool_args(args, MERGE_ARGS, {"device": parser.get_default("device")}):
+            print(note)
         ratios = ratios_for(args)
         if args.sd_model and args.llm_model:
             raise UserError("give --sd_model or --llm_model, not both")
