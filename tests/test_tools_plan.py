@@ -328,3 +328,49 @@ def test_llm_default_rank_is_the_trainers(llm_dir, capsys):
     assert info["estimate"]["lora_param_count"] == expected
     assert plan.main([*args, "--network_dim", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["input"]["network_dim"] == 4
+
+
+def _plan_json(capsys, argv: list[str]) -> dict:
+    assert plan.main([*argv, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_training_config_plans_as_it_trains(sd_dir, tmp_path, capsys):
+    """plan.py takes train_network.py's own command line: --config_file, --network_args conv_dim, the dataset TOML's
+    batch size and resolution (of its largest dataset), and keys that do not change memory."""
+    images = tmp_path / "img"
+    images.mkdir()
+    data = tmp_path / "data.toml"
+    data.write_text(f'[general]\nresolution = 64\n\n[[datasets]]\nbatch_size = 1\n[[datasets.subsets]]\n'
+                    f'image_dir = "{images}"\n\n[[datasets]]\nbatch_size = 3\nresolution = 128\n'
+                    f'[[datasets.subsets]]\nimage_dir = "{images}"\n', encoding="utf-8")  # fmt: skip
+    train = tmp_path / "train.toml"
+    train.write_text(f'pretrained_model_name_or_path = "{sd_dir}"\noutput_dir = "{tmp_path / "out"}"\n'
+                     f'learning_rate = 1e-4\nnetwork_dim = 8\nnetwork_args = ["conv_dim=4"]\n'
+                     f'dataset_config = "{data}"\nuse_8bit_adam = true\n', encoding="utf-8")  # fmt: skip
+    info = _plan_json(capsys, ["--config_file", str(train)])
+    expected = plan.PlanInput(str(sd_dir), batch_size=3, resolution=(128, 128), network_dim=8, conv_dim=4,
+                              optimizer="AdamW8bit")  # fmt: skip
+    assert plan.estimate(expected) == plan.Estimate(**{k: v for k, v in info["estimate"].items() if k != "total"})
+    assert info["input"]["batch_size"] == 3 and info["input"]["resolution"] == [128, 128]
+    assert info["input"]["conv_dim"] == 4 and info["input"]["optimizer"] == "AdamW8bit"
+    assert plan.main(["--config_file", str(train)]) == 0
+    assert f"batch and size from {data} datasets[1]: batch 3 at 128x128" in capsys.readouterr().out
+    # the command line beats the config file, as in training
+    assert _plan_json(capsys, ["--config_file", str(train), "--network_dim", "2"])["input"]["network_dim"] == 2
+    assert plan.main(["--config_file", str(train), "--conv_dim", "2"]) == 2
+    assert "--network_args conv_dim=4 disagree" in capsys.readouterr().err
+    assert plan.main(["--resolution", "64"]) == 2
+    assert "--pretrained_model_name_or_path is required" in capsys.readouterr().err
+
+
+def test_llm_plan_reads_max_seq_length_from_its_dataset_toml(llm_dir, tmp_path, capsys):
+    (tmp_path / "rows.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
+    data = tmp_path / "llm.toml"
+    data.write_text('[general]\nmax_seq_length = 40\n\n[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\n'
+                    f'jsonl_file = "{tmp_path / "rows.jsonl"}"\n', encoding="utf-8")  # fmt: skip
+    info = _plan_json(capsys, ["--pretrained_model_name_or_path", str(llm_dir), "--dataset_config", str(data)])
+    assert info["input"]["seq_len"] == 40 and info["input"]["batch_size"] == 2
+    # without one, the trainer's default length: min(2048, the model's positions)
+    info = _plan_json(capsys, ["--pretrained_model_name_or_path", str(llm_dir)])
+    assert info["input"]["seq_len"] == 2048  # LlamaConfig's 2048 positions

@@ -36,7 +36,6 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from library.dataset_config import parse_resolution  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.plan_trace import DTYPES, PlanInput, Traced, trace_diffusion, trace_llm  # noqa: E402
 
@@ -76,6 +75,16 @@ class ModelSource:
         if self.file is None:
             return f"{self.configs} ({self.family})"
         return f"{self.file} ({self.title} single file, architecture from {self.configs})"
+
+    def positions(self) -> int | None:
+        """An LLM's max_position_embeddings (its default max_seq_length comes from it), from config.json."""
+        if self.family != "llm":
+            return None
+        try:
+            config = json.loads((self.configs / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return config.get("max_position_embeddings")
 
     def check(self, traced: Traced) -> None:
         built = traced.param_counts.get("unet")
@@ -194,32 +203,80 @@ def gib(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="diffusers (SD 1.x/2.x, SDXL) or transformers folder, or a single-file SD/SDXL checkpoint")
-    p.add_argument("--train_batch_size", type=int, default=1)
-    p.add_argument("--resolution", default="512", help='"512" or "768,512" (diffusion)')
-    p.add_argument("--max_seq_length", type=int, default=512, help="tokens per sample (LLM)")
-    p.add_argument("--network_dim", type=int, default=None,
-                   help="LoRA rank (default: the trainer's for the model: 16 for LLMs, 4 otherwise)")
-    p.add_argument("--conv_dim", type=int, default=None, help="conv LoRA rank (network_args conv_dim)")
-    p.add_argument("--mixed_precision", choices=sorted(DTYPES), default="no")
-    p.add_argument("--full_bf16", action="store_true")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--cache_latents", action="store_true")
-    p.add_argument("--no_half_vae", action="store_true")
-    p.add_argument("--network_train_unet_only", action="store_true")
-    p.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="SDXL with --network_train_unet_only: encoders run once, then sit on the CPU")
-    p.add_argument("--model_config_dir", default=None,
-                   help="single file: diffusers configs of its architecture (default: configs/architectures/)")
-    p.add_argument("--tokenizer_cache_dir", default=None,
-                   help="as for train_network.py; with unet/config.json it describes a single file's architecture")
-    p.add_argument("--allow_pickle", action="store_true", help="read .ckpt/.pt single files (tensors only)")
-    p.add_argument("--optimizer_type", default="AdamW")
-    p.add_argument("--vram", type=gib, default=None, help="GPU memory in GiB: suggest switches to fit it")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    """train_network.py's parser (so a training command line or --config_file plans as it is) plus plan's own."""
+    from library.args import build_parser as training_parser
+
+    p = training_parser()
+    p.prog = "plan.py"
+    p.description = (__doc__.split("\n\n")[0] + " Takes train_network.py's arguments, --config_file and "
+                     "--dataset_config included; those that change memory are used.")
+    g = p.add_argument_group("plan")
+    g.add_argument("--conv_dim", type=int, default=None, help="conv LoRA rank (as --network_args conv_dim=N)")
+    g.add_argument("--vram", type=gib, default=None, help="GPU memory in GiB: suggest switches to fit it")
+    g.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def read_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """The arguments as the trainer resolves them: --config_file under the command line, sd-scripts' and
+    diffusers'/TRL's names mapped (library/arg_checks.py does the same before training)."""
+    from library.config_file import parse_args_with_sources
+    from library.foreign_args import apply_foreign_args
+    from library.sd_scripts_args import apply_sd_scripts_args
+
+    args, sources = parse_args_with_sources(parser, argv)
+    apply_sd_scripts_args(args, sources)
+    # The trainer refuses --max_seq_length (an LLM's length lives in its dataset TOML); a plan has no TOML to
+    # put it in, so here it is read before the foreign names are checked.
+    seq_len, args.max_seq_length = args.max_seq_length, None
+    apply_foreign_args(args, parser.parse_args([]), sources)
+    args.max_seq_length = seq_len
+    if not args.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required (on the command line or in --config_file)")
+    return args, sources
+
+
+def conv_dim_of(args: argparse.Namespace) -> int | None:
+    """--conv_dim, or conv_dim in --network_args as the trainer reads it; both given must agree."""
+    from library.network_setup import network_args_dict
+
+    listed = network_args_dict(args.network_args).get("conv_dim")
+    try:
+        from_network_args = int(listed) if listed is not None else None
+    except ValueError:
+        raise UserError(f"--network_args conv_dim={listed}: expected a whole number") from None
+    if args.conv_dim is not None and from_network_args is not None and args.conv_dim != from_network_args:
+        raise UserError(f"--conv_dim {args.conv_dim} and --network_args conv_dim={from_network_args} disagree; "
+                        "keep one")
+    return args.conv_dim if args.conv_dim is not None else from_network_args
+
+
+def dataset_shape(args: argparse.Namespace, sources: dict[str, str], family: str,
+                  positions: int | None) -> tuple[int, tuple[int, int], int, str | None]:  # fmt: skip
+    """(batch size, resolution, tokens per sample, where they came from): of the --dataset_config dataset that
+    needs the most memory (batch × pixels, or batch × tokens), else of the command line."""
+    from library.families.llm import default_max_seq_length
+    from library.train_setup import dataset_defaults
+
+    defaults = dataset_defaults(args, sources)
+    seq_len = args.max_seq_length or (default_max_seq_length(positions) if family == "llm" else 512)
+    if not args.dataset_config or (family == "llm" and not args.dataset_config.endswith(".toml")):
+        return defaults.batch_size, defaults.resolution, seq_len, None
+    if family == "llm":
+        from library.data.text_config import load_text_dataset_config, replace_max_seq_length
+
+        group = replace_max_seq_length(load_text_dataset_config(args.dataset_config, defaults.batch_size),
+                                       seq_len, positions)
+        big = max(group.datasets, key=lambda d: d.batch_size * (d.max_seq_length or 0))
+        where = f"{args.dataset_config} {big.name}: batch {big.batch_size} of {big.max_seq_length} tokens"
+        return big.batch_size, defaults.resolution, big.max_seq_length or seq_len, where
+    from library.dataset_config import load_dataset_config
+
+    group = load_dataset_config(args.dataset_config, defaults)
+    index, big = max(enumerate(group.datasets), key=lambda d: d[1].batch_size * math.prod(d[1].resolution))
+    width, height = big.resolution
+    where = f"{args.dataset_config} datasets[{index}]: batch {big.batch_size} at {width}x{height}"
+    return big.batch_size, big.resolution, seq_len, where
 
 
 def default_network_dim(family: str) -> int:
@@ -233,23 +290,26 @@ def default_network_dim(family: str) -> int:
     return DEFAULT_DIM
 
 
-def plan_from_args(args: argparse.Namespace) -> PlanInput:
+def plan_from_args(args: argparse.Namespace, sources: dict[str, str] | None = None) -> tuple[PlanInput, str | None]:
+    """The PlanInput of a (resolved) training command line, and which dataset set its batch and size."""
     if args.train_batch_size < 1 or (args.network_dim is not None and args.network_dim < 1):
         raise UserError("--train_batch_size and --network_dim must be at least 1")
     plan = PlanInput(
         model=args.pretrained_model_name_or_path, batch_size=args.train_batch_size,
-        resolution=parse_resolution(args.resolution), seq_len=args.max_seq_length,
-        network_dim=args.network_dim or 1,  # replaced below when not given
-        conv_dim=args.conv_dim, mixed_precision=args.mixed_precision, full_half=args.full_bf16,
+        resolution=(512, 512), network_dim=args.network_dim or 1,  # both replaced below
+        conv_dim=conv_dim_of(args), mixed_precision=args.mixed_precision or "no", full_half=args.full_bf16,
         gradient_checkpointing=args.gradient_checkpointing, cache_latents=args.cache_latents,
         no_half_vae=args.no_half_vae, train_text_encoder=not args.network_train_unet_only,
         optimizer=args.optimizer_type or "AdamW", cache_text_encoder_outputs=args.cache_text_encoder_outputs,
         model_config_dir=args.model_config_dir, tokenizer_cache_dir=args.tokenizer_cache_dir,
         allow_pickle=args.allow_pickle,
     )  # fmt: skip
+    source = resolve_model(plan)
+    batch, resolution, seq_len, where = dataset_shape(args, sources or {}, source.family, source.positions())
+    plan = replace(plan, batch_size=batch, resolution=resolution, seq_len=seq_len)
     if args.network_dim is None:  # the model's family decides, as in training
-        plan = replace(plan, network_dim=default_network_dim(resolve_model(plan).family))
-    return plan
+        plan = replace(plan, network_dim=default_network_dim(source.family))
+    return plan, where
 
 
 def describe(est: Estimate) -> list[str]:
@@ -265,9 +325,10 @@ def describe(est: Estimate) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
-        plan = plan_from_args(args)
+        args, sources = read_arguments(parser, argv)
+        plan, where = plan_from_args(args, sources)
         source, est = plan_model(plan)
         fits = None if args.vram is None else est.total * SAFETY <= args.vram * GiB
         tips = suggestions(plan, args.vram, source.family) if fits is False else []
@@ -281,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                           "fits": fits, "suggestions": [{"add": s, "total": e.total} for s, e in tips]},
                          indent=2))  # fmt: skip
         return 0
+    if where:
+        print(f"batch and size from {where} (the largest dataset)")
     print(f"estimate for {source.describe()}, rank {plan.network_dim}, {est.lora_param_count:,} LoRA parameters:")
     print("\n".join(describe(est)))
     if fits is not None:
