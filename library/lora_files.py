@@ -389,6 +389,38 @@ def _read_foreign(tensors: dict[str, torch.Tensor], metadata: dict[str, str], na
     return LoRAFile(state, metadata, layout, tensors, magnitudes)
 
 
+def shape_metadata(metadata: Mapping[str, str], state: Mapping[str, LoRAFactors]) -> dict[str, str]:
+    """``metadata`` with ``ss_network_dim`` / ``ss_network_alpha`` and ``ss_network_args``' conv_dim / conv_alpha
+    as the modules of ``state`` are ("Dynamic" where modules differ).
+
+    A tool that changes ranks or alphas (convert folding alpha into lora_up, ...) would otherwise pass on the
+    numbers of the file it read, and a kohya loader that trusts them scales the LoRA wrongly. Keys the metadata
+    lacks are not added: a file without ss_* keys stays without."""
+    meta = dict(metadata)
+
+    def one(values: set) -> str:
+        return str(next(iter(values))) if len(values) == 1 else "Dynamic"
+
+    linear = [f for f in state.values() if not f.is_kxk]
+    convs = [f for f in state.values() if f.is_kxk]
+    if linear and "ss_network_dim" in meta:
+        meta["ss_network_dim"] = one({f.rank for f in linear})
+    if linear and "ss_network_alpha" in meta:
+        meta["ss_network_alpha"] = one({float(f.alpha) for f in linear})
+    try:
+        net_args = json.loads(meta["ss_network_args"]) if meta.get("ss_network_args") else None
+    except json.JSONDecodeError:
+        net_args = None  # not ours to repair; left as it was
+    if isinstance(net_args, dict):
+        for key in ("conv_dim", "conv_alpha"):
+            net_args.pop(key, None)
+        if convs:
+            net_args["conv_dim"] = one({f.rank for f in convs})
+            net_args["conv_alpha"] = one({float(f.alpha) for f in convs})
+        meta["ss_network_args"] = json.dumps(net_args)
+    return meta
+
+
 def check_new_output(path: str, overwrite: bool) -> None:
     """Refuse to replace an existing output unless asked; the folder must exist."""
     if os.path.exists(path) and not overwrite:

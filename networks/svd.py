@@ -36,6 +36,11 @@ class LoRAFactors:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def is_kxk(self) -> bool:
+        """A conv module with a kernel larger than 1x1 (LoCon): kohya sizes it by conv_dim / conv_alpha."""
+        return self.down.dim() == 4 and tuple(self.down.shape[2:]) != (1, 1)
+
     def delta(self) -> torch.Tensor:
         """ΔW in the original layer's weight shape, float32."""
         from networks.functional import delta_weight

@@ -61,6 +61,28 @@ def test_kohya_to_diffusers_loads_with_same_outputs_and_round_trips(kohya, alpha
     src, dst = state_deltas(safetensors.torch.load_file(path)), state_deltas(safetensors.torch.load_file(back))
     assert set(src) == set(dst)
     assert all(torch.allclose(dst[n], src[n], rtol=1e-5, atol=1e-8) for n in src)
+    # the metadata says what the files hold: folding makes alpha = rank (tools audit F9)
+    want_alpha = "4.0" if alpha == "fold" else "2.0"
+    assert meta["ss_network_alpha"] == want_alpha and read_metadata(str(back))["ss_network_alpha"] == want_alpha
+    assert {float(v) for k, v in safetensors.torch.load_file(back).items()
+            if k.endswith(".alpha") and v.dim() == 0 and "conv" not in k} >= {float(want_alpha)}
+
+
+def test_shape_metadata_follows_the_modules():
+    from library.lora_files import shape_metadata
+    from networks.svd import LoRAFactors
+
+    state = {"a": LoRAFactors(torch.zeros(4, 8), torch.zeros(8, 4), 4.0),
+             "b": LoRAFactors(torch.zeros(2, 8), torch.zeros(8, 2), 4.0),
+             "c": LoRAFactors(torch.zeros(3, 8, 3, 3), torch.zeros(8, 3, 1, 1), 1.5)}  # fmt: skip
+    meta = {"ss_network_dim": "4", "ss_network_alpha": "1.0",
+            "ss_network_args": json.dumps({"conv_dim": "2", "conv_alpha": "1", "dropout": "0.1"})}  # fmt: skip
+    got = shape_metadata(meta, state)
+    assert got["ss_network_dim"] == "Dynamic" and got["ss_network_alpha"] == "4.0"
+    assert json.loads(got["ss_network_args"]) == {"dropout": "0.1", "conv_dim": "3", "conv_alpha": "1.5"}
+    assert shape_metadata({}, state) == {}  # nothing invented for a file without ss_* keys
+    no_conv = shape_metadata(meta, {"a": state["a"]})
+    assert json.loads(no_conv["ss_network_args"]) == {"dropout": "0.1"} and no_conv["ss_network_dim"] == "4"
 
 
 def test_comfyui_names_use_original_block_numbers(kohya, tmp_path_factory, capsys):

@@ -45,6 +45,7 @@ from library.lora_files import (  # noqa: E402
     file_family,
     load_lora,
     save_kohya_file,
+    shape_metadata,
 )
 from library.lora_formats import (  # noqa: E402
     FAMILIES,
@@ -57,7 +58,7 @@ from library.lora_formats import (  # noqa: E402
     write_comfy,
     write_lora_a_b,
 )
-from networks.svd import relative_difference  # noqa: E402
+from networks.svd import LoRAFactors, relative_difference  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -164,20 +165,22 @@ def write_output(source: LoRAFile, args: argparse.Namespace, namer: Namer, dtype
     if magnitudes and args.to in ("diffusers", "comfyui"):
         raise UserError(f"{args.model} is a DoRA adapter and the {args.to} format has no place for its magnitude "
                         "vectors (dropping them would change what it does); use --to kohya or --to peft")  # fmt: skip
+    fold = args.to in ("diffusers", "peft") and (args.alpha or ("fold" if args.to == "diffusers" else "keep")) == "fold"
+    # the ranks and alphas the output holds (folding moves alpha/r into lora_B: alpha becomes r)
+    written = {name: LoRAFactors(f.down, f.up, float(f.rank)) for name, f in state.items()} if fold else state
+    kept = shape_metadata(kept, written)
     if args.to == "kohya":
         save_kohya_file(args.save_to, state, kept, dtype, magnitudes)
     elif args.to == "comfyui":
         v2 = is_sd2(source.metadata, args.base_model)
         atomic_save_safetensors(write_comfy(state, namer, dtype, v2=v2), args.save_to, kept)
     elif args.to == "diffusers":
-        fold = (args.alpha or "fold") == "fold"
         # Paths as the installed transformers names the modules (version 5 dropped CLIP's text_model),
         # which is what diffusers itself writes and matches against; both spellings are read.
         strip = not hasattr(_clip_probe(), "text_model")
         tensors, configs = write_lora_a_b(state, namer, "diffusers_prefix", fold, dtype, strip_path_prefix=strip)
         atomic_save_safetensors(tensors, args.save_to, {**kept, **diffusers_metadata(configs)})
     else:
-        fold = (args.alpha or "keep") == "fold"
         tensors, configs = write_lora_a_b(state, namer, "peft_prefix", fold, dtype, magnitudes=magnitudes)
         if len(configs) != 1:
             raise UserError("a PEFT folder holds one model's adapter; this LoRA spans several models")

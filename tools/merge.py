@@ -289,9 +289,6 @@ def untie_adapted(model: torch.nn.Module, modules: dict[str, torch.nn.Module], a
 # --- merging LoRAs --------------------------------------------------------------------------
 
 
-def is_kxk(f: LoRAFactors) -> bool:
-    return f.down.dim() == 4 and tuple(f.down.shape[2:]) != (1, 1)
-
 
 def merge_states(states: list[LoRAState], ratios: list[float], new_rank: int | None, new_conv_rank: int | None,
                  device: str = "cpu") -> tuple[LoRAState, dict[str, float]]:  # fmt: skip
@@ -307,7 +304,7 @@ def merge_states(states: list[LoRAState], ratios: list[float], new_rank: int | N
         moved = [(LoRAFactors(f.down.to(device), f.up.to(device), f.alpha), r) for f, r in parts]
         combined = concatenate(moved) if len(moved) > 1 else _scaled(*moved[0])
         if new_rank is not None:
-            rank = (new_conv_rank or new_rank) if is_kxk(combined) else new_rank
+            rank = (new_conv_rank or new_rank) if combined.is_kxk else new_rank
             combined, report = refactorize(combined, rank)
             retained[name] = report.retained_fro
         merged[name] = LoRAFactors(combined.down.cpu(), combined.up.cpu(), combined.alpha)
@@ -334,8 +331,8 @@ def check_sum(merged: LoRAState, states: list[LoRAState], ratios: list[float], r
 
 def merged_metadata(metas: list[dict[str, str]], args: argparse.Namespace, merged: LoRAState,
                     ratios: list[float]) -> dict[str, str]:  # fmt: skip
-    linear = [f for f in merged.values() if not is_kxk(f)]
-    convs = [f for f in merged.values() if is_kxk(f)]
+    linear = [f for f in merged.values() if not f.is_kxk]
+    convs = [f for f in merged.values() if f.is_kxk]
     alphas = {f.alpha for f in linear}
     meta = {
         "ss_network_module": "networks.lora",

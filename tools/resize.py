@@ -70,10 +70,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--dynamic_param for {args.dynamic_method} is a fraction in (0, 1] (e.g. 0.9)")
 
 
-def is_kxk(f: LoRAFactors) -> bool:
-    """A conv LoRA with a kernel larger than 1x1 (LoCon; sized by conv_dim)."""
-    return f.down.dim() == 4 and tuple(f.down.shape[2:]) != (1, 1)
-
 
 def resize_state(
     state: dict[str, LoRAFactors],
@@ -91,7 +87,7 @@ def resize_state(
     reports: dict[str, RankReport] = {}
     for name, f in state.items():
         moved = LoRAFactors(f.down.to(device), f.up.to(device), f.alpha)
-        small, report = refactorize(moved, new_conv_rank if is_kxk(f) else new_rank, method, param)
+        small, report = refactorize(moved, new_conv_rank if f.is_kxk else new_rank, method, param)
         small = LoRAFactors(small.down.cpu(), small.up.cpu(), small.alpha)
         out[name] = with_scale(small, f.alpha / small.rank if method else f.scale)
         reports[name] = report
@@ -103,7 +99,7 @@ def updated_metadata(
 ) -> dict[str, str]:
     meta = dict(meta)
     old_dim = meta.get("ss_network_dim", "?")
-    linear = [f for f in state.values() if not is_kxk(f)]
+    linear = [f for f in state.values() if not f.is_kxk]
     alphas = sorted({f.alpha for f in linear})
     if args.dynamic_method:
         meta["ss_network_dim"] = "Dynamic"
@@ -116,7 +112,7 @@ def updated_metadata(
     except json.JSONDecodeError:
         net_args = {}
     if isinstance(net_args, dict) and "conv_dim" in net_args:
-        convs = [f for f in state.values() if is_kxk(f)]
+        convs = [f for f in state.values() if f.is_kxk]
         net_args["conv_dim"] = str(max((f.rank for f in convs), default=conv_rank))
         conv_alphas = sorted({f.alpha for f in convs})
         if len(conv_alphas) == 1:
