@@ -1,4 +1,7 @@
-"""SD 1.x/2.x and SDXL diffusers folders for the tools (merge, extract): loading, and LoRA targets by kohya name.
+"""SD 1.x/2.x and SDXL models for the tools (merge, extract): loading, and LoRA targets by kohya name.
+
+Diffusers folders, and for extract single-file checkpoints too (read as the trainer reads them,
+library/single_file.py).
 
 The targets and their names are exactly those networks.lora creates for the same models: text
 encoders ``lora_te_`` (one) or ``lora_te1_`` / ``lora_te2_`` (SDXL), the UNet ``lora_unet_`` with
@@ -97,11 +100,54 @@ class DiffusionModels:
         return self.scheduler.get("prediction_type") == "v_prediction"
 
 
-def load_models(folder: str, option: str) -> DiffusionModels:
-    """UNet and text encoder(s) of an SD 1.x/2.x or SDXL diffusers folder (no VAE, no tokenizer)."""
+@dataclass(frozen=True)
+class ModelKind:
+    """What a model is, told from its configs or key names before any weight loads."""
+
+    sdxl: bool
+    v2: bool
+
+    @property
+    def label(self) -> str:
+        return "SDXL" if self.sdxl else "SD 2.x" if self.v2 else "SD 1.x"
+
+
+def model_kind(path: str, option: str, allow_pickle: bool = False) -> ModelKind:
+    """The kind of a diffusers folder (SD 2.x: the UNet's linear projections) or of a single-file checkpoint
+    (its key names; of a .safetensors only the header and one small tensor are read)."""
+    if Path(path).is_file():
+        from library.single_file import detect_checkpoint
+
+        kind = detect_checkpoint(path, allow_pickle)
+        return ModelKind(kind.family == "sdxl", kind.name == "sd_v2")
+    root = check_folder(path, option)
+    unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+    sdxl = is_sdxl_folder(root)
+    return ModelKind(sdxl, not sdxl and bool(unet.get("use_linear_projection")))
+
+
+def load_single_file_models(path: str, model_config_dir: str | None = None,
+                            allow_pickle: bool = False) -> DiffusionModels:  # fmt: skip
+    """UNet and text encoder(s) of a single-file checkpoint, as the trainer reads one (no VAE, no tokenizer)."""
+    from library import single_file as sf
+
+    state = sf.read_checkpoint(path, allow_pickle)
+    kind = sf.detect_kind(state, state.__getitem__, str(path))
+    configs = sf.config_folder(kind, model_config_dir)
+    v_prediction, _ = sf.detect_v_prediction(kind, state, state.__getitem__)
+    encoders = [sf.load_text_encoder(state, prefix, style, configs, sub) for prefix, style, sub in kind.text_encoders]
+    unet = sf.load_unet(state, configs)
+    return DiffusionModels(unet, encoders, {"prediction_type": "v_prediction" if v_prediction else "epsilon"})
+
+
+def load_models(folder: str, option: str, model_config_dir: str | None = None,
+                allow_pickle: bool = False) -> DiffusionModels:  # fmt: skip
+    """UNet and text encoder(s) of an SD 1.x/2.x or SDXL diffusers folder or single file (no VAE, no tokenizer)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if Path(folder).is_file():
+        return load_single_file_models(folder, model_config_dir, allow_pickle)
     root = check_folder(folder, option)
     parts = [("text_encoder", CLIPTextModel)]
     if is_sdxl_folder(root):

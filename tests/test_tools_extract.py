@@ -97,7 +97,7 @@ def test_v2_on_an_sd1_base_is_refused(models, capsys):
     out = folder / "v2.safetensors"
     code = extract.main(["--model_org", str(base), "--model_tuned", str(tuned), "--save_to", str(out), "--v2"])
     err = capsys.readouterr().err
-    assert code == 2 and f"--v2: {base} is an SD 1.x folder" in err, err
+    assert code == 2 and f"--v2: {base} is an SD 1.x model" in err, err
     assert not out.exists()
 
 
@@ -111,3 +111,38 @@ def test_sd_scripts_load_options_are_ignored_with_a_reason(models, tmp_path, cap
     for name in ("load_precision", "load_original_model_to", "load_tuned_model_to"):
         assert f"--{name} (sd-scripts) is ignored" in printed
     assert out.exists()
+
+
+def test_single_file_checkpoints_extract_as_their_folders(models, tmp_path, capsys):
+    """sd-scripts' extract reads single-file checkpoints (A1111 / Civitai models); so does this one, and the result is
+    the folders' result. A mismatch of the two models is named before either loads."""
+    from diffusers import StableDiffusionPipeline
+    from test_single_file import config_copy
+
+    from library.single_file import save_original
+
+    folder, base, tuned, deltas, tuned_pipe = models
+    base_pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    base_file = save_original(tmp_path / "base.safetensors", base_pipe.unet, base_pipe.vae, [base_pipe.text_encoder])
+    tuned_file = save_original(tmp_path / "tuned.safetensors", tuned_pipe.unet, tuned_pipe.vae,
+                               [tuned_pipe.text_encoder])  # fmt: skip
+    configs = config_copy(base, tmp_path / "configs")  # the tiny architecture (a real SD 1.5 needs none)
+    from_folders, from_files = tmp_path / "folders.safetensors", tmp_path / "files.safetensors"
+    common = ["--dim", "4", "--conv_dim", "3", "--model_config_dir", str(configs)]
+    assert extract.main(["--model_org", str(base), "--model_tuned", str(tuned), "--save_to", str(from_folders),
+                         *common]) == 0  # fmt: skip
+    assert extract.main(["--model_org", str(base_file), "--model_tuned", str(tuned_file), "--save_to",
+                         str(from_files), *common]) == 0, capsys.readouterr().err  # fmt: skip
+    want, got = state_deltas(safetensors.torch.load_file(from_folders)), state_deltas(safetensors.torch.load_file(
+        from_files))
+    assert set(got) == set(want) == set(deltas)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+    from library.tiny_models import save_tiny_sdxl
+
+    sdxl = save_tiny_sdxl(tmp_path / "sdxl")
+    out = tmp_path / "mixed.safetensors"
+    assert extract.main(["--model_org", str(base_file), "--model_tuned", str(sdxl), "--save_to", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--model_org {base_file} is SD 1.x but --model_tuned {sdxl} is SDXL" in err and not out.exists()

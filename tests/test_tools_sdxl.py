@@ -230,7 +230,7 @@ def test_extract_refuses_sd1_against_sdxl(sdxl, tmp_path, capsys):
     sd1 = save_tiny_sd(tmp_path / "sd1", seed=0)
     code = extract.main(["--model_org", str(sd1), "--model_tuned", str(base_dir), "--save_to",
                          str(tmp_path / "x.safetensors")])  # fmt: skip
-    assert code == 2 and "same model type" in capsys.readouterr().err
+    assert code == 2 and "is SD 1.x but --model_tuned" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -3,7 +3,8 @@
     python tools/extract.py --model_org base_sd15/ --model_tuned finetuned/ --save_to diff.safetensors \\
         --dim 32 --conv_dim 16
 
-Both models are diffusers folders of the same type, SD 1.x/2.x or SDXL. For every module
+Both models are of the same type, SD 1.x/2.x or SDXL: diffusers folders or single-file checkpoints
+(read as the trainer reads them). For every module
 networks.lora would adapt (attention and feed-forward Linear / 1x1 conv layers of the UNet
 transformer blocks and the text encoder(s); with --conv_dim also the 3x3 convs of ResNet,
 Downsample and Upsample blocks), the weight difference ΔW is factorised by SVD to the chosen
@@ -11,14 +12,13 @@ rank (alpha = rank, scale 1) and the relative error ‖ΔW - ΔW_r‖/‖ΔW‖ 
 whose difference is at most --min_diff everywhere are left out. The file uses the same kohya
 names as networks.lora (for SDXL: the UNet's original SGM block names and ``lora_te1_`` /
 ``lora_te2_``), so it loads in the trainer (--network_weights), diffusers, ComfyUI and A1111.
-The family written in the metadata comes from the folders (SD 2.x: the UNet's linear attention projections);
-sd-scripts' --v2 and --v_parameterization force SD 2.x / v-prediction, --sdxl is checked against the folder.
+The family written in the metadata comes from the models (SD 2.x: the UNet's linear attention projections);
+sd-scripts' --v2 and --sdxl are checked against the base model, --v_parameterization forces v-prediction.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,10 +30,9 @@ import torch  # noqa: E402
 
 from library.diffusion_models import (  # noqa: E402
     DiffusionModels,
-    check_folder,
-    is_sdxl_folder,
     load_models,
     matched_targets,
+    model_kind,
 )
 from library.errors import UserError  # noqa: E402
 from library.lora_files import PRECISIONS, check_new_output, save_kohya_file  # noqa: E402
@@ -44,8 +43,14 @@ from networks.svd import LoRAFactors, RankReport, factorize  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_org", required=True, help="the base model (SD 1.x/2.x or SDXL diffusers folder)")
-    p.add_argument("--model_tuned", required=True, help="the fine-tuned model (diffusers folder, same type)")
+    p.add_argument("--model_org", required=True,
+                   help="the base model: an SD 1.x/2.x or SDXL diffusers folder or single-file checkpoint")
+    p.add_argument("--model_tuned", required=True, help="the fine-tuned model (folder or single file, same type)")
+    p.add_argument("--model_config_dir", default=None,
+                   help="single files of a non-standard architecture: a diffusers folder holding its configs (as "
+                        "the trainer's --model_config_dir; default: configs/architectures/)")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="read .ckpt/.pt single files (tensors only, torch.load(weights_only=True))")
     p.add_argument("--save_to", required=True, help="output LoRA .safetensors")
     p.add_argument("--dim", type=int, default=4, help="rank of Linear / 1x1 conv modules (default 4)")
     p.add_argument("--conv_dim", type=int, default=None, help="rank of 3x3 conv modules (default: left out)")
@@ -89,22 +94,19 @@ def extract(
     return state, reports, unchanged
 
 
-def check_family_flags(args: argparse.Namespace) -> None:
-    """--sdxl / --v2 against what the base folder is (before any weights load)."""
-    sdxl = is_sdxl_folder(check_folder(args.model_org, "model_org"))
-    if args.sdxl and not sdxl:
-        raise UserError(f"--sdxl: {args.model_org} is an SD 1.x/2.x folder (no text_encoder_2); leave --sdxl out "
-                        "(add --v2 for SD 2.x)")
-    if args.v2 and sdxl:
-        raise UserError(f"--v2: {args.model_org} is an SDXL folder; leave --v2 out")
-    if args.v2:  # SD 2.x's UNet projects with Linear layers and its OpenCLIP text encoder is 1024 wide
-        folder = Path(args.model_org)
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-        te_config = folder / "text_encoder" / "config.json"
-        width = json.loads(te_config.read_text(encoding="utf-8")).get("hidden_size") if te_config.is_file() else None
-        if unet.get("use_linear_projection") is False or width == 768:
-            raise UserError(f"--v2: {args.model_org} is an SD 1.x folder (its UNet has no linear projections"
-                            f"{', its text encoder is 768 wide' if width == 768 else ''}); leave --v2 out")
+def check_models(args: argparse.Namespace) -> None:
+    """Both models' kinds, and --sdxl / --v2 against the base, from configs or key names (before any weights load)."""
+    org = model_kind(args.model_org, "model_org", args.allow_pickle)
+    tuned = model_kind(args.model_tuned, "model_tuned", args.allow_pickle)
+    if org != tuned:
+        raise UserError(f"--model_org {args.model_org} is {org.label} but --model_tuned {args.model_tuned} is "
+                        f"{tuned.label}; extract needs two models of the same type")  # fmt: skip
+    if args.sdxl and not org.sdxl:
+        raise UserError(f"--sdxl: {args.model_org} is an {org.label} model; leave --sdxl out"
+                        + (" (add --v2 for SD 2.x)" if not org.v2 else ""))
+    if args.v2 and not org.v2:
+        raise UserError(f"--v2: {args.model_org} is an {org.label} model (an SD 2.x UNet projects attention with "
+                        "Linear layers); leave --v2 out")
 
 
 def output_metadata(args: argparse.Namespace, base: DiffusionModels) -> dict:
@@ -128,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):
             raise UserError("--dim and --conv_dim must be at least 1")
         check_new_output(args.save_to, args.overwrite)
-        check_family_flags(args)
-        base = load_models(args.model_org, "model_org")
-        tuned = load_models(args.model_tuned, "model_tuned")
+        check_models(args)
+        base = load_models(args.model_org, "model_org", args.model_config_dir, args.allow_pickle)
+        tuned = load_models(args.model_tuned, "model_tuned", args.model_config_dir, args.allow_pickle)
         pairs = list(matched_targets(base, tuned, include_conv=args.conv_dim is not None))
         with torch.no_grad():
             state, reports, unchanged = extract(pairs, args.dim, args.conv_dim, args.device, args.clamp_quantile,
