@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     output_dir = ensure_output_dir(args.output_dir)
     output_name = check_output_name(args.output_name or "last")
     refuse_to_replace(output_dir, output_name, args.resume, args.overwrite)
-    seed = setup.run_seed(args.seed, args.resume, output_dir, accelerator)
+    seed = setup.run_seed(args.seed, args.resume, output_dir, output_name, accelerator)
     torch.manual_seed(seed)
     # Read now, so that a bad prompt file stops the run before the model loads; without a cadence nothing is
     # sampled, so the file is not read at all (as sd-scripts; the kohya_ss GUI always names one).
@@ -184,7 +184,7 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     progress = tqdm(total=plan.max_train_steps, initial=global_step, disable=not main, desc="steps")
     # the loss curve continues the saved one on resume, so no earlier step disappears from it
     # (the saved run's own CSV, which may lie in another --output_dir or carry another --output_name)
-    curve = read_loss_curve(saved_loss_curve(find_resume_state(args.resume, output_dir)),
+    curve = read_loss_curve(saved_loss_curve(find_resume_state(args.resume, output_dir, output_name)),
                             up_to=global_step) if args.resume else []
     stop = stack.enter_context(StopRequest())
     stop_when_launcher_dies()
@@ -197,7 +197,12 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             accelerator.log({"loss/epoch": sum(losses) / len(losses)}, step=step)
 
     samples.maybe_sample(global_step, first=True)
-    for epoch in range(start_epoch, plan.num_epochs):
+    epochs = range(start_epoch, plan.num_epochs)
+    if global_step >= plan.max_train_steps:  # a resumed state at (or past) the total: not one step more
+        log(f"The resumed state is at step {global_step}, which reaches this run's {plan.max_train_steps} optimizer "
+            "steps: nothing left to train; the final files are written.")
+        epochs = range(0)
+    for epoch in epochs:
         network.on_epoch_start(*family.network_inputs()[1:])
         data.sampler.set_epoch(epoch, skip_batches)
         batches_done, skip_batches = skip_batches, 0

@@ -375,7 +375,9 @@ def _add_saving(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_every_n_steps", type=int, default=None,
                    help="write {name}-step{step:08d} every N steps (not at the last: the final {name} file is it)")
     g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
-    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only the files of the last N steps")
+    g.add_argument("--save_last_n_steps", type=int, default=None,
+                   help="keep only the step files saved in the last N steps (at the current step - N or later, as "
+                        "sd-scripts)")
     g.add_argument(
         "--save_last_n_epochs_state",
         type=int,
@@ -390,7 +392,7 @@ def _add_saving(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--save_state", action="store_true", help="also write resumable state folders at the same cadence")
     g.add_argument("--save_state_on_train_end", action="store_true", help="write a resumable state folder at the end")
-    g.add_argument("--resume", type=str, default=None, help="a state folder, or 'latest'")
+    g.add_argument("--resume", type=str, default=None, help="a state folder, or 'latest' (this --output_name's newest)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run with the same --output_dir and --output_name: its files (LoRAs, "
                         "states, loss curve) move to {output_name}.replaced/ first, kept until the next "

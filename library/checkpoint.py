@@ -66,10 +66,13 @@ class SavePlan:
         return old if old > 0 else None
 
     def stale_step(self, step: int, last_n: int | None = None) -> int | None:
+        """The step whose files rotation removes after saving ``step``: the files of the last ``last_n`` steps
+        (saved at ``step - last_n`` or later) stay, as in sd-scripts (its get_remove_step_no)."""
         last_n = last_n or self.last_n_steps
         if not last_n or not self.every_n_steps:
             return None
-        old = step - self.every_n_steps * (last_n // self.every_n_steps or 1)
+        old = step - last_n - 1
+        old -= old % self.every_n_steps
         return old if old > 0 else None
 
     def stale_at_epoch(self, epoch: int) -> tuple[str | None, str | None]:
@@ -153,8 +156,9 @@ def write_state(accelerator: Any, folder: Path, train_state: dict[str, Any]) -> 
     accelerator.wait_for_everyone()
 
 
-def find_resume_state(resume: str, output_dir: Path) -> Path:
-    """The state folder to resume: a path, or ``latest`` = the newest complete one in output_dir."""
+def find_resume_state(resume: str, output_dir: Path, output_name: str) -> Path:
+    """The state folder to resume: a path, or ``latest`` = the newest complete one of run ``output_name`` in
+    output_dir."""
     if resume != "latest":
         path = Path(resume)
         if not path.exists():
@@ -172,17 +176,37 @@ def find_resume_state(resume: str, output_dir: Path) -> Path:
             raise UserError(f"--resume {path}: not a complete training state folder ({STATE_MARKER} missing)."
                             + adapter)
         return path
-    candidates = [p for p in output_dir.glob("*-state") if (p / STATE_MARKER).is_file()]
+    complete = [p for p in output_dir.glob("*-state") if (p / STATE_MARKER).is_file()]
+    # this run's states only: another --output_name in the same folder is another run
+    candidates = [p for p in complete if state_output_name(p, output_name) == output_name]
     if not candidates:
+        others = sorted({state_output_name(p) for p in complete})
+        if others:
+            raise UserError(f"--resume latest: {output_dir} holds no complete state of the run named "
+                            f"'{output_name}', only of {', '.join(repr(o) for o in others)}; give that run's "
+                            "--output_name, or its state folder to --resume.")
         raise UserError(f"--resume latest: no complete state folder in {output_dir}; "
                         "train with --save_state first, or drop --resume.")
     return max(candidates, key=lambda p: read_state(p)["global_step"])
 
 
+def state_output_name(state_dir: Path, expected: str | None = None) -> str:
+    """The --output_name of the run that wrote ``state_dir``: recorded in its marker; for a state written before
+    it was recorded, read from the folder name (``expected`` first, since a name may end in -NNNNNN itself)."""
+    try:
+        recorded = read_state(state_dir).get("output_name")
+    except UserError:
+        recorded = None
+    if isinstance(recorded, str):
+        return recorded
+    if expected is not None and re.fullmatch(rf"{re.escape(expected)}(-step\d{{8}}|-\d{{6}})?-state", state_dir.name):
+        return expected
+    return re.sub(r"(-step\d{8}|-\d{6})?-state$", "", state_dir.name)
+
+
 def saved_loss_curve(state_dir: Path) -> Path:
     """The loss CSV of the run that wrote ``state_dir``: beside it, named after its output name."""
-    name = re.sub(r"(-step\d{8}|-\d{6})?-state$", "", state_dir.name)
-    return state_dir.parent / f"{name}_loss.csv"
+    return state_dir.parent / f"{state_output_name(state_dir)}_loss.csv"
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -211,11 +235,39 @@ def earlier_outputs(output_dir: Path, output_name: str) -> list[Path]:
     sample = re.compile(rf"^{name}_\d{{6}}(_\d{{2}}_\d+\.png|\.txt)$")  # library/sampling.py, text_samples.py
     if not output_dir.is_dir():
         return []
-    found = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
+    # "mylora-240115.safetensors" may be run mylora's epoch file or the final file of a run named "mylora-240115":
+    # what the file or folder records decides
+    found = sorted(p for p in output_dir.iterdir() if pattern.match(p.name)
+                   and recorded_output_name(p) in (None, output_name))
     samples = output_dir / SAMPLE_FOLDER
     if samples.is_dir():
         found += sorted(p for p in samples.iterdir() if sample.match(p.name) and p.is_file())
     return found
+
+
+def recorded_output_name(path: Path) -> str | None:
+    """The --output_name a saved file or folder records (state marker, ss_output_name), None when it says none."""
+    if (path / STATE_MARKER).is_file():
+        recorded = read_state_quietly(path).get("output_name")
+        return recorded if isinstance(recorded, str) else None
+    weights = path / "adapter_model.safetensors" if path.is_dir() else path
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            name = (f.metadata() or {}).get("ss_output_name")
+    except Exception:  # noqa: BLE001 - an unreadable file records nothing; it is listed as before
+        return None
+    return name if name else None
+
+
+def read_state_quietly(folder: Path) -> dict[str, Any]:
+    try:
+        return read_state(folder)
+    except UserError:
+        return {}
 
 
 def refuse_to_replace(output_dir: Path, output_name: str, resume: str | None, overwrite: bool) -> None:

@@ -126,7 +126,7 @@ FOREIGN_ARGS: dict[str, ForeignArg] = {
     "checkpointing_steps": ForeignArg(DIFFUSERS, "alias", f"--save_every_n_steps {_CHECKPOINT}", int,
                                       "save_every_n_steps"),
     "checkpoints_total_limit": ForeignArg(DIFFUSERS, "alias", "--save_last_n_steps (checkpoints x steps between "
-                                          "them: the last N saves are kept)", int, "save_last_n_steps"),
+                                          "them - 1: the last N saves are kept)", int, "save_last_n_steps"),
     "lr_num_cycles": ForeignArg(DIFFUSERS, "alias", "--lr_scheduler_num_cycles", int, "lr_scheduler_num_cycles"),
     "lr_power": ForeignArg(DIFFUSERS, "alias", "--lr_scheduler_power", float, "lr_scheduler_power"),
     "adam_weight_decay": ForeignArg(DIFFUSERS, "alias", "--optimizer_args weight_decay=...", float,
@@ -225,8 +225,8 @@ FOREIGN_ARGS: dict[str, ForeignArg] = {
                        convert=lambda _: "fp16"),
     "save_steps": ForeignArg(TRL, "alias", f"--save_every_n_steps {_CHECKPOINT}", float, "save_every_n_steps",
                              convert=_steps),
-    "save_total_limit": ForeignArg(TRL, "alias", "--save_last_n_steps (checkpoints x steps between them: the last "
-                                   "N saves are kept)", int, "save_last_n_steps"),
+    "save_total_limit": ForeignArg(TRL, "alias", "--save_last_n_steps (checkpoints x steps between them - 1: the "
+                                   "last N saves are kept)", int, "save_last_n_steps"),
     "eval_steps": ForeignArg(TRL, "alias", "--validate_every_n_steps (needs a validation_split)", float,
                              "validate_every_n_steps", convert=_steps),
     "run_name": ForeignArg(TRL, "alias", "--wandb_run_name", str, "wandb_run_name"),
@@ -404,11 +404,12 @@ def _key_value(args: argparse.Namespace, name: str, value: Any) -> str:
 
 
 def _keep_last(args: argparse.Namespace, name: str, value: int) -> int:
-    """Their limit counts checkpoints; --save_last_n_steps counts steps (sd-scripts), so: checkpoints x cadence."""
+    """Their limit counts checkpoints; --save_last_n_steps counts steps (sd-scripts: the files saved at the current
+    step minus N or later stay), so K checkpoints are the last K x cadence - 1 steps."""
     if not args.save_every_n_steps:
         raise UserError(f"--{name} {value} limits step checkpoints, but none are saved: add --checkpointing_steps N "
                         "(or --save_steps N, --save_every_n_steps N).")
-    return value * args.save_every_n_steps
+    return value * args.save_every_n_steps - 1
 
 
 def _apply_lengths(applied: _Applied, given: dict[str, Any]) -> None:

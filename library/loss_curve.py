@@ -40,7 +40,8 @@ def write_loss_curve(rows: list[tuple[int, float, float]], stem: Path) -> tuple[
     """Write ``stem.csv`` (step, loss, lr) and ``stem.png``; returns both paths."""
     from PIL import Image, ImageDraw
 
-    csv_path, png_path = stem.with_suffix(".csv"), stem.with_suffix(".png")
+    # with_name, not with_suffix: an --output_name with a dot ("style_v1.5") would lose what follows it
+    csv_path, png_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".png")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "loss", "lr"])

@@ -63,7 +63,8 @@ class RunSaver:
         write_state(self.accelerator, self.plan.state_path(stem),
                     {"global_step": global_step, "epoch": epoch, "batches_done_in_epoch": batches_done,
                      "gradient_accumulation_steps": accumulation, "seed": self.seed,
-                     "max_train_steps": max_train_steps, "fingerprint": self.fingerprint})
+                     "max_train_steps": max_train_steps, "fingerprint": self.fingerprint,
+                     "output_name": self.plan.output_name})
 
     def checkpoint(self, stem: str, name_epoch: int, global_step: int, resume_at: tuple[int, int],
                    max_train_steps: int, stale: tuple[str | None, str | None] = (None, None),
@@ -79,13 +80,13 @@ class RunSaver:
         stale_model, stale_state = stale
         if self.accelerator.is_main_process and stale_model:
             remove_quietly(self.plan.model_path(stale_model))
-            remove_quietly(self.plan.model_path(stale_model).with_suffix(""))  # an adapter folder (LLMs: PEFT)
+            remove_quietly(self.plan.output_dir / stale_model)  # an adapter folder (LLMs: PEFT)
         if self.accelerator.is_main_process and stale_state:
             remove_quietly(self.plan.state_path(stale_state))
 
     def restore(self, resume: str, allow_changes: bool) -> tuple[int, int, int]:
         """Load a state folder; returns (global step, epoch, batches already done in that epoch)."""
-        state_dir = find_resume_state(resume, self.plan.output_dir)
+        state_dir = find_resume_state(resume, self.plan.output_dir, self.plan.output_name)
         state = read_state(state_dir)
         current = json.loads(json.dumps(self.fingerprint))  # compare as stored: tuples become lists
         for line in check_resume_compatible(state.get("fingerprint"), current, allow_changes, str(state_dir)):

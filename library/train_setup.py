@@ -381,14 +381,14 @@ def learning_rates(lrs: list[float], names: list[str] | None) -> tuple[float, di
     return main, logs
 
 
-def run_seed(seed: int | None, resume: str | None, output_dir: Any, accelerator: Any) -> int:
+def run_seed(seed: int | None, resume: str | None, output_dir: Any, output_name: str, accelerator: Any) -> int:
     """--seed; else the resumed run's seed; else a random one, the same on every process."""
     if seed is not None:
         return seed
     if resume:
         from library.checkpoint import find_resume_state, read_state
 
-        return int(read_state(find_resume_state(resume, output_dir))["seed"])
+        return int(read_state(find_resume_state(resume, output_dir, output_name))["seed"])
     import time
 
     from accelerate.utils import broadcast_object_list

@@ -409,11 +409,11 @@ def test_resume_to_a_peft_adapter_folder_points_at_network_weights(tmp_path):
     (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
     (adapter / "adapter_model.safetensors").write_bytes(b"x")
     with pytest.raises(UserError) as e:
-        find_resume_state(str(adapter), tmp_path)
+        find_resume_state(str(adapter), tmp_path, "lora")
     text = str(e.value)
     assert "not a complete training state folder" in text and f"--network_weights {adapter}" in text, text
     empty = tmp_path / "some-state"
     empty.mkdir()
     with pytest.raises(UserError) as e:
-        find_resume_state(str(empty), tmp_path)
+        find_resume_state(str(empty), tmp_path, "lora")
     assert "--network_weights" not in str(e.value)

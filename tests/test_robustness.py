@@ -462,13 +462,13 @@ def test_resume_to_a_missing_path_or_a_file_says_so(tmp_path):
     from library.checkpoint import find_resume_state
 
     with pytest.raises(UserError, match="nope does not exist; give a state folder"):
-        find_resume_state(str(tmp_path / "nope"), tmp_path)
+        find_resume_state(str(tmp_path / "nope"), tmp_path, "lora")
     lora = tmp_path / "lora.safetensors"
     lora.write_bytes(b"x")
     with pytest.raises(UserError, match="is a file; give the run's state folder .* --network_weights"):
-        find_resume_state(str(lora), tmp_path)
+        find_resume_state(str(lora), tmp_path, "lora")
     with pytest.raises(UserError, match="not a complete training state folder"):
-        find_resume_state(str(tmp_path), tmp_path)
+        find_resume_state(str(tmp_path), tmp_path, "lora")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -56,8 +56,9 @@ def test_state_folders_rotate_with_their_own_counts(tmp_path, tiny_sd_dir, tiny_
     # files: epochs 1-3 saved, the last 2 kept; steps 3 and 6 saved, all kept (no --save_last_n_steps)
     assert models == ["lora-000002.safetensors", "lora-000003.safetensors", "lora-step00000003.safetensors",
                       "lora-step00000006.safetensors", "lora.safetensors"]
-    # states: only the last epoch state and the step states of the last 3 steps, plus the final one
-    assert states == ["lora-000003-state", "lora-state", "lora-step00000006-state"]
+    # states: only the last epoch state and the step states saved in the last 3 steps (at step 6 - 3 = 3 or later,
+    # as sd-scripts), plus the final one
+    assert states == ["lora-000003-state", "lora-state", "lora-step00000003-state", "lora-step00000006-state"]
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
 
 

@@ -1,0 +1,93 @@
+"""Several runs in one --output_dir: each run's files, states and loss curve stay its own (resume audit F1-F5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from test_train_inprocess import _data_toml, _run
+
+from library.checkpoint import (
+    STATE_MARKER,
+    SavePlan,
+    earlier_outputs,
+    find_resume_state,
+    saved_loss_curve,
+    state_output_name,
+)
+from library.loss_curve import write_loss_curve
+
+
+def _steps(csv: Path) -> list[str]:
+    return [row.split(",")[0] for row in csv.read_text().strip().splitlines()[1:]]
+
+
+def test_resume_latest_takes_this_runs_state_not_a_newer_one_of_another_name(tmp_path, tiny_sd_dir, tiny_images,
+                                                                           capsys):  # fmt: skip
+    data = _data_toml(tmp_path, tiny_images)
+    out = tmp_path / "out"
+    assert _run(tiny_sd_dir, data, out, "--output_name", "charA", "--max_train_steps", "4", "--save_state") == 0
+    assert _run(tiny_sd_dir, data, out, "--output_name", "charB", "--max_train_steps", "2", "--save_state") == 0
+    # charA's state (step 4) is the newest in the folder; charB continues from its own (step 2)
+    assert find_resume_state("latest", out, "charB") == out / "charB-state"
+    assert _run(tiny_sd_dir, data, out, "--output_name", "charB", "--max_train_steps", "3", "--resume", "latest") == 0
+    assert _steps(out / "charB_loss.csv") == ["1", "2", "3"]
+    assert _steps(out / "charA_loss.csv") == ["1", "2", "3", "4"]
+    assert json.loads((out / "charB-state" / STATE_MARKER).read_text())["output_name"] == "charB"
+    capsys.readouterr()
+    assert _run(tiny_sd_dir, data, out, "--output_name", "other", "--max_train_steps", "3", "--resume", "latest") == 2
+    err = capsys.readouterr().err
+    assert "no complete state of the run named 'other', only of 'charA', 'charB'" in err
+
+
+def test_resuming_a_finished_state_trains_nothing(tmp_path, tiny_sd_dir, tiny_images, capsys):
+    data = _data_toml(tmp_path, tiny_images)  # 4 steps per epoch: 3 steps end mid-epoch
+    out = tmp_path / "out"
+    assert _run(tiny_sd_dir, data, out, "--max_train_steps", "3", "--save_state") == 0
+    before = load_file(str(out / "lora.safetensors"))
+    capsys.readouterr()
+    assert _run(tiny_sd_dir, data, out, "--max_train_steps", "3", "--resume", "latest") == 0
+    assert "nothing left to train" in capsys.readouterr().out
+    after = load_file(str(out / "lora.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert _steps(out / "lora_loss.csv") == ["1", "2", "3"]
+
+
+def _lora_file(path: Path, output_name: str) -> None:
+    save_file({"x.lora_down.weight": torch.zeros(1, 2)}, str(path), {"ss_output_name": output_name})
+
+
+def test_a_name_ending_in_digits_is_another_run_not_an_epoch_file(tmp_path):
+    _lora_file(tmp_path / "mylora-240115.safetensors", "mylora-240115")  # a finished run of that name
+    state = tmp_path / "mylora-240115-state"
+    state.mkdir()
+    (state / STATE_MARKER).write_text(json.dumps({"global_step": 2, "output_name": "mylora-240115"}))
+    assert earlier_outputs(tmp_path, "mylora") == []  # a run named mylora leaves them alone
+    assert state_output_name(state) == "mylora-240115"
+    assert saved_loss_curve(state) == tmp_path / "mylora-240115_loss.csv"
+    # mylora's own epoch file (its metadata says so) and a state written before names were recorded
+    _lora_file(tmp_path / "mylora-000001.safetensors", "mylora")
+    old = tmp_path / "mylora-000001-state"
+    old.mkdir()
+    (old / STATE_MARKER).write_text(json.dumps({"global_step": 1}))
+    assert earlier_outputs(tmp_path, "mylora") == [tmp_path / "mylora-000001-state",
+                                                   tmp_path / "mylora-000001.safetensors"]  # fmt: skip
+    assert state_output_name(old, "mylora") == "mylora"
+
+
+def test_an_output_name_with_a_dot_keeps_its_loss_curve_name(tmp_path):
+    csv, png = write_loss_curve([(1, 0.5, 1e-4), (2, 0.4, 1e-4)], tmp_path / "style_v1.5_loss")
+    assert (csv.name, png.name) == ("style_v1.5_loss.csv", "style_v1.5_loss.png") and csv.is_file() and png.is_file()
+
+
+def test_save_last_n_steps_keeps_what_sd_scripts_keeps():
+    # sd-scripts' get_remove_step_no: the files saved at step - N or later stay
+    plan = SavePlan(Path("."), "lora", every_n_steps=2, last_n_steps=5)
+    assert [plan.stale_step(s) for s in (2, 4, 6, 8, 10, 12)] == [None, None, None, 2, 4, 6]
+    docs = SavePlan(Path("."), "lora", every_n_steps=10, last_n_steps=30)  # sd-scripts' documented example
+    assert docs.stale_step(50) == 10  # 20, 30, 40, 50 stay
+    # TRL's --save_total_limit 2 with --save_steps 50 maps to 2 x 50 - 1: exactly the last two saves stay
+    trl = SavePlan(Path("."), "lora", every_n_steps=50, last_n_steps=99)
+    assert [trl.stale_step(s) for s in (50, 100, 150, 200)] == [None, None, 50, 100]
