@@ -50,6 +50,10 @@ def accelerator_settings(args: argparse.Namespace, sources: dict[str, str],
     script = {name: Setting(getattr(args, name), sources[name]) for name in ACCELERATE_SETTINGS}
     script["dynamo_backend"] = Setting(dynamo, dynamo_source)
     resolved = resolve_accelerate_settings(script, ctx or LaunchContext.detect())
+    precision = resolved["mixed_precision"]
+    if args.full_bf16 and precision.value != "bf16":  # as resolved: unset, accelerate's flag, env or config file
+        raise UserError(f"--full_bf16 keeps the LoRA in bf16, which needs mixed precision bf16; it is "
+                        f"{precision.value} ({precision.source}). Add --mixed_precision bf16.")
     settings = AcceleratorSettings(
         mixed_precision=resolved["mixed_precision"].value,
         gradient_accumulation_steps=int(resolved["gradient_accumulation_steps"].value),

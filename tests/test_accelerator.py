@@ -261,3 +261,21 @@ def test_default_accelerate_yaml_follows_accelerates_own_lookup(tmp_path):
     code = "from library.accelerator import _default_accelerate_yaml as f; print(f())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(cfg)
+
+
+def test_full_bf16_needs_bf16_as_resolved_not_only_as_given():
+    """--full_bf16 with no --mixed_precision (or accelerate's 'no' / 'fp16') trained a bf16 LoRA on an fp32 model
+    without autocast and wrote ss_full_bf16 True beside ss_mixed_precision no (SDXL audit F5)."""
+    from library.args import build_parser
+    from library.errors import UserError
+    from library.train_setup import accelerator_settings
+
+    args = build_parser().parse_args(["--full_bf16"])
+    sources = {k: "default" for k in vars(args)} | {"full_bf16": "command line"}
+    with pytest.raises(UserError, match=r"needs mixed precision bf16; it is no \(default\)"):
+        accelerator_settings(args, sources, LaunchContext(environ={}, launched=False))
+    launched = LaunchContext(environ={"ACCELERATE_MIXED_PRECISION": "fp16"}, launched=True)
+    with pytest.raises(UserError, match="it is fp16"):
+        accelerator_settings(args, sources, launched)
+    ok = LaunchContext(environ={"ACCELERATE_MIXED_PRECISION": "bf16"}, launched=True)
+    assert accelerator_settings(args, sources, ok)[0].mixed_precision == "bf16"
