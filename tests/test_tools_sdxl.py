@@ -107,6 +107,29 @@ def test_bake_sdxl_matches_our_network_and_diffusers(sdxl, sdxl_loras):
     assert_outputs_close(baked, ref)
 
 
+def test_a_merged_sdxl_lora_loads_in_diffusers_as_its_two_files_do(sdxl, sdxl_loras, tmp_path):
+    """Concatenation gave modules different alphas (stacked ranks); diffusers applied them through name patterns
+    that miss SDXL's middle block, 17% off there (SDXL audit F4). The merged file stores one alpha."""
+    _, pristine = sdxl
+    folder, a, b = sdxl_loras
+    out = tmp_path / "ab.safetensors"
+    assert merge.main(["--models", str(a), str(b), "--ratios", "0.8", "0.5", "--save_to", str(out)]) == 0
+    tensors = safetensors.torch.load_file(out)
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight")}
+    assert len(ranks) > 1  # the vacuous case would be a file whose modules all have one rank
+    assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {float(max(ranks))}
+    merged = copy.deepcopy(pristine)
+    merged.load_lora_weights(str(tmp_path), weight_name=out.name)
+    ref = copy.deepcopy(pristine)
+    ref.load_lora_weights(str(folder), weight_name=a.name, adapter_name="a")
+    ref.load_lora_weights(str(folder), weight_name=b.name, adapter_name="b")
+    ref.set_adapters(["a", "b"], adapter_weights=[0.8, 0.5])
+    assert_outputs_close(merged, ref, pristine)
+    # the LoRA's effect on the UNet, not only the output within an absolute tolerance
+    got, want, base = (unet_and_text_outputs(p)[0] for p in (merged, ref, pristine))
+    assert float((got - want).norm() / (want - base).norm()) < 1e-4
+
+
 def diffusers_format(network, pipe) -> dict[str, torch.Tensor]:
     """The network's LoRA in diffusers naming (``unet.<diffusers path>.lora_A.weight``, alpha folded into B)."""
     paths = {id(m): f"{prefix}.{p}" for prefix, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder),

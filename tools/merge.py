@@ -53,7 +53,7 @@ from library.lora_files import (  # noqa: E402
 from library.lora_formats import FAMILIES, LoRAState, Magnitudes, Namer  # noqa: E402
 from library.tool_compat import MERGE_ARGS, add_tool_args, apply_tool_args  # noqa: E402
 from networks.functional import merged_weight  # noqa: E402
-from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference  # noqa: E402
+from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference, with_scale  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +311,16 @@ def merge_states(states: list[LoRAState], ratios: list[float], new_rank: int | N
     return merged, retained
 
 
+def one_alpha(state: LoRAState) -> LoRAState:
+    """Every module stored with one alpha (the largest rank), its own scale folded into up and down.
+
+    Concatenation gives each module alpha = its stacked rank, and a module only one file has keeps that file's
+    alpha; diffusers applies differing alphas through name patterns that miss some modules (SDXL's middle block
+    loaded 17% off), so a file with one alpha is what loads right everywhere (resize keeps one for that reason)."""
+    alpha = float(max(f.rank for f in state.values()))
+    return {name: with_scale(f, alpha / f.rank) for name, f in state.items()}
+
+
 def _scaled(f: LoRAFactors, ratio: float) -> LoRAFactors:
     return f if ratio == 1.0 else LoRAFactors(f.down, f.up * ratio, f.alpha)
 
@@ -379,6 +389,7 @@ def merge_loras(args: argparse.Namespace, ratios: list[float]) -> None:
     states = [f.state for f in files]
     with torch.no_grad():
         merged, retained = merge_states(states, ratios, args.new_rank, args.new_conv_rank, args.device)
+        merged = one_alpha(merged)
         if args.new_rank is None:
             print(f"concatenated: ΔW equals the weighted sum (max relative difference "
                   f"{check_sum(merged, states, ratios):.1e})")  # fmt: skip
