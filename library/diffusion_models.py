@@ -175,6 +175,20 @@ def target_modules(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Modul
     return {t.lora_name: t.module for t in lora_targets(unet, text_encoders, include_conv)}
 
 
+def every_layer(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """kohya name → every Linear / Conv2d of the models, named as ``target_modules`` names its targets.
+
+    What a file may hold beyond networks.lora's targets: a LyCORIS preset also adapts the time and label
+    embeddings (``time_embed_0``, ``label_emb_0_0`` in SDXL's SGM names)."""
+    specs = [*text_encoder_specs(len(text_encoders), CLIP_TEXT), unet_spec_for(unet, SD_UNET)]
+    layers: dict[str, torch.nn.Module] = {}
+    for root, spec in zip([*text_encoders, unet], specs, strict=True):
+        for path, module in root.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                layers.setdefault(spec.lora_name(path), module)
+    return layers
+
+
 def matched_targets(org: DiffusionModels, tuned: DiffusionModels,
                     include_conv: bool) -> Iterator[tuple[str, bool, torch.nn.Module, torch.nn.Module]]:  # fmt: skip
     """(lora_name, is_kxk, base module, tuned module) for every target; the two must be the same architecture."""

@@ -62,6 +62,23 @@ def add_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str])
     return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
 
 
+def rehash_file(path: str | Path) -> bool:
+    """Set a LoRA file's ``sshs_*`` hashes to the ones defined above when they differ (another package's network
+    writes its own, e.g. LyCORIS's ``0x``-prefixed hash of other bytes); True when the file was rewritten."""
+    from safetensors import safe_open
+
+    from library.fileio import atomic_save_safetensors
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    fixed = add_hashes(tensors, metadata)
+    if fixed == metadata:
+        return False
+    atomic_save_safetensors(tensors, path, fixed)
+    return True
+
+
 def checkpoint_hashes(path: str | Path) -> tuple[str, str]:
     """(A1111's legacy model hash, the file's full SHA-256) of a checkpoint file, as sd-scripts records them in
     ``ss_sd_model_hash`` / ``ss_new_sd_model_hash`` (and the VAE's): the legacy one is the first 8 hex digits of

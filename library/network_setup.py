@@ -57,6 +57,8 @@ def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torc
                         f"this toolkit's networks.lora, not by {args.network_module}; give a .safetensors file "
                         "(tools/convert.py --to kohya makes one from a PEFT folder).")
     vae, text_encoder, unet = family.network_inputs()
+    if not args.network_module.startswith("networks."):  # another package names the modules itself
+        text_encoder = with_text_model_names(text_encoder)
     with third_party_errors(args.network_module):
         if args.network_weights and args.dim_from_weights:
             network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
@@ -80,6 +82,30 @@ def build_network(args: argparse.Namespace, family: Any, log: Any) -> tuple[torc
         network.to(torch.bfloat16 if args.full_bf16 else torch.float16)
     network.prepare_grad_etc(text_encoder, unet)
     return network, net_kwargs
+
+
+class _TextModelNames(torch.nn.Module):
+    """A flattened ``CLIPTextModel`` under a ``text_model`` child, as it was before transformers 5.
+
+    Another package's network (LyCORIS) names modules from ``named_modules()``: without this, encoder 1 would be
+    saved as ``lora_te1_encoder_layers_...``, which ComfyUI and A1111 do not map (they take
+    ``lora_te1_text_model_encoder_layers_...``; networks.lora renames its own). The encoder's modules are shared,
+    so the network hooks the real ones."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.text_model = encoder
+
+
+def with_text_model_names(text_encoder: Any) -> Any:
+    """The text encoder(s) as another package's network should see them (see _TextModelNames)."""
+    def named(encoder: Any) -> Any:
+        flattened = type(encoder).__name__ == "CLIPTextModel" and not hasattr(encoder, "text_model")
+        return _TextModelNames(encoder) if flattened else encoder
+
+    if isinstance(text_encoder, (list, tuple)):
+        return [named(te) for te in text_encoder]
+    return named(text_encoder) if text_encoder is not None else None
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from library.checkpoint import (
     write_state,
 )
 from library.errors import UserError
-from library.metadata import modelspec_metadata
+from library.metadata import modelspec_metadata, rehash_file
 from library.resume_check import check_resume_compatible
 from library.train_metadata import RunInfo, minimal_training_metadata, training_metadata
 
@@ -55,6 +55,8 @@ class RunSaver:
             meta.update(modelspec_metadata(self.family.modelspec_architecture, card.pop("title", info.output_name),
                                            self.resolution, self.family.prediction_type, **card))
             path = self.family.save_network(self.network, path, self.save_dtype, meta)
+            if Path(path).suffix == ".safetensors" and not type(self.network).__module__.startswith("networks."):
+                rehash_file(path)  # another package's network (LyCORIS) writes hashes of its own definition
             self.log(f"saved {path}")
         return path
 

@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from library.diffusion_models import load_pipeline, lora_namer, pipeline_text_encoders, target_modules  # noqa: E402
+from library.diffusion_models import every_layer, load_pipeline, lora_namer, pipeline_text_encoders  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_files import (  # noqa: E402
     PRECISIONS,
@@ -207,7 +207,7 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
         unet, vae, text_encoders = pipe.unet, pipe.vae, pipeline_text_encoders(pipe)
         v2 = text_encoders[0].config.hidden_size == 1024 and len(text_encoders) == 1
         v_prediction = pipe.scheduler.config.get("prediction_type") == "v_prediction"
-    modules = target_modules(unet, text_encoders)
+    modules = every_layer(unet, text_encoders)  # networks.lora's targets and what other networks adapt
     namer = lora_namer(unet, text_encoders)  # diffusers / ComfyUI files are read into this model's kohya names
     dtype = PRECISIONS[args.precision]
     files = [load_lora(path, namer, allow_dora=True) for path in args.models]
