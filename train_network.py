@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shlex
 import signal
 import sys
 from math import inf
@@ -27,6 +28,7 @@ from library.checkpoint import (
     SAMPLE_FOLDER,
     SavePlan,
     check_output_name,
+    continues_here,
     ensure_output_dir,
     find_resume_state,
     missing_folders,
@@ -77,7 +79,8 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         log(note)
     output_dir = ensure_output_dir(args.output_dir)
     output_name = check_output_name(args.output_name or "last")
-    refuse_to_replace(output_dir, output_name, args.resume, args.overwrite)
+    continuing = continues_here(args.resume, output_dir, output_name)  # a state from elsewhere: another run's
+    refuse_to_replace(output_dir, output_name, continuing, args.overwrite)
     seed = setup.run_seed(args.seed, args.resume, output_dir, output_name, accelerator)
     torch.manual_seed(seed)
     # Read now, so that a bad prompt file stops the run before the model loads; without a cadence nothing is
@@ -148,14 +151,16 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
     if processes > 1:  # LoRA's own dropouts draw from the global generator: one stream per process, not one mask
         torch.manual_seed(seed + accelerator.process_index)  # for all (a resume restores each process's state)
     if args.resume:
-        global_step, start_epoch, skip_batches = saver.restore(args.resume, args.resume_allow_changes)
+        global_step, start_epoch, skip_batches = saver.restore(args.resume, args.resume_allow_changes,
+                                                               plan.max_train_steps)
         plan = plan.resumed(start_epoch, skip_batches // accumulation, global_step)
     te_stop = TextEncoderStop(args.stop_text_encoder_training, network, family, processes, log)
     te_stop.update(global_step)  # before the first step: 0 means never, a resumed run may be past it
-    if args.overwrite and not args.resume:  # only now: a run that fails while loading leaves the earlier one be
+    if args.overwrite and not continuing:  # only now: a run that fails while loading leaves the earlier one be
         aside = set_aside_earlier_run(output_dir, output_name) if main else None
         if aside:
-            log(f"--overwrite: the earlier run's {aside[1]} files and folders moved to {aside[0]}")
+            deleted = " (the run set aside there by an earlier --overwrite was deleted)" if aside[2] else ""
+            log(f"--overwrite: the earlier run's {aside[1]} files and folders moved to {aside[0]}{deleted}")
         accelerator.wait_for_everyone()
 
     if main:
@@ -209,7 +214,9 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         # text: resolution is (max_seq_length, 1), so the unit is the most label tokens of a micro-batch
         meter, tokens = setup.Throughput(), setup.TokenWeighting(data.batch_size * data.resolution[0])
         step_losses: list[torch.Tensor] = []  # (loss x weight, weight) of each micro-batch of this optimizer step
-        epoch_losses: list[float] = []  # each optimizer step's loss in this epoch
+        # each optimizer step's loss in this epoch; a run resumed inside it has the earlier ones in its curve
+        epoch_losses = [row[1] for row in curve if row[0] > epoch * plan.steps_per_epoch] if epoch == start_epoch \
+            else []
         for batch in data.loader:
             batches_done += 1
             batch = move_batch(batch, accelerator.device)
@@ -278,9 +285,10 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
             if stop.should_stop(processes, accelerator.device):
                 stem = saves.step_name(global_step)
                 checkpoint(stem, epoch + 1, (epoch, batches_done), force_state=True)
+                state = shlex.quote(str(saves.state_path(stem)))  # pasted into a shell as it is printed
                 raise Interrupted(stop.exit_code, f"Stopped by signal {stop.signum} after step {global_step}; "
-                                  f"saved {saves.state_path(stem)}. Continue with the same command plus "
-                                  f"--resume {saves.state_path(stem)} (or --resume latest).")
+                                  f"saved {state}. Continue with the same command plus --resume {state} (or "
+                                  "--resume latest).")
         else:  # the epoch ran to its end
             log_epoch_loss(epoch_losses, global_step)
             resume_point = (epoch + 1, 0)

@@ -193,10 +193,7 @@ def find_resume_state(resume: str, output_dir: Path, output_name: str) -> Path:
 def state_output_name(state_dir: Path, expected: str | None = None) -> str:
     """The --output_name of the run that wrote ``state_dir``: recorded in its marker; for a state written before
     it was recorded, read from the folder name (``expected`` first, since a name may end in -NNNNNN itself)."""
-    try:
-        recorded = read_state(state_dir).get("output_name")
-    except UserError:
-        recorded = None
+    recorded = read_state_quietly(state_dir).get("output_name")
     if isinstance(recorded, str):
         return recorded
     if expected is not None and re.fullmatch(rf"{re.escape(expected)}(-step\d{{8}}|-\d{{6}})?-state", state_dir.name):
@@ -209,11 +206,24 @@ def saved_loss_curve(state_dir: Path) -> Path:
     return state_dir.parent / f"{state_output_name(state_dir)}_loss.csv"
 
 
+STATE_KEYS = ("global_step", "epoch", "batches_done_in_epoch")
+
+
 def read_state(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / STATE_MARKER).read_text(encoding="utf-8"))
+        state = json.loads((folder / STATE_MARKER).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--resume {folder}: unreadable {STATE_MARKER} ({e}).") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing and isinstance(state, dict) and "current_step" in state:  # sd-scripts writes a file of this name
+        raise UserError(f"--resume {folder}: a state folder written by sd-scripts ({STATE_MARKER} holds only "
+                        "current_epoch / current_step); its model and optimizer are saved in sd-scripts' own layout, "
+                        "so the run cannot continue here. Continue the LoRA it trained with --network_weights "
+                        "<its last .safetensors> (steps and optimizer start anew).")
+    if missing:
+        raise UserError(f"--resume {folder}: {STATE_MARKER} lacks {', '.join(missing)}; not a state folder of this "
+                        "toolkit (written with --save_state).")
+    return state
 
 
 _NAME_OK = re.compile(r"^[^/\\\0]+$")
@@ -264,45 +274,59 @@ def recorded_output_name(path: Path) -> str | None:
 
 
 def read_state_quietly(folder: Path) -> dict[str, Any]:
+    """The marker's contents as they are (any keys), {} when unreadable: for the name it records."""
     try:
-        return read_state(folder)
-    except UserError:
+        state = json.loads((folder / STATE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
         return {}
+    return state if isinstance(state, dict) else {}
 
 
-def refuse_to_replace(output_dir: Path, output_name: str, resume: str | None, overwrite: bool) -> None:
-    """Stop before a new run writes over an earlier run's files (a LoRA can take hours to make).
+def continues_here(resume: str | None, output_dir: Path, output_name: str) -> bool:
+    """Whether --resume continues the run whose files lie in ``output_dir`` (its state folder is there).
 
-    A resumed run continues those files, and ``--overwrite`` says replacing them is intended.
+    A state from another folder continues that run, not a run of the same name that ``output_dir`` may hold."""
+    if not resume:
+        return False
+    return find_resume_state(resume, output_dir, output_name).parent.resolve() == output_dir.resolve()
+
+
+def refuse_to_replace(output_dir: Path, output_name: str, continuing: bool, overwrite: bool) -> None:
+    """Stop before a run writes over an earlier run's files (a LoRA can take hours to make).
+
+    ``continuing``: a resumed run continues the files of this folder's run (continues_here); ``--overwrite``
+    says replacing them is intended.
     """
-    found = [] if resume or overwrite else earlier_outputs(output_dir, output_name)
+    found = [] if continuing or overwrite else earlier_outputs(output_dir, output_name)
     if found:
         listed = ", ".join(str(p.relative_to(output_dir)) for p in found[:4])
         listed += f" and {len(found) - 4} more" if len(found) > 4 else ""
         raise UserError(f"{output_dir} already holds a run named '{output_name}' ({listed}). To continue it: "
-                        "--resume latest (or a state folder); to keep it and train another: a new --output_name "
-                        "or --output_dir; to replace it: --overwrite.")
+                        "--resume latest (or a state folder of it); to keep it and train another: a new "
+                        "--output_name or --output_dir; to replace it: --overwrite.")
 
 
-def set_aside_earlier_run(output_dir: Path, output_name: str) -> tuple[Path, int] | None:
+def set_aside_earlier_run(output_dir: Path, output_name: str) -> tuple[Path, int, bool] | None:
     """``--overwrite``: move the earlier run's files into ``{output_name}.replaced/`` before training.
 
     Left in place, its epoch/step files and states would mix with the new run's and ``--resume latest``
     could pick its state. Moved, not deleted: the replaced run is kept until the next ``--overwrite``.
-    Returns the folder and how many entries moved, or None when there was nothing.
+    Returns the folder, how many entries moved and whether a run set aside before was deleted to make room, or
+    None when there was nothing.
     """
     found = earlier_outputs(output_dir, output_name)
     if not found:
         return None
     aside = output_dir / f"{output_name}.replaced"
-    if aside.exists():
+    deleted = aside.exists()
+    if deleted:
         shutil.rmtree(aside)
     aside.mkdir()
     for path in found:
         target = aside / path.relative_to(output_dir)
         target.parent.mkdir(exist_ok=True)
         os.replace(path, target)
-    return aside, len(found)
+    return aside, len(found), deleted
 
 
 def free_bytes(folder: Path) -> int:

@@ -122,6 +122,20 @@ def _drop_newer_fields(saved: list[Any], current: list[Any], only_unset: bool = 
             _drop_newer_fields(then["subsets"], now["subsets"], only_unset)
 
 
+def _differences(path: str, then: Any, now: Any) -> list[str]:
+    """One line per changed value, named by its place (``dataset settings[0].subsets[1].image_dir``), so a
+    changed dataset reads as the field that changed, not as two whole structures."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        keys = [*now, *(key for key in then if key not in now)]  # a setting only the saved run had too
+        return [line for key in keys
+                for line in _differences(f"{path}.{key}" if path else str(key), then.get(key), now.get(key))]
+    if isinstance(then, list) and isinstance(now, list) and len(then) == len(now) and \
+            any(isinstance(v, (dict, list)) for v in [*then, *now]):
+        return [line for i, (a, b) in enumerate(zip(then, now, strict=True))
+                for line in _differences(f"{path}[{i}]", a, b)]
+    return [] if then == now else [f"  {path}: saved {then!r}, now {now!r}"]
+
+
 def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any], allow_changes: bool,
                             state_dir: str) -> list[str]:
     """Differences as lines; raises UserError for any unless ``allow_changes``."""
@@ -143,9 +157,11 @@ def check_resume_compatible(saved: dict[str, Any] | None, current: dict[str, Any
                     fp.pop(key)
                 for entry in fp.get("datasets") or []:
                     entry.pop("batch_size_per_device", None)
-    keys = [*current, *(key for key in saved if key not in current)]  # a setting only the saved run had too
-    lines = [f"  {key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
-             for key in keys if saved.get(key) != current.get(key)]
+    for fp in (saved, current):  # the same model by another path (relative, moved) is no change, as for datasets
+        model = fp.get("pretrained_model_name_or_path")
+        if isinstance(model, str):
+            fp["pretrained_model_name_or_path"] = Path(model).name or model
+    lines = _differences("", saved, current)
     if lines and not allow_changes:
         raise UserError(f"--resume {state_dir}: these settings differ from the saved run and would change "
                         "training:\n" + "\n".join(lines) + "\nRestore them, or pass --resume_allow_changes.")

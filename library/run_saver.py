@@ -86,8 +86,11 @@ class RunSaver:
         if self.accelerator.is_main_process and stale_state:
             remove_quietly(self.plan.state_path(stale_state))
 
-    def restore(self, resume: str, allow_changes: bool) -> tuple[int, int, int]:
-        """Load a state folder; returns (global step, epoch, batches already done in that epoch)."""
+    def restore(self, resume: str, allow_changes: bool, max_train_steps: int) -> tuple[int, int, int]:
+        """Load a state folder; returns (global step, epoch, batches already done in that epoch).
+
+        ``max_train_steps``: this run's total, which may differ from the saved run's (a note says what that
+        does to the learning-rate schedule)."""
         state_dir = find_resume_state(resume, self.plan.output_dir, self.plan.output_name)
         state = read_state(state_dir)
         current = json.loads(json.dumps(self.fingerprint))  # compare as stored: tuples become lists
@@ -117,4 +120,9 @@ class RunSaver:
         skip = steps_done * now
         self.accelerator.step = 0
         self.log(f"resumed from {state_dir}: step {state['global_step']}, epoch {state['epoch'] + 1}")
+        total_then = state.get("max_train_steps")
+        if isinstance(total_then, int) and total_then != max_train_steps:
+            self.log(f"the saved run's total was {total_then} optimizer steps, this run's is {max_train_steps}: "
+                     f"the learning-rate schedule continues at step {state['global_step']} of the new length, so "
+                     "its rate may jump (a decay to the end now ends earlier or later)")
         return state["global_step"], state["epoch"], skip

@@ -378,10 +378,12 @@ def test_the_earlier_runs_samples_are_refused_and_set_aside_with_it(tmp_path):
     for name in [*made, "lora2_000000_00_7.png", "my_notes.txt"]:  # another run's sample, a user's file
         (out / "sample" / name).write_text("x")
     with pytest.raises(UserError, match=r"already holds a run named 'lora' \(sample/lora_000000_00_7.png, "):
-        refuse_to_replace(out, "lora", None, False)
-    aside, moved = set_aside_earlier_run(out, "lora")
-    assert moved == 3 and sorted(p.name for p in (aside / "sample").iterdir()) == sorted(made)
+        refuse_to_replace(out, "lora", False, False)
+    aside, moved, deleted = set_aside_earlier_run(out, "lora")
+    assert moved == 3 and sorted(p.name for p in (aside / "sample").iterdir()) == sorted(made) and not deleted
     assert sorted(p.name for p in (out / "sample").iterdir()) == ["lora2_000000_00_7.png", "my_notes.txt"]
+    (out / "sample" / made[0]).write_text("y")  # the next run's sample, replaced in turn: the first set-aside goes
+    assert set_aside_earlier_run(out, "lora")[1:] == (1, True)
 
 
 def test_states_saved_with_fewer_dataset_fields_still_resume():

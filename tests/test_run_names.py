@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_train_inprocess import _data_toml, _run
@@ -14,9 +15,11 @@ from library.checkpoint import (
     SavePlan,
     earlier_outputs,
     find_resume_state,
+    read_state,
     saved_loss_curve,
     state_output_name,
 )
+from library.errors import UserError
 from library.loss_curve import write_loss_curve
 
 
@@ -32,7 +35,9 @@ def test_resume_latest_takes_this_runs_state_not_a_newer_one_of_another_name(tmp
     assert _run(tiny_sd_dir, data, out, "--output_name", "charB", "--max_train_steps", "2", "--save_state") == 0
     # charA's state (step 4) is the newest in the folder; charB continues from its own (step 2)
     assert find_resume_state("latest", out, "charB") == out / "charB-state"
+    capsys.readouterr()
     assert _run(tiny_sd_dir, data, out, "--output_name", "charB", "--max_train_steps", "3", "--resume", "latest") == 0
+    assert "the saved run's total was 2 optimizer steps, this run's is 3" in capsys.readouterr().out  # audit F7
     assert _steps(out / "charB_loss.csv") == ["1", "2", "3"]
     assert _steps(out / "charA_loss.csv") == ["1", "2", "3", "4"]
     assert json.loads((out / "charB-state" / STATE_MARKER).read_text())["output_name"] == "charB"
@@ -91,3 +96,71 @@ def test_save_last_n_steps_keeps_what_sd_scripts_keeps():
     # TRL's --save_total_limit 2 with --save_steps 50 maps to 2 x 50 - 1: exactly the last two saves stay
     trl = SavePlan(Path("."), "lora", every_n_steps=50, last_n_steps=99)
     assert [trl.stale_step(s) for s in (50, 100, 150, 200)] == [None, None, 50, 100]
+
+
+def test_resuming_another_folders_state_never_writes_over_this_folders_run(tmp_path, tiny_sd_dir, tiny_images,
+                                                                          capsys):  # fmt: skip
+    """A state "possibly in another --output_dir" continues that run; a finished run of the same name in
+    --output_dir is refused as for a new run, and set aside with --overwrite (resume audit F10)."""
+    data = _data_toml(tmp_path, tiny_images)
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    assert _run(tiny_sd_dir, data, run_a, "--max_train_steps", "1", "--save_state") == 0
+    assert _run(tiny_sd_dir, data, run_b, "--max_train_steps", "1", "--seed", "9") == 0
+    b_file = (run_b / "lora.safetensors").read_bytes()
+    capsys.readouterr()
+    resume = ["--max_train_steps", "2", "--resume", str(run_a / "lora-state")]
+    assert _run(tiny_sd_dir, data, run_b, *resume) == 2
+    assert f"{run_b} already holds a run named 'lora'" in capsys.readouterr().err
+    assert (run_b / "lora.safetensors").read_bytes() == b_file
+    assert _run(tiny_sd_dir, data, run_b, *resume, "--overwrite") == 0
+    assert (run_b / "lora.replaced" / "lora.safetensors").read_bytes() == b_file
+    assert _steps(run_b / "lora_loss.csv") == ["1", "2"]
+
+
+def test_loss_per_epoch_after_a_resume_inside_the_epoch_counts_the_whole_epoch(tmp_path, tiny_sd_dir, tiny_images):
+    """loss/epoch of the epoch a run was resumed in averaged only the steps after the resume (resume audit F8)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = _data_toml(tmp_path, tiny_images)  # 4 steps per epoch
+
+    def epoch_loss(out: Path, *extra: str) -> float:
+        logs = out / "logs"
+        assert _run(tiny_sd_dir, data, out, "--log_with", "tensorboard", "--logging_dir", str(logs), *extra) == 0
+        values = []
+        for events in logs.rglob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(events.parent))
+            acc.Reload()
+            if "loss/epoch" in acc.Tags()["scalars"]:
+                values += [e.value for e in acc.Scalars("loss/epoch") if e.step == 4]
+        assert len(values) == 1, values
+        return values[0]
+
+    straight = epoch_loss(tmp_path / "straight", "--max_train_steps", "4")
+    split = tmp_path / "split"
+    assert _run(tiny_sd_dir, data, split, "--max_train_steps", "2", "--save_state") == 0
+    assert abs(epoch_loss(split, "--max_train_steps", "4", "--resume", "latest") - straight) < 1e-6
+
+
+def test_a_state_folder_of_sd_scripts_is_named_not_a_traceback(tmp_path):
+    state = tmp_path / "lora-state"
+    state.mkdir()
+    (state / STATE_MARKER).write_text(json.dumps({"current_epoch": 1, "current_step": 40}))  # sd-scripts' file
+    for resume in (str(state), "latest"):
+        with pytest.raises(UserError, match="written by sd-scripts.*--network_weights"):
+            read_state(find_resume_state(resume, tmp_path, "lora"))
+    (state / STATE_MARKER).write_text(json.dumps({"global_step": 3}))
+    with pytest.raises(UserError, match="lacks epoch, batches_done_in_epoch"):
+        read_state(state)
+
+
+def test_a_changed_resume_setting_is_named_by_its_field_and_a_moved_model_is_no_change():
+    from library.resume_check import check_resume_compatible
+
+    saved = {"pretrained_model_name_or_path": "/data/models/tiny-sd",
+             "dataset settings": [{"resolution": [64, 64], "subsets": [{"image_dir": "images", "num_repeats": 1}]}]}
+    now = {"pretrained_model_name_or_path": "models/tiny-sd/",
+           "dataset settings": [{"resolution": [64, 64], "subsets": [{"image_dir": "images6", "num_repeats": 1}]}]}
+    with pytest.raises(UserError) as e:
+        check_resume_compatible(saved, now, False, "lora-state")
+    lines = [line for line in str(e.value).splitlines() if line.startswith("  ")]
+    assert lines == ["  dataset settings[0].subsets[0].image_dir: saved 'images', now 'images6'"]
