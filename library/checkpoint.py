@@ -81,6 +81,19 @@ class SavePlan:
         model, state = self.stale_epoch(epoch), self.stale_epoch(epoch, self.last_n_epochs_state)
         return (self.epoch_name(model) if model else None), (self.epoch_name(state) if state else None)
 
+    def older_step_saves(self, stem: str, states: bool) -> list[Path]:
+        """When ``stem`` is a step save: this run's step saves at that step or before, on the cadence or off it (a
+        stop saves at the step it stopped at), model files and adapter folders or, with ``states``, state folders.
+        Rotation removes them with the stale step; [] for an epoch stem."""
+        name = re.escape(self.output_name)
+        own = re.fullmatch(rf"{name}-step(\d{{8}})", stem)
+        if own is None or not self.output_dir.is_dir():
+            return []
+        suffix = "-state" if states else f"({re.escape(self.extension)})?"
+        pattern = re.compile(rf"{name}-step(\d{{8}}){suffix}")
+        return sorted(p for p in self.output_dir.iterdir()
+                      if (m := pattern.fullmatch(p.name)) and int(m.group(1)) <= int(own.group(1)))
+
     def stale_at_step(self, step: int) -> tuple[str | None, str | None]:
         """As :meth:`stale_at_epoch`, for step saves (``last_n_steps_state``)."""
         model, state = self.stale_step(step), self.stale_step(step, self.last_n_steps_state)

@@ -83,8 +83,12 @@ class RunSaver:
         if self.accelerator.is_main_process and stale_model:
             remove_quietly(self.plan.model_path(stale_model))
             remove_quietly(self.plan.output_dir / stale_model)  # an adapter folder (LLMs: PEFT)
+            for path in self.plan.older_step_saves(stale_model, states=False):  # a stop's, off the cadence
+                remove_quietly(path)
         if self.accelerator.is_main_process and stale_state:
             remove_quietly(self.plan.state_path(stale_state))
+            for path in self.plan.older_step_saves(stale_state, states=True):
+                remove_quietly(path)
 
     def restore(self, resume: str, allow_changes: bool, max_train_steps: int) -> tuple[int, int, int]:
         """Load a state folder; returns (global step, epoch, batches already done in that epoch).

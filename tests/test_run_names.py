@@ -164,3 +164,21 @@ def test_a_changed_resume_setting_is_named_by_its_field_and_a_moved_model_is_no_
         check_resume_compatible(saved, now, False, "lora-state")
     lines = [line for line in str(e.value).splitlines() if line.startswith("  ")]
     assert lines == ["  dataset settings[0].subsets[0].image_dir: saved 'images', now 'images6'"]
+
+
+def test_rotation_also_removes_a_stops_step_saves_off_the_cadence(tmp_path):
+    """A stop saves at the step it stopped (lora-step00000003 with a cadence of 5); rotation only ever computed
+    multiples of the cadence, so those stayed forever (resume audit F11)."""
+    plan = SavePlan(tmp_path, "lora", every_n_steps=5, last_n_steps=5)
+    made = ["lora-step00000003.safetensors", "lora-step00000003", "lora-step00000003-state",
+            "lora-step00000005.safetensors", "lora-step00000005-state", "lora-step00000010.safetensors",
+            "lora-step00000010-state", "lora-stepper.safetensors", "lora2-step00000001.safetensors"]
+    for name in made:
+        (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_text("x")
+    stale_model, stale_state = plan.stale_at_step(15)
+    assert stale_model == "lora-step00000005"
+    assert [p.name for p in plan.older_step_saves(stale_model, states=False)] == [
+        "lora-step00000003", "lora-step00000003.safetensors", "lora-step00000005.safetensors"]
+    assert [p.name for p in plan.older_step_saves(stale_state, states=True)] == [
+        "lora-step00000003-state", "lora-step00000005-state"]
+    assert plan.older_step_saves("lora-000002", states=False) == []  # epoch rotation is by cadence alone
