@@ -158,7 +158,7 @@ def test_max_seq_length_above_the_model_positions_is_refused(tmp_path):
     toml.write_text(f'[general]\nmax_seq_length = 2048\n[[datasets]]\n[[datasets.subsets]]\njsonl_file = "{f}"\n'
                     f'[[datasets]]\n[[datasets.subsets]]\njsonl_file = "{f}"\n', encoding="utf-8")
     group = load_text_dataset_config(toml)
-    with pytest.raises(UserError, match=rf"{toml}: datasets\[0\].max_seq_length \(line 2\): 2048 is more than the "
+    with pytest.raises(UserError, match=rf"{toml}: general.max_seq_length \(line 2\): 2048 is more than the "
                                         r"model supports \(max_position_embeddings = 512\); set max_seq_length = "
                                         "512 or less"):
         replace_max_seq_length(group, 512, limit=512)
@@ -211,3 +211,23 @@ def test_long_documents_do_not_raise_transformers_indexing_warning(tmp_path, tok
         data = _dataset(tmp_path, f'jsonl_file = "{f}"\ntext_column = "text"', fresh, "max_seq_length = 64")
     assert len(data.train) > 1  # chunked
     assert "indexing errors" not in caplog.text
+
+
+def test_a_too_long_max_seq_length_is_named_where_it_was_set(tmp_path):
+    """Set in [general], the error named datasets[0].max_seq_length, a key the file does not have."""
+    from library.data.text_config import load_text_dataset_config, replace_max_seq_length
+    from library.errors import UserError
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "hi"}\n', encoding="utf-8")
+    data = tmp_path / "d.toml"
+    data.write_text(f'[general]\nmax_seq_length = 4096\n\n[[datasets]]\n[[datasets.subsets]]\njsonl_file = "{rows}"\n'
+                    f'\n[[datasets]]\nmax_seq_length = 2000\n[[datasets.subsets]]\njsonl_file = "{rows}"\n',
+                    encoding="utf-8")  # fmt: skip
+    group = load_text_dataset_config(data)
+    with pytest.raises(UserError, match=r"general\.max_seq_length \(line 2\): 4096 is more"):
+        replace_max_seq_length(group, 512, 1024)
+    only_second = load_text_dataset_config(data)
+    only_second = type(group)(datasets=(only_second.datasets[1],), source=group.source)
+    with pytest.raises(UserError, match=r"datasets\[1\]\.max_seq_length \(line \d+\): 2000 is more"):
+        replace_max_seq_length(only_second, 512, 1024)

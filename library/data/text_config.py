@@ -275,6 +275,23 @@ def _check_columns(values: dict[str, Any], where: str, report: Reporter, own: di
         values["text_column"] = DEFAULT_TEXT_COLUMN
 
 
+def _seq_length_key(text: str | None, name: str) -> str:
+    """Where max_seq_length was set for dataset ``name`` (datasets[i]): its own table, else [general], which it
+    inherits."""
+    import re
+    import tomllib
+
+    try:
+        datasets = tomllib.loads(text).get("datasets") if text else None
+    except tomllib.TOMLDecodeError:  # a .json config: the dataset's own key is the better guess
+        datasets = None
+    found = re.fullmatch(r"datasets\[(\d+)\]", name)
+    if not isinstance(datasets, list) or found is None or int(found.group(1)) >= len(datasets):
+        return f"{name}.max_seq_length"
+    own = datasets[int(found.group(1))]
+    return f"{name}.max_seq_length" if isinstance(own, dict) and "max_seq_length" in own else "general.max_seq_length"
+
+
 def replace_max_seq_length(group: TextDatasetGroup, default: int, limit: int | None = None) -> TextDatasetGroup:
     """Fill each dataset's unset max_seq_length with the model's default; a value above ``limit`` (the
     model's max_position_embeddings, None when unknown) is an error: positions past it were never trained
@@ -284,7 +301,7 @@ def replace_max_seq_length(group: TextDatasetGroup, default: int, limit: int | N
             source = Path(group.source)
             text = source.read_text(encoding="utf-8") if source.is_file() else None
             raise Reporter(group.source, text).error(
-                f"{d.name}.max_seq_length", f"{d.max_seq_length} is more than the model supports "
+                _seq_length_key(text, d.name), f"{d.max_seq_length} is more than the model supports "
                 f"(max_position_embeddings = {limit}); set max_seq_length = {limit} or less")
     return dataclasses.replace(group, datasets=tuple(
         d if d.max_seq_length is not None else dataclasses.replace(d, max_seq_length=default) for d in group.datasets))
