@@ -171,6 +171,12 @@ def refuse_modules_to_save(where: str | os.PathLike, config: Mapping[str, Any], 
     TRL's / axolotl's ``lora_modules_to_save`` (``lm_head`` / ``embed_tokens`` after adding tokens) store whole
     layers beside the LoRA factors (``base_model.model.lm_head.weight``); our networks hold LoRAs only.
     """
+    keys = list(keys)
+    biases = [key for key in keys if key.endswith(".bias")]
+    if biases and config.get("bias", "none") != "none":  # a trained bias is saved as base_layer.bias, not a copy
+        raise UserError(f"{where}: this PEFT adapter trains biases (LoraConfig bias=\"{config['bias']}\", e.g. "
+                        f"{biases[0]}), which a kohya LoRA (and this toolkit) cannot hold; merge it with peft "
+                        "(merge_and_unload) or train it with bias=\"none\".")
     modules = sorted({m for m in map(_saved_module, keys) if m})
     if not modules:
         return

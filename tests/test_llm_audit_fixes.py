@@ -91,21 +91,27 @@ def test_convert_refuses_modules_to_save_naming_the_folder(tmp_path, capsys):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_a_peft_adapter_with_trained_biases_says_so(tmp_path):
+@pytest.mark.parametrize("suffix", ["lora_B.bias", "base_layer.bias"])  # the second: how PEFT saves bias="all"
+def test_a_peft_adapter_with_trained_biases_says_so(tmp_path, capsys, suffix):
     from safetensors.torch import load_file, save_file
 
     from networks.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_network_weights, write_peft_adapter
+    from tools import show
 
     model, network = _tiny_network()
     folder = write_peft_adapter(network, model, tmp_path / "bias", "base")
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     b_key = next(k for k in tensors if k.endswith("lora_B.weight"))
-    tensors[b_key.replace(".weight", ".bias")] = torch.zeros(tensors[b_key].shape[0])
+    tensors[b_key.replace("lora_B.weight", suffix)] = torch.zeros(tensors[b_key].shape[0])
     save_file(tensors, str(folder / ADAPTER_WEIGHTS))
     config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "bias": "lora_only"}), encoding="utf-8")
-    with pytest.raises(UserError, match=r'trains biases \(LoraConfig bias="lora_only"\).*bias="none"'):
+    with pytest.raises(UserError, match=r'trains biases \(LoraConfig bias="lora_only".*bias="none"'):
         load_network_weights(folder)
+    # the tools said "modules_to_save = ['base_layer']": a trained bias is no layer copy
+    assert show.main([str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "trains biases" in err and "modules_to_save" not in err, err
 
 
 def test_a_plain_peft_adapter_still_loads(tmp_path):
