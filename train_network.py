@@ -108,6 +108,9 @@ def _train(args: argparse.Namespace, sources: dict[str, str], stack: contextlib.
         log(f"--fp8_base: {n} frozen base layers stored in float8")
     data = loading.build_data(args, family, request, seed, sources)
     plan = setup.plan_steps(len(data.sampler), accumulation, args.max_train_steps, args.max_train_epochs)
+    if args.max_train_epochs and sources.get("max_train_steps", "default") != "default":  # given, and set aside
+        log(f"--max_train_epochs {args.max_train_epochs} sets the length, {plan.max_train_steps} optimizer steps; "
+            f"--max_train_steps {args.max_train_steps} is not used (as in sd-scripts)")
     if args.save_n_epoch_ratio and args.save_every_n_epochs is None:  # the epoch count is known only now
         args.save_every_n_epochs = epoch_cadence(args.save_n_epoch_ratio, plan.num_epochs)
     network, net_kwargs = setup.build_network(args, family, log)

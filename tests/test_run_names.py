@@ -182,3 +182,12 @@ def test_rotation_also_removes_a_stops_step_saves_off_the_cadence(tmp_path):
     assert [p.name for p in plan.older_step_saves(stale_state, states=True)] == [
         "lora-step00000003-state", "lora-step00000005-state"]
     assert plan.older_step_saves("lora-000002", states=False) == []  # epoch rotation is by cadence alone
+
+
+def test_max_train_epochs_beside_max_train_steps_says_which_sets_the_length(tmp_path, tiny_sd_dir, tiny_images,
+                                                                            capsys):  # fmt: skip
+    data = _data_toml(tmp_path, tiny_images)  # 4 steps per epoch
+    assert _run(tiny_sd_dir, data, tmp_path / "out", "--max_train_steps", "5", "--max_train_epochs", "1") == 0
+    assert "--max_train_epochs 1 sets the length, 4 optimizer steps; --max_train_steps 5 is not used" in \
+        capsys.readouterr().out
+    assert _steps(tmp_path / "out" / "lora_loss.csv") == ["1", "2", "3", "4"]
