@@ -15,10 +15,11 @@ the big tensors (the activations ``x`` and ``y`` and their gradients) are touche
   output, and the frozen base weight gets no gradient.
 
 Gradients: with ``g = dL/dy``, ``dL/dh = B_s^T g``; ``dL/dx = W^T g + A^T (B_s^T g)``; ``dL/dA = (B_s^T g) x^T``;
-``dL/dB = s · g h^T``. Applies to ``nn.Linear`` and 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) with
-their own forward, in eager mode, without element/rank dropout; everything else (kxk convs, quantized layers,
-dropouts, ``torch.compile``, a base weight or bias that trains) takes the plain path in networks/lora.py, which
-``torch.compile`` traces without graph breaks.
+``dL/dB = s · g h^T``. Applies to ``nn.Linear``, transformers' ``Conv1D`` (its ``(in, out)`` weight passed as the
+transposed view ``W = weight.t()``, so the op is the Linear one; no copy) and 1x1 ``nn.Conv2d`` (stride 1, no
+padding, one group) with their own forward, in eager mode, without element/rank dropout; everything else (kxk
+convs, quantized layers, dropouts, ``torch.compile``, a base weight or bias that trains) takes the plain path in
+networks/lora.py, which ``torch.compile`` traces without graph breaks.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from networks.conv1d import is_conv1d
+
 FAST_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def fast_kind(org_module: nn.Module, org_forward: object) -> str | None:
-    """``"linear"`` / ``"conv1x1"`` when the fused op reproduces ``org_forward`` exactly, else None.
+    """``"linear"`` / ``"conv1d"`` / ``"conv1x1"`` when the fused op reproduces ``org_forward`` exactly, else None.
 
     That is the layer's own forward, or library/fp8.py's (a float8 weight upcast to its compute dtype, which
     the fused op does as well: it casts the base weight to the dtype it computes in).
@@ -43,6 +46,8 @@ def fast_kind(org_module: nn.Module, org_forward: object) -> str | None:
     fp8 = getattr(org_forward, "fp8_compute_dtype", None) is not None
     if type(org_module) is nn.Linear and (own_forward is nn.Linear.forward or fp8):
         return "linear"
+    if is_conv1d(org_module) and own_forward is type(org_module).forward:  # x @ W + b == F.linear(x, W.t(), b)
+        return "conv1d"
     if (
         type(org_module) is nn.Conv2d and (own_forward is nn.Conv2d.forward or fp8)
         and tuple(org_module.kernel_size) == (1, 1) and tuple(org_module.stride) == (1, 1)
@@ -280,7 +285,8 @@ class _Conv1x1LoRA(torch.autograd.Function):
 def fast_forward(lora: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``org(x) + multiplier · scale · up(down(x))`` through the fused op, or None where it does not apply."""
     org = lora._org[0]
-    weight, bias = org.weight, org.bias
+    # A Conv1D's weight (in, out) enters as its transposed view: the fused Linear op is then exactly its forward.
+    weight, bias = (org.weight.t() if lora._fast == "conv1d" else org.weight), org.bias
     if weight.requires_grad or weight.dtype not in FAST_FLOAT_DTYPES or (bias is not None and bias.requires_grad):
         return None  # a base layer that trains needs autograd's own ops for its gradients
     conv = lora._fast == "conv1x1"

@@ -21,6 +21,7 @@ from library.errors import UserError
 from library.fileio import atomic_save_safetensors, atomic_torch_save
 from library.metadata import add_hashes
 from networks.block_lr import BLOCK_KEYS, LR_KEYS, block_plan, reject_for_weights
+from networks.conv1d import is_linear_like, linear_features, linear_weight
 from networks.fast_lora import fast_kind, install_compute_copies, lora_forward, plain_delta
 from networks.functional import delta_norm, max_norm_ratios, merged_weight
 from networks.lora_args import NETWORK_ARGS, parse_network_args  # noqa: F401  (re-exported)
@@ -44,7 +45,7 @@ LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_e
 
 
 class LoRAModule(nn.Module):
-    """A low-rank adapter hooked onto one ``nn.Linear`` or ``nn.Conv2d``.
+    """A low-rank adapter hooked onto one ``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d``.
 
     ``y = org(x) + multiplier · (alpha / dim) · up(down(x))``; ``down`` is Kaiming-uniform and
     ``up`` zero at creation, so a new adapter changes nothing. ``apply_to`` replaces the original
@@ -79,12 +80,13 @@ class LoRAModule(nn.Module):
                 org_module.padding, org_module.dilation, bias=False,
             )  # fmt: skip
             self.lora_up = nn.Conv2d(lora_dim, org_module.out_channels, 1, bias=False)
-        elif isinstance(org_module, nn.Linear):
+        elif is_linear_like(org_module):  # a Conv1D too: its factors keep Linear's orientation (conv1d.py)
             self.is_conv = False
-            self.lora_down = nn.Linear(org_module.in_features, lora_dim, bias=False)
-            self.lora_up = nn.Linear(lora_dim, org_module.out_features, bias=False)
+            n_in, n_out = linear_features(org_module)
+            self.lora_down = nn.Linear(n_in, lora_dim, bias=False)
+            self.lora_up = nn.Linear(lora_dim, n_out, bias=False)
         else:
-            raise TypeError(f"{lora_name}: LoRA supports Linear and Conv2d, not {type(org_module).__name__}")
+            raise TypeError(f"{lora_name}: LoRA supports Linear, Conv1D and Conv2d, not {type(org_module).__name__}")
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
 
@@ -129,7 +131,7 @@ class LoRAModule(nn.Module):
     @torch.no_grad()
     def merge_weights(self, down: torch.Tensor, up: torch.Tensor, alpha: float, device: object = None) -> None:
         """Add ``multiplier · alpha/dim · up ⊗ down`` into the original module's weight, in place."""
-        weight = self.org_module.weight
+        weight = linear_weight(self.org_module)  # a Conv1D's is a transposed view: copy_ writes the parameter
         device = device if device is not None else weight.device
         # merged_weight works in float32, so fp16/bf16 base weights lose nothing to the delta.
         merged = merged_weight(

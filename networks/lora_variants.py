@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
+from networks.conv1d import is_linear_like, linear_weight
 from networks.lora import LoRAModule
 from networks.targets import TargetSpec, unet_spec_for
 
@@ -41,7 +42,8 @@ def user_alpha(stored_alpha: float, dim: int, use_rslora: bool) -> float:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as a dense tensor: bitsandbytes 4-bit / 8-bit weights are dequantized."""
+    """The layer's weight as a dense ``(out, in)`` tensor: bitsandbytes 4-bit / 8-bit weights are dequantized, a
+    transformers Conv1D's ``(in, out)`` weight is transposed (a view), so DoRA's row norms are per output feature."""
     weight = module.weight
     kind = type(weight).__name__
     if kind == "Params4bit":
@@ -59,7 +61,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
             scale = module.state.SCB
         # Linear8bitLt stores W row-wise as round(127 · W / absmax(row)), absmax in SCB.
         return weight.data.float() * scale.float().view(-1, 1) / 127.0
-    return weight
+    return linear_weight(module)
 
 
 class DoRAModule(LoRAModule):
@@ -139,7 +141,7 @@ class Variant:
             return network
         # the model's own Linear names, so a Phi-3 (qkv_proj) or GPT-NeoX (query_key_value) user sees theirs
         names = sorted({n.rsplit(".", 1)[-1] for n, m in (model.named_modules() if model is not None else [])
-                        if isinstance(m, nn.Linear)} - {"lm_head"})
+                        if is_linear_like(m)} - {"lm_head"})
         example = ",".join(names) if names else "q_proj,k_proj,v_proj,o_proj"
         rule = "(a name matches a module path that equals it or ends with '.name')"
         given = ",".join(self.target_modules)

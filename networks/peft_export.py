@@ -7,7 +7,10 @@ A folder ``{output_dir}/{output_name}/`` holds
   ``.lora_magnitude_vector`` (``(out,)``);
 - ``adapter_config.json``: ``r``, ``lora_alpha`` (alpha is kept, not folded into the weights),
   ``target_modules``, ``rank_pattern`` / ``alpha_pattern`` for modules that differ from the most
-  common rank / alpha, ``use_rslora``, ``use_dora``, ``task_type`` ``CAUSAL_LM``, ``base_model_name_or_path``.
+  common rank / alpha, ``use_rslora``, ``use_dora``, ``task_type`` ``CAUSAL_LM``, ``base_model_name_or_path``,
+  and ``fan_in_fan_out: true`` when the adapted layers are transformers' ``Conv1D`` (GPT-2 style), as PEFT
+  itself writes for them: the A/B tensors keep Linear's orientation either way (networks/conv1d.py), the flag
+  only tells PEFT that the base weight is stored ``(in, out)``.
 
 ``peft.PeftModel.from_pretrained(model, folder)`` then computes what our network computes:
 ``y = W x + (lora_alpha / r) · B A x`` (``lora_alpha / sqrt(r)`` with rsLoRA). PEFT is only a consumer
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
+from networks.conv1d import is_conv1d
 from networks.lora_variants import rslora_alpha, user_alpha
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -99,7 +103,7 @@ def adapter_config(network: nn.Module, model: nn.Module, base_model_name_or_path
         "use_dora": bool(getattr(network, "use_dora", False)),
         "lora_dropout": dropout,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(is_conv1d(lora.org_module) for _, lora in modules),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,

@@ -10,10 +10,11 @@ SDXL LoRA file and consumer expects.
 
 Causal LMs (passed as ``unet``, CONTRACTS.md §5) use another rule, PEFT's "all-linear": every
 ``Linear`` of the model (bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` are ``Linear`` subclasses)
-except the output layer ``lm_head``. Their names keep kohya's ``lora_unet`` prefix for the model
-passed as ``unet``, e.g. ``lora_unet_model_layers_0_self_attn_q_proj``. For any model,
-``target_modules`` (PEFT semantics) keeps only the modules whose path equals a listed name or ends
-with ``"." + name``; a listed ``lm_head`` is then allowed too.
+and every transformers ``Conv1D`` (GPT-2 style, networks/conv1d.py) except the output layer ``lm_head``.
+Their names keep kohya's ``lora_unet`` prefix for the model passed as ``unet``, e.g.
+``lora_unet_model_layers_0_self_attn_q_proj``. For any model, ``target_modules`` (PEFT semantics) keeps
+only the modules whose path equals a listed name or ends with ``"." + name``; a listed ``lm_head`` is
+then allowed too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
+from networks.conv1d import is_linear_like
 from networks.sgm_names import SDXL_LAYOUT, UNetLayout, is_sdxl_unet, sgm_renamer
 
 
@@ -126,7 +128,7 @@ def _matches(path: str, names: tuple[str, ...]) -> bool:
 def _all_linear(root: nn.Module, skip_output_layer: bool) -> Iterator[tuple[str, nn.Module]]:
     output = root.get_output_embeddings() if skip_output_layer and is_causal_lm(root) else None
     for path, module in root.named_modules():
-        if isinstance(module, nn.Linear) and module is not output:
+        if is_linear_like(module) and module is not output:
             yield path, module
 
 
@@ -162,12 +164,6 @@ def find_targets(root: nn.Module, spec: TargetSpec, include_conv: bool) -> list[
                 continue
             raise ValueError(f"two modules share the LoRA name {name}: '{seen.path}' and '{path}'")
         by_name[name] = Target(name, path, module, is_kxk)
-    if spec.all_linear and not by_name:
-        conv1d = [path for path, module in root.named_modules() if type(module).__name__ == "Conv1D"]
-        if conv1d:  # GPT-2 style: an "optimizer has nothing to train" error later would not say why
-            raise UserError(f"{type(root).__name__} has no nn.Linear layer to put a LoRA on: its projections "
-                            f"({conv1d[0]}, ...) are transformers' Conv1D (GPT-2 style), which this LoRA does "
-                            "not support; use a model with Linear projections (Llama, Qwen, Mistral, Gemma, Phi).")
     return list(by_name.values())
 
 

@@ -319,14 +319,6 @@ def test_8bit_base_and_dequantised_weights(llm_dir):
     assert all(m.lora_down.weight.grad is not None for m in network.unet_loras)
 
 
-def test_gpt2_style_conv1d_model_gets_a_clear_error():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
-    with pytest.raises(UserError, match="transformers' Conv1D"):
-        lora.create_network(1.0, 4, 4.0, None, None, model)
-
-
 def test_options_are_checked_per_family(llm_dir):
     with pytest.raises(UserError, match="--load_in_4bit is an option of causal LMs; it does not apply to "
                                         "--model_type sd"):

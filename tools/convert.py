@@ -58,6 +58,7 @@ from library.lora_formats import (  # noqa: E402
     write_comfy,
     write_lora_a_b,
 )
+from networks.conv1d import is_conv1d, is_linear_like  # noqa: E402
 from networks.svd import LoRAFactors, relative_difference  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -93,7 +94,26 @@ def _meta_modules(build) -> list[str]:
     """Module paths of a model built on the meta device (no weights, no memory)."""
     with torch.device("meta"):
         model = build()
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return [n for n, m in model.named_modules() if is_linear_like(m) or isinstance(m, torch.nn.Conv2d)]
+
+
+def _llm_model(root: Path) -> torch.nn.Module:
+    """The causal LM of a transformers folder, built from its config alone (call it on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(root)))
+
+
+def fan_in_fan_out(base_model: str | None, paths: list[str]) -> bool:
+    """PEFT's ``fan_in_fan_out``: whether the adapted layers of ``base_model`` are transformers' Conv1D (GPT-2
+    style, weight ``(in, out)``). Unknown without the model: False, which PEFT itself corrects (with a warning)
+    when it meets a Conv1D layer."""
+    if base_model is None:
+        return False
+    with torch.device("meta"):
+        model = _llm_model(Path(base_model))
+    targets = set(paths)
+    return any(is_conv1d(m) for n, m in model.named_modules() if n in targets)
 
 
 def make_namer(family_name: str, base_model: str | None) -> Namer:
@@ -102,10 +122,7 @@ def make_namer(family_name: str, base_model: str | None) -> Namer:
         return Namer(family)
     root = Path(base_model)
     if family_name == "llm":
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(str(root))
-        return Namer(family, {"model": _meta_modules(lambda: AutoModelForCausalLM.from_config(config))})
+        return Namer(family, {"model": _meta_modules(lambda: _llm_model(root))})
     unet_config = root / "unet" / "config.json"
     if not unet_config.is_file():
         raise UserError(f"--base_model {base_model}: no unet/config.json (give the diffusers model folder)")
@@ -145,7 +162,7 @@ def peft_config(config: dict, args: argparse.Namespace) -> dict:
     # file does not hold get lora_B = 0, so they change nothing.
     full["target_modules"] = sorted({p.rsplit(".", 1)[-1] for p in config["target_modules"]})
     full.update({"task_type": "CAUSAL_LM", "base_model_name_or_path": args.base_model_name_or_path,
-                 "inference_mode": True})  # fmt: skip
+                 "inference_mode": True, "fan_in_fan_out": fan_in_fan_out(args.base_model, config["target_modules"])})
     return full
 
 

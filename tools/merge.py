@@ -52,6 +52,7 @@ from library.lora_files import (  # noqa: E402
 )
 from library.lora_formats import FAMILIES, LoRAState, Magnitudes, Namer  # noqa: E402
 from library.tool_compat import MERGE_ARGS, add_tool_args, apply_tool_args  # noqa: E402
+from networks.conv1d import is_linear_like, linear_weight  # noqa: E402
 from networks.functional import merged_weight  # noqa: E402
 from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference, with_scale  # noqa: E402
 
@@ -110,7 +111,7 @@ def bake(modules: dict[str, torch.nn.Module], state: LoRAState, ratio: float, so
     if missing:
         raise UserError(f"{source}: {len(missing)} modules are not in the model, e.g. {missing[:3]}; "
                         "was this LoRA made for another model?")  # fmt: skip
-    shapes = {name: (tuple(modules[name].weight.shape), (f.up.shape[0], *f.down.shape[1:]))
+    shapes = {name: (tuple(linear_weight(modules[name]).shape), (f.up.shape[0], *f.down.shape[1:]))
               for name, f in state.items()}
     wrong = [(name, model, lora) for name, (model, lora) in shapes.items() if model != lora]
     if wrong:  # e.g. an SD 1.x LoRA into an SD 2.x model: the same names, other widths
@@ -120,7 +121,7 @@ def bake(modules: dict[str, torch.nn.Module], state: LoRAState, ratio: float, so
                         f"changes a {show(map(str, lora_shape))} weight, the model's is {show(map(str, model_shape))}"
                         "; was this LoRA made for another model (SD 1.x vs 2.x)?")
     for name, f in state.items():
-        weight = modules[name].weight
+        weight = linear_weight(modules[name])  # a Conv1D's (in, out) weight as a transposed view: copy_ writes it
         merged = merged_weight(weight.to(device, dtype), f.down.to(device, dtype), f.up.to(device, dtype),
                                f.scale, ratio)  # fmt: skip
         if magnitudes and name in magnitudes:
@@ -226,7 +227,10 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
 
 
 def merge_into_llm(args: argparse.Namespace, ratios: list[float]) -> None:
-    """Bake LoRAs (kohya files or PEFT folders) into a causal LM and save_pretrained it, for inference engines."""
+    """Bake LoRAs (kohya files or PEFT folders) into a causal LM and save_pretrained it, for inference engines.
+
+    Linear and GPT-2-style Conv1D layers alike: a Conv1D stores its weight ``(in, out)``, so it receives ``ΔWᵀ``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.new_rank is not None:
@@ -238,9 +242,8 @@ def merge_into_llm(args: argparse.Namespace, ratios: list[float]) -> None:
     # "auto": the dtype the model is stored in, which is also what is saved unless --save_precision
     # says otherwise (loading a bf16 model as float32 would double the output's size).
     model = AutoModelForCausalLM.from_pretrained(str(root), dtype="auto")
-    # every Linear by its kohya name (the causal LM is passed as `unet`, so the prefix is lora_unet)
-    modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear)}
+    # every Linear / Conv1D by its kohya name (the causal LM is passed as `unet`, so the prefix is lora_unet)
+    modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in model.named_modules() if is_linear_like(m)}
     files = [load_lora(path, allow_dora=True) for path in args.models]
     check_same_family(args.models, files, (f"--llm_model {args.llm_model}", "llm"))
     untied = untie_adapted(model, modules, {name for lora in files for name in lora.state})

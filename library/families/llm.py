@@ -4,7 +4,7 @@ The model is loaded with ``AutoModelForCausalLM`` from a local folder, in bf16/f
 mixed precision and fp32 otherwise; ``--load_in_4bit`` (NF4, double quantization, bf16 compute)
 or ``--load_in_8bit`` quantizes its Linear layers with bitsandbytes, and the LoRA path stays in
 its own dtype over the frozen base. It is passed to the network module as ``unet`` (CONTRACTS.md
-§5), so ``networks.lora`` puts a LoRA on every Linear but ``lm_head``. The loss is the mean
+§5), so ``networks.lora`` puts a LoRA on every Linear (and GPT-2-style Conv1D) but ``lm_head``. The loss is the mean
 token cross-entropy over the label tokens, computed chunk by chunk without the full logits where
 that is exact (library/chunked_ce.py). The adapter is saved as a PEFT folder and, for
 ``--save_model_as safetensors``, also as a kohya-style file.
@@ -157,7 +157,7 @@ def scan_before_load(request: DataRequest, model_path: str, tokenizer_path: str 
 
 @dataclass
 class LLMFamily:
-    """A causal LM and its tokenizer; the LoRA network is hooked into the model's Linear layers."""
+    """A causal LM and its tokenizer; the LoRA network is hooked into the model's Linear (or Conv1D) layers."""
 
     model: torch.nn.Module
     tokenizer: Any
