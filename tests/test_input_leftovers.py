@@ -218,7 +218,7 @@ def test_extract_checks_sdxl_and_v2_against_the_folder(tmp_path, tiny_sd_dir, ca
     out = tmp_path / "x.safetensors"
     argv = ["--model_org", str(tiny_sd_dir), "--model_tuned", str(tiny_sd_dir), "--save_to", str(out)]
     assert extract.main([*argv, "--sdxl"]) == 2
-    assert f"--sdxl: {tiny_sd_dir} is an SD 1.x/2.x folder" in capsys.readouterr().err
+    assert f"--sdxl: {tiny_sd_dir} is an SD 1.x model; leave --sdxl out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         extract.main([*argv, "--sdxl", "--v2"])
     assert "not allowed with argument" in capsys.readouterr().err and not out.exists()
