@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import os
 import statistics
@@ -47,6 +48,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
+from measure import count_flops, saved_bytes, timed  # noqa: E402
 
 RANK = 16
 
@@ -121,7 +123,9 @@ def make_inputs(case: Case, model: nn.Module, device: torch.device, dtype: torch
         ids = torch.randint(0, case.config["vocab_size"], (b, s), generator=g).to(device)
         with torch.no_grad():
             embeds = model.get_input_embeddings()(ids).to(dtype)
-        return {"inputs_embeds": embeds, "labels": ids}
+        # flat indices of the positions whose next token is a label (all here), as library/data/text_data.py
+        positions = (F.pad(ids, (0, 1), value=-100)[..., 1:] != -100).flatten().nonzero().squeeze(1)
+        return {"inputs_embeds": embeds, "labels": ids, "loss_positions": positions}
     inputs = {
         "sample": torch.randn(b, 4, s, s, generator=g).to(device, dtype),
         "timestep": torch.randint(0, 1000, (b,), generator=g).to(device),
@@ -143,7 +147,9 @@ def loss_of(case: Case, model: nn.Module, inputs: dict, chunked_ce: bool = False
         from library.chunked_ce import causal_lm_loss_from_hidden
 
         hidden = model.model(inputs_embeds=inputs["inputs_embeds"], use_cache=False).last_hidden_state
-        return causal_lm_loss_from_hidden(hidden, model.get_output_embeddings(), inputs["labels"])
+        # positions computed once with the inputs, as the trainer's collate does: a boolean mask would sync
+        return causal_lm_loss_from_hidden(hidden, model.get_output_embeddings(), inputs["labels"],
+                                          positions=inputs["loss_positions"])
     if case.kind == "llm":
         return model(inputs_embeds=inputs["inputs_embeds"], labels=inputs["labels"]).loss
     kwargs = {k: v for k, v in inputs.items() if k not in ("sample", "timestep", "target")}
@@ -233,11 +239,12 @@ def build_impl(name: str, case: Case, base: nn.Module, paths: list[str], device:
     run every step (what ``--cache_text_encoder_outputs`` saves), ``ce`` the chunked LLM cross-entropy that
     train_network.py uses (floor and PEFT keep transformers' loss), ``compile`` regional torch.compile.
     """
-    model = copy.deepcopy(base).to(device)
-    if next(model.parameters()).dtype != base_dtype:  # diffusers warns on every .to(dtype), even a no-op one
-        model.to(base_dtype)
-    model.requires_grad_(False)
     kind, *features = name.split("+")
+    # The frozen base (already on the device, in base_dtype) is shared: modules are copied, its tensors not, so
+    # ten implementations of SDXL do not hold ten UNets. --fp8_base rebinds the weights: that one gets a copy.
+    shared = {} if "fp8" in name.split("+") else {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    model = copy.deepcopy(base, memo=shared)
+    model.requires_grad_(False)
     if unknown := set(features) - set(FEATURES):
         raise SystemExit(f"unknown feature(s) {sorted(unknown)} in --impls {name}; known: {', '.join(FEATURES)}")
     if "fp8" in features:  # before the adapters wrap the layers, as train_network.py does
@@ -263,9 +270,17 @@ def build_impl(name: str, case: Case, base: nn.Module, paths: list[str], device:
         else:
             model.enable_gradient_checkpointing()
     if "compile" in features:
-        for module in model.modules():
-            if type(module).__name__ in REGIONS:
-                module.compile()
+        from library.regional_compile import recompile_budget
+
+        regions = [m for m in model.modules() if type(m).__name__ in REGIONS]
+        limit = recompile_budget(regions)
+        # static shapes: the bench's inputs never change, and a dynamic graph compiled for another
+        # implementation's block (one code object per class) would otherwise carry over to this one
+        kwargs: dict = {"dynamic": False}
+        if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.9, as training does
+            kwargs["recompile_limit"] = limit
+        for module in regions:
+            module.compile(**kwargs)
     optimizer = None
     if params and "8bit" in features:
         import bitsandbytes as bnb
@@ -301,65 +316,29 @@ def run_step(case: Case, impl: Impl, inputs: dict, amp: torch.dtype | None, devi
         x.requires_grad_(False)
 
 
-def timed(fn: Callable[[], None], device: torch.device, clock: str = "wall") -> float:
-    if clock == "cpu":  # CPU seconds of this process: steadier than wall time on a shared machine
-        t0 = time.process_time()
-        fn()
-        return time.process_time() - t0
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def count_flops(fn: Callable[[], None]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode, flop_registry
-
-    aten = torch.ops.aten
-    # The in-place products of the fused path do the same work as their out-of-place forms.
-    flop_registry.setdefault(aten.addmm_, flop_registry[aten.addmm])
-    flop_registry.setdefault(aten.baddbmm_, flop_registry[aten.baddbmm])
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def saved_bytes(fn: Callable[[], None]) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``fn``'s forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def resident_bytes(impl: Impl) -> int:
-    tensors = list(impl.model.parameters()) + list(impl.model.buffers())
+    """Weights, adapters (networks.lora's live outside the model), text encoders and optimizer state, each once."""
+    tensors = [*impl.model.parameters(), *impl.model.buffers(), *impl.params]
+    tensors += [t for te in impl.text_encoders for t in te.parameters()]
     if impl.optimizer is not None:
         tensors += [v for state in impl.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def bench_case(case: Case, impl_names: list[str], steps: int, warmup: int, device: torch.device,
                dtype_arg: str, clock: str = "wall") -> dict:
     amp = torch.bfloat16 if (device.type == "cuda" or dtype_arg == "bf16") else None
     base_dtype = amp or torch.float32
-    base = build_model(case)
+    with torch.device(device):  # random init on the GPU: building SDXL on the CPU takes about a minute
+        base = build_model(case)
     paths = target_paths(base)
-    inputs = make_inputs(case, base.to(device), device, base_dtype)
-    base.to("cpu")
+    inputs = make_inputs(case, base, device, base_dtype)
+    if base_dtype != torch.float32:  # diffusers warns on every .to(dtype), even a no-op one
+        base.to(base_dtype)
+    base.requires_grad_(False)
     impls = [build_impl(name, case, base, paths, device, base_dtype) for name in impl_names]
+    del base
     per_step = case.batch * (case.size if case.kind == "llm" else 1)
     unit = "tokens/s" if case.kind == "llm" else "samples/s"
     stats = {impl.name: {} for impl in impls}
@@ -470,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.compile:  # a block class past its graph limit would silently run eagerly: an error instead
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -491,10 +472,18 @@ def main(argv: list[str] | None = None) -> int:
                 clock = args.clock if device.type == "cpu" else "wall"
                 skip = "te" if case.kind == "llm" else "ce"  # an LLM has no text encoder, a UNet no vocabulary
                 names_here = [n for n in impls if skip not in n.split("+")]
-                results.append(bench_case(case, names_here, args.steps, args.warmup, device, args.dtype, clock))
+                try:
+                    results.append(bench_case(case, names_here, args.steps, args.warmup, device, args.dtype, clock))
+                except Exception as e:  # noqa: BLE001 - an OOM or a compile failure must not lose the other cases
+                    results.append({"case": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 results[-1]["wall_s"] = time.perf_counter() - t0
-            print(f"{name}: " + json.dumps(results[-1].get("ratios", results[-1].get("pending"))), flush=True)
-        print(report.fmt_table(results))
+            shown = results[-1].get("ratios", results[-1].get("pending", results[-1].get("error")))
+            print(f"{name}: " + json.dumps(shown), flush=True)
+            if args.json:  # after every case: a later crash or a time limit keeps what was measured
+                Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
+        print(report.fmt_table([r for r in results if "error" not in r]))
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
     return 0

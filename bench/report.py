@@ -59,9 +59,11 @@ def environment(device: torch.device) -> dict:
         pass
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
-    import diffusers
-    import peft
-    import transformers
+    import importlib
 
-    env.update(diffusers=diffusers.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    for package in ("diffusers", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:  # a missing package fails the cases that use it, not the whole run (the GPU image lacks some)
+            env[package] = importlib.import_module(package).__version__
+        except ImportError:
+            env[package] = None
     return env
