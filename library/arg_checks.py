@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from library.accelerator import check_trackers_installed, effective_log_with
-from library.args import NO_OP_ARGUMENTS, NOT_IMPLEMENTED_YET
+from library.args import NOT_IMPLEMENTED_YET
 from library.config_file import IGNORED_KEYS_ATTR
 from library.dataset_config import DatasetGroupConfig, parse_resolution
 from library.errors import UserError
@@ -22,6 +22,17 @@ from library.foreign_args import apply_foreign_args, foreign_notes
 from library.sd_scripts_args import GUI_ONLY_KEYS, apply_sd_scripts_args, sd_scripts_notes
 
 logger = logging.getLogger(__name__)
+
+
+# kohya switches that ask for something this project always does (or has no need of): accepted, so that
+# sd-scripts configs run, and each one given is named in the log with what happens instead.
+NO_OP_ARGUMENTS: dict[str, str] = {
+    "xformers": "PyTorch SDPA attention (flash / memory-efficient kernels) is always used instead",
+    "mem_eff_attn": "PyTorch SDPA attention (flash / memory-efficient kernels) is always used instead",
+    "lowram": "models are always read with low RAM use (memory-mapped safetensors, no second copy) and then "
+              "moved to the device; there is no other low-RAM mode",
+    "highvram": "there is no low-VRAM mode to disable (the CUDA cache is not cleared while caching latents)",
+}
 
 
 def no_op_notes(values: dict[str, object]) -> list[str]:

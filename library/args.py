@@ -25,16 +25,6 @@ NOT_IMPLEMENTED_YET: dict[str, str] = {
     "full_fp16": "fp16 LoRA weights need a loss-scaling scheme that is planned; use --full_bf16",
 }
 
-# kohya switches that ask for something this project always does (or has no need of): accepted, so that
-# sd-scripts configs run, and each one given is named in the log with what happens instead.
-NO_OP_ARGUMENTS: dict[str, str] = {
-    "xformers": "PyTorch SDPA attention (flash / memory-efficient kernels) is always used instead",
-    "mem_eff_attn": "PyTorch SDPA attention (flash / memory-efficient kernels) is always used instead",
-    "lowram": "models are always read with low RAM use (memory-mapped safetensors, no second copy) and then "
-              "moved to the device; there is no other low-RAM mode",
-    "highvram": "there is no low-VRAM mode to disable (the CUDA cache is not cleared while caching latents)",
-}
-
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
