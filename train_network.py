@@ -39,7 +39,7 @@ from library.checkpoint import (
 )
 from library.config_file import loggable_config, parse_args_with_sources, write_output_config
 from library.data.image_data import move_batch
-from library.error_report import report_error
+from library.error_report import report_error, should_print
 from library.errors import UserError
 from library.fp8 import store_in_fp8
 from library.loss_curve import read_loss_curve, write_loss_curve
@@ -347,7 +347,8 @@ def _main(argv: list[str] | None) -> int:
         report_error(e)  # once per machine when every process of a launch hits the same error
         return 2
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        if should_print(str(e)):  # every process of a launch stops with the same line: once per machine
+            print(str(e), file=sys.stderr)
         return e.exit_code
     except (KeyboardInterrupt, Terminated) as e:  # outside the loop's step-and-save handling (loading, saving)
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT

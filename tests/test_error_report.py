@@ -57,3 +57,21 @@ def test_without_a_launcher_nothing_is_deduplicated():
     # a shell that exports WORLD_SIZE but runs the script directly, twice: both runs print
     assert _launch([message], world_size=4, launcher=False).count("error:") == 1
     assert _launch([message], world_size=4, launcher=False).count("error:") == 1
+
+
+def test_the_stop_line_of_a_launch_prints_once_per_machine_too(monkeypatch, capsys):
+    """Every process of a launch stops at the same step with the same '--resume' line (resume audit F6)."""
+    import train_network
+    from library.signals import Interrupted
+
+    def stopped(args, sources):
+        raise Interrupted(143, "Stopped by signal 15 after step 3; saved out/lora-step00000003-state.")
+
+    monkeypatch.setattr(train_network, "train", stopped)
+    argv = ["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--train_data_dir", "d"]
+    monkeypatch.setattr(train_network, "should_print", lambda message: True)
+    assert train_network.main(argv) == 143
+    assert "Stopped by signal 15 after step 3" in capsys.readouterr().err
+    monkeypatch.setattr(train_network, "should_print", lambda message: False)  # another process printed it
+    assert train_network.main(argv) == 143
+    assert "Stopped by signal" not in capsys.readouterr().err
