@@ -46,7 +46,7 @@ def fast_kind(org_module: nn.Module, org_forward: object) -> str | None:
     fp8 = getattr(org_forward, "fp8_compute_dtype", None) is not None
     if type(org_module) is nn.Linear and (own_forward is nn.Linear.forward or fp8):
         return "linear"
-    if is_conv1d(org_module) and own_forward is type(org_module).forward:  # x @ W + b == F.linear(x, W.t(), b)
+    if is_conv1d(org_module) and (own_forward is type(org_module).forward or fp8):  # x @ W + b == F.linear(x, Wᵀ, b)
         return "conv1d"
     if (
         type(org_module) is nn.Conv2d and (own_forward is nn.Conv2d.forward or fp8)

@@ -345,11 +345,20 @@ def test_compiles_without_graph_breaks(dropouts):
 # --- --fp8_base ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["linear", "conv1x1"])
+def _gpt2_conv1d() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(40, 24)  # nf (out), nx (in): weight (24, 40)
+    nn.init.normal_(layer.weight, std=0.1)
+    nn.init.normal_(layer.bias, std=0.1)
+    return layer
+
+
+@pytest.mark.parametrize("name", ["linear", "conv1x1", "conv1d"])
 def test_fp8_stored_base_takes_the_fused_path_with_the_same_result(name):
     from library.fp8 import store_in_fp8
 
-    make, shape, _kind = LAYERS[name]
+    make, shape, _kind = LAYERS[name] if name != "conv1d" else (_gpt2_conv1d, (3, 7, 24), "conv1d")
     torch.manual_seed(0)
     holder = nn.Sequential(make())
     store_in_fp8(holder, torch.bfloat16)
@@ -362,6 +371,7 @@ def test_fp8_stored_base_takes_the_fused_path_with_the_same_result(name):
     assert out.dtype == torch.bfloat16
     # the reference: the same math with the fp8 weight upcast to bf16, the adapter in bf16
     w = layer.weight.to(torch.bfloat16)
+    w = w.t() if name == "conv1d" else w  # Conv1D stores (in, out)
     b = layer.bias.to(torch.bfloat16)
     x2 = x.detach().to(torch.bfloat16).requires_grad_()
     down = module.lora_down.weight.detach().to(torch.bfloat16).requires_grad_()
