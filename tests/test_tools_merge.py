@@ -224,3 +224,16 @@ def test_sd_scripts_merge_options_are_understood(loras, tmp_path, capsys):
     assert merge.main(["--models", str(a), "--save_to", str(tmp_path / "x.safetensors"), "--device", "cuda",
                        "--working_device", "cpu"]) == 2  # fmt: skip
     assert "disagree" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_one_alpha_keeps_every_delta_including_a_negative_alpha():
+    from networks.svd import LoRAFactors
+
+    torch.manual_seed(0)
+    state = {"a": LoRAFactors(torch.randn(4, 8), torch.randn(6, 4), 2.0),
+             "b": LoRAFactors(torch.randn(2, 8), torch.randn(6, 2), -1.0),  # some files carry a negative alpha
+             "c": LoRAFactors(torch.randn(3, 8), torch.randn(6, 3), 0.0)}  # fmt: skip
+    got = merge.one_alpha(state)
+    assert {f.alpha for f in got.values()} == {4.0}
+    for name, f in state.items():
+        assert torch.allclose(got[name].delta(), f.delta(), atol=1e-6), name

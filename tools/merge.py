@@ -54,7 +54,7 @@ from library.lora_formats import FAMILIES, LoRAState, Magnitudes, Namer  # noqa:
 from library.tool_compat import MERGE_ARGS, add_tool_args, apply_tool_args  # noqa: E402
 from networks.conv1d import is_linear_like, linear_weight  # noqa: E402
 from networks.functional import merged_weight  # noqa: E402
-from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference, with_scale  # noqa: E402
+from networks.svd import LoRAFactors, concatenate, refactorize, relative_difference  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,7 +321,8 @@ def one_alpha(state: LoRAState) -> LoRAState:
     alpha; diffusers applies differing alphas through name patterns that miss some modules (SDXL's middle block
     loaded 17% off), so a file with one alpha is what loads right everywhere (resize keeps one for that reason)."""
     alpha = float(max(f.rank for f in state.values()))
-    return {name: with_scale(f, alpha / f.rank) for name, f in state.items()}
+    # the old scale over the new one goes into up (a file's negative or zero alpha included: no square root)
+    return {name: LoRAFactors(f.down, f.up * (f.scale * f.rank / alpha), alpha) for name, f in state.items()}
 
 
 def _scaled(f: LoRAFactors, ratio: float) -> LoRAFactors:
