@@ -11,7 +11,8 @@ import train_network
 pytest.importorskip("lycoris.kohya")
 
 
-def test_loha_trains_and_saves_through_the_contract(tmp_path, tiny_sd_dir, tiny_images):
+def _train_lycoris(tmp_path, tiny_sd_dir, tiny_images, algo: str, steps: int):
+    """A LyCORIS run on the tiny SD model; returns the path of its file."""
     data = tmp_path / "data.toml"
     data.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n"
                     f"[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n")
@@ -19,11 +20,15 @@ def test_loha_trains_and_saves_through_the_contract(tmp_path, tiny_sd_dir, tiny_
     # preset=attn-mlp: LyCORIS' default preset also names time_embedding modules twice on diffusers 0.42's UNet
     code = train_network.main([
         "--pretrained_model_name_or_path", str(tiny_sd_dir), "--dataset_config", str(data), "--output_dir", str(out),
-        "--output_name", "loha", "--network_module", "lycoris.kohya", "--network_dim", "4", "--network_alpha", "1",
-        "--network_args", "algo=loha", "preset=attn-mlp", "--max_train_steps", "3", "--learning_rate", "1e-2",
-        "--seed", "1", "--cache_latents"])
+        "--output_name", algo, "--network_module", "lycoris.kohya", "--network_dim", "4", "--network_alpha", "1",
+        "--network_args", f"algo={algo}", "preset=attn-mlp", "--max_train_steps", str(steps), "--learning_rate",
+        "1e-2", "--seed", "1", "--cache_latents"])
     assert code == 0
-    sd = load_file(str(out / "loha.safetensors"))
+    return out / f"{algo}.safetensors"
+
+
+def test_loha_trains_and_saves_through_the_contract(tmp_path, tiny_sd_dir, tiny_images):
+    sd = load_file(str(_train_lycoris(tmp_path, tiny_sd_dir, tiny_images, "loha", 3)))
     loha_keys = [k for k in sd if k.endswith(".hada_w1_a")]
     assert loha_keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in loha_keys)
     moved = [k for k in sd if k.endswith(".hada_w2_a") and sd[k].abs().sum() > 0]
@@ -41,17 +46,7 @@ def test_lycoris_lora_file_names_hashes_and_merge(tmp_path, tiny_sd_dir, tiny_im
     from library.metadata import compute_sshs_hashes
     from tools import merge, show
 
-    data = tmp_path / "data.toml"
-    data.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n"
-                    f"[[datasets.subsets]]\nimage_dir = \"{tiny_images}\"\n")
-    out = tmp_path / "out"
-    code = train_network.main([
-        "--pretrained_model_name_or_path", str(tiny_sd_dir), "--dataset_config", str(data), "--output_dir", str(out),
-        "--output_name", "locon", "--network_module", "lycoris.kohya", "--network_dim", "4", "--network_alpha", "1",
-        "--network_args", "algo=lora", "preset=attn-mlp", "--max_train_steps", "2", "--learning_rate", "1e-2",
-        "--seed", "1", "--cache_latents"])
-    assert code == 0
-    path = out / "locon.safetensors"
+    path = _train_lycoris(tmp_path, tiny_sd_dir, tiny_images, "lora", 2)
     sd = load_file(str(path))
     modules = {k.split(".")[0] for k in sd}
     te = [m for m in modules if m.startswith("lora_te_")]
