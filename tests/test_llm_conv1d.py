@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_llm_training import _randomise  # every adapter given a visible effect
 
 import networks.lora as lora
 from library.errors import UserError
@@ -51,15 +52,6 @@ def _base(folder: Path):
     model = AutoModelForCausalLM.from_pretrained(str(folder))
     model.requires_grad_(False)
     return model.eval()
-
-
-def _randomise(network, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in network.all_loras():
-            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.05)
-            if hasattr(m, "magnitude"):
-                m.magnitude.mul_(1 + 0.1 * torch.randn(m.magnitude.shape, generator=g))
 
 
 def _merged_by_hand(model, weights: dict[str, torch.Tensor]):
