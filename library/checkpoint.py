@@ -9,6 +9,7 @@ the new one exists.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 STATE_MARKER = "train_state.json"
 SAMPLE_FOLDER = "sample"  # under --output_dir: the images / texts sampled during training
@@ -192,14 +195,15 @@ def find_resume_state(resume: str, output_dir: Path, output_name: str) -> Path:
     complete = [p for p in output_dir.glob("*-state") if (p / STATE_MARKER).is_file()]
     # this run's states only: another --output_name in the same folder is another run
     candidates = [p for p in complete if state_output_name(p, output_name) == output_name]
-    if not candidates:
-        others = sorted({state_output_name(p) for p in complete})
-        if others:
-            raise UserError(f"--resume latest: {output_dir} holds no complete state of the run named "
-                            f"'{output_name}', only of {', '.join(repr(o) for o in others)}; give that run's "
-                            "--output_name, or its state folder to --resume.")
+    if not candidates and not complete:
         raise UserError(f"--resume latest: no complete state folder in {output_dir}; "
                         "train with --save_state first, or drop --resume.")
+    if not candidates:  # a renamed run (CONTRACTS.md §4: the output name may change): the folder's newest state
+        chosen = max(complete, key=lambda p: read_state(p)["global_step"])
+        logger.warning("--resume latest: %s holds no state of a run named '%s'; continuing run '%s' from %s, the "
+                       "newest state there (give a state folder to --resume to choose another).", output_dir,
+                       output_name, state_output_name(chosen), chosen.name)
+        return chosen
     return max(candidates, key=lambda p: read_state(p)["global_step"])
 
 

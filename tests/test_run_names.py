@@ -28,7 +28,7 @@ def _steps(csv: Path) -> list[str]:
 
 
 def test_resume_latest_takes_this_runs_state_not_a_newer_one_of_another_name(tmp_path, tiny_sd_dir, tiny_images,
-                                                                           capsys):  # fmt: skip
+                                                                           capsys, caplog):  # fmt: skip
     data = _data_toml(tmp_path, tiny_images)
     out = tmp_path / "out"
     assert _run(tiny_sd_dir, data, out, "--output_name", "charA", "--max_train_steps", "4", "--save_state") == 0
@@ -41,10 +41,9 @@ def test_resume_latest_takes_this_runs_state_not_a_newer_one_of_another_name(tmp
     assert _steps(out / "charB_loss.csv") == ["1", "2", "3"]
     assert _steps(out / "charA_loss.csv") == ["1", "2", "3", "4"]
     assert json.loads((out / "charB-state" / STATE_MARKER).read_text())["output_name"] == "charB"
-    capsys.readouterr()
-    assert _run(tiny_sd_dir, data, out, "--output_name", "other", "--max_train_steps", "3", "--resume", "latest") == 2
-    err = capsys.readouterr().err
-    assert "no complete state of the run named 'other', only of 'charA', 'charB'" in err
+    # a run renamed on resume (CONTRACTS.md §4) continues the folder's newest state, and the log says whose
+    assert find_resume_state("latest", out, "renamed") == out / "charA-state"
+    assert "no state of a run named 'renamed'; continuing run 'charA' from charA-state" in caplog.text
 
 
 def test_resuming_a_finished_state_trains_nothing(tmp_path, tiny_sd_dir, tiny_images, capsys):
